@@ -1,0 +1,35 @@
+"""lewm_fast: a performance-engineered PyTorch library for LeWorldModel (LeWM).
+
+Drop-in replacements for the published classes (switching is an import change)::
+
+    import lewm_fast
+    model = lewm_fast.LeWMConfig.preset("paper").build()      # 18,034,478 parameters
+    sigreg = lewm_fast.SIGReg(knots=17, num_proj=1024)
+    model = lewm_fast.load_pretrained("path/to/checkpoint")    # config.json + weights.pt
+
+``lewm_fast.reference`` holds the plain PyTorch semantics every fast path is tested
+against. Importing this package never touches a GPU.
+"""
+
+from .checkpoint import convert_encoder_keys, load_pretrained, save_pretrained
+from .config import LeWMConfig
+from .model import JEPA, MLP, ARPredictor, ConditionalBlock, Embedder, vit_encoder
+from .sigreg import SIGReg, sigreg
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "JEPA",
+    "ARPredictor",
+    "ConditionalBlock",
+    "Embedder",
+    "MLP",
+    "SIGReg",
+    "sigreg",
+    "vit_encoder",
+    "LeWMConfig",
+    "load_pretrained",
+    "save_pretrained",
+    "convert_encoder_keys",
+    "__version__",
+]

@@ -1,0 +1,131 @@
+"""The public, drop-in LeWM model classes.
+
+Same names, constructor arguments and parameter names as the published code, so
+switching is an import change. ``JEPA`` adds input checks (bad input raises
+``ValueError`` saying what was expected) on top of the reference semantics. The other
+classes are the reference ones until their fused kernels land; they are the points
+where fast paths plug in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _checks
+from .reference import jepa as _ref_jepa
+from .reference.modules import MLP, ARPredictor, ConditionalBlock, Embedder
+from .reference.vit import ViTConfig, ViTModel
+
+__all__ = ["JEPA", "ARPredictor", "ConditionalBlock", "Embedder", "MLP", "vit_encoder"]
+
+
+def vit_encoder(
+    size: str = "tiny",
+    patch_size: int = 14,
+    image_size: int = 224,
+    *,
+    pretrained: bool = False,
+    use_mask_token: bool = False,
+    **overrides,
+) -> ViTModel:
+    """A ViT encoder like the published ``vit_hf(size, patch_size, image_size)``.
+
+    ``forward(pixels (N, 3, H, W), interpolate_pos_encoding=True)`` returns an object whose
+    ``last_hidden_state`` is (N, 1 + patches, hidden) like transformers' ``ViTModel``.
+    ``overrides`` may set hidden_size, num_hidden_layers, num_attention_heads or
+    intermediate_size. Weights are initialised as transformers does; LeWM trains the
+    encoder from scratch, so no pretrained weights are bundled.
+    """
+    if pretrained:
+        raise ValueError(
+            "pretrained=True is not supported: LeWM trains its encoder from scratch; "
+            "load a LeWM checkpoint with lewm_fast.load_pretrained instead"
+        )
+    if use_mask_token:
+        raise ValueError("use_mask_token=True is not supported: LeWM's encoder has no mask token")
+    return ViTModel(ViTConfig.from_size(size, patch_size=patch_size, image_size=image_size, **overrides))
+
+
+_PIXELS = ("B", "T", "C", "H", "W")
+_SAMPLE_PIXELS = ("B", "S", "T", "C", "H", "W")
+
+
+class JEPA(_ref_jepa.JEPA):
+    """LeWM world model: ``encoder``, ``predictor``, ``action_encoder``, ``projector``, ``pred_proj``.
+
+    The encoder may be :func:`vit_encoder` or a transformers ``ViTModel``. Methods follow
+    the published dict-based API (see :mod:`lewm_fast.reference.jepa` for the shapes):
+    ``encode(info)``, ``predict(emb, act_emb)``, ``rollout(info, actions)``,
+    ``criterion(info)``, ``get_cost(info, candidates)``.
+    """
+
+    # ---------------------------------------------------------------- checks
+    def _frame_spec(self) -> tuple[int, int]:
+        config = getattr(self.encoder, "config", None)
+        channels = int(getattr(config, "num_channels", 3))
+        patch = getattr(config, "patch_size", 1)
+        return channels, int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+    def _action_width(self) -> int | None:
+        patch_embed = getattr(self.action_encoder, "patch_embed", None)
+        return patch_embed.in_channels if isinstance(patch_embed, nn.Conv1d) else None
+
+    def _num_frames(self) -> int | None:
+        pos = getattr(self.predictor, "pos_embedding", None)
+        return pos.shape[1] if torch.is_tensor(pos) else None
+
+    def _check_info(self, info, dims: tuple[str, ...]) -> torch.Tensor:
+        if not isinstance(info, dict) or "pixels" not in info:
+            raise ValueError(f"info must be a dict holding 'pixels' of shape ({', '.join(dims)})")
+        channels, patch = self._frame_spec()
+        return _checks.pixels(info["pixels"], "info['pixels']", dims, channels, patch)
+
+    # ------------------------------------------------------------ public API
+    def encode(self, info: dict) -> dict:
+        """``info["pixels"]`` (B, T, C, H, W) -> ``info["emb"]`` (B, T, D); ``info["action"]``
+        (B, T, A), if present -> ``info["act_emb"]`` (B, T, D). Returns ``info``."""
+        pixels = self._check_info(info, _PIXELS)
+        if "action" in info:
+            action = _checks.actions(info["action"], "info['action']", ("B", "T", "A"), self._action_width())
+            _checks.same_leading(pixels, "info['pixels']", action, "info['action']", 2)
+        return super().encode(info)
+
+    def predict(self, emb: torch.Tensor, act_emb: torch.Tensor) -> torch.Tensor:
+        """Next-embedding predictions (B, T, D) for emb (B, T, D) and act_emb (B, T, D)."""
+        _checks.tensor(emb, "emb", ("B", "T", "D"))
+        _checks.tensor(act_emb, "act_emb", ("B", "T", "D"))
+        _checks.same_leading(emb, "emb", act_emb, "act_emb", 2)
+        frames = self._num_frames()
+        if frames is not None and emb.shape[1] > frames:
+            raise ValueError(f"predict takes at most num_frames = {frames} time steps, got {emb.shape[1]}")
+        return super().predict(emb, act_emb)
+
+    def rollout(self, info: dict, action_sequence: torch.Tensor, history_size: int = 3) -> dict:
+        """Roll out candidates (B, S, T, A) from ``info["pixels"]`` (B, S, H, C, H, W);
+        writes ``info["predicted_emb"]`` (B, S, T + 1, D)."""
+        pixels = self._check_info(info, _SAMPLE_PIXELS)
+        actions = _checks.actions(
+            action_sequence, "action_sequence", ("B", "S", "T", "A"), self._action_width()
+        )
+        _checks.same_leading(pixels, "info['pixels']", actions, "action_sequence", 2)
+        if actions.shape[2] < pixels.shape[2]:
+            raise ValueError(
+                f"action_sequence has {actions.shape[2]} steps, fewer than the "
+                f"{pixels.shape[2]} context frames of info['pixels']"
+            )
+        frames = self._num_frames()
+        if not 1 <= history_size <= (frames or history_size):
+            raise ValueError(f"history_size must be in [1, {frames}], got {history_size}")
+        return super().rollout(info, action_sequence, history_size)
+
+    def get_cost(self, info: dict, action_candidates: torch.Tensor) -> torch.Tensor:
+        """Cost (B, S) of candidates (B, S, T, A): squared distance of the last predicted
+        embedding to the embedding of ``info["goal"]`` (B, S, 1, C, H, W)."""
+        if not isinstance(info, dict) or "goal" not in info:
+            raise ValueError("info must be a dict holding 'goal' frames of shape (B, S, 1, C, H, W)")
+        channels, patch = self._frame_spec()
+        goal = _checks.pixels(info["goal"], "info['goal']", _SAMPLE_PIXELS, channels, patch)
+        pixels = self._check_info(info, _SAMPLE_PIXELS)
+        _checks.same_leading(pixels, "info['pixels']", goal, "info['goal']", 2)
+        return super().get_cost(info, action_candidates)

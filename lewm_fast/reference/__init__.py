@@ -1,0 +1,41 @@
+"""Plain PyTorch reference of LeWM: the semantics every fast path is tested against.
+
+Readable, unfused code for the model (spec section 1), its functions (section 2) and
+SIGReg (section 3). Tests, benchmarks and CPU fallbacks import it; it never imports the
+fast code.
+"""
+
+from .jepa import JEPA, jepa_loss
+from .modules import (
+    MLP,
+    ARPredictor,
+    Attention,
+    ConditionalBlock,
+    Embedder,
+    FeedForward,
+    Transformer,
+    modulate,
+)
+from .sigreg import SIGReg, draw_projections, sigreg_quadrature, sigreg_statistic
+from .vit import VIT_SIZES, ViTConfig, ViTModel, ViTOutput
+
+__all__ = [
+    "JEPA",
+    "jepa_loss",
+    "MLP",
+    "ARPredictor",
+    "Attention",
+    "ConditionalBlock",
+    "Embedder",
+    "FeedForward",
+    "Transformer",
+    "modulate",
+    "SIGReg",
+    "draw_projections",
+    "sigreg_quadrature",
+    "sigreg_statistic",
+    "VIT_SIZES",
+    "ViTConfig",
+    "ViTModel",
+    "ViTOutput",
+]

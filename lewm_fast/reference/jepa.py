@@ -1,0 +1,122 @@
+"""The LeWM world model (JEPA) in plain PyTorch, with the published dict-based API.
+
+Spec sections 2 and 6. ``encode`` / ``rollout`` / ``get_cost`` read and write an
+``info`` dict the way the published planner expects:
+
+- ``encode(info)``: ``info["pixels"]`` (B, T, C, H, W) -> ``info["emb"]`` (B, T, D);
+  ``info["action"]`` (B, T, A), when present -> ``info["act_emb"]`` (B, T, D).
+- ``rollout(info, actions (B, S, T, A))``: H = ``info["pixels"].size(2)`` context frames
+  (``info`` values carry a sample axis: (B, S, H, ...)), then T - H + 1 autoregressive
+  predictor calls, each on the last ``history_size`` embeddings -> ``info["predicted_emb"]``
+  (B, S, H + T - H + 1, D).
+- ``get_cost(info, candidates (B, S, T, A))`` -> (B, S): squared distance between the
+  last predicted embedding and the embedding of ``info["goal"]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sigreg import SIGReg
+
+
+class JEPA(nn.Module):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        predictor: nn.Module,
+        action_encoder: nn.Module,
+        projector: nn.Module | None = None,
+        pred_proj: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+        self.action_encoder = action_encoder
+        self.projector = projector or nn.Identity()
+        self.pred_proj = pred_proj or nn.Identity()
+
+    def encode(self, info: dict) -> dict:
+        """Embed ``info["pixels"]`` (B, T, C, H, W) and, if present, ``info["action"]`` (B, T, A)."""
+        pixels = info["pixels"].float()
+        b, t = pixels.shape[:2]
+        output = self.encoder(pixels.flatten(0, 1), interpolate_pos_encoding=True)
+        cls = output.last_hidden_state[:, 0]  # (B*T, hidden) CLS token
+        info["emb"] = self.projector(cls).view(b, t, -1)
+        if "action" in info:
+            info["act_emb"] = self.action_encoder(info["action"])
+        return info
+
+    def predict(self, emb: torch.Tensor, act_emb: torch.Tensor) -> torch.Tensor:
+        """Next embeddings (B, T, D) from embeddings (B, T, D) and action embeddings (B, T, D)."""
+        b, t = emb.shape[:2]
+        preds = self.predictor(emb, act_emb)
+        return self.pred_proj(preds.flatten(0, 1)).view(b, t, -1)
+
+    def rollout(self, info: dict, action_sequence: torch.Tensor, history_size: int = 3) -> dict:
+        """Autoregressive rollout of every candidate; writes ``info["predicted_emb"]``."""
+        h = info["pixels"].size(2)
+        b, s, t = action_sequence.shape[:3]
+        act_0, act_future = torch.split(action_sequence, [h, t - h], dim=2)
+        info["action"] = act_0
+
+        # encode the context once per env (sample 0), then share it across samples
+        init = {k: v[:, 0] for k, v in info.items() if torch.is_tensor(v)}
+        init = self.encode(init)
+        emb = init["emb"].unsqueeze(1).expand(b, s, -1, -1)
+        info["emb"] = emb
+
+        emb = emb.flatten(0, 1).clone()  # (B*S, H, D)
+        act = act_0.flatten(0, 1)  # (B*S, H, A)
+        act_future = act_future.flatten(0, 1)  # (B*S, T - H, A)
+        for step in range(t - h + 1):
+            act_emb = self.action_encoder(act)
+            pred = self.predict(emb[:, -history_size:], act_emb[:, -history_size:])[:, -1:]
+            emb = torch.cat([emb, pred], dim=1)
+            if step < t - h:
+                act = torch.cat([act, act_future[:, step : step + 1]], dim=1)
+
+        info["predicted_emb"] = emb.view(b, s, *emb.shape[1:])
+        return info
+
+    def criterion(self, info: dict) -> torch.Tensor:
+        """Cost (B, S): sum over dims of (last predicted embedding - goal embedding)^2."""
+        pred_emb = info["predicted_emb"]  # (B, S, T', D)
+        goal_emb = info["goal_emb"][:, None, -1:, :]  # (B, 1, 1, D)
+        return F.mse_loss(
+            pred_emb[..., -1:, :], goal_emb.detach().expand_as(pred_emb[..., -1:, :]), reduction="none"
+        ).sum(dim=(-2, -1))
+
+    def get_cost(self, info: dict, action_candidates: torch.Tensor) -> torch.Tensor:
+        """Cost (B, S) of candidates (B, S, T, A) for reaching ``info["goal"]`` from ``info["pixels"]``."""
+        device = next(self.parameters()).device
+        for k in list(info):
+            if torch.is_tensor(info[k]):
+                info[k] = info[k].to(device)
+
+        goal = {k: v[:, 0] for k, v in info.items() if torch.is_tensor(v)}
+        goal["pixels"] = goal["goal"]
+        for k in list(goal):
+            if k.startswith("goal_"):
+                goal[k[len("goal_") :]] = goal.pop(k)
+        goal.pop("action", None)
+        info["goal_emb"] = self.encode(goal)["emb"]
+        return self.criterion(self.rollout(info, action_candidates))
+
+
+def jepa_loss(model: JEPA, sigreg: SIGReg, batch: dict, lambd: float = 0.09, history_size: int = 3) -> dict:
+    """Training loss on a window batch (spec section 2).
+
+    batch: ``pixels`` (B, T, C, H, W) with T = history_size + 1, ``action`` (B, T, A);
+    NaN actions (window edges) are replaced by 0. Returns ``loss``, ``pred_loss`` and
+    ``sigreg_loss`` (graph attached).
+    """
+    info = {"pixels": batch["pixels"], "action": torch.nan_to_num(batch["action"], 0.0)}
+    info = model.encode(info)
+    emb, act_emb = info["emb"], info["act_emb"]
+    pred = model.predict(emb[:, :history_size], act_emb[:, :history_size])
+    pred_loss = (pred - emb[:, 1 : history_size + 1]).pow(2).mean()
+    sigreg_loss = sigreg(emb.transpose(0, 1))
+    return {"loss": pred_loss + lambd * sigreg_loss, "pred_loss": pred_loss, "sigreg_loss": sigreg_loss}

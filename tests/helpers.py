@@ -1,0 +1,72 @@
+"""Model fixtures shared by the tests: small configs and randomised, identical weight copies."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import lewm_fast
+
+# A small LeWM: 2-layer ViT (hidden 48, 3 heads) on 56 px frames with 14 px patches,
+# 2 predictor blocks. Dropout off so training-mode outputs are deterministic.
+SMALL = {
+    "encoder.hidden_size": 48,
+    "encoder.num_hidden_layers": 2,
+    "encoder.intermediate_size": 96,
+    "encoder.image_size": 56,
+    "projector.input_dim": 48,
+    "projector.hidden_dim": 64,
+    "projector.output_dim": 32,
+    "pred_proj.input_dim": 32,
+    "pred_proj.hidden_dim": 64,
+    "pred_proj.output_dim": 32,
+    "predictor.input_dim": 32,
+    "predictor.hidden_dim": 32,
+    "predictor.output_dim": 32,
+    "predictor.depth": 2,
+    "predictor.heads": 4,
+    "predictor.dim_head": 8,
+    "predictor.mlp_dim": 64,
+    "predictor.dropout": 0.0,
+    "action_encoder.emb_dim": 32,
+}
+
+
+def small_config(**overrides) -> lewm_fast.LeWMConfig:
+    values = dict(SMALL)
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return lewm_fast.LeWMConfig.preset("paper").override(values)
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0, scale: float = 0.3) -> nn.Module:
+    """Overwrite every parameter and BatchNorm statistic with fresh random values.
+
+    The AdaLN-Zero layers start at zero (every block is the identity); parity on that
+    would prove nothing, so tests always run on random weights.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if p.dim() == 1:  # LayerNorm / BatchNorm gains near 1, biases near 0
+            p.copy_(1 + scale * noise if name.endswith("weight") else scale * noise)
+        else:
+            p.copy_(noise * p[0].numel() ** -0.5)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    return model
+
+
+def model_pair(config: lewm_fast.LeWMConfig, seed: int = 0):
+    """(public lewm_fast.JEPA, reference JEPA) with identical random weights."""
+    public = randomize_(config.build(), seed)
+    reference = config.build(reference=True)
+    reference.load_state_dict(public.state_dict())
+    return public, reference
+
+
+def frames(*shape, generator=None) -> torch.Tensor:
+    """Random normalised frames of the given shape (…, 3, H, W)."""
+    return torch.randn(*shape, generator=generator)
