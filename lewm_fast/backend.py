@@ -1,0 +1,112 @@
+"""Explicit backend selection for every op that has a fast path.
+
+Each op takes ``backend="auto" | "triton" | "torch"`` (and ``"cuda"`` where ``csrc/`` has
+an extension). ``"auto"`` picks the fastest backend that can run on the given tensor and
+falls back to the plain PyTorch reference math; a forced backend that cannot run raises.
+
+The environment variable ``LEWM_FAST_BACKEND`` (``auto``, ``triton``, ``torch`` or
+``cuda``) replaces the ``"auto"`` default everywhere, e.g. ``LEWM_FAST_BACKEND=torch`` to
+run everything on the reference math while debugging; an explicit non-auto argument
+still wins. Under ``TRITON_INTERPRET=1`` Triton kernels run on CPU tensors (that is how
+the CPU test suite exercises them).
+
+Nothing here touches a GPU at import time; availability checks run lazily and are cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import torch
+
+ENV_VAR = "LEWM_FAST_BACKEND"
+BACKENDS = ("auto", "triton", "torch", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run on this machine or for these tensors."""
+
+
+@functools.lru_cache(maxsize=1)
+def triton_importable() -> bool:
+    """True if the ``triton`` package can be imported (checked once, lazily)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken install must not break the torch path
+        return False
+    return True
+
+
+def triton_interpreter() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def requested(backend: str | None) -> str:
+    """The backend asked for: the argument, with ``"auto"``/None replaced by ``$LEWM_FAST_BACKEND``."""
+    backend = backend or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+        if env not in BACKENDS:
+            raise ValueError(f"${ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+        backend = env
+    return backend
+
+
+def triton_unavailable_reason(tensor: torch.Tensor) -> str | None:
+    """Why a Triton kernel cannot run on ``tensor`` (None if it can)."""
+    if not triton_importable():
+        return "triton is not installed (or fails to import)"
+    if tensor.is_cuda:
+        return None
+    if triton_interpreter():
+        return None if tensor.device.type == "cpu" else f"tensor on {tensor.device}"
+    return f"the tensor is on {tensor.device}; Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"
+
+
+def resolve(
+    backend: str | None,
+    tensor: torch.Tensor,
+    op: str,
+    supported: Sequence[str] = ("triton", "torch"),
+    cuda_unavailable_reason=None,
+) -> str:
+    """The concrete backend ("triton", "cuda" or "torch") an op runs for ``tensor``.
+
+    ``supported`` lists the op's backends in order of preference for ``"auto"``;
+    ``cuda_unavailable_reason(tensor)`` tells why the op's csrc extension cannot run (or
+    None when it can). A forced backend that cannot run raises BackendUnavailableError.
+    """
+    choice = requested(backend)
+
+    def reason(name: str) -> str | None:
+        if name == "torch":
+            return None
+        if name not in supported:
+            return f"{op} has no {name!r} backend (it has {list(supported)})"
+        if name == "triton":
+            return triton_unavailable_reason(tensor)
+        if cuda_unavailable_reason is None:
+            return f"{op} has no 'cuda' backend"
+        return cuda_unavailable_reason(tensor)
+
+    if choice != "auto":
+        why = reason(choice)
+        if why is not None:
+            raise BackendUnavailableError(f"{op}: backend={choice!r} cannot run: {why}")
+        return choice
+    for name in supported:
+        if name == "triton" and not tensor.is_cuda:
+            continue  # auto uses the interpreter only when asked to explicitly
+        if name == "cuda" and not tensor.is_cuda:
+            continue
+        if reason(name) is None:
+            return name
+    return "torch"

@@ -1,0 +1,36 @@
+"""The shared benchmark harness on the CPU: timing, speed-ups, result files."""
+
+import json
+
+import torch
+
+from lewm_fast.bench import harness
+
+
+def test_time_fn_counts_and_orders_quantiles():
+    calls = []
+    timing = harness.time_fn(lambda: calls.append(1), torch.device("cpu"), warmup=2, reps=7)
+    assert len(calls) == 9 and timing.reps == 7
+    assert 0 <= timing.p20_ms <= timing.median_ms <= timing.p80_ms
+
+
+def test_setup_is_not_timed_and_feeds_fn():
+    seen = []
+    harness.time_fn(seen.append, torch.device("cpu"), setup=lambda: len(seen), warmup=1, reps=3)
+    assert seen == [0, 1, 2, 3]
+
+
+def test_report_speedup_and_files(tmp_path):
+    report = harness.Report("cpu")
+    assert report.env["device_type"] == "cpu" and report.env["torch"] == torch.__version__
+    slow = harness.Timing(10.0, 9.0, 11.0, 5)
+    fast = harness.Timing(2.5, 2.0, 3.0, 5)
+    report.add("toy", "n=3", "fast", "fwd", fast, **{"GB/s": 1.5})
+    report.add("toy", "n=3", "reference", "fwd", slow)
+    assert report.rows[0].speedup == 4.0 and report.rows[1].speedup is None
+    json_path, md_path = report.save(tmp_path, "toy")
+    data = json.loads(json_path.read_text())
+    assert data["rows"][0]["speedup"] == 4.0 and data["env"]["git_commit"]
+    table = md_path.read_text()
+    assert "| toy | n=3 | fwd | fast | 2.500 (2.000-3.000) | - | 4.00x | 1.5 GB/s |" in table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.json", "toy.md"]
