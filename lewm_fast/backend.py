@@ -47,11 +47,17 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def requested(backend: str | None) -> str:
-    """The backend asked for: the argument, with ``"auto"``/None replaced by ``$LEWM_FAST_BACKEND``."""
+def check_name(backend: str | None) -> str:
+    """Validate a backend name (None means "auto") and return it."""
     backend = backend or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def requested(backend: str | None) -> str:
+    """The backend asked for: the argument, with ``"auto"``/None replaced by ``$LEWM_FAST_BACKEND``."""
+    backend = check_name(backend)
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
         if env not in BACKENDS:

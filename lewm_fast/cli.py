@@ -7,6 +7,7 @@ lewm-fast info   versions, device and which backends are usable here
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -82,7 +83,18 @@ def info(args: argparse.Namespace) -> int:
                 f"cuda:{i} {props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}"
             )
     else:
-        print("no CUDA device: every op runs the plain PyTorch path")
+        print("no CUDA device")
+    from . import backend
+
+    probe = torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")
+    print(f"${backend.ENV_VAR}={os.environ.get(backend.ENV_VAR, '') or '(unset)'}")
+    for op in ("sigreg", "ConditionalBlock"):
+        try:
+            chosen = backend.resolve("auto", probe, op)
+        except (ValueError, backend.BackendUnavailableError) as exc:
+            chosen = f"error: {exc}"
+        why = backend.triton_unavailable_reason(probe) if chosen == "torch" else None
+        print(f"{op}: backend 'auto' -> {chosen}" + (f" ({why})" if why else ""))
     return 0
 
 

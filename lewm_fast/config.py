@@ -263,17 +263,19 @@ class LeWMConfig:
         return cls(encoder, predictor, action_encoder, projector, pred_proj)
 
     # ------------------------------------------------------------------ build
-    def build(self, *, reference: bool = False) -> nn.Module:
-        """Build the JEPA (lewm_fast public classes, or ``lewm_fast.reference`` ones)."""
+    def build(self, *, reference: bool = False, backend: str = "auto") -> nn.Module:
+        """Build the JEPA: lewm_fast public classes (their fused ops on ``backend``), or
+        ``lewm_fast.reference`` ones with ``reference=True``."""
         if reference:
             from . import reference as ns
 
             encoder = ns.ViTModel(self.encoder.vit_config())
+            predictor = ns.ARPredictor(**dataclasses.asdict(self.predictor))
         else:
             from . import model as ns
 
             encoder = ns.vit_encoder(**self.to_dict()["encoder"])
-        predictor = ns.ARPredictor(**dataclasses.asdict(self.predictor))
+            predictor = ns.ARPredictor(**dataclasses.asdict(self.predictor), backend=backend)
         action_encoder = ns.Embedder(**dataclasses.asdict(self.action_encoder))
         projector, pred_proj = (
             ns.MLP(**dataclasses.asdict(c), norm_fn=nn.BatchNorm1d) for c in (self.projector, self.pred_proj)

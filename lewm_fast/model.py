@@ -2,9 +2,9 @@
 
 Same names, constructor arguments and parameter names as the published code, so
 switching is an import change. ``JEPA`` adds input checks (bad input raises
-``ValueError`` saying what was expected) on top of the reference semantics. The other
-classes are the reference ones until their fused kernels land; they are the points
-where fast paths plug in.
+``ValueError`` saying what was expected) on top of the reference semantics;
+``ConditionalBlock`` (and so ``ARPredictor``) runs the fused AdaLN-Zero kernels on CUDA.
+``Embedder``, ``MLP`` and the ViT encoder are the reference classes.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from . import _checks
+from . import backend as _backend
 from .reference import jepa as _ref_jepa
-from .reference.modules import MLP, ARPredictor, ConditionalBlock, Embedder
+from .reference import modules as _ref
+from .reference.modules import MLP, Embedder
 from .reference.vit import ViTConfig, ViTModel
 
 __all__ = ["JEPA", "ARPredictor", "ConditionalBlock", "Embedder", "MLP", "vit_encoder"]
@@ -45,6 +47,71 @@ def vit_encoder(
     if use_mask_token:
         raise ValueError("use_mask_token=True is not supported: LeWM's encoder has no mask token")
     return ViTModel(ViTConfig.from_size(size, patch_size=patch_size, image_size=image_size, **overrides))
+
+
+class ConditionalBlock(_ref.ConditionalBlock):
+    """AdaLN-Zero transformer block; same parameters and math as the published one.
+
+    ``backend="auto" | "triton" | "torch"``: with Triton, each branch input
+    (``norm1``/``norm2`` -> modulate -> the branch's affine LayerNorm) is one fused kernel
+    and each gated residual ``x + gate * branch`` another (see ``lewm_fast.kernels.adaln``);
+    "auto" uses them for CUDA tensors. ``$LEWM_FAST_BACKEND`` overrides "auto".
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__(dim, heads, dim_head, mlp_dim, dropout)
+        self.backend = _backend.check_name(backend)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, D) tokens, c: (B, T, D) conditioning -> (B, T, D)."""
+        if _backend.resolve(self.backend, x, "ConditionalBlock") == "torch":
+            return super().forward(x, c)
+        from .kernels import adaln
+
+        if x.shape[-1] > adaln.MAX_D:
+            if _backend.requested(self.backend) == "triton":
+                raise _backend.BackendUnavailableError(
+                    f"ConditionalBlock: the fused AdaLN kernels take at most {adaln.MAX_D} features, "
+                    f"got {x.shape[-1]}"
+                )
+            return super().forward(x, c)
+
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=-1
+        )
+        attn_norm, mlp_norm = self.attn.norm, self.mlp.net[0]
+        h = adaln.AdalnFunction.apply(
+            x, shift_msa, scale_msa, attn_norm.weight, attn_norm.bias, self.norm1.eps, attn_norm.eps
+        )
+        x = adaln.GatedResidualFunction.apply(x, gate_msa, self.attn.attend(h))
+        h = adaln.AdalnFunction.apply(
+            x, shift_mlp, scale_mlp, mlp_norm.weight, mlp_norm.bias, self.norm2.eps, mlp_norm.eps
+        )
+        for layer in self.mlp.net[1:]:
+            h = layer(h)
+        return adaln.GatedResidualFunction.apply(x, gate_mlp, h)
+
+
+class ARPredictor(_ref.ARPredictor):
+    """Autoregressive action-conditioned predictor (published arguments, plus ``backend``
+    for its blocks); ``forward(x (B, T, D), c (B, T, D))`` -> (B, T, D)."""
+
+    block_class = ConditionalBlock
+
+    def __init__(self, *, backend: str = "auto", **kwargs):
+        super().__init__(**kwargs)
+        backend = _backend.check_name(backend)
+        for block in self.transformer.layers:
+            block.backend = backend
 
 
 _PIXELS = ("B", "T", "C", "H", "W")

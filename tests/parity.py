@@ -40,3 +40,17 @@ def assert_low_precision(
     own = rel_err(ref_low, ref_fp32)
     bound = max(TOLERANCES["bf16"], 2 * own)
     assert err <= bound, f"{what}: bf16 error {err:.3e} > {bound:.3e} (reference's own: {own:.3e})"
+
+
+def assert_grads_close(grads: dict, ref_grads: dict, kind: str) -> None:
+    """Compare named gradients. A gradient that is zero in exact arithmetic (e.g. of an
+    attention key bias, to which softmax is invariant) is only rounding noise in both; those
+    whose reference norm is below 1e-6 of the largest are compared in absolute terms."""
+    assert grads.keys() == ref_grads.keys() and grads, "different or no gradients"
+    scale = max(float(g.detach().double().norm()) for g in ref_grads.values())
+    for name, ref in ref_grads.items():
+        if float(ref.detach().double().norm()) < 1e-6 * scale:
+            diff = float((grads[name].detach().double() - ref.detach().double()).norm())
+            assert diff <= TOLERANCES[kind] * scale, f"grad {name}: |diff| {diff:.3e} (numerically zero)"
+        else:
+            assert_close(grads[name], ref, kind, f"grad {name}")

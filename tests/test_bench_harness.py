@@ -34,3 +34,32 @@ def test_report_speedup_and_files(tmp_path):
     table = md_path.read_text()
     assert "| toy | n=3 | fwd | fast | 2.500 (2.000-3.000) | - | 4.00x | 1.5 GB/s |" in table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.json", "toy.md"]
+
+
+def test_benchmarks_run_on_cpu(tmp_path):
+    """Every bench_<op>.py runs (reference rows only without a GPU) and writes its results."""
+    from lewm_fast.bench.__main__ import available, main
+
+    assert {"sigreg", "adaln"} <= set(available())
+    assert (
+        main(
+            [
+                "--device",
+                "cpu",
+                "--quick",
+                "--only",
+                "sigreg",
+                "adaln",
+                "--out",
+                str(tmp_path),
+                "--stem",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    rows = json.loads((tmp_path / "cpu.json").read_text())["rows"]
+    benches = {(r["bench"], r["impl"], r["phase"]) for r in rows}
+    assert ("sigreg", "reference", "fwd+bwd") in benches
+    assert ("adaln_modulate_norm", "reference", "bwd") in benches
+    assert all(r["median_ms"] > 0 for r in rows)

@@ -51,8 +51,11 @@ class Attention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        return self.attend(self.norm(x), causal)
+
+    def attend(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        """Attention on already-normalised tokens x (B, T, D) -> (B, T, D)."""
         b, t, _ = x.shape
-        x = self.norm(x)
         q, k, v = (
             part.view(b, t, self.heads, self.dim_head).transpose(1, 2)  # (B, heads, T, dim_head)
             for part in self.to_qkv(x).chunk(3, dim=-1)

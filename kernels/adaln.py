@@ -1,0 +1,512 @@
+"""Fused AdaLN-Zero modulation (spec section 1, ConditionalBlock).
+
+Two ops, each one pass over the tokens:
+
+``adaln_modulate_norm``: the branch input of a ConditionalBlock,
+    h = LayerNorm(x, eps1)                      (no affine; eps1 = 1e-6)
+    m = h * (1 + scale) + shift
+    y = LayerNorm(m, eps2) * weight + bias      (the branch's own affine norm; eps2 = 1e-5)
+with gradients for x, shift, scale, weight and bias. The backward pass recomputes h and m
+from x and the saved per-row statistics instead of storing them.
+
+``gated_residual``: ``x + gate * y`` with gradients for all three.
+
+x, shift, scale, gate, y are (..., D) with D innermost and contiguous; shift/scale/gate
+may be strided views (e.g. chunks of the adaLN_modulation output). Everything
+accumulates in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Programs of the backward kernel; each loops over row blocks and writes one partial row
+# of the weight/bias gradients, summed afterwards (deterministic, no atomics).
+_MAX_BWD_PROGRAMS = 512
+
+
+@triton.jit
+def _adaln_fwd_kernel(
+    X,
+    SHIFT,
+    SCALE,
+    W,
+    BIAS,
+    Y,
+    STATS,
+    N,
+    D,
+    stride_x,
+    stride_shift,
+    stride_scale,
+    stride_y,
+    eps1,
+    eps2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask_r = rows < N
+    mask_c = cols < D
+    mask = mask_r[:, None] & mask_c[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + rows64[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
+    scale = tl.load(SCALE + rows64[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
+    w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
+    b = tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)
+
+    mean1 = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean1[:, None], 0.0)
+    rstd1 = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps1)
+    m = tl.where(mask, xc * rstd1[:, None] * (1.0 + scale) + shift, 0.0)
+    mean2 = tl.sum(m, axis=1) / D
+    mc = tl.where(mask, m - mean2[:, None], 0.0)
+    rstd2 = 1.0 / tl.sqrt(tl.sum(mc * mc, axis=1) / D + eps2)
+    y = mc * rstd2[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(STATS + rows64 * 4 + 0, mean1, mask=mask_r)
+    tl.store(STATS + rows64 * 4 + 1, rstd1, mask=mask_r)
+    tl.store(STATS + rows64 * 4 + 2, mean2, mask=mask_r)
+    tl.store(STATS + rows64 * 4 + 3, rstd2, mask=mask_r)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    DY,
+    X,
+    SHIFT,
+    SCALE,
+    W,
+    STATS,
+    DX,
+    DSHIFT,
+    DSCALE,
+    DW_PART,
+    DB_PART,
+    N,
+    D,
+    stride_dy,
+    stride_x,
+    stride_shift,
+    stride_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask_c = cols < D
+    w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for block in range(pid, tl.cdiv(N, BLOCK_M), tl.num_programs(0)):
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_r = rows < N
+        mask = mask_r[:, None] & mask_c[None, :]
+        rows64 = rows.to(tl.int64)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(SHIFT + rows64[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        scale = tl.load(SCALE + rows64[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+        mean1 = tl.load(STATS + rows64 * 4 + 0, mask=mask_r, other=0.0)
+        rstd1 = tl.load(STATS + rows64 * 4 + 1, mask=mask_r, other=0.0)
+        mean2 = tl.load(STATS + rows64 * 4 + 2, mask=mask_r, other=0.0)
+        rstd2 = tl.load(STATS + rows64 * 4 + 3, mask=mask_r, other=0.0)
+
+        h = tl.where(mask, (x - mean1[:, None]) * rstd1[:, None], 0.0)
+        m = h * (1.0 + scale) + shift
+        mh = tl.where(mask, (m - mean2[:, None]) * rstd2[:, None], 0.0)
+        dw += tl.sum(dy * mh, axis=0)
+        db += tl.sum(dy, axis=0)
+        # affine LayerNorm backward
+        dmh = dy * w[None, :]
+        dm = rstd2[:, None] * (
+            dmh - (tl.sum(dmh, axis=1) / D)[:, None] - mh * (tl.sum(dmh * mh, axis=1) / D)[:, None]
+        )
+        dm = tl.where(mask, dm, 0.0)
+        # modulation backward
+        dh = dm * (1.0 + scale)
+        # plain LayerNorm backward
+        dx = rstd1[:, None] * (
+            dh - (tl.sum(dh, axis=1) / D)[:, None] - h * (tl.sum(dh * h, axis=1) / D)[:, None]
+        )
+        out = rows64[:, None] * D + cols[None, :]
+        tl.store(DX + out, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DSHIFT + out, dm.to(DSHIFT.dtype.element_ty), mask=mask)
+        tl.store(DSCALE + out, (dm * h).to(DSCALE.dtype.element_ty), mask=mask)
+    tl.store(DW_PART + pid * D + cols, dw, mask=mask_c)
+    tl.store(DB_PART + pid * D + cols, db, mask=mask_c)
+
+
+@triton.jit
+def _gated_residual_fwd_kernel(
+    X, GATE, Y, OUT, N, D, stride_x, stride_gate, stride_y, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & (cols < D)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + rows64[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + rows64[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + rows64[:, None] * D + cols[None, :], (x + g * y).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_bwd_kernel(
+    DOUT,
+    GATE,
+    Y,
+    DGATE,
+    DY,
+    N,
+    D,
+    stride_dout,
+    stride_gate,
+    stride_y,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & (cols < D)[None, :]
+    rows64 = rows.to(tl.int64)
+    do = tl.load(DOUT + rows64[:, None] * stride_dout + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + rows64[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + rows64[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = rows64[:, None] * D + cols[None, :]
+    tl.store(DGATE + out, (do * y).to(DGATE.dtype.element_ty), mask=mask)
+    tl.store(DY + out, (do * g).to(DY.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------ launchers
+
+
+MAX_D = 2048  # widest rows the fused kernels take; "auto" falls back to PyTorch above it
+
+
+def row_config(D: int) -> dict:
+    """Tile of the row-wise kernels: all of D in one block, rows to fill ~1K elements."""
+    if not 1 <= D <= MAX_D:
+        raise ValueError(f"the fused AdaLN kernels take rows of 1 to {MAX_D} features, got {D}")
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m = max(1, min(16, 1024 // block_d))  # ~8 values of each row tile per thread
+    return {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": 4 if block_d <= 1024 else 8}
+
+
+def aot_specs():
+    """Every tile configuration the launchers can pick, with float32 tensors (the widest
+    registers), plus the mixed and half-precision dtypes at LeWM's width (D = 192)."""
+    from ._aot import KernelSpec
+
+    kernels = {
+        "adaln_fwd": (
+            _adaln_fwd_kernel,
+            ("X", "SHIFT", "SCALE", "W", "BIAS", "Y"),
+            ("STATS",),
+            ("eps1", "eps2"),
+        ),
+        "adaln_bwd": (
+            _adaln_bwd_kernel,
+            ("DY", "X", "SHIFT", "SCALE", "W", "DX", "DSHIFT", "DSCALE"),
+            ("STATS", "DW_PART", "DB_PART"),
+            (),
+        ),
+        "gated_fwd": (_gated_residual_fwd_kernel, ("X", "GATE", "Y", "OUT"), (), ()),
+        "gated_bwd": (_gated_residual_bwd_kernel, ("DOUT", "GATE", "Y", "DGATE", "DY"), (), ()),
+    }
+    dtype_sets = {  # (main tensors, modulation tensors)
+        "fp32": ("fp32", "fp32"),
+        "fp32+bf16": ("fp32", "bf16"),
+        "bf16": ("bf16", "bf16"),
+        "fp16": ("fp16", "fp16"),
+    }
+    modulation = {"SHIFT", "SCALE", "GATE", "DSHIFT", "DSCALE", "DGATE"}
+    block_ds = [1 << i for i in range(4, MAX_D.bit_length())]
+    for name, (fn, typed, fp32_only, floats) in kernels.items():
+        for block_d in block_ds:
+            for dtypes, (main, mod) in dtype_sets.items():
+                if dtypes != "fp32" and block_d != 256:
+                    continue
+                cfg = row_config(block_d)
+                pointers = {p: "*" + (mod if p in modulation else main) for p in typed}
+                pointers.update({p: "*fp32" for p in fp32_only})
+                yield KernelSpec(
+                    f"{name}[D<={block_d},{dtypes}]",
+                    fn,
+                    pointers,
+                    {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]},
+                    cfg["num_warps"],
+                    floats=floats,
+                )
+
+
+def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
+    """(N, D) view (or copy) with a unit inner stride."""
+    t2 = t.reshape(-1, D)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _check(x: torch.Tensor, *others: torch.Tensor) -> int:
+    D = x.shape[-1]
+    for other in others:
+        if other.shape != x.shape:
+            raise ValueError(f"expected tensors of shape {tuple(x.shape)}, got {tuple(other.shape)}")
+        if other.device != x.device:
+            raise ValueError(f"expected tensors on {x.device}, got one on {other.device}")
+    return D
+
+
+def adaln_fwd(x, shift, scale, weight, bias, eps1: float, eps2: float):
+    """y (x's shape and dtype) and per-row statistics (N, 4) float32: mean1, rstd1, mean2, rstd2."""
+    D = _check(x, shift, scale)
+    if weight.shape != (D,) or bias.shape != (D,):
+        raise ValueError(
+            f"weight and bias must have shape ({D},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    x2, s2, c2 = _rows(x, D), _rows(shift, D), _rows(scale, D)
+    N = x2.shape[0]
+    y = torch.empty((N, D), device=x.device, dtype=x.dtype)
+    stats = torch.empty((N, 4), device=x.device, dtype=torch.float32)
+    cfg = row_config(D)
+    _adaln_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
+        x2,
+        s2,
+        c2,
+        weight,
+        bias,
+        y,
+        stats,
+        N,
+        D,
+        x2.stride(0),
+        s2.stride(0),
+        c2.stride(0),
+        y.stride(0),
+        eps1,
+        eps2,
+        **cfg,
+    )
+    return y.view(x.shape), stats
+
+
+def adaln_bwd(dy, x, shift, scale, weight, stats):
+    """(dx, dshift, dscale, dweight, dbias) for the upstream gradient dy."""
+    D = x.shape[-1]
+    dy2, x2, s2, c2 = _rows(dy, D), _rows(x, D), _rows(shift, D), _rows(scale, D)
+    N = x2.shape[0]
+    cfg = row_config(D)
+    programs = max(1, min(_MAX_BWD_PROGRAMS, triton.cdiv(N, cfg["BLOCK_M"])))
+    dx = torch.empty((N, D), device=x.device, dtype=x.dtype)
+    dshift = torch.empty((N, D), device=x.device, dtype=shift.dtype)
+    dscale = torch.empty((N, D), device=x.device, dtype=scale.dtype)
+    dw_part = torch.empty((programs, D), device=x.device, dtype=torch.float32)
+    db_part = torch.empty((programs, D), device=x.device, dtype=torch.float32)
+    _adaln_bwd_kernel[(programs,)](
+        dy2,
+        x2,
+        s2,
+        c2,
+        weight,
+        stats,
+        dx,
+        dshift,
+        dscale,
+        dw_part,
+        db_part,
+        N,
+        D,
+        dy2.stride(0),
+        x2.stride(0),
+        s2.stride(0),
+        c2.stride(0),
+        **cfg,
+    )
+    shape = x.shape
+    return (
+        dx.view(shape),
+        dshift.view(shape),
+        dscale.view(shape),
+        dw_part.sum(0).to(weight.dtype),
+        db_part.sum(0).to(weight.dtype),
+    )
+
+
+def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def gated_residual_fwd(x, gate, y):
+    """x + gate * y, in the promoted dtype of the three."""
+    D = _check(x, gate, y)
+    x2, g2, y2 = _rows(x, D), _rows(gate, D), _rows(y, D)
+    N = x2.shape[0]
+    out = torch.empty((N, D), device=x.device, dtype=_result_dtype(x, gate, y))
+    cfg = row_config(D)
+    _gated_residual_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
+        x2,
+        g2,
+        y2,
+        out,
+        N,
+        D,
+        x2.stride(0),
+        g2.stride(0),
+        y2.stride(0),
+        **cfg,
+    )
+    return out.view(x.shape)
+
+
+def gated_residual_bwd(dout, gate, y):
+    """(dgate, dy); dx is dout itself."""
+    D = gate.shape[-1]
+    do2, g2, y2 = _rows(dout, D), _rows(gate, D), _rows(y, D)
+    N = do2.shape[0]
+    dgate = torch.empty((N, D), device=gate.device, dtype=gate.dtype)
+    dy = torch.empty((N, D), device=y.device, dtype=y.dtype)
+    cfg = row_config(D)
+    _gated_residual_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
+        do2,
+        g2,
+        y2,
+        dgate,
+        dy,
+        N,
+        D,
+        do2.stride(0),
+        g2.stride(0),
+        y2.stride(0),
+        **cfg,
+    )
+    return dgate.view(gate.shape), dy.view(y.shape)
+
+
+# ------------------------------------------------------------------ torch.library ops
+
+
+@torch.library.custom_op("lewm_fast::adaln_modulate_norm", mutates_args=())
+def adaln_modulate_norm_op(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps1: float,
+    eps2: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return adaln_fwd(x, shift, scale, weight, bias, eps1, eps2)
+
+
+@adaln_modulate_norm_op.register_fake
+def _(x, shift, scale, weight, bias, eps1, eps2):
+    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype), x.new_empty((n, 4), dtype=torch.float32)
+
+
+@torch.library.custom_op("lewm_fast::adaln_modulate_norm_bwd", mutates_args=())
+def adaln_modulate_norm_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    stats: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return adaln_bwd(dy, x, shift, scale, weight, stats)
+
+
+@adaln_modulate_norm_bwd_op.register_fake
+def _(dy, x, shift, scale, weight, stats):
+    return (
+        torch.empty(x.shape, device=x.device, dtype=x.dtype),
+        torch.empty(x.shape, device=x.device, dtype=shift.dtype),
+        torch.empty(x.shape, device=x.device, dtype=scale.dtype),
+        torch.empty_like(weight),
+        torch.empty_like(weight),
+    )
+
+
+def _adaln_setup(ctx, inputs, output):
+    x, shift, scale, weight, bias, eps1, eps2 = inputs
+    ctx.save_for_backward(x, shift, scale, weight, output[1])
+
+
+def _adaln_backward(ctx, dy, dstats):
+    x, shift, scale, weight, stats = ctx.saved_tensors
+    dx, dshift, dscale, dw, db = adaln_modulate_norm_bwd_op(dy.contiguous(), x, shift, scale, weight, stats)
+    return dx, dshift, dscale, dw, db, None, None
+
+
+adaln_modulate_norm_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
+
+
+@torch.library.custom_op("lewm_fast::gated_residual", mutates_args=())
+def gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return gated_residual_fwd(x, gate, y)
+
+
+@gated_residual_op.register_fake
+def _(x, gate, y):
+    return torch.empty(x.shape, device=x.device, dtype=_result_dtype(x, gate, y))
+
+
+@torch.library.custom_op("lewm_fast::gated_residual_bwd", mutates_args=())
+def gated_residual_bwd_op(
+    dout: torch.Tensor, gate: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_bwd(dout, gate, y)
+
+
+@gated_residual_bwd_op.register_fake
+def _(dout, gate, y):
+    return torch.empty(gate.shape, device=gate.device, dtype=gate.dtype), torch.empty(
+        y.shape, device=y.device, dtype=y.dtype
+    )
+
+
+def _gated_setup(ctx, inputs, output):
+    x, gate, y = inputs
+    ctx.save_for_backward(gate, y)
+    ctx.x_dtype = x.dtype
+
+
+def _gated_backward(ctx, dout):
+    gate, y = ctx.saved_tensors
+    dgate, dy = gated_residual_bwd_op(dout.contiguous(), gate, y)
+    return dout.to(ctx.x_dtype), dgate, dy
+
+
+gated_residual_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+class AdalnFunction:
+    """Autograd entry point: ``AdalnFunction.apply(x, shift, scale, weight, bias, eps1, eps2) -> y``.
+
+    The autograd formula is registered on the ``lewm_fast::adaln_modulate_norm``
+    torch.library op; this class only names it.
+    """
+
+    @staticmethod
+    def apply(x, shift, scale, weight, bias, eps1=1e-6, eps2=1e-5):
+        return adaln_modulate_norm_op(x, shift, scale, weight, bias, eps1, eps2)[0]
+
+
+class GatedResidualFunction:
+    """Autograd entry point: ``GatedResidualFunction.apply(x, gate, y) -> x + gate * y``."""
+
+    apply = staticmethod(gated_residual_op)

@@ -1,0 +1,265 @@
+"""The fused AdaLN-Zero kernels against the eager chain of lewm_fast.reference.
+
+Outputs and every gradient (x, shift, scale, the affine weight and bias; gate and branch
+of the gated residual), float32 and bfloat16, odd and real shapes. On CPU the Triton
+kernels run under TRITON_INTERPRET=1 (set in conftest).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import model_pair, randomize_, small_config
+from parity import assert_close, assert_grads_close, assert_low_precision
+
+import lewm_fast
+from lewm_fast import backend
+from lewm_fast import reference as ref
+
+pytest.importorskip("triton")
+from lewm_fast.kernels import adaln  # noqa: E402
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _eager(x, shift, scale, weight, bias):
+    """The reference chain: plain LayerNorm (1e-6) -> modulate -> affine LayerNorm (1e-5)."""
+    h = F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+    return F.layer_norm(ref.modulate(h, shift, scale), (x.shape[-1],), weight, bias, eps=1e-5)
+
+
+def _fused(x, shift, scale, weight, bias):
+    return adaln.AdalnFunction.apply(x, shift, scale, weight, bias, 1e-6, 1e-5)
+
+
+def _inputs(shape, x_dtype, mod_dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    D = shape[-1]
+    x = torch.randn(shape, generator=gen).to(device, x_dtype)
+    # shift and scale as chunks of one modulation tensor, as in ConditionalBlock
+    mod = (0.5 * torch.randn(*shape[:-1], 2 * D, generator=gen)).to(device, mod_dtype)
+    weight = (1 + 0.3 * torch.randn(D, generator=gen)).to(device)
+    bias = (0.3 * torch.randn(D, generator=gen)).to(device)
+    dy = torch.randn(shape, generator=gen).to(device)
+    return x, mod, weight, bias, dy
+
+
+def _run(fn, x, mod, weight, bias, dy, dtypes=None):
+    if dtypes is not None:
+        x, mod = x.to(dtypes[0]), mod.to(dtypes[1])
+    leaves = [t.detach().clone().requires_grad_() for t in (x, mod, weight, bias)]
+    x, mod, weight, bias = leaves
+    shift, scale = mod.chunk(2, dim=-1)
+    y = fn(x, shift, scale, weight, bias)
+    y.backward(dy.to(y.dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+NAMES = ("y", "dx", "d(shift, scale)", "dweight", "dbias")
+SHAPES = [  # (id, shape)
+    ("B2-T3-D192", (2, 3, 192)),
+    ("B1-T1-D191", (1, 1, 191)),
+    ("B5-T7-D33", (5, 7, 33)),
+    ("train-B128-T3-D192", (128, 3, 192)),
+    ("B2-T2-D2048", (2, 2, 2048)),
+]
+DTYPE_CASES = {  # id: (x dtype, modulation dtype); "fp32+bf16" is what bf16 autocast produces
+    "fp32": (torch.float32, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp32+bf16": (torch.float32, torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("dtypes", list(DTYPE_CASES), ids=list(DTYPE_CASES))
+@pytest.mark.parametrize("shape", [s[1] for s in SHAPES], ids=[s[0] for s in SHAPES])
+def test_modulate_norm_matches_eager(shape, dtypes):
+    x_dtype, mod_dtype = DTYPE_CASES[dtypes]
+    inputs = _inputs(shape, torch.float32, torch.float32, _device())
+    fused = _run(_fused, *inputs, dtypes=(x_dtype, mod_dtype))
+    ref32 = _run(_eager, *inputs)
+    if dtypes == "fp32":
+        for name, a, b in zip(NAMES, fused, ref32):
+            assert_close(a, b, "fp32_elementwise", name)
+    else:
+        low = _run(_eager, *inputs, dtypes=(x_dtype, mod_dtype))
+        for name, a, b, c in zip(NAMES, fused, low, ref32):
+            assert_low_precision(a, b, c, name)
+    assert fused[0].dtype == x_dtype and fused[2].dtype == mod_dtype
+
+
+@pytest.mark.parametrize("dtypes", list(DTYPE_CASES), ids=list(DTYPE_CASES))
+@pytest.mark.parametrize("shape", [(2, 3, 192), (1, 1, 191), (3, 5, 40)], ids=["D192", "D191", "D40"])
+def test_gated_residual_matches_eager(shape, dtypes):
+    x_dtype, mod_dtype = DTYPE_CASES[dtypes]
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(shape, generator=gen).to(_device()) for _ in range(4)]
+
+    def run(fn, dt):
+        x, gate, y = (base[i].to(d).clone().requires_grad_() for i, d in ((0, dt[0]), (1, dt[1]), (2, dt[1])))
+        out = fn(x, gate, y)
+        out.backward(base[3].to(out.dtype))
+        return [out.detach(), x.grad, gate.grad, y.grad]
+
+    names = ("out", "dx", "dgate", "dy")
+    fused = run(adaln.GatedResidualFunction.apply, (x_dtype, mod_dtype))
+    ref32 = run(lambda x, g, y: x + g * y, (torch.float32, torch.float32))
+    if dtypes == "fp32":
+        for name, a, b in zip(names, fused, ref32):
+            assert_close(a, b, "fp32_elementwise", name)
+    else:
+        low = run(lambda x, g, y: x + g * y, (x_dtype, mod_dtype))
+        for name, a, b, c in zip(names, fused, low, ref32):
+            assert_low_precision(a, b, c, name)
+        assert fused[0].dtype == low[0].dtype
+
+
+def _block_pair(dim=48, heads=4, dim_head=12, mlp_dim=80, dropout=0.0):
+    fast = lewm_fast.ConditionalBlock(dim, heads, dim_head, mlp_dim, dropout, backend="triton")
+    randomize_(fast)
+    slow = ref.ConditionalBlock(dim, heads, dim_head, mlp_dim, dropout)
+    slow.load_state_dict(fast.state_dict())
+    return fast.to(_device()), slow.to(_device())
+
+
+def _block_grads(block, x, c, autocast=False):
+    block.zero_grad(set_to_none=True)
+    x, c = x.clone().requires_grad_(), c.clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = block(x, c)
+    out.float().square().sum().backward()
+    grads = {"x": x.grad, "c": c.grad, **{n: p.grad.clone() for n, p in block.named_parameters()}}
+    return out.detach().float(), grads
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 48), (1, 1, 48)], ids=["B4-T3", "B1-T1"])
+def test_conditional_block_fp32(shape):
+    fast, slow = _block_pair()
+    x, c = torch.randn(shape, device=_device()), torch.randn(shape, device=_device())
+    out_f, grads_f = _block_grads(fast.train(), x, c)
+    out_s, grads_s = _block_grads(slow.train(), x, c)
+    assert_close(out_f, out_s, "fp32_gemm", "block output")
+    assert_grads_close(grads_f, grads_s, "fp32_gemm")
+
+
+def test_conditional_block_bf16_autocast():
+    fast, slow = _block_pair()
+    x, c = torch.randn(4, 3, 48, device=_device()), torch.randn(4, 3, 48, device=_device())
+    out_f, grads_f = _block_grads(fast, x, c, autocast=True)
+    out_s, grads_s = _block_grads(slow, x, c, autocast=True)
+    out_32, grads_32 = _block_grads(slow, x, c)
+    assert_low_precision(out_f, out_s, out_32, "block output")
+    for name in grads_f:
+        assert_low_precision(grads_f[name], grads_s[name], grads_32[name], f"grad {name}")
+
+
+def test_conditional_block_with_dropout_runs_and_differs_from_eval():
+    fast, _ = _block_pair(dropout=0.1)
+    x, c = torch.randn(4, 3, 48, device=_device()), torch.randn(4, 3, 48, device=_device())
+    with torch.no_grad():
+        assert not torch.equal(fast.train()(x, c), fast.eval()(x, c))
+
+
+def test_jepa_with_fused_blocks_matches_reference():
+    config = small_config()
+    public, reference = model_pair(config)
+    for block in public.predictor.transformer.layers:
+        block.backend = "triton"
+    public.to(_device()).train()
+    reference.to(_device()).train()
+    batch = {
+        "pixels": torch.randn(3, 4, 3, 56, 56, device=_device()),
+        "action": torch.randn(3, 4, 10, device=_device()),
+    }
+    losses = []
+    for model in (public, reference):
+        torch.manual_seed(0)
+        out = ref.jepa_loss(model, lewm_fast.SIGReg(num_proj=32, backend="torch"), batch)
+        out["loss"].backward()
+        losses.append(out)
+    for key in ("pred_loss", "sigreg_loss", "loss"):
+        assert_close(losses[0][key], losses[1][key], "fp32_gemm", key)
+    assert_grads_close(
+        {n: p.grad for n, p in public.named_parameters()},
+        {n: p.grad for n, p in reference.named_parameters()},
+        "fp32_gemm",
+    )
+
+
+def test_forced_triton_without_cuda_or_interpreter_raises(monkeypatch):
+    fast, _ = _block_pair()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(backend.BackendUnavailableError, match="ConditionalBlock"):
+        fast.cpu()(torch.randn(1, 2, 48), torch.randn(1, 2, 48))
+
+
+def test_auto_on_cpu_uses_the_eager_chain(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("fused kernels must not run for CPU tensors under 'auto'")
+
+    monkeypatch.setattr(adaln, "adaln_fwd", boom)
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    block = randomize_(lewm_fast.ConditionalBlock(48, 4, 12, 80))
+    block(torch.randn(2, 3, 48), torch.randn(2, 3, 48))
+
+
+def test_too_wide_rows_are_a_clear_error():
+    x = torch.randn(1, 1, adaln.MAX_D + 1)
+    w = torch.ones(adaln.MAX_D + 1)
+    with pytest.raises(ValueError, match="at most|1 to 2048"):
+        _fused(x, x, x, w, w)
+
+
+def test_mismatched_shapes_are_a_clear_error():
+    x = torch.randn(2, 3, 16)
+    with pytest.raises(ValueError, match="expected tensors of shape"):
+        _fused(x, torch.randn(2, 1, 16), x, torch.ones(16), torch.zeros(16))
+
+
+def test_torch_library_registration():
+    x, mod, w, b, _ = _inputs((2, 3, 24), torch.float32, torch.float32, "cpu")
+    shift, scale = mod.chunk(2, dim=-1)
+    args = (x.requires_grad_(), shift.contiguous().requires_grad_(), scale.contiguous(), w, b, 1e-6, 1e-5)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(adaln.adaln_modulate_norm_op, args, test_utils=utils)
+    torch.library.opcheck(
+        adaln.gated_residual_op, (x, torch.randn(2, 3, 24), torch.randn(2, 3, 24)), test_utils=utils
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtypes", list(DTYPE_CASES), ids=list(DTYPE_CASES))
+@pytest.mark.parametrize("rows", [(15000, 3, 192), (128, 3, 192)], ids=["planning", "training"])
+def test_real_sizes_on_gpu(rows, dtypes):
+    test_modulate_norm_matches_eager(rows, dtypes)
+
+
+@pytest.mark.gpu
+def test_paper_predictor_on_gpu_matches_eager():
+    config = lewm_fast.LeWMConfig.preset("paper")
+    fast = randomize_(config.build(backend="triton").predictor).cuda().eval()
+    slow = (
+        ref.ARPredictor(
+            **{
+                k: getattr(config.predictor, k)
+                for k in (
+                    "num_frames",
+                    "depth",
+                    "heads",
+                    "mlp_dim",
+                    "input_dim",
+                    "hidden_dim",
+                    "output_dim",
+                    "dim_head",
+                    "dropout",
+                    "emb_dropout",
+                )
+            }
+        )
+        .cuda()
+        .eval()
+    )
+    slow.load_state_dict(fast.state_dict())
+    x, c = torch.randn(300, 3, 192, device="cuda"), torch.randn(300, 3, 192, device="cuda")
+    with torch.no_grad():
+        assert_close(fast(x, c), slow(x, c), "fp32_gemm", "paper predictor")

@@ -1,0 +1,231 @@
+"""The fused SIGReg kernel against lewm_fast.reference: values and gradients, all dtypes.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest); GPU tests repeat
+parity at the real size.
+"""
+
+import os
+
+import pytest
+import torch
+from parity import assert_close, assert_low_precision
+
+import lewm_fast
+from lewm_fast import backend
+from lewm_fast import reference as ref
+from lewm_fast.sigreg import _trig_sums_torch
+
+triton = pytest.importorskip("triton")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run(z32, A, dtype, backend_name, grad_A=False):
+    z = z32.detach().to(dtype).clone().requires_grad_()
+    a = A.clone().requires_grad_(grad_A)
+    value = lewm_fast.sigreg(z, a, backend=backend_name)
+    value.backward()
+    return value.detach(), z.grad, (a.grad if grad_A else None)
+
+
+def _check_parity(z32, A, dtype_name, grad_A=False, what=""):
+    dtype = DTYPES[dtype_name]
+    fast = _run(z32, A, dtype, "triton", grad_A)
+    ref32 = _run(z32, A, torch.float32, "torch", grad_A)
+    if dtype_name == "fp32":
+        assert_close(fast[0], ref32[0], "fp32_gemm", f"{what} value")
+        assert_close(fast[1], ref32[1], "fp32_gemm", f"{what} grad z")
+        if grad_A:
+            assert_close(fast[2], ref32[2], "fp32_gemm", f"{what} grad A")
+    else:
+        low = _run(z32, A, dtype, "torch", grad_A)
+        assert_low_precision(fast[0], low[0], ref32[0], f"{what} value")
+        assert_low_precision(fast[1], low[1], ref32[1], f"{what} grad z")
+
+
+CASES = [  # (id, T, B, D, P, scale of z)
+    ("T4-B32-D192-P64", 4, 32, 192, 64, 1.0),
+    ("T1-B1-D191-P7", 1, 1, 191, 7, 1.0),
+    ("T3-B33-D24-P100", 3, 33, 24, 100, 3.0),
+    ("T2-B70-D40-P33-wide", 2, 70, 40, 33, 20.0),
+]
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("T,B,D,P,scale", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_fused_matches_reference(T, B, D, P, scale, dtype_name):
+    device = _device()
+    z = scale * torch.randn(T, B, D, device=device)
+    A = ref.draw_projections(D, P, device=device)
+    _check_parity(z, A, dtype_name, what=f"{T}x{B}x{D}x{P}")
+
+
+def test_gradient_with_respect_to_A():
+    device = _device()
+    z = torch.randn(2, 19, 40, device=device)
+    A = ref.draw_projections(40, 50, device=device)
+    _check_parity(z, A, "fp32", grad_A=True)
+
+
+def test_real_size_forward():
+    """T=4, B=128, D=192, P=1024: the forward value (the backward at this size is GPU-tested)."""
+    device = _device()
+    z = torch.randn(4, 128, 192, device=device)
+    A = ref.draw_projections(192, 1024, device=device)
+    with torch.no_grad():
+        fast = lewm_fast.sigreg(z, A, backend="triton")
+        expected = lewm_fast.sigreg(z, A, backend="torch")
+    assert_close(fast, expected, "fp32_gemm", "real-size value")
+
+
+def test_moment_sums_and_their_backward():
+    from lewm_fast.kernels import sigreg as kernel
+
+    device = _device()
+    z = torch.randn(3, 21, 30, device=device, requires_grad=True)
+    A = ref.draw_projections(30, 40, device=device)
+    t, phi, w = ref.sigreg_quadrature(17, device=device)
+    grad = torch.randn(2, 3, 17, 40, device=device)
+    sums = kernel.sigreg_trig_sums(z, A, phi, w, 3 / 16)
+    (sums * grad).sum().backward()
+    g_fast = z.grad.clone()
+    z.grad = None
+    expected = _trig_sums_torch(z, A, t)
+    (expected * grad).sum().backward()
+    assert_close(sums, expected, "fp32_gemm", "sums")
+    assert_close(g_fast, z.grad, "fp32_gemm", "grad from sums")
+    assert torch.equal(sums[0, :, 0], torch.full_like(sums[0, :, 0], 21.0))  # cos(0) counts rows
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_module_seeded_backends_agree(dtype_name):
+    """The drop-in module draws the same directions whichever backend runs."""
+    device = _device()
+    z32 = torch.randn(3, 20, 24, device=device)
+
+    def run(name, dtype):
+        z = z32.to(dtype).clone().requires_grad_()
+        torch.manual_seed(17)
+        value = lewm_fast.SIGReg(num_proj=64, backend=name)(z)
+        value.backward()
+        return value.detach(), z.grad
+
+    fast, torch_same = run("triton", DTYPES[dtype_name]), run("torch", DTYPES[dtype_name])
+    if dtype_name == "fp32":
+        assert_close(fast[0], torch_same[0], "fp32_gemm", "value")
+        assert_close(fast[1], torch_same[1], "fp32_gemm", "grad")
+    else:
+        fp32 = run("torch", torch.float32)
+        assert_low_precision(fast[0], torch_same[0], fp32[0], "value")
+        assert_low_precision(fast[1], torch_same[1], fp32[1], "grad")
+
+
+def test_forced_triton_without_cuda_or_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(backend.BackendUnavailableError, match="sigreg"):
+        lewm_fast.sigreg(torch.randn(2, 4, 8), ref.draw_projections(8, 16), backend="triton")
+
+
+def test_auto_uses_reference_on_cpu(monkeypatch):
+    from lewm_fast.kernels import sigreg as kernel
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the fused kernel must not run for CPU tensors under 'auto'")
+
+    monkeypatch.setattr(kernel, "sigreg_fwd", boom)
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    lewm_fast.sigreg(torch.randn(2, 4, 8), ref.draw_projections(8, 16))
+
+
+def test_too_many_knots_is_a_clear_error():
+    with pytest.raises(ValueError, match="2 to 32 knots"):
+        lewm_fast.sigreg(torch.randn(2, 4, 8), ref.draw_projections(8, 16), knots=40, backend="triton")
+
+
+def test_torch_library_registration():
+    from lewm_fast.kernels import sigreg as kernel
+
+    z = torch.randn(2, 9, 20, requires_grad=True)
+    A = ref.draw_projections(20, 24)
+    _, phi, w = ref.sigreg_quadrature(17)
+    torch.library.opcheck(
+        kernel.sigreg_fused,
+        (z, A, phi, w, 3 / 16),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        kernel.sigreg_trig_sums_op,
+        (z, A, phi, w, 3 / 16),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_distributed_requires_a_process_group():
+    with pytest.raises(ValueError, match="process group"):
+        lewm_fast.sigreg(torch.randn(2, 4, 8), ref.draw_projections(8, 16), distributed=True)
+
+
+# ---------------------------------------------------------------- two processes
+
+
+def _rank_main(rank, world, init_file, backend_name, out_dir):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    z_full = torch.randn(3, 9, 24)
+    sizes = [4, 5]  # uneven shards: the global batch size must come from the all-reduce
+    start = sum(sizes[:rank])
+    z = z_full[:, start : start + sizes[rank]].clone().requires_grad_()
+    torch.manual_seed(100 + rank)  # different generators per rank; the module broadcasts rank 0's draw
+    value = lewm_fast.SIGReg(num_proj=40, backend=backend_name)(z)
+    value.backward()
+    torch.save({"value": value.detach(), "grad": z.grad, "start": start}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_two_gloo_processes_equal_one_process(tmp_path, backend_name):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), backend_name, str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    z = torch.randn(3, 9, 24, requires_grad=True)
+    torch.manual_seed(100)
+    value = lewm_fast.SIGReg(num_proj=40, backend="torch")(z)
+    value.backward()
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    grad = torch.cat([r["grad"] for r in results], dim=1)
+    for r in results:
+        assert_close(r["value"], value.detach(), "fp32_gemm", "per-rank value")
+    assert_close(grad, z.grad, "fp32_gemm", "gathered gradient")
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_real_size_parity_on_gpu(dtype_name):
+    z = torch.randn(4, 128, 192, device="cuda")
+    A = ref.draw_projections(192, 1024, device="cuda")
+    _check_parity(z, A, dtype_name, what="real size")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    z = torch.randn(4, 128, 192, device="cuda", requires_grad=True)
+    A = ref.draw_projections(192, 1024, device="cuda")
+    lewm_fast.sigreg(z, A, backend="triton").backward()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    z.grad = None
+    with torch.cuda.graph(graph):
+        value = lewm_fast.sigreg(z, A, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(value, lewm_fast.sigreg(z, A, backend="torch"), "fp32_gemm", "captured value")
