@@ -356,3 +356,11 @@ def test_core_imports_without_optional_extras():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.gpu
+def test_generation_is_identical_on_cpu_and_cuda(tmp_path, small):
+    gpu = generate_dataset(tmp_path / "gpu", episodes=40, seed=5, device="cuda", frames=True, progress=False)
+    assert _same(gpu, small)
+    rows = np.arange(0, gpu.num_rows, 11)
+    assert np.array_equal(gpu.read_frames(rows), render(torch.from_numpy(small.proprio[rows].copy())).numpy())

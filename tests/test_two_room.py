@@ -112,6 +112,50 @@ def test_render_dot_shape():
     assert torch.equal(env.render_goal(), render(xy)) and torch.equal(env.render(), render(xy.flip(0)))
 
 
+def _vectorised_frame(layout: TwoRoomLayout, ax: float, ay: float) -> np.ndarray:
+    """The same formula for any layout, whole canvas at once (numpy float64 exp)."""
+    grid = np.arange(layout.size, dtype=np.float64)
+    ax, ay = float(F32(ax)), float(F32(ay))
+    g = np.exp(-((grid[None, :] - ax) ** 2 + (grid[:, None] - ay) ** 2) / (2 * layout.radius**2))
+    a = (g / g.max()).astype(F32)[..., None]
+    base = layout_image(layout).numpy().astype(F32)
+    return (base * (F32(1) - a) + np.array(layout.agent_color, F32) * a).astype(np.uint8)
+
+
+LAYOUTS = [  # (id, layout): other radii (crop sizes, whole-canvas crop) and colours
+    ("r3-colours", TwoRoomLayout(radius=3.0, agent_color=(10, 200, 30), background=(250, 240, 230))),
+    ("r20-whole-canvas", TwoRoomLayout(radius=20.0, wall_color=(90, 90, 90), door_color=(200, 255, 200))),
+    (
+        "small-canvas",
+        TwoRoomLayout(
+            size=64,
+            border=4,
+            border_thickness=2,
+            wall_center=32,
+            wall_thickness=4,
+            door_center=20,
+            door_half=6,
+            radius=2.5,
+            spawn_low=4.0,
+            spawn_high=59.0,
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("layout", [c[1] for c in LAYOUTS], ids=[c[0] for c in LAYOUTS])
+def test_render_other_layouts(layout):
+    gen = torch.Generator().manual_seed(17)
+    xy = torch.rand(12, 2, generator=gen) * (layout.size - 1)
+    frames = render(xy, layout)
+    assert frames.shape == (12, layout.size, layout.size, 3)
+    for i, (x, y) in enumerate(xy.tolist()):
+        assert np.array_equal(frames[i].numpy(), _vectorised_frame(layout, x, y)), (x, y)
+    assert torch.equal(frames[5], render(xy[5:6], layout)[0])  # independent of the batch
+    with pytest.raises(ValueError, match="background"):
+        render(xy, layout, background=frames[0, :10])
+
+
 CASES = [  # (id, start, action, expected) -- every branch of spec section 4's dynamics
     ("free-move", (50.0, 50.0), (0.5, -0.25), (52.5, 48.75)),
     ("action-clipped", (50.0, 150.0), (3.0, -7.0), (55.0, 145.0)),
@@ -203,6 +247,8 @@ def test_layout_validation():
         TwoRoomLayout(radius=-1.0)
     with pytest.raises(ValueError, match="agent_color"):
         TwoRoomLayout(agent_color=(256, 0, 0))
+    with pytest.raises(ValueError, match="at least 0.5"):
+        TwoRoomLayout(radius=0.25)
     with pytest.raises(ValueError, match="unknown TwoRoomLayout fields"):
         TwoRoomLayout.from_dict({"walls": 2})
 

@@ -139,3 +139,14 @@ def test_errors(data, tmp_path, windows):
         TrainingWindows(data, source="disk")
     with pytest.raises(ValueError, match="split"):
         next(windows.batches("test"))
+
+
+@pytest.mark.gpu
+def test_cuda_batches_equal_cpu_batches(data, windows):
+    ids = torch.cat([windows.train_ids[:6], torch.tensor([len(windows) - 1])])
+    for source in ("rendered", "stored"):
+        gpu = TrainingWindows(data, source=source, device="cuda")
+        assert torch.equal(gpu.train_ids.cpu(), windows.train_ids)
+        a, b = windows.batch(ids), gpu.batch(ids.cuda())
+        for key in a:
+            assert _nan_equal(a[key].float(), b[key].float().cpu()), (source, key)

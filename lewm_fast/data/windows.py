@@ -53,7 +53,8 @@ def normalize_frames(frames: torch.Tensor, image_size: int | None = None) -> tor
     if frames.dtype != torch.uint8 or frames.dim() < 3 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (..., H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
     lead, (h, w) = frames.shape[:-3], frames.shape[-3:-1]
-    x = frames.reshape(-1, h, w, 3).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    x = frames.reshape(-1, h, w, 3).permute(0, 3, 1, 2).to(torch.float32)
+    x = x / x.new_tensor(255.0)  # a device divisor: true division on CPU and CUDA alike
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std

@@ -11,7 +11,9 @@ success flags, distance to goal). Every number comes from one frozen
 
 Bit-exactness. Both functions give identical bits on CPU and CUDA because they use only
 operations IEEE 754 rounds exactly (+, -, *, /, sqrt, comparisons, floor, clamps) as
-separate eager kernels, so no fused multiply-add and no device math library enters. The
+separate eager kernels, so no fused multiply-add and no device math library enters.
+Divisors are tensors on the device, never Python scalars: CUDA computes ``x / scalar``
+as ``x * (1 / scalar)``, which can differ from the CPU's true division in the last bit. The
 one transcendental, the Gaussian ``exp``, is therefore not ``torch.exp`` (whose float32
 and float64 results differ by an ulp between the CPU's SLEEF and CUDA's libdevice) but
 :func:`exp_neg`: Cody-Waite range reduction and a degree-13 Taylor polynomial in float64,
@@ -110,6 +112,8 @@ class TwoRoomLayout:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"TwoRoomLayout.{name} must be a positive number, got {value!r}")
+        if self.radius < 0.5:  # keeps the per-axis exp argument of the nearest pixel far below its cap
+            raise ValueError(f"TwoRoomLayout.radius must be at least 0.5 px, got {self.radius!r}")
         for name in ("door_margin", "wall_push"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -285,11 +289,17 @@ def layout_image(layout: TwoRoomLayout = DEFAULT_LAYOUT, device: str | torch.dev
 
 
 def _axis_alpha(center: torch.Tensor, coords: torch.Tensor, radius: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian factors exp(-d^2 / 2r^2) / max, float64 (N, K), for crop coords (N, K)."""
-    d = coords.to(torch.float64) - center.to(torch.float64)[:, None]
-    arg = torch.clamp(d * d / (2.0 * radius * radius), max=_EXP_ARG_MAX)
+    """Normalised 1-D Gaussian factors exp(-d^2 / 2r^2) / max, float64 (..., K), for coords (..., K).
+
+    ``center`` (...) is the agent coordinate per row. The maximum over the crop is the
+    maximum over the whole axis: the nearest pixel is always inside the crop.
+    """
+    d = coords.to(torch.float64) - center.to(torch.float64)[..., None]
+    # The divisor lives on the device: CUDA turns division by a Python (CPU) scalar into a
+    # multiplication by its rounded reciprocal, which the CPU does not.
+    arg = torch.clamp(d * d / d.new_tensor(2.0 * radius * radius), max=_EXP_ARG_MAX)
     e = exp_neg(arg)
-    return e / e.amax(dim=1, keepdim=True)
+    return e / e.amax(dim=-1, keepdim=True)
 
 
 def render(
@@ -316,6 +326,13 @@ def render(
     n, s = agent_xy.shape[0], layout.size
     if background is None:
         background = layout_image(layout, device)
+    elif check and (
+        background.dtype != torch.uint8 or background.shape != (s, s, 3) or background.device != device
+    ):
+        raise ValueError(
+            f"background must be uint8 ({s}, {s}, 3) on {device} (see layout_image), got "
+            f"{background.dtype} {tuple(background.shape)} on {background.device}"
+        )
     frames = background.expand(n, s, s, 3).clone()
     if n == 0:
         return frames
@@ -325,11 +342,10 @@ def render(
     k = min(2 * reach + 2, s)
     offs = torch.arange(k, device=device)
     start = torch.clamp(torch.floor(agent_xy).long() - reach, 0, s - k)  # (N, 2)
-    cols = start[:, 0:1] + offs  # (N, K)
-    rows = start[:, 1:2] + offs
-    ax = _axis_alpha(agent_xy[:, 0], cols, layout.radius)  # (N, K) float64
-    ay = _axis_alpha(agent_xy[:, 1], rows, layout.radius)
-    alpha = (ay[:, :, None] * ax[:, None, :]).to(torch.float32)[..., None]  # (N, K, K, 1)
+    coords = start[:, :, None] + offs  # (N, 2, K): crop columns, crop rows
+    cols, rows = coords[:, 0], coords[:, 1]
+    factors = _axis_alpha(agent_xy, coords, layout.radius)  # (N, 2, K) float64, one exp_neg call
+    alpha = (factors[:, 1, :, None] * factors[:, 0, None, :]).to(torch.float32)[..., None]  # (N, K, K, 1)
 
     batch = torch.arange(n, device=device)[:, None, None]
     r_idx, c_idx = rows[:, :, None], cols[:, None, :]
