@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import gymnasium
 import numpy as np
 import torch
 from gymnasium import spaces
+from gymnasium.core import Env
+from gymnasium.envs.registration import register as _register
 from gymnasium.envs.registration import registry
 
 from .two_room import DEFAULT_LAYOUT, TwoRoom, TwoRoomLayout, episode_generator, sample_start_goal
@@ -44,7 +45,7 @@ def _xy(value, name: str) -> torch.Tensor:
     return torch.from_numpy(array.reshape(1, 2).copy())
 
 
-class TwoRoomGymEnv(gymnasium.Env):
+class TwoRoomGymEnv(Env):
     """One Two-Room environment behind the gymnasium API (reset(seed, options), step, render).
 
     ``reset(seed=s)`` starts episode 0 of seed s (the same start and goal as episode 0 of
@@ -119,7 +120,7 @@ class TwoRoomGymEnv(gymnasium.Env):
 def register() -> None:
     """Register ``lewm_fast/TwoRoom-v1`` with gymnasium (idempotent; also the entry point hook)."""
     if ENV_ID not in registry:
-        gymnasium.register(id=ENV_ID, entry_point=TwoRoomGymEnv, max_episode_steps=100)
+        _register(id=ENV_ID, entry_point=TwoRoomGymEnv, max_episode_steps=100)
 
 
 register()
