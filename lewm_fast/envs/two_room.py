@@ -15,7 +15,7 @@ separate eager kernels, so no fused multiply-add and no device math library ente
 Divisors are tensors on the device, never Python scalars: CUDA computes ``x / scalar``
 as ``x * (1 / scalar)``, which can differ from the CPU's true division in the last bit. The
 one transcendental, the Gaussian ``exp``, is therefore not ``torch.exp`` (whose float32
-and float64 results differ by an ulp between the CPU's SLEEF and CUDA's libdevice) but
+and float64 results can differ by an ulp between the CPU's SLEEF and CUDA's libdevice) but
 :func:`exp_neg`: Cody-Waite range reduction and a degree-13 Taylor polynomial in float64,
 within 1 ulp of the exact value, bit-identical on both devices. The Gaussian is
 separable, exp(-(dx^2 + dy^2) / 2r^2) = exp(-dx^2 / 2r^2) * exp(-dy^2 / 2r^2), and its
