@@ -349,7 +349,7 @@ def render(
 
     batch = torch.arange(n, device=device)[:, None, None]
     r_idx, c_idx = rows[:, :, None], cols[:, None, :]
-    img = frames[batch, r_idx, c_idx].to(torch.float32)  # (N, K, K, 3)
+    img = background[r_idx, c_idx].to(torch.float32)  # (N, K, K, 3), read from the small scene image
     color = torch.tensor(layout.agent_color, dtype=torch.float32, device=device)
     # Separate kernels keep each product and the sum individually rounded (no FMA).
     blended = img * (1.0 - alpha) + color * alpha
