@@ -1,7 +1,11 @@
 """The ``lewm-fast`` command line.
 
-lewm-fast demo   build the paper-size model, run one training forward pass, print its size
-lewm-fast info   versions, device and which backends are usable here
+lewm-fast demo           build the paper-size model, run one training forward pass, print its size
+lewm-fast info           versions, device and which backends are usable here
+lewm-fast generate-data  roll out Two-Room episodes into a dataset folder
+lewm-fast render-frame   write a Two-Room frame (a position, or a dataset row) as a PNG
+lewm-fast import-hdf5    convert a published-layout HDF5 file into a dataset folder
+lewm-fast export-hdf5    write a dataset folder as an HDF5 file in the published layout
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import platform
 import sys
 import time
 
+import numpy as np
 import torch
 
 
@@ -98,6 +103,98 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate_data(args: argparse.Namespace) -> int:
+    """Roll out Two-Room episodes with a data policy into a dataset folder."""
+    from .data import generate_dataset
+
+    try:
+        dataset = generate_dataset(
+            args.out,
+            episodes=args.episodes,
+            policy=args.policy,
+            seed=args.seed,
+            max_steps=args.max_steps,
+            frames=args.frames,
+            device=_device(args.device),
+            batch_episodes=args.batch_episodes,
+            force=args.force,
+        )
+    except (FileExistsError, ValueError) as exc:
+        raise SystemExit(f"lewm-fast generate-data: {exc}") from None
+    lengths = dataset.ep_len
+    last = dataset.ep_offset + lengths - 1
+    gap = dataset.proprio[last] - dataset.goal[last]
+    success = int((np.hypot(gap[:, 0], gap[:, 1]) < dataset.layout.success_distance).sum())
+    print(
+        f"wrote {dataset.path}: {dataset.num_episodes} episodes, {dataset.num_rows} rows "
+        f"(mean {lengths.mean():.1f} per episode), {success} reached the goal; "
+        + ("frames stored" if dataset.has_frames else "frames rendered from state on demand")
+    )
+    return 0
+
+
+def render_frame(args: argparse.Namespace) -> int:
+    """Render one Two-Room frame and save it as a PNG."""
+    from .envs import render, save_png
+
+    if (args.xy is None) == (args.dataset is None):
+        raise SystemExit("lewm-fast render-frame: give either --xy X Y or --dataset DIR [--row R]")
+    try:
+        if args.dataset is not None:
+            from .data import TwoRoomDataset
+
+            dataset = TwoRoomDataset.open(args.dataset)
+            if not 0 <= args.row < dataset.num_rows:
+                raise ValueError(f"--row must be in [0, {dataset.num_rows}), got {args.row}")
+            xy = torch.from_numpy(dataset.proprio[args.row : args.row + 1].copy())
+            layout = dataset.layout
+        else:
+            from .envs import DEFAULT_LAYOUT
+
+            xy, layout = torch.tensor([args.xy], dtype=torch.float32), DEFAULT_LAYOUT
+        frame = render(xy, layout)[0]
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"lewm-fast render-frame: {exc}") from None
+    save_png(frame, args.out)
+    x, y = xy[0].tolist()
+    print(f"wrote {args.out}: agent at ({x:.2f}, {y:.2f}), {frame.shape[1]}x{frame.shape[0]} RGB")
+    return 0
+
+
+def import_hdf5(args: argparse.Namespace) -> int:
+    """Convert a published-layout HDF5 file into a dataset folder."""
+    from .data import import_hdf5 as run
+
+    try:
+        dataset = run(
+            args.h5, args.out, pixels="keep" if args.keep_pixels else "drop", force=args.force, progress=True
+        )
+    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as exc:
+        raise SystemExit(f"lewm-fast import-hdf5: {exc}") from None
+    print(f"wrote {dataset!r}")
+    return 0
+
+
+def export_hdf5(args: argparse.Namespace) -> int:
+    """Write a dataset folder as a published-layout HDF5 file."""
+    from .data import TwoRoomDataset
+    from .data import export_hdf5 as run
+
+    try:
+        path = run(
+            TwoRoomDataset.open(args.dataset),
+            args.out,
+            pixels=not args.no_pixels,
+            device=_device(args.device),
+            force=args.force,
+            progress=True,
+        )
+    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as exc:
+        raise SystemExit(f"lewm-fast export-hdf5: {exc}") from None
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lewm-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +205,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=demo)
     p = sub.add_parser("info", help="versions, device and backend availability")
     p.set_defaults(func=info)
+
+    p = sub.add_parser("generate-data", help="roll out Two-Room episodes into a dataset folder")
+    p.add_argument("out", help="dataset folder to create")
+    p.add_argument("--episodes", type=int, default=10_000, help="episodes to roll out (default: 10000)")
+    p.add_argument(
+        "--policy", choices=("expert", "random"), default="expert", help="data policy (default: expert)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    p.add_argument("--max-steps", type=int, default=100, help="actions per episode at most (default: 100)")
+    p.add_argument(
+        "--frames", action="store_true", help="also store uint8 frames (default: render on demand)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument(
+        "--batch-episodes", type=int, default=1024, help="episodes rolled out together (default: 1024)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing dataset")
+    p.set_defaults(func=generate_data)
+
+    p = sub.add_parser("render-frame", help="write a Two-Room frame as a PNG")
+    p.add_argument("out", help="PNG file to write")
+    p.add_argument("--xy", type=float, nargs=2, metavar=("X", "Y"), help="agent position in pixels")
+    p.add_argument("--dataset", help="dataset folder to take the position from")
+    p.add_argument("--row", type=int, default=0, help="dataset row (default: 0)")
+    p.set_defaults(func=render_frame)
+
+    p = sub.add_parser("import-hdf5", help="convert a published-layout HDF5 file into a dataset folder")
+    p.add_argument("h5", help="HDF5 file to read")
+    p.add_argument("out", help="dataset folder to create")
+    p.add_argument("--keep-pixels", action="store_true", help="copy the frames (default: render from state)")
+    p.add_argument("--force", action="store_true", help="replace an existing dataset")
+    p.set_defaults(func=import_hdf5)
+
+    p = sub.add_parser("export-hdf5", help="write a dataset folder as a published-layout HDF5 file")
+    p.add_argument("dataset", help="dataset folder to read")
+    p.add_argument("out", help="HDF5 file to write")
+    p.add_argument("--no-pixels", action="store_true", help="leave out the pixels column")
+    p.add_argument("--device", default="auto", help="where to render frames: auto, cpu or cuda[:N]")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=export_hdf5)
     return parser
 
 

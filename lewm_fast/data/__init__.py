@@ -1,0 +1,33 @@
+"""Two-Room datasets: generation, on-disk storage, HDF5 import/export and training windows.
+
+``import_hdf5`` / ``export_hdf5`` need h5py (``pip install lewm-fast[hdf5]``); it is
+imported when they are called, so this package imports without it.
+"""
+
+from .dataset import TwoRoomDataset
+from .generate import generate_dataset, rollout
+from .hdf5 import export_hdf5, import_hdf5
+from .windows import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RenderedFrames,
+    StoredFrames,
+    TrainingWindows,
+    action_stats,
+    normalize_frames,
+)
+
+__all__ = [
+    "TwoRoomDataset",
+    "generate_dataset",
+    "rollout",
+    "import_hdf5",
+    "export_hdf5",
+    "TrainingWindows",
+    "RenderedFrames",
+    "StoredFrames",
+    "normalize_frames",
+    "action_stats",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]

@@ -1,0 +1,250 @@
+"""Training windows (spec section 5): indexable on the device, from stored or rendered frames.
+
+A window starting at row t of an episode holds frames t, t+5, t+10, t+15 and, for frame
+i, the 5 raw actions t+5i .. t+5i+4 concatenated (10 numbers), z-scored per raw dimension
+with the dataset's mean and std (NaN rows excluded, NaN kept: the last window of an
+episode ends on the episode's NaN action). Window t exists when rows t .. t+19 lie in one
+episode, so an episode of L rows gives L - 19 windows. Pixels go uint8 -> [0, 1] ->
+ImageNet mean/std -> resize to the model's image size (bilinear, antialiased; a no-op at
+224), channels first. The windows are split 90/10 into train/val with
+``torch.utils.data.random_split`` seeded with 3072.
+
+Everything a batch needs lives on the device (window starts, z-scored actions,
+positions), so a trainer draws shuffled index tensors and calls :meth:`TrainingWindows.batch`
+with no loader workers. Frames come from one of two interchangeable sources that give
+identical tensors for the same indices:
+
+- :class:`RenderedFrames` renders frames from the positions on the device (reads no pixels
+  from disk);
+- :class:`StoredFrames` reads them from the dataset's memory-mapped shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..envs.two_room import TwoRoomLayout, layout_image, render
+from .dataset import TwoRoomDataset
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "normalize_frames",
+    "action_stats",
+    "RenderedFrames",
+    "StoredFrames",
+    "TrainingWindows",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_frames(frames: torch.Tensor, image_size: int | None = None) -> torch.Tensor:
+    """uint8 frames (..., H, W, 3) -> float32 (..., 3, S, S), ImageNet-normalised, resized to S.
+
+    x = (u8 / 255 - mean) / std per channel, then a bilinear antialiased resize to
+    ``image_size`` when it differs from H, W (none at the native size).
+    """
+    if frames.dtype != torch.uint8 or frames.dim() < 3 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (..., H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    lead, (h, w) = frames.shape[:-3], frames.shape[-3:-1]
+    x = frames.reshape(-1, h, w, 3).permute(0, 3, 1, 2).to(torch.float32)
+    x = x / x.new_tensor(255.0)  # a device divisor: true division on CPU and CUDA alike
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    if image_size is not None and (image_size, image_size) != (h, w):
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        x = F.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
+    return x.reshape(*lead, 3, x.shape[-2], x.shape[-1])
+
+
+def action_stats(action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std (unbiased) of raw actions (R, A), NaN rows excluded; float32 (A,) each."""
+    valid = action[~np.isnan(action).any(axis=1)].astype(np.float64)
+    if valid.shape[0] < 2:
+        raise ValueError(f"need at least 2 non-NaN action rows to z-score actions, got {valid.shape[0]}")
+    std = valid.std(axis=0, ddof=1)
+    if (std == 0).any():
+        raise ValueError(f"actions have zero variance in dimension(s) {np.flatnonzero(std == 0).tolist()}")
+    return valid.mean(axis=0).astype(np.float32), std.astype(np.float32)
+
+
+class RenderedFrames:
+    """Frame source that renders rows from their positions on the device: rows (n,) -> uint8 (n, H, W, 3)."""
+
+    def __init__(self, proprio: torch.Tensor, layout: TwoRoomLayout):
+        self.proprio = proprio
+        self.layout = layout
+        self.background = layout_image(layout, proprio.device)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return render(self.proprio[rows], self.layout, background=self.background, check=False)
+
+
+class StoredFrames:
+    """Frame source that reads rows from the dataset's stored shards and copies them to ``device``."""
+
+    def __init__(self, dataset: TwoRoomDataset, device: torch.device):
+        if not dataset.has_frames:
+            raise ValueError(
+                f"{dataset.path} stores no frames; use source='rendered' or generate with frames"
+            )
+        self.dataset = dataset
+        self.device = device
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        frames = torch.from_numpy(self.dataset.read_frames(rows.cpu().numpy()))
+        if self.device.type == "cuda":
+            frames = frames.pin_memory()
+        return frames.to(self.device, non_blocking=True)
+
+
+class TrainingWindows:
+    """The training windows of a dataset with a frame source, split into train and val.
+
+    Args:
+        dataset: an opened :class:`TwoRoomDataset`.
+        source: "rendered" (default; frames rendered on ``device`` from positions),
+            "stored" (frames read from the dataset), or any callable rows (n,) -> uint8
+            (n, H, W, 3) on ``device``.
+        device: where batches are built and returned.
+        image_size: model image size S (frames are resized when S != 224).
+        num_frames, frameskip: window shape (4 frames, 5 raw actions per frame).
+        val_fraction, split_seed: the 90/10 split seeded with 3072.
+
+    Attributes: ``starts`` (W,) first row of each window, ``train_ids`` / ``val_ids``
+    window indices, ``action_mean`` / ``action_std`` (2,), all int64/float32 on ``device``.
+    """
+
+    def __init__(
+        self,
+        dataset: TwoRoomDataset,
+        *,
+        source="rendered",
+        device: str | torch.device = "cpu",
+        image_size: int = 224,
+        num_frames: int = 4,
+        frameskip: int = 5,
+        val_fraction: float = 0.1,
+        split_seed: int = 3072,
+    ):
+        for name, value in (("num_frames", num_frames), ("frameskip", frameskip), ("image_size", image_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.image_size = image_size
+        self.num_frames = num_frames
+        self.frameskip = frameskip
+        self.span = num_frames * frameskip
+
+        ep_len, ep_offset = np.asarray(dataset.ep_len), np.asarray(dataset.ep_offset)
+        per_episode = np.maximum(ep_len - self.span + 1, 0)
+        if per_episode.sum() == 0:
+            raise ValueError(
+                f"{dataset.path}: no episode has the {self.span} rows a window of {num_frames} frames at "
+                f"frameskip {frameskip} needs (longest episode: {int(ep_len.max())} rows)"
+            )
+        episode = np.repeat(np.arange(len(ep_len)), per_episode)
+        within = np.arange(per_episode.sum()) - np.repeat(np.cumsum(per_episode) - per_episode, per_episode)
+        starts = ep_offset[episode] + within
+        self.starts = torch.from_numpy(starts.astype(np.int64)).to(self.device)
+
+        n = len(starts)
+        train, val = torch.utils.data.random_split(
+            range(n), [1.0 - val_fraction, val_fraction], generator=torch.Generator().manual_seed(split_seed)
+        )
+        self.train_ids = torch.tensor(train.indices, dtype=torch.int64, device=self.device)
+        self.val_ids = torch.tensor(val.indices, dtype=torch.int64, device=self.device)
+
+        action = np.array(dataset.action)  # copies out of the read-only memory map
+        mean, std = action_stats(action)
+        self.action_mean = torch.from_numpy(mean).to(self.device)
+        self.action_std = torch.from_numpy(std).to(self.device)
+        self._actions = (torch.from_numpy(action).to(self.device) - self.action_mean) / self.action_std
+        self._proprio = torch.from_numpy(np.array(dataset.proprio)).to(self.device)
+        self._goal = (
+            None if dataset.goal is None else torch.from_numpy(np.array(dataset.goal)).to(self.device)
+        )
+        if source == "rendered":
+            self.frames = RenderedFrames(self._proprio, dataset.layout)
+        elif source == "stored":
+            self.frames = StoredFrames(dataset, self.device)
+        elif callable(source):
+            self.frames = source
+        else:
+            raise ValueError(f"source must be 'rendered', 'stored' or a callable, got {source!r}")
+
+    def __len__(self) -> int:
+        return int(self.starts.shape[0])
+
+    def frame_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dataset rows of the frames of windows ``ids`` (B,) -> (B, num_frames)."""
+        return self.starts[ids][:, None] + self.frameskip * torch.arange(self.num_frames, device=self.device)
+
+    def actions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Z-scored model actions of windows ``ids`` (B,) -> (B, num_frames, frameskip * 2), NaN kept."""
+        rows = self.starts[ids][:, None] + torch.arange(self.span, device=self.device)  # (B, T * skip)
+        return self._actions[rows].reshape(ids.shape[0], self.num_frames, -1)
+
+    def batch(self, ids, *, check: bool = True) -> dict[str, torch.Tensor]:
+        """The windows ``ids`` (B,) int as a training batch on ``device``.
+
+        Returns ``pixels`` (B, 4, 3, S, S) float32 (normalised), ``action`` (B, 4, 10)
+        float32 (z-scored, NaN at episode ends), ``proprio`` (B, 4, 2) raw agent positions
+        of the 4 frames, ``goal`` (B, 2) when the dataset has goals, and ``ids`` (B,).
+        ``check=False`` skips the range check of ``ids`` (a device sync).
+        """
+        ids = torch.as_tensor(ids, dtype=torch.int64, device=self.device).reshape(-1)
+        if check and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= len(self)):
+            raise ValueError(
+                f"window ids must be in [0, {len(self)}), got {int(ids.min())}..{int(ids.max())}"
+            )
+        b = ids.shape[0]
+        rows = self.frame_rows(ids)  # (B, T)
+        frames = self.frames(rows.reshape(-1))  # (B*T, H, W, 3) uint8
+        out = {
+            "pixels": normalize_frames(frames, self.image_size).reshape(
+                b, self.num_frames, 3, self.image_size, -1
+            ),
+            "action": self.actions(ids),
+            "proprio": self._proprio[rows],
+            "ids": ids,
+        }
+        if self._goal is not None:
+            out["goal"] = self._goal[self.starts[ids]]
+        return out
+
+    def batches(
+        self,
+        split: str = "train",
+        batch_size: int = 128,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch of batches over ``split`` ("train", "val" or "all"), shuffled on the device."""
+        ids = {"train": self.train_ids, "val": self.val_ids}.get(split)
+        if ids is None:
+            if split != "all":
+                raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+            ids = torch.arange(len(self), device=self.device)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if shuffle:
+            ids = ids[torch.randperm(ids.shape[0], device=self.device, generator=generator)]
+        stop = ids.shape[0] - batch_size + 1 if drop_last else ids.shape[0]
+        for i in range(0, max(stop, 0), batch_size):
+            yield self.batch(ids[i : i + batch_size], check=False)

@@ -1,0 +1,152 @@
+"""Training windows (spec section 5): indexing, actions, normalisation, split, stored == rendered."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lewm_fast.data import TrainingWindows, generate_dataset, normalize_frames
+from lewm_fast.envs import render
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("windows")
+    return generate_dataset(root / "d", episodes=10, seed=13, frames=True, progress=False)
+
+
+@pytest.fixture(scope="module")
+def windows(data):
+    return TrainingWindows(data)
+
+
+def _nan_equal(a, b):
+    return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def test_window_index(data, windows):
+    lengths = data.ep_len
+    assert len(windows) == int(np.maximum(lengths - 19, 0).sum())
+    starts = windows.starts.numpy()
+    episode = data.episode_idx[starts]
+    assert (data.episode_idx[starts + 19] == episode).all()  # a window never crosses episodes
+    last = data.ep_offset + lengths - 1
+    ends = starts + 19
+    assert np.isin(last[lengths >= 20], ends).all()  # the last window of an episode ends on its last row
+    assert (np.diff(starts)[np.diff(episode) == 0] == 1).all()
+
+
+def test_split_is_random_split_with_seed_3072(windows):
+    n = len(windows)
+    train, val = windows.train_ids, windows.val_ids
+    assert len(train) + len(val) == n and abs(len(val) - 0.1 * n) <= 1
+    assert torch.equal(torch.sort(torch.cat([train, val])).values, torch.arange(n))
+    a, b = torch.utils.data.random_split(range(n), [0.9, 0.1], generator=torch.Generator().manual_seed(3072))
+    assert train.tolist() == list(a.indices) and val.tolist() == list(b.indices)
+    other = TrainingWindows(windows.dataset, split_seed=1)
+    assert not torch.equal(other.train_ids, train)
+
+
+def test_batch_shapes_and_contents(data, windows):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(len(windows), (6,), generator=gen)
+    batch = windows.batch(ids)
+    assert batch["pixels"].shape == (6, 4, 3, 224, 224) and batch["pixels"].dtype == torch.float32
+    assert batch["action"].shape == (6, 4, 10) and batch["proprio"].shape == (6, 4, 2)
+    assert batch["goal"].shape == (6, 2) and torch.equal(batch["ids"], ids)
+    starts = windows.starts[ids].numpy()
+    # frames t, t+5, t+10, t+15 with ImageNet normalisation, channels first
+    rows = starts[:, None] + 5 * np.arange(4)
+    frames = render(torch.from_numpy(data.proprio[rows.reshape(-1)].copy()))
+    back = (batch["pixels"].reshape(-1, 3, 224, 224) * STD + MEAN) * 255
+    assert (back - frames.permute(0, 3, 1, 2).float()).abs().max() < 1e-3
+    assert torch.equal(batch["proprio"].reshape(-1, 2), torch.from_numpy(data.proprio[rows.reshape(-1)]))
+    # actions: 5 raw actions per frame, concatenated, z-scored with NaN rows excluded
+    raw = data.action.astype(np.float64)
+    valid = raw[~np.isnan(raw).any(axis=1)]
+    mean, std = valid.mean(axis=0), valid.std(axis=0, ddof=1)
+    want = ((raw[starts[:, None] + np.arange(20)] - mean) / std).reshape(6, 4, 10)
+    got = batch["action"].double().numpy()
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=1e-5, atol=1e-5)
+    block = raw[starts[0] + 5 : starts[0] + 10]  # frame 1 of window 0: raw actions t+5 .. t+9
+    np.testing.assert_allclose(got[0, 1], ((block - mean) / std).reshape(10), rtol=1e-5)
+    assert torch.equal(windows.action_mean, torch.from_numpy(mean.astype(np.float32)))
+
+
+def test_nan_edges_only_at_episode_ends(data, windows):
+    all_actions = windows.actions(torch.arange(len(windows)))
+    nan = torch.isnan(all_actions)
+    ends = windows.starts + 19
+    last = torch.from_numpy(data.ep_offset + data.ep_len - 1)
+    at_end = torch.isin(ends, last)
+    assert torch.equal(nan.any(dim=(1, 2)), at_end) and at_end.sum() > 0
+    assert nan[at_end][:, 3, 8:].all() and not nan[at_end][:, :, :8].any() and not nan[at_end][:, :3].any()
+
+
+def test_stored_and_rendered_sources_are_identical(data, windows):
+    stored = TrainingWindows(data, source="stored")
+    ids = torch.cat([windows.val_ids[:5], torch.tensor([0, len(windows) - 1])])
+    a, b = windows.batch(ids), stored.batch(ids)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert _nan_equal(a[key].float(), b[key].float()), key
+
+
+def test_resize_to_model_image_size(data, windows):
+    small = TrainingWindows(data, image_size=112)
+    ids = torch.tensor([3, 1, 4])
+    got = small.batch(ids)["pixels"]
+    full = windows.batch(ids)["pixels"].reshape(-1, 3, 224, 224)
+    want = F.interpolate(full, size=(112, 112), mode="bilinear", align_corners=False, antialias=True)
+    assert got.shape == (3, 4, 3, 112, 112) and torch.equal(got.reshape(-1, 3, 112, 112), want)
+
+
+def test_normalize_frames():
+    frames = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+    out = normalize_frames(frames)
+    assert out.shape == (2, 3, 5, 7)
+    want = (frames.permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_frames(frames.float())
+
+
+def test_batches_iterate_a_shuffled_epoch(windows):
+    gen = torch.Generator().manual_seed(2)
+    seen = [b["ids"] for b in windows.batches("val", batch_size=8, generator=gen)]
+    assert all(len(ids) == 8 for ids in seen) and len(seen) == len(windows.val_ids) // 8
+    flat = torch.cat(seen)
+    assert len(set(flat.tolist())) == len(flat) and set(flat.tolist()) <= set(windows.val_ids.tolist())
+    assert flat.tolist() != sorted(flat.tolist())
+    every = torch.cat([b["ids"] for b in windows.batches("val", 8, shuffle=False, drop_last=False)])
+    assert torch.equal(every, windows.val_ids)
+
+
+def test_errors(data, tmp_path, windows):
+    short = generate_dataset(tmp_path / "short", episodes=3, max_steps=10, progress=False)
+    with pytest.raises(ValueError, match="20 rows"):
+        TrainingWindows(short)
+    no_frames = generate_dataset(tmp_path / "nf", episodes=3, progress=False)
+    with pytest.raises(ValueError, match="stores no frames"):
+        TrainingWindows(no_frames, source="stored")
+    with pytest.raises(ValueError, match="window ids"):
+        windows.batch(torch.tensor([len(windows)]))
+    with pytest.raises(ValueError, match="source"):
+        TrainingWindows(data, source="disk")
+    with pytest.raises(ValueError, match="split"):
+        next(windows.batches("test"))
+
+
+@pytest.mark.gpu
+def test_cuda_batches_equal_cpu_batches(data, windows):
+    ids = torch.cat([windows.train_ids[:6], torch.tensor([len(windows) - 1])])
+    for source in ("rendered", "stored"):
+        gpu = TrainingWindows(data, source=source, device="cuda")
+        assert torch.equal(gpu.train_ids.cpu(), windows.train_ids)
+        a, b = windows.batch(ids), gpu.batch(ids.cuda())
+        for key in a:
+            assert _nan_equal(a[key].float(), b[key].float().cpu()), (source, key)
