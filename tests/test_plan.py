@@ -392,6 +392,30 @@ def test_solver_training_mode_model_warns_and_uses_get_cost():
     assert torch.equal(plan["actions"], slow["actions"])  # dropout is off in the small config
 
 
+def test_solver_warns_when_a_jepa_has_no_fast_path():
+    """A JEPA whose blocks lack the published structure is planned through get_cost, loudly."""
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.inner = block
+
+        def forward(self, x, c):
+            return self.inner(x, c)
+
+    public, _ = model_pair(small_config(), seed=13)
+    layers = public.predictor.transformer.layers
+    layers[0] = Wrapped(layers[0])
+    info = {"pixels": torch.randn(1, 1, *PIX), "goal": torch.randn(1, 1, *PIX)}
+    kwargs = {"action_dim": 10, "num_samples": 8, "n_steps": 2, "topk": 2}
+    with pytest.warns(RuntimeWarning, match="no fast path"):
+        solver = CEMSolver(public.eval(), **kwargs)
+    assert not solver.fast
+    assert torch.equal(
+        solver.solve(info)["actions"], CEMSolver(public, fast=False, **kwargs).solve(info)["actions"]
+    )
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -13,7 +13,7 @@ numbers of ``JEPA.get_cost``) and :func:`cem_refit` its batched elite refit (csr
 The plain one-env-at-a-time planner is :mod:`lewm_fast.reference.cem`.
 """
 
-from .cost import PlanningCost, planning_cost, supports_fast_cost
+from .cost import PlanningCost, fast_cost_unsupported_reason, planning_cost, supports_fast_cost
 from .refit import Refit, cem_refit, cem_refit_torch
 from .solver import CEMSolver, plan_seed
 
@@ -22,6 +22,7 @@ __all__ = [
     "PlanningCost",
     "planning_cost",
     "supports_fast_cost",
+    "fast_cost_unsupported_reason",
     "Refit",
     "cem_refit",
     "cem_refit_torch",

@@ -31,28 +31,51 @@ from torch import nn
 from ..reference.jepa import JEPA as _ReferenceJEPA
 from ..reference.modules import modulate
 
-__all__ = ["PlanningCost", "supports_fast_cost", "planning_cost"]
+__all__ = ["PlanningCost", "supports_fast_cost", "fast_cost_unsupported_reason", "planning_cost"]
+
+
+def fast_cost_unsupported_reason(model) -> str | None:
+    """Why the fast cost cannot run ``model`` (None when it can)."""
+    if not isinstance(model, _ReferenceJEPA):
+        return f"{type(model).__name__} is not a LeWM JEPA (lewm_fast.JEPA or lewm_fast.reference.JEPA)"
+    try:
+        transformer = model.predictor.transformer
+        block = transformer.layers[0]
+        checks = {
+            "predictor.pos_embedding": torch.is_tensor(model.predictor.pos_embedding),
+            "attn.to_qkv (Linear)": isinstance(block.attn.to_qkv, nn.Linear),
+            "attn.heads / attn.dim_head": isinstance(block.attn.heads, int)
+            and isinstance(block.attn.dim_head, int),
+            "adaLN_modulation, mlp, norm1, norm2, attn.norm, attn.to_out": all(
+                callable(m)
+                for m in (
+                    block.adaLN_modulation,
+                    block.mlp,
+                    block.norm1,
+                    block.norm2,
+                    block.attn.norm,
+                    block.attn.to_out,
+                )
+            ),
+            "transformer input_proj, cond_proj, output_proj, norm": all(
+                callable(m)
+                for m in (
+                    transformer.input_proj,
+                    transformer.cond_proj,
+                    transformer.output_proj,
+                    transformer.norm,
+                )
+            ),
+        }
+    except (AttributeError, IndexError, TypeError) as exc:
+        return f"the predictor lacks the published ConditionalBlock structure ({exc})"
+    missing = [name for name, ok in checks.items() if not ok]
+    return f"the predictor lacks {missing}" if missing else None
 
 
 def supports_fast_cost(model) -> bool:
     """True if ``model`` has the LeWM JEPA structure the fast cost reads (lewm_fast or reference)."""
-    if not isinstance(model, _ReferenceJEPA):
-        return False
-    try:
-        transformer = model.predictor.transformer
-        block = transformer.layers[0]
-        return all(
-            (
-                torch.is_tensor(model.predictor.pos_embedding),
-                isinstance(block.attn.to_qkv, nn.Linear),
-                callable(block.adaLN_modulation),
-                callable(block.mlp),
-                callable(block.norm1) and callable(block.norm2) and callable(block.attn.norm),
-                isinstance(block.attn.heads, int) and isinstance(block.attn.dim_head, int),
-            )
-        )
-    except (AttributeError, IndexError, TypeError):
-        return False
+    return fast_cost_unsupported_reason(model) is None
 
 
 def _attention(block: nn.Module, h: torch.Tensor, past, last_only: bool):
@@ -101,11 +124,9 @@ class PlanningCost:
     """
 
     def __init__(self, model: nn.Module, history_size: int = 3):
-        if not supports_fast_cost(model):
-            raise ValueError(
-                "PlanningCost needs a LeWM JEPA (lewm_fast.JEPA or lewm_fast.reference.JEPA) with "
-                f"the published predictor structure, got {type(model).__name__}"
-            )
+        reason = fast_cost_unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"PlanningCost needs a LeWM JEPA with the published structure: {reason}")
         frames = model.predictor.pos_embedding.shape[1]
         if isinstance(history_size, bool) or not isinstance(history_size, int):
             raise ValueError(f"history_size must be an int, got {history_size!r}")

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cost import PlanningCost, supports_fast_cost
+from ..reference.jepa import JEPA as _ReferenceJEPA
+from .cost import PlanningCost, fast_cost_unsupported_reason
 from .refit import cem_refit
 
 __all__ = ["CEMSolver"]
@@ -122,10 +123,16 @@ class CEMSolver:
         self.autocast = autocast
         self.backend = backend
 
-        can_fast = supports_fast_cost(model)
-        if fast and not can_fast:
-            raise ValueError(f"fast=True needs a LeWM JEPA model, got {type(model).__name__}")
-        self.fast = can_fast if fast is None else bool(fast)
+        why_not_fast = fast_cost_unsupported_reason(model)
+        if fast and why_not_fast:
+            raise ValueError(f"fast=True needs a LeWM JEPA model: {why_not_fast}")
+        if fast is None and why_not_fast and isinstance(model, _ReferenceJEPA):
+            warnings.warn(
+                f"CEMSolver: no fast path for this JEPA ({why_not_fast}); planning through get_cost",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.fast = why_not_fast is None if fast is None else bool(fast)
         if not self.fast and not callable(getattr(model, "get_cost", None)):
             raise ValueError(
                 "model must expose get_cost(info_dict, candidates) or be a LeWM JEPA, "
