@@ -430,6 +430,8 @@ def test_solver_warns_when_a_jepa_has_no_fast_path():
         ({"cuda_graph": True, "device": "cpu"}, "cuda_graph"),
         ({"autocast": torch.float64}, "autocast"),
         ({"history_size": 5}, "history_size"),
+        ({"backend": "triton2"}, "backend"),
+        ({"device": "meta"}, "move the model"),
     ],
     ids=[
         "topk-gt-samples",
@@ -443,6 +445,8 @@ def test_solver_warns_when_a_jepa_has_no_fast_path():
         "graph-on-cpu",
         "autocast-f64",
         "history",
+        "backend-name",
+        "model-elsewhere",
     ],
 )
 def test_solver_bad_arguments(kwargs, match):

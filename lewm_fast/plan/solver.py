@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import backend as _backend
 from ..reference.jepa import JEPA as _ReferenceJEPA
 from .cost import PlanningCost, fast_cost_unsupported_reason
 from .refit import cem_refit
@@ -121,6 +122,7 @@ class CEMSolver:
         if autocast not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
         self.autocast = autocast
+        _backend.requested(backend)  # raises ValueError on an unknown name
         self.backend = backend
 
         why_not_fast = fast_cost_unsupported_reason(model)
@@ -158,6 +160,13 @@ class CEMSolver:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.fast:
+            param = next(chain(model.parameters(), model.buffers()), None)
+            if param is not None and param.device != self.device:
+                raise ValueError(
+                    f"the model is on {param.device} but planning runs on {self.device}; "
+                    "move the model there (model.to(device)) or leave device=None"
+                )
         if cuda_graph and (self.device.type != "cuda" or not self.fast):
             raise ValueError("cuda_graph=True needs a CUDA device and the fast path (a LeWM JEPA model)")
         self.cuda_graph = (
