@@ -63,3 +63,20 @@ def test_benchmarks_run_on_cpu(tmp_path):
     assert ("sigreg", "reference", "fwd+bwd") in benches
     assert ("adaln_modulate_norm", "reference", "bwd") in benches
     assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_bench_plan_runs_reference_and_fast(monkeypatch):
+    """bench_plan on a tiny setting: reference and fast rows for each case, with speed-ups."""
+    from lewm_fast.bench import bench_plan
+
+    monkeypatch.setattr(bench_plan, "QUICK_CPU", {"horizon": 3, "num_samples": 8, "n_steps": 2, "topk": 2})
+    monkeypatch.setattr(bench_plan, "ENV_CASES", (1, 3))
+    monkeypatch.setitem(bench_plan.SWEEPS, (False, True), ((8,), (2,)))
+    report = harness.Report("cpu")
+    bench_plan.run(report, quick=True)
+    rows = {(r.case, r.impl): r for r in report.rows}
+    assert rows[("1 env, S=8, 2 it", "reference")].median_ms > 0
+    assert rows[("1 env, S=8, 2 it", "fast-fp32")].speedup is not None
+    assert ("3 envs, S=8, 2 it", "fast-fp32") in rows
+    assert ("sweep: 2 envs x S=8", "fast-fp32") in rows
+    assert all(r.metrics["plans/s"] > 0 for r in report.rows)

@@ -25,3 +25,15 @@ def test_readme_two_room_example_runs(tmp_path, monkeypatch):
     exec(compile(code, str(README), "exec"), namespace)
     assert namespace["batch"]["pixels"].shape == (8, 4, 3, 224, 224)
     assert (tmp_path / "data" / "tiny" / "meta.json").is_file()
+
+
+def test_readme_planning_example_runs():
+    """The planning example, with fewer candidates and iterations so it runs fast on a CPU."""
+    code = next(c for c in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "CEMSolver" in c)
+    assert "CEMSolver(model, action_dim=10)" in code
+    code = code.replace("action_dim=10)", "action_dim=10, num_samples=8, n_steps=2, topk=2)")
+    code = code.replace("torch.randn(4, 1, 3, 224, 224)", "torch.randn(4, 1, 3, 28, 28)")
+    namespace = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["actions"].shape == (4, 5, 10)
+    assert namespace["plan"]["costs"].shape == (4,)

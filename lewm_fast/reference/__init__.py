@@ -1,10 +1,11 @@
 """Plain PyTorch reference of LeWM: the semantics every fast path is tested against.
 
-Readable, unfused code for the model (spec section 1), its functions (section 2) and
-SIGReg (section 3). Tests, benchmarks and CPU fallbacks import it; it never imports the
-fast code.
+Readable, unfused code for the model (spec section 1), its functions (section 2),
+SIGReg (section 3) and the CEM planner (section 6). Tests, benchmarks and CPU fallbacks
+import it; it never imports the fast code.
 """
 
+from .cem import cem_plan, cem_plan_env, cem_refit
 from .jepa import JEPA, jepa_loss
 from .modules import (
     MLP,
@@ -22,6 +23,9 @@ from .vit import VIT_SIZES, ViTConfig, ViTModel, ViTOutput
 __all__ = [
     "JEPA",
     "jepa_loss",
+    "cem_plan",
+    "cem_plan_env",
+    "cem_refit",
     "MLP",
     "ARPredictor",
     "Attention",

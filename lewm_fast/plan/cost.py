@@ -1,0 +1,243 @@
+"""The planning cost of a LeWM JEPA for all envs and candidates at once (spec section 6).
+
+Same numbers as ``JEPA.get_cost`` (the published path), computed with only the work the
+cost needs:
+
+- start and goal frames are encoded once per plan (one encoder call for both), and only
+  the last goal frame (the only one the cost reads);
+- the action encoder, the conditioning projection and every block's AdaLN modulation run
+  once per candidate set over all ``horizon`` actions (they act per time step, so one pass
+  equals the published per-step recomputation);
+- while the predictor's context window still grows from position 0, earlier positions'
+  inputs, position embeddings and hidden states do not change, and causal attention
+  keeps them independent of later tokens, so their per-layer keys/values are cached and
+  only the new position is computed;
+- only the last position feeds the cost: the final block computes its attention output
+  and MLP for that position only, and ``transformer.norm``/``output_proj``/``pred_proj``
+  run on it alone.
+
+The rollout calls the model's own submodules (``block.norm1``, ``block.attn.norm``,
+``block.attn.to_qkv``, ``block.mlp``, ``block.adaLN_modulation``, ...), so fused versions
+of those modules speed it up too. Needs eval mode (dropout off, BatchNorm on running
+statistics); nothing here synchronises with the host, so it can be CUDA-graph captured.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..reference.jepa import JEPA as _ReferenceJEPA
+from ..reference.modules import modulate
+
+__all__ = ["PlanningCost", "supports_fast_cost", "fast_cost_unsupported_reason", "planning_cost"]
+
+
+def fast_cost_unsupported_reason(model) -> str | None:
+    """Why the fast cost cannot run ``model`` (None when it can)."""
+    if not isinstance(model, _ReferenceJEPA):
+        return f"{type(model).__name__} is not a LeWM JEPA (lewm_fast.JEPA or lewm_fast.reference.JEPA)"
+    try:
+        transformer = model.predictor.transformer
+        block = transformer.layers[0]
+        checks = {
+            "predictor.pos_embedding": torch.is_tensor(model.predictor.pos_embedding),
+            "attn.to_qkv (Linear)": isinstance(block.attn.to_qkv, nn.Linear),
+            "attn.heads / attn.dim_head": isinstance(block.attn.heads, int)
+            and isinstance(block.attn.dim_head, int),
+            "adaLN_modulation, mlp, norm1, norm2, attn.norm, attn.to_out": all(
+                callable(m)
+                for m in (
+                    block.adaLN_modulation,
+                    block.mlp,
+                    block.norm1,
+                    block.norm2,
+                    block.attn.norm,
+                    block.attn.to_out,
+                )
+            ),
+            "transformer input_proj, cond_proj, output_proj, norm": all(
+                callable(m)
+                for m in (
+                    transformer.input_proj,
+                    transformer.cond_proj,
+                    transformer.output_proj,
+                    transformer.norm,
+                )
+            ),
+        }
+    except (AttributeError, IndexError, TypeError) as exc:
+        return f"the predictor lacks the published ConditionalBlock structure ({exc})"
+    missing = [name for name, ok in checks.items() if not ok]
+    return f"the predictor lacks {missing}" if missing else None
+
+
+def supports_fast_cost(model) -> bool:
+    """True if ``model`` has the LeWM JEPA structure the fast cost reads (lewm_fast or reference)."""
+    return fast_cost_unsupported_reason(model) is None
+
+
+def _attention(block: nn.Module, h: torch.Tensor, past, last_only: bool):
+    """Self-attention of ``block`` for new tokens h (N, t, D) after cached keys/values ``past``.
+
+    Returns the attention output (N, t or 1, D) and the keys/values of all tokens so far.
+    """
+    attn = block.attn
+    n, t, _ = h.shape
+    q, k, v = (
+        part.view(n, t, attn.heads, attn.dim_head).transpose(1, 2)  # (N, heads, t, dim_head)
+        for part in attn.to_qkv(attn.norm(h)).chunk(3, dim=-1)
+    )
+    if past is not None:
+        k = torch.cat([past[0], k], dim=2)
+        v = torch.cat([past[1], v], dim=2)
+    if last_only:
+        q = q[:, :, -1:]
+    if q.shape[2] == 1:  # the newest token sees every cached position: no mask
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:  # a fresh window (nothing cached): plain causal attention
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    rows = q.shape[2]
+    out = attn.to_out(out.transpose(1, 2).reshape(n, rows, attn.heads * attn.dim_head))
+    return out, (k, v)
+
+
+def _block(block: nn.Module, x: torch.Tensor, mod, past, last_only: bool):
+    """One ConditionalBlock on new tokens x (N, t, D) with modulation chunks ``mod`` (N, t, D) each."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+    attn_out, kv = _attention(block, modulate(block.norm1(x), shift_msa, scale_msa), past, last_only)
+    if last_only:
+        x, shift_mlp, scale_mlp, gate_msa, gate_mlp = (
+            z[:, -1:] for z in (x, shift_mlp, scale_mlp, gate_msa, gate_mlp)
+        )
+    x = x + gate_msa * attn_out
+    x = x + gate_mlp * block.mlp(modulate(block.norm2(x), shift_mlp, scale_mlp))
+    return x, kv
+
+
+class PlanningCost:
+    """Fast planning cost of a LeWM JEPA (eval mode). See the module docstring.
+
+    ``encode(pixels (B, H, C, h, w), goal (B, G, C, h, w))`` -> (emb (B, H, D), goal_emb (B, D));
+    ``rollout_cost(emb, goal_emb, candidates (B, S, T, A))`` -> costs (B, S), with T >= H.
+    """
+
+    def __init__(self, model: nn.Module, history_size: int = 3):
+        reason = fast_cost_unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"PlanningCost needs a LeWM JEPA with the published structure: {reason}")
+        frames = model.predictor.pos_embedding.shape[1]
+        if isinstance(history_size, bool) or not isinstance(history_size, int):
+            raise ValueError(f"history_size must be an int, got {history_size!r}")
+        if not 1 <= history_size <= frames:
+            raise ValueError(f"history_size must be in [1, num_frames = {frames}], got {history_size}")
+        self.model = model
+        self.history_size = history_size
+
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frames (N, C, h, w) -> embeddings (N, D): encoder CLS token, then projector."""
+        out = self.model.encoder(pixels.float(), interpolate_pos_encoding=True)
+        return self.model.projector(out.last_hidden_state[:, 0])
+
+    def encode(self, pixels: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context frames (B, H, C, h, w) and goal frames (B, G, C, h, w) -> (B, H, D), (B, D).
+
+        Only the last goal frame is encoded (the cost compares with it alone).
+        """
+        b, h = pixels.shape[:2]
+        context, last_goal = pixels.flatten(0, 1), goal[:, -1]
+        if context.shape[1:] == last_goal.shape[1:]:
+            emb = self.encode_frames(torch.cat([context, last_goal]))
+            return emb[: b * h].view(b, h, -1), emb[b * h :]
+        return self.encode_frames(context).view(b, h, -1), self.encode_frames(last_goal)
+
+    def rollout_cost(
+        self, emb: torch.Tensor, goal_emb: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Costs (B, S) of candidates (B, S, T, A) from context embeddings emb (B, H, D).
+
+        Cost = sum over D of (last predicted embedding - goal_emb)^2, in float32.
+        """
+        model = self.model
+        predictor = model.predictor
+        transformer = predictor.transformer
+        blocks = list(transformer.layers)
+        b, s, horizon, width = candidates.shape
+        n, context = b * s, emb.shape[1]
+
+        # Per-time-step work, once for every candidate and action: (N, T, D) each.
+        act_emb = model.action_encoder(candidates.reshape(n, horizon, width))
+        cond = transformer.cond_proj(act_emb)
+        mods = [block.adaLN_modulation(cond).chunk(6, dim=-1) for block in blocks]
+
+        embs = list(emb.unsqueeze(1).expand(b, s, *emb.shape[1:]).reshape(n, context, -1).unbind(1))
+        cache: list | None = None  # per block: (keys, values) of the window so far
+        for step in range(horizon - context + 1):
+            end = context + step
+            start = max(0, end - self.history_size)
+            growing = cache is not None and start == 0  # one more token after an unchanged prefix
+            first = end - 1 if growing else start
+            x = torch.stack(embs[first:end], dim=1) + predictor.pos_embedding[:, first - start : end - start]
+            x = transformer.input_proj(predictor.dropout(x))
+            new_cache = []
+            for i, block in enumerate(blocks):
+                mod = tuple(m[:, first:end] for m in mods[i])
+                past = cache[i] if growing else None
+                x, kv = _block(block, x, mod, past, last_only=i == len(blocks) - 1)
+                new_cache.append(kv)
+            cache = new_cache
+            out = transformer.output_proj(transformer.norm(x[:, -1]))  # (N, D)
+            embs.append(model.pred_proj(out))
+        last = embs[-1].view(b, s, -1).float()
+        return (last - goal_emb.float().unsqueeze(1)).square().sum(dim=-1)
+
+    def __call__(self, pixels: torch.Tensor, goal: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Costs (B, S) of candidates (B, S, T, A) from frames (B, H, C, h, w) to goal (B, G, C, h, w)."""
+        emb, goal_emb = self.encode(pixels, goal)
+        return self.rollout_cost(emb, goal_emb, candidates)
+
+
+def _check_frames(value, name: str) -> torch.Tensor:
+    if not torch.is_tensor(value) or value.dim() != 5 or not value.is_floating_point():
+        got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise ValueError(f"{name} must be float frames of shape (B, T, C, H, W), got {got}")
+    return value
+
+
+@torch.no_grad()
+def planning_cost(
+    model: nn.Module, info_dict: dict, candidates: torch.Tensor, history_size: int = 3
+) -> torch.Tensor:
+    """The planning cost (B, S) with the fast path: the numbers of ``model.get_cost``.
+
+    info_dict: ``pixels`` (B, H, C, h, w) context frames and ``goal`` (B, G, C, h, w) goal
+    frames, one entry per env (``get_cost`` takes them repeated per sample, (B, S, ...));
+    candidates (B, S, T, A) with T >= H. The model must be in eval mode.
+    """
+    if not isinstance(info_dict, dict) or "pixels" not in info_dict or "goal" not in info_dict:
+        raise ValueError("info_dict must be a dict with 'pixels' (B, H, C, h, w) and 'goal' (B, G, C, h, w)")
+    pixels = _check_frames(info_dict["pixels"], "info_dict['pixels']")
+    goal = _check_frames(info_dict["goal"], "info_dict['goal']")
+    if not torch.is_tensor(candidates) or candidates.dim() != 4:
+        got = tuple(candidates.shape) if torch.is_tensor(candidates) else type(candidates).__name__
+        raise ValueError(f"candidates must be a (B, S, T, A) tensor, got {got}")
+    if not pixels.shape[0] == goal.shape[0] == candidates.shape[0]:
+        raise ValueError(
+            f"pixels {tuple(pixels.shape)}, goal {tuple(goal.shape)} and candidates "
+            f"{tuple(candidates.shape)} must share the env axis B"
+        )
+    if candidates.shape[2] < pixels.shape[1]:
+        raise ValueError(
+            f"candidates have {candidates.shape[2]} steps, fewer than the {pixels.shape[1]} context frames"
+        )
+    if model.training:
+        raise ValueError("planning_cost needs the model in eval mode (call model.eval())")
+    cost = PlanningCost(model, history_size)
+    width = model.action_encoder.patch_embed.in_channels
+    if candidates.shape[3] != width:
+        raise ValueError(
+            f"candidates must have {width} numbers per model action (frameskip x action_dim), "
+            f"got {candidates.shape[3]}"
+        )
+    return cost(pixels, goal, candidates)

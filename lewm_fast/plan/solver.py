@@ -1,0 +1,399 @@
+"""Batched CEM planner with a CUDA-graph-captured solve (spec section 6).
+
+``CEMSolver(model, action_dim=10).solve(info_dict)`` plans every env of ``info_dict`` at
+once. The published solver's arguments and ``solve(info_dict, init_action)`` contract are
+kept; the model action width (frameskip x action dim) is given directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import backend as _backend
+from ..reference.jepa import JEPA as _ReferenceJEPA
+from .cost import PlanningCost, fast_cost_unsupported_reason
+from .refit import cem_refit
+
+__all__ = ["CEMSolver"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def plan_seed(seed: int, index: int) -> int:
+    """Seed of plan number ``index`` of a solver seeded with ``seed`` (splitmix64, 63 bits)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _shape(value) -> str:
+    return str(tuple(value.shape)) if hasattr(value, "shape") else type(value).__name__
+
+
+@dataclass
+class _CapturedSolve:
+    """One captured solve: its static inputs and outputs and the shapes it was captured for."""
+
+    key: tuple
+    graph: torch.cuda.CUDAGraph
+    pixels: torch.Tensor
+    goal: torch.Tensor
+    mean0: torch.Tensor
+    outputs: tuple
+
+
+class CEMSolver:
+    """Cross-entropy-method planner for all envs at once.
+
+    Args:
+        model: a world model with the published ``get_cost(info, candidates (B, S, T, A)) ->
+            (B, S)``. For a LeWM JEPA (``lewm_fast.JEPA`` or the reference one) in eval mode
+            the fast path computes the same costs with far less work (see
+            :mod:`lewm_fast.plan.cost`); any other model goes through ``get_cost``.
+        action_dim: numbers per model action, frameskip x env action dim (10 for Two-Room).
+        horizon: model actions per plan (T).
+        num_samples: candidates per env and iteration (S).
+        n_steps: CEM iterations.
+        topk: elites per iteration, in [2, num_samples].
+        var_scale: initial standard deviation of every action entry.
+        seed: plan number k draws its candidates from a generator seeded with
+            ``plan_seed(seed, k)`` (or the ``seed`` given to :meth:`solve`).
+        device: where planning runs (default: the model's device).
+        history_size: predictor context window of the rollout (3 as published).
+        autocast: None (float32) or a low-precision dtype (``torch.bfloat16``) for the model.
+        cuda_graph: capture the whole solve into one CUDA graph (None: on CUDA with the fast
+            path). The graph is re-captured when input shapes or the model's tensors change.
+        fast: use the fast path (None: when the model supports it).
+        backend: backend of the elite-refit op (``"auto"``, ``"cuda"``, ``"torch"``).
+
+    ``solve(info_dict, init_action=None)`` returns ``actions`` (B, horizon, action_dim), the
+    final CEM means; ``std`` (B, horizon, action_dim); ``costs`` (B,), the mean elite cost of
+    the last iteration (as published), all on the CPU; and ``seed``, the plan's seed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        action_dim: int,
+        horizon: int = 5,
+        num_samples: int = 300,
+        n_steps: int = 30,
+        topk: int = 30,
+        var_scale: float = 1.0,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        history_size: int = 3,
+        autocast: torch.dtype | None = None,
+        cuda_graph: bool | None = None,
+        fast: bool | None = None,
+        backend: str = "auto",
+    ):
+        self.horizon = _positive_int("horizon", horizon)
+        self.action_dim = _positive_int("action_dim", action_dim)
+        self.num_samples = _positive_int("num_samples", num_samples, 2)
+        self.n_steps = _positive_int("n_steps", n_steps)
+        self.topk = _positive_int("topk", topk, 2)
+        if self.topk > self.num_samples:
+            raise ValueError(f"topk ({topk}) must not exceed num_samples ({num_samples})")
+        if isinstance(var_scale, bool) or not isinstance(var_scale, (int, float)):
+            raise ValueError(f"var_scale must be a positive number, got {var_scale!r}")
+        if not (math.isfinite(var_scale) and var_scale > 0):
+            raise ValueError(f"var_scale must be a positive finite number, got {var_scale!r}")
+        self.var_scale = float(var_scale)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = int(seed)
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+        self.autocast = autocast
+        _backend.requested(backend)  # raises ValueError on an unknown name
+        self.backend = backend
+
+        why_not_fast = fast_cost_unsupported_reason(model)
+        if fast and why_not_fast:
+            raise ValueError(f"fast=True needs a LeWM JEPA model: {why_not_fast}")
+        if fast is None and why_not_fast and isinstance(model, _ReferenceJEPA):
+            warnings.warn(
+                f"CEMSolver: no fast path for this JEPA ({why_not_fast}); planning through get_cost",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.fast = why_not_fast is None if fast is None else bool(fast)
+        if not self.fast and not callable(getattr(model, "get_cost", None)):
+            raise ValueError(
+                "model must expose get_cost(info_dict, candidates) or be a LeWM JEPA, "
+                f"got {type(model).__name__}"
+            )
+        width = self._model_action_width(model)
+        if width is not None and width != self.action_dim:
+            raise ValueError(
+                f"action_dim = {action_dim} does not match the model's action width {width} "
+                "(frameskip x env action dim, the action encoder's input size)"
+            )
+        self.model = model
+        self._cost = PlanningCost(model, history_size) if self.fast else None
+        self.history_size = history_size
+
+        if device is None:
+            param = (
+                next(chain(model.parameters(), model.buffers()), None)
+                if isinstance(model, nn.Module)
+                else None
+            )
+            device = param.device if param is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.fast:
+            param = next(chain(model.parameters(), model.buffers()), None)
+            if param is not None and param.device != self.device:
+                raise ValueError(
+                    f"the model is on {param.device} but planning runs on {self.device}; "
+                    "move the model there (model.to(device)) or leave device=None"
+                )
+        if cuda_graph and (self.device.type != "cuda" or not self.fast):
+            raise ValueError("cuda_graph=True needs a CUDA device and the fast path (a LeWM JEPA model)")
+        self.cuda_graph = (
+            (self.device.type == "cuda" and self.fast) if cuda_graph is None else bool(cuda_graph)
+        )
+        self._plans = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._captured: _CapturedSolve | None = None
+        self._warned_training = False
+
+    # ----------------------------------------------------------------- helpers
+    @staticmethod
+    def _model_action_width(model) -> int | None:
+        patch_embed = getattr(getattr(model, "action_encoder", None), "patch_embed", None)
+        return patch_embed.in_channels if isinstance(patch_embed, nn.Conv1d) else None
+
+    def _generator(self) -> torch.Generator:
+        if self.device not in self._generators:
+            self._generators[self.device] = torch.Generator(device=self.device)
+        return self._generators[self.device]
+
+    def _autocast(self, cache_enabled: bool = True):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast, cache_enabled=cache_enabled)
+
+    def _mean0(self, envs: int, init_action) -> torch.Tensor:
+        mean = torch.zeros(envs, self.horizon, self.action_dim, device=self.device)
+        if init_action is None:
+            return mean
+        if isinstance(init_action, np.ndarray):
+            init_action = torch.from_numpy(init_action)
+        if not torch.is_tensor(init_action) or init_action.dim() != 3:
+            raise ValueError(f"init_action must be a (B, T0, action_dim) tensor, got {_shape(init_action)}")
+        b, t0, a = init_action.shape
+        if b != envs or a != self.action_dim or t0 > self.horizon:
+            raise ValueError(
+                f"init_action must be (B, T0, action_dim) = ({envs}, <= {self.horizon}, {self.action_dim}), "
+                f"got {tuple(init_action.shape)}"
+            )
+        mean[:, :t0] = init_action.to(device=self.device, dtype=mean.dtype)
+        return mean
+
+    def _check_info(self, info_dict) -> int:
+        if not isinstance(info_dict, dict):
+            raise ValueError(
+                f"info_dict must be a dict of per-env arrays (B, ...), got {type(info_dict).__name__}"
+            )
+        sizes = {k: len(v) for k, v in info_dict.items() if torch.is_tensor(v) or isinstance(v, np.ndarray)}
+        if not sizes:
+            raise ValueError("info_dict holds no tensor or array with a leading env axis B")
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"info_dict values must share the leading env axis B, got {sizes}")
+        return next(iter(sizes.values()))
+
+    def _frames(self, info_dict: dict, key: str) -> torch.Tensor:
+        value = info_dict.get(key)
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if not torch.is_tensor(value) or value.dim() != 5 or not value.is_floating_point():
+            raise ValueError(
+                f"info_dict[{key!r}] must be float frames of shape (B, T, C, H, W) for the fast path, "
+                f"got {_shape(value)}"
+            )
+        return value.to(self.device, torch.float32)
+
+    # ------------------------------------------------------------------ solve
+    def _run(self, score, mean: torch.Tensor, n_steps: int):
+        """The CEM iterations from mean (B, T, A); ``score(candidates) -> (B, S)`` float32.
+
+        No host synchronisation: this is the body the CUDA graph captures.
+        """
+        envs = mean.shape[0]
+        gen = self._generator()
+        std = torch.full_like(mean, self.var_scale)
+        nan_count = torch.zeros(envs, dtype=torch.int32, device=mean.device)
+        elite_cost = torch.full((envs,), float("nan"), device=mean.device)
+        shape = (envs, self.num_samples, self.horizon, self.action_dim)
+        for _ in range(n_steps):
+            noise = torch.randn(shape, generator=gen, device=mean.device)
+            candidates = noise * std.unsqueeze(1) + mean.unsqueeze(1)
+            candidates[:, 0] = mean
+            costs = score(candidates)
+            mean, std, elite_cost, nans = cem_refit(
+                candidates, costs, mean, std, self.topk, backend=self.backend
+            )
+            nan_count += nans
+        return mean, std, elite_cost, nan_count
+
+    def _fast_body(self, pixels, goal, mean0, n_steps: int, cache_enabled: bool = True):
+        with self._autocast(cache_enabled):
+            emb, goal_emb = self._cost.encode(pixels, goal)
+
+        def score(candidates):
+            with self._autocast(cache_enabled):
+                return self._cost.rollout_cost(emb, goal_emb, candidates).float()
+
+        return self._run(score, mean0, n_steps)
+
+    def _generic_body(self, info_dict: dict, envs: int, mean0):
+        samples = self.num_samples
+        expanded = {}
+        for key, value in info_dict.items():
+            if torch.is_tensor(value):
+                value = value.unsqueeze(1).expand(envs, samples, *value.shape[1:])
+            elif isinstance(value, np.ndarray):
+                value = np.repeat(value[:, None], samples, axis=1)
+            expanded[key] = value
+
+        def score(candidates):
+            costs = self.model.get_cost(dict(expanded), candidates)
+            if not torch.is_tensor(costs) or tuple(costs.shape) != (envs, samples):
+                raise ValueError(
+                    f"get_cost must return a tensor of shape (B, S) = ({envs}, {samples}), "
+                    f"got {_shape(costs)}"
+                )
+            return costs.to(self.device, torch.float32)
+
+        return self._run(score, mean0, self.n_steps)
+
+    def _model_key(self) -> tuple:
+        tensors = chain(self.model.parameters(), self.model.buffers())
+        return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors)
+
+    def _capture(self, key, pixels, goal, mean0) -> _CapturedSolve:
+        pixels, goal, mean0 = pixels.clone(), goal.clone(), mean0.clone()
+        gen = self._generator()
+        # Warm up on a side stream (lazy cuBLAS/cuDNN set-up, the csrc build) before capture.
+        stream = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            self._fast_body(pixels, goal, mean0, n_steps=1, cache_enabled=False)
+        stream.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with warnings.catch_warnings():  # a no-op (deprecated) where torch registers lazily
+            warnings.simplefilter("ignore")
+            graph.register_generator_state(gen)
+        with torch.cuda.graph(graph):
+            outputs = self._fast_body(pixels, goal, mean0, n_steps=self.n_steps, cache_enabled=False)
+        return _CapturedSolve(key, graph, pixels, goal, mean0, outputs)
+
+    def _graph_solve(self, pixels, goal, mean0, seed: int):
+        key = (tuple(pixels.shape), tuple(goal.shape), self.model.training, self._model_key())
+        if self._captured is None or self._captured.key != key:
+            self._captured = None  # free the old graph's memory pool first
+            try:
+                self._captured = self._capture(key, pixels, goal, mean0)
+            except Exception as exc:  # e.g. an op that cannot be captured on this torch/driver
+                warnings.warn(
+                    f"CEMSolver: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
+                    "planning eagerly (same math, more launches)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.cuda_graph = False
+                return None
+        captured = self._captured
+        captured.pixels.copy_(pixels)
+        captured.goal.copy_(goal)
+        captured.mean0.copy_(mean0)
+        self._generator().manual_seed(seed)
+        captured.graph.replay()
+        return captured.outputs
+
+    def _use_fast(self) -> bool:
+        if not self.fast:
+            return False
+        if self.model.training:
+            if not self._warned_training:
+                warnings.warn(
+                    "CEMSolver: the model is in training mode (dropout on, BatchNorm on batch "
+                    "statistics); planning through get_cost without the fast path. Call model.eval().",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_training = True
+            return False
+        return True
+
+    @torch.no_grad()
+    def solve(
+        self, info_dict: dict, init_action: torch.Tensor | None = None, *, seed: int | None = None
+    ) -> dict:
+        """Plan every env of ``info_dict``.
+
+        info_dict: per-env values with a leading env axis B; the fast path reads ``pixels``
+        (B, H, C, h, w), the context frames, and ``goal`` (B, G, C, h, w), whose last frame is
+        the goal; the ``get_cost`` path passes every value on repeated per sample, (B, S, ...).
+        init_action: (B, T0, action_dim) with T0 <= horizon, the first rows of the initial
+        mean (a warm start), or None. seed: this plan's seed (default: the next one of the
+        solver's sequence). Returns ``actions`` and ``std`` (B, horizon, action_dim),
+        ``costs`` (B,) and ``seed``.
+        """
+        envs = self._check_info(info_dict)
+        if seed is None:
+            seed = plan_seed(self.seed, self._plans)
+            self._plans += 1
+        mean0 = self._mean0(envs, init_action)
+        if self._use_fast():
+            pixels = self._frames(info_dict, "pixels")
+            goal = self._frames(info_dict, "goal")
+            if goal.shape[0] != envs or pixels.shape[2:] != goal.shape[2:]:
+                raise ValueError(
+                    f"info_dict['goal'] {tuple(goal.shape)} must hold (B, G, C, H, W) frames like "
+                    f"info_dict['pixels'] {tuple(pixels.shape)}"
+                )
+            if pixels.shape[1] > self.horizon:
+                raise ValueError(
+                    f"horizon ({self.horizon}) must be at least the number of context frames "
+                    f"({pixels.shape[1]})"
+                )
+            outputs = self._graph_solve(pixels, goal, mean0, seed) if self.cuda_graph else None
+            if outputs is None:
+                self._generator().manual_seed(seed)
+                outputs = self._fast_body(pixels, goal, mean0, self.n_steps)
+        else:
+            self._generator().manual_seed(seed)
+            outputs = self._generic_body(info_dict, envs, mean0)
+        mean, std, elite_cost, nan_count = (t.cpu() for t in outputs)
+        if nan_count.any():
+            warnings.warn(
+                f"CEMSolver: {int(nan_count.sum())} NaN candidate costs over {self.n_steps} iterations "
+                f"(per env: {nan_count.tolist()}) were masked; NaN costs are never elites",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return {"actions": mean, "std": std, "costs": elite_cost, "seed": seed}
+
+    __call__ = solve

@@ -1,0 +1,569 @@
+"""Planning: fast cost vs JEPA.get_cost, batched refit vs the reference, the CEM solver."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import model_pair, small_config
+from parity import assert_close, assert_low_precision
+
+from lewm_fast import reference as ref
+from lewm_fast.plan import CEMSolver, PlanningCost, cem_refit, cem_refit_torch, plan_seed, planning_cost
+
+PIX = (3, 56, 56)
+
+
+def _expand(value, samples):
+    return value.unsqueeze(1).expand(value.shape[0], samples, *value.shape[1:])
+
+
+def _reference_cost(model, pixels, goal, candidates, history_size=3):
+    """The published path: get_cost on info values repeated per sample, (B, S, ...)."""
+    s = candidates.shape[1]
+    info = {"pixels": _expand(pixels, s), "goal": _expand(goal, s)}
+    with torch.no_grad():
+        if history_size == 3:
+            return model.get_cost(info, candidates)
+        goal_info = {"pixels": info["goal"][:, 0]}
+        info["goal_emb"] = model.encode(goal_info)["emb"]
+        return model.criterion(model.rollout(info, candidates, history_size=history_size))
+
+
+# ------------------------------------------------------------------ fast cost
+
+COST_CASES = [  # (id, config overrides, B, S, T, context frames, goal frames, history)
+    ("B2-S7-T5", {}, 2, 7, 5, 1, 1, 3),
+    ("B1-S1-T5", {}, 1, 1, 5, 1, 1, 3),
+    ("B3-S13-T4-odd", {}, 3, 13, 4, 1, 2, 3),
+    ("H2-context", {}, 2, 5, 5, 2, 1, 3),
+    ("T1", {}, 2, 4, 1, 1, 1, 3),
+    ("history2", {}, 2, 6, 5, 1, 1, 2),
+    ("hidden40-projections", {"predictor.hidden_dim": 40}, 2, 5, 5, 1, 1, 3),
+    ("frames4-history4-H3", {"predictor.num_frames": 4}, 1, 3, 6, 3, 1, 4),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides,b,s,t,h,g,hist", [c[1:] for c in COST_CASES], ids=[c[0] for c in COST_CASES]
+)
+def test_fast_cost_matches_get_cost_fp32(overrides, b, s, t, h, g, hist):
+    public, reference = (m.eval() for m in model_pair(small_config(**overrides), seed=3))
+    pixels, goal = torch.randn(b, h, *PIX), torch.randn(b, g, *PIX)
+    candidates = torch.randn(b, s, t, 10)
+    want = _reference_cost(reference, pixels, goal, candidates, hist)
+    for model in (public, reference):
+        got = planning_cost(model, {"pixels": pixels, "goal": goal}, candidates, history_size=hist)
+        assert got.shape == (b, s)
+        assert_close(got, want, "fp32_gemm", "planning cost")
+
+
+def test_fast_cost_matches_get_cost_bf16_autocast():
+    public, reference = (m.eval() for m in model_pair(small_config(), seed=4))
+    pixels, goal, candidates = torch.randn(3, 1, *PIX), torch.randn(3, 1, *PIX), torch.randn(3, 9, 5, 10)
+    info = {"pixels": pixels, "goal": goal}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = planning_cost(public, info, candidates)
+        low = _reference_cost(reference, pixels, goal, candidates)
+    fp32 = _reference_cost(reference, pixels, goal, candidates)
+    assert fast.dtype == torch.float32
+    assert_low_precision(fast, low, fp32, "planning cost (bf16 autocast)")
+
+
+def test_fast_cost_differs_for_different_candidates():
+    """The cost reads every action: changing only the last one changes it."""
+    public, _ = model_pair(small_config(), seed=5)
+    pixels, goal, candidates = torch.randn(1, 1, *PIX), torch.randn(1, 1, *PIX), torch.randn(1, 2, 5, 10)
+    candidates[0, 1] = candidates[0, 0]
+    candidates[0, 1, -1] += 1.0
+    cost = planning_cost(public.eval(), {"pixels": pixels, "goal": goal}, candidates)
+    assert not torch.isclose(cost[0, 0], cost[0, 1])
+
+
+@pytest.mark.parametrize(
+    "info,candidates,match",
+    [
+        ({"pixels": torch.randn(2, 1, *PIX)}, torch.randn(2, 3, 5, 10), "'goal'"),
+        (
+            {"pixels": torch.randn(2, *PIX), "goal": torch.randn(2, 1, *PIX)},
+            torch.randn(2, 3, 5, 10),
+            "pixels",
+        ),
+        (
+            {"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(3, 1, *PIX)},
+            torch.randn(2, 3, 5, 10),
+            "env axis",
+        ),
+        (
+            {"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(2, 1, *PIX)},
+            torch.randn(2, 3, 5, 4),
+            "10 numbers",
+        ),
+        (
+            {"pixels": torch.randn(2, 2, *PIX), "goal": torch.randn(2, 1, *PIX)},
+            torch.randn(2, 3, 1, 10),
+            "fewer",
+        ),
+        (
+            {"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(2, 1, *PIX)},
+            torch.randn(2, 5, 10),
+            "(B, S, T, A)",
+        ),
+    ],
+    ids=["no-goal", "pixels-4d", "env-mismatch", "action-width", "horizon-lt-context", "candidates-3d"],
+)
+def test_planning_cost_bad_input(info, candidates, match):
+    public, _ = model_pair(small_config())
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        planning_cost(public.eval(), info, candidates)
+
+
+def test_planning_cost_needs_eval_mode_and_a_jepa():
+    public, _ = model_pair(small_config())
+    info = {"pixels": torch.randn(1, 1, *PIX), "goal": torch.randn(1, 1, *PIX)}
+    with pytest.raises(ValueError, match="eval mode"):
+        planning_cost(public.train(), info, torch.randn(1, 2, 5, 10))
+    with pytest.raises(ValueError, match="LeWM JEPA"):
+        PlanningCost(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="history_size"):
+        PlanningCost(public, history_size=4)
+
+
+# ---------------------------------------------------------------- refit op
+
+REFIT_CASES = [  # (id, B, S, T, A, topk)
+    ("paper", 3, 300, 5, 10, 30),
+    ("B1-S2-K2", 1, 2, 1, 1, 2),
+    ("odd", 4, 37, 3, 7, 11),
+    ("K=S", 2, 9, 2, 3, 9),
+]
+
+
+def _refit_inputs(b, s, t, a, gen):
+    candidates = torch.randn(b, s, t, a, generator=gen) * 2 + 0.5
+    costs = torch.rand(b, s, generator=gen) * 10
+    mean, std = torch.randn(b, t, a, generator=gen), torch.rand(b, t, a, generator=gen) + 0.5
+    return candidates, costs, mean, std
+
+
+def _reference_refit(candidates, costs, mean, std, topk):
+    outs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i in range(candidates.shape[0]):
+            outs.append(ref.cem_refit(candidates[i], costs[i], mean[i], std[i], topk))
+    return [torch.stack(x) for x in zip(*outs)]
+
+
+def _with_nans(costs, gen):
+    """Env 0: a few NaN; env 1 (if any): all but one NaN; env 2 (if any): all NaN."""
+    costs = costs.clone()
+    b, s = costs.shape
+    costs[0, torch.randperm(s, generator=gen)[: max(1, s // 5)]] = float("nan")
+    if b > 1:
+        costs[1, 1:] = float("nan")
+    if b > 2:
+        costs[2] = float("nan")
+    return costs
+
+
+@pytest.mark.parametrize("b,s,t,a,k", [c[1:] for c in REFIT_CASES], ids=[c[0] for c in REFIT_CASES])
+@pytest.mark.parametrize("nans", [False, True], ids=["finite", "nan"])
+def test_batched_refit_matches_reference(b, s, t, a, k, nans):
+    gen = torch.Generator().manual_seed(b * 1000 + s)
+    candidates, costs, mean, std = _refit_inputs(b, s, t, a, gen)
+    if nans:
+        costs = _with_nans(costs, gen)
+    want_mean, want_std, want_cost = _reference_refit(candidates, costs, mean, std, k)
+    got = cem_refit_torch(candidates, costs, mean, std, k)
+    assert_close(got.mean, want_mean, "fp32_elementwise", "elite mean")
+    assert_close(got.std, want_std, "fp32_elementwise", "elite std")
+    finite = torch.isfinite(want_cost)
+    assert torch.equal(torch.isfinite(got.elite_cost), finite)
+    if finite.any():
+        assert_close(got.elite_cost[finite], want_cost[finite], "fp32_elementwise", "elite cost")
+    assert torch.equal(got.nan_count, torch.isnan(costs).sum(1).int())
+
+
+@pytest.mark.parametrize("b,s,t,a,k", [c[1:] for c in REFIT_CASES], ids=[c[0] for c in REFIT_CASES])
+def test_csrc_cpu_refit_matches_torch(b, s, t, a, k):
+    gen = torch.Generator().manual_seed(7 + s)
+    candidates, costs, mean, std = _refit_inputs(b, s, t, a, gen)
+    costs = _with_nans(costs, gen)
+    costs[0, 0] = float("inf")  # a genuine +inf cost sorts before NaN
+    got = cem_refit(candidates, costs, mean, std, k, backend="cuda")  # the csrc op (C++ on CPU)
+    want = cem_refit_torch(candidates, costs, mean, std, k)
+    assert_close(got.mean, want.mean, "fp32_elementwise", "elite mean")
+    assert_close(got.std, want.std, "fp32_elementwise", "elite std")
+    assert torch.equal(got.nan_count, want.nan_count)
+    assert torch.equal(torch.isnan(got.elite_cost), torch.isnan(want.elite_cost))
+    assert torch.equal(torch.isposinf(got.elite_cost), torch.isposinf(want.elite_cost))
+    ok = torch.isfinite(want.elite_cost)
+    if ok.any():
+        assert_close(got.elite_cost[ok], want.elite_cost[ok], "fp32_elementwise", "elite cost")
+
+
+def test_refit_is_what_cem_means():
+    """Elites: the topk lowest costs; mean and unbiased std over them (checked by hand)."""
+    candidates = torch.randn(1, 20, 2, 3)
+    costs = torch.randn(1, 20)
+    for backend in ("torch", "cuda"):
+        out = cem_refit(candidates, costs, torch.zeros(1, 2, 3), torch.ones(1, 2, 3), 4, backend=backend)
+        elites = candidates[0, costs[0].argsort()[:4]]
+        assert_close(out.mean[0], elites.mean(0), "fp32_elementwise", f"{backend} mean")
+        assert_close(out.std[0], elites.std(0, unbiased=True), "fp32_elementwise", f"{backend} std")
+        assert_close(out.elite_cost, costs[0].sort().values[:4].mean().view(1), "fp32_elementwise")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_nan_costs_are_never_elites(backend):
+    gen = torch.Generator().manual_seed(1)
+    candidates, costs, mean, std = _refit_inputs(2, 50, 3, 4, gen)
+    # The NaN-cost candidates sit far away: any of them in the elites would move the mean.
+    bad = torch.rand(2, 50, generator=gen) < 0.5
+    bad[:, 0] = True
+    costs[bad] = float("nan")
+    candidates[bad] = 1e6
+    out = cem_refit(candidates, costs, mean, std, 30, backend=backend)
+    assert out.mean.abs().max() < 100 and out.std.abs().max() < 100
+    assert torch.equal(out.nan_count, bad.sum(1).int())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_refit_keeps_distribution_without_two_elites(backend):
+    candidates, costs = torch.randn(2, 6, 2, 2), torch.randn(2, 6)
+    costs[0, 1:] = float("nan")  # one finite cost left
+    costs[1] = float("nan")
+    mean, std = torch.randn(2, 2, 2), torch.rand(2, 2, 2) + 0.1
+    out = cem_refit(candidates, costs, mean, std, 3, backend=backend)
+    assert torch.equal(out.mean, mean) and torch.equal(out.std, std)
+    assert out.elite_cost[0] == costs[0, 0] and torch.isnan(out.elite_cost[1])
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((torch.randn(2, 5, 3, 2), torch.randn(2, 5), torch.zeros(2, 3, 2), torch.ones(2, 3, 2), 6), "topk"),
+        ((torch.randn(2, 5, 3, 2), torch.randn(2, 5), torch.zeros(2, 3, 2), torch.ones(2, 3, 2), 1), "topk"),
+        ((torch.randn(2, 5, 3, 2), torch.randn(2, 4), torch.zeros(2, 3, 2), torch.ones(2, 3, 2), 2), "costs"),
+        ((torch.randn(2, 5, 3, 2), torch.randn(2, 5), torch.zeros(2, 3, 3), torch.ones(2, 3, 2), 2), "mean"),
+        (
+            (torch.randn(5, 3, 2), torch.randn(2, 5), torch.zeros(2, 3, 2), torch.ones(2, 3, 2), 2),
+            "candidates",
+        ),
+    ],
+    ids=["topk-gt-S", "topk-1", "costs-shape", "mean-shape", "candidates-3d"],
+)
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_refit_bad_arguments(args, match, backend):
+    with pytest.raises(ValueError, match=match):
+        cem_refit(*args, backend=backend)
+
+
+def test_csrc_op_checks_its_inputs():
+    """The C++ binding itself rejects bad input with a ValueError (not only the Python wrapper)."""
+    import torch as t
+
+    from lewm_fast import _csrc
+
+    assert _csrc.load("cem_refit_cpu", t.device("cpu"))
+    op = t.ops.lewm_fast.cem_refit
+    good = (t.randn(2, 5, 3, 2), t.randn(2, 5), t.zeros(2, 3, 2), t.ones(2, 3, 2))
+    with pytest.raises(ValueError, match="float32"):
+        op(good[0].double(), *good[1:], 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        op(good[0].transpose(2, 3).contiguous().transpose(2, 3), *good[1:], 2)
+    with pytest.raises(ValueError, match="topk"):
+        op(*good, 9)
+    with pytest.raises(ValueError, match="costs"):
+        op(good[0], t.randn(5, 2), *good[2:], 2)
+
+
+# ------------------------------------------------------------------- solver
+
+
+class Quadratic:
+    """A known cost: squared distance of the plan to a per-env target, ``info['target']``."""
+
+    def __init__(self, nan_fraction=0.0):
+        self.nan_fraction = nan_fraction
+        self.calls = 0
+
+    def get_cost(self, info, candidates):
+        self.calls += 1
+        target = info["target"]  # (B, S, T, A), repeated per sample
+        assert target.shape == candidates.shape
+        cost = (candidates - target).square().sum(dim=(-2, -1))
+        if self.nan_fraction:
+            cost[torch.rand(cost.shape) < self.nan_fraction] = float("nan")
+        return cost
+
+
+def test_both_planners_converge_on_a_quadratic():
+    targets = torch.randn(3, 4, 2) * 0.8
+    kwargs = {"horizon": 4, "action_dim": 2, "num_samples": 200, "n_steps": 25, "topk": 20}
+    fast = CEMSolver(Quadratic(), seed=1, **kwargs).solve({"target": targets})
+    plain = ref.cem_plan(
+        Quadratic().get_cost, {"target": targets}, generator=torch.Generator().manual_seed(1), **kwargs
+    )
+    for plan in (fast, plain):
+        assert plan["actions"].shape == (3, 4, 2)
+        assert (plan["actions"] - targets).abs().max() < 0.05
+        assert plan["costs"].shape == (3,) and (plan["costs"] < 0.01).all()
+    start = (targets**2).sum(dim=(1, 2))  # the cost of the initial mean (zeros)
+    assert (fast["costs"] < 1e-2 * start).all()
+
+
+def test_solver_masks_nan_costs_with_one_warning():
+    targets = torch.randn(2, 3, 2)
+    solver = CEMSolver(
+        Quadratic(nan_fraction=0.3), horizon=3, action_dim=2, num_samples=60, n_steps=10, topk=10
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = solver.solve({"target": targets})
+    nan_warnings = [w for w in caught if "NaN" in str(w.message)]
+    assert len(nan_warnings) == 1
+    assert torch.isfinite(plan["actions"]).all()
+    assert (plan["actions"] - targets).abs().max() < 0.3
+
+
+def test_solver_expands_info_per_sample():
+    """Tensors and arrays reach get_cost as (B, S, ...); other values pass through."""
+    seen = {}
+
+    class Recorder(Quadratic):
+        def get_cost(self, info, candidates):
+            seen.update(extra=info["extra"].shape, flag=info["flag"], target=info["target"].shape)
+            return super().get_cost(info, candidates)
+
+    model = Recorder()
+    solver = CEMSolver(model, horizon=2, action_dim=3, num_samples=8, n_steps=3, topk=2)
+    solver.solve({"target": torch.randn(4, 2, 3), "extra": np.arange(4.0), "flag": "x"})
+    assert seen == {"extra": (4, 8), "flag": "x", "target": (4, 8, 2, 3)}
+    assert model.calls == 3
+
+
+def test_solver_fast_path_equals_get_cost_path():
+    """Same seed: the fast path and the published get_cost path give the same plan."""
+    public, _ = model_pair(small_config(), seed=6)
+    public.eval()
+    info = {"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(2, 1, *PIX)}
+    kwargs = {"action_dim": 10, "num_samples": 24, "n_steps": 3, "topk": 5, "seed": 11}
+    fast = CEMSolver(public, **kwargs).solve(info)
+    slow = CEMSolver(public, fast=False, **kwargs).solve(info)
+    assert fast["seed"] == slow["seed"] == plan_seed(11, 0)
+    assert_close(fast["actions"], slow["actions"], "fp32_gemm", "plan")
+    assert_close(fast["costs"], slow["costs"], "fp32_gemm", "elite cost")
+
+
+def test_solver_seeding_is_per_plan():
+    public, _ = model_pair(small_config(), seed=7)
+    info = {"pixels": torch.randn(1, 1, *PIX), "goal": torch.randn(1, 1, *PIX)}
+    kwargs = {"action_dim": 10, "num_samples": 16, "n_steps": 2, "topk": 4, "seed": 3}
+    a = CEMSolver(public.eval(), **kwargs)
+    first, second = a.solve(info), a.solve(info)
+    assert not torch.equal(first["actions"], second["actions"])
+    again = CEMSolver(public, **kwargs).solve(info, seed=second["seed"])
+    assert torch.equal(again["actions"], second["actions"])
+
+
+def test_solver_warm_start_and_bf16():
+    public, _ = model_pair(small_config(), seed=8)
+    info = {"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(2, 1, *PIX)}
+    init = torch.randn(2, 3, 10)
+    kwargs = {"action_dim": 10, "num_samples": 16, "n_steps": 1, "topk": 4}
+    plan = CEMSolver(public.eval(), **kwargs).solve(info, init_action=init)
+    assert plan["actions"].shape == (2, 5, 10) and torch.isfinite(plan["actions"]).all()
+    low = CEMSolver(public, autocast=torch.bfloat16, **kwargs).solve(info)
+    assert low["actions"].dtype == torch.float32 and torch.isfinite(low["actions"]).all()
+
+
+def test_solver_training_mode_model_warns_and_uses_get_cost():
+    public, _ = model_pair(small_config(), seed=9)
+    public.train()  # BatchNorm on batch statistics: the fast path would give other numbers
+    info = {"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(2, 1, *PIX)}
+    solver = CEMSolver(public, action_dim=10, num_samples=8, n_steps=1, topk=2)
+    with pytest.warns(RuntimeWarning, match="training mode"):
+        plan = solver.solve(info)
+    slow = CEMSolver(public, action_dim=10, num_samples=8, n_steps=1, topk=2, fast=False).solve(info)
+    assert plan["seed"] == slow["seed"]
+    assert torch.equal(plan["actions"], slow["actions"])  # dropout is off in the small config
+
+
+def test_solver_warns_when_a_jepa_has_no_fast_path():
+    """A JEPA whose blocks lack the published structure is planned through get_cost, loudly."""
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.inner = block
+
+        def forward(self, x, c):
+            return self.inner(x, c)
+
+    public, _ = model_pair(small_config(), seed=13)
+    layers = public.predictor.transformer.layers
+    layers[0] = Wrapped(layers[0])
+    info = {"pixels": torch.randn(1, 1, *PIX), "goal": torch.randn(1, 1, *PIX)}
+    kwargs = {"action_dim": 10, "num_samples": 8, "n_steps": 2, "topk": 2}
+    with pytest.warns(RuntimeWarning, match="no fast path"):
+        solver = CEMSolver(public.eval(), **kwargs)
+    assert not solver.fast
+    assert torch.equal(
+        solver.solve(info)["actions"], CEMSolver(public, fast=False, **kwargs).solve(info)["actions"]
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"topk": 301}, "topk"),
+        ({"topk": 1}, "topk"),
+        ({"horizon": 0}, "horizon"),
+        ({"num_samples": 1}, "num_samples"),
+        ({"n_steps": 0}, "n_steps"),
+        ({"var_scale": 0.0}, "var_scale"),
+        ({"var_scale": math.inf}, "var_scale"),
+        ({"action_dim": 2}, "action width"),
+        ({"cuda_graph": True, "device": "cpu"}, "cuda_graph"),
+        ({"autocast": torch.float64}, "autocast"),
+        ({"history_size": 5}, "history_size"),
+        ({"backend": "triton2"}, "backend"),
+        ({"device": "meta"}, "move the model"),
+    ],
+    ids=[
+        "topk-gt-samples",
+        "topk-1",
+        "horizon-0",
+        "samples-1",
+        "steps-0",
+        "var-0",
+        "var-inf",
+        "action-width",
+        "graph-on-cpu",
+        "autocast-f64",
+        "history",
+        "backend-name",
+        "model-elsewhere",
+    ],
+)
+def test_solver_bad_arguments(kwargs, match):
+    public, _ = model_pair(small_config())
+    args = {"action_dim": 10, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        CEMSolver(public.eval(), **args)
+
+
+def test_solver_bad_solve_inputs():
+    public, _ = model_pair(small_config())
+    solver = CEMSolver(public.eval(), action_dim=10, horizon=2, num_samples=4, n_steps=1, topk=2)
+    good = {"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(2, 1, *PIX)}
+    cases = [
+        ([1, 2], None, "dict"),
+        ({"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(3, 1, *PIX)}, None, "env axis"),
+        ({"pixels": torch.randn(2, 1, *PIX)}, None, "goal"),
+        ({"pixels": torch.randn(2, 3, *PIX), "goal": torch.randn(2, 1, *PIX)}, None, "context frames"),
+        (good, torch.randn(2, 3, 10), "init_action"),
+        (good, torch.randn(2, 1, 4), "init_action"),
+        (good, torch.randn(3, 1, 10), "init_action"),
+    ]
+    for info, init, match in cases:
+        with pytest.raises(ValueError, match=match):
+            solver.solve(info, init_action=init)
+    bad_model = Quadratic()
+    bad_model.get_cost = lambda info, cand: cand.sum(-1)  # (B, S, T): wrong shape
+    with pytest.raises(ValueError, match=r"\(B, S\)"):
+        CEMSolver(bad_model, horizon=2, action_dim=2, num_samples=4, topk=2).solve(
+            {"target": torch.zeros(1, 2, 2)}
+        )
+    with pytest.raises(ValueError, match="get_cost"):
+        CEMSolver(object(), action_dim=2)
+    with pytest.raises(ValueError, match="fast=True"):
+        CEMSolver(Quadratic(), action_dim=2, fast=True)
+
+
+# -------------------------------------------------------------- GPU (graphs)
+
+
+def _gpu_model():
+    public, _ = model_pair(small_config(), seed=10)
+    return public.eval().cuda()
+
+
+def _gpu_info(b):
+    gen = torch.Generator().manual_seed(b)
+    return {"pixels": torch.randn(b, 1, *PIX, generator=gen), "goal": torch.randn(b, 1, *PIX, generator=gen)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_graph_solve_equals_eager_solve(autocast):
+    model = _gpu_model()
+    kwargs = {"action_dim": 10, "num_samples": 64, "n_steps": 6, "topk": 8, "autocast": autocast}
+    graph = CEMSolver(model, cuda_graph=True, **kwargs)
+    eager = CEMSolver(model, cuda_graph=False, **kwargs)
+    info = _gpu_info(3)
+    for _ in range(2):  # capture, then a plain replay
+        g, e = graph.solve(info), eager.solve(info)
+        assert g["seed"] == e["seed"]
+        kind = "fp32_gemm" if autocast is None else "bf16"
+        assert_close(g["actions"], e["actions"], kind, "graph vs eager plan")
+    assert graph._captured is not None and graph.cuda_graph
+
+
+@pytest.mark.gpu
+def test_graph_replay_is_reproducible_and_recaptures_on_new_shapes():
+    model = _gpu_model()
+    solver = CEMSolver(model, action_dim=10, num_samples=32, n_steps=4, topk=4, cuda_graph=True)
+    a = solver.solve(_gpu_info(2), seed=5)
+    first_graph = solver._captured.graph
+    b = solver.solve(_gpu_info(2), seed=5)
+    assert torch.equal(a["actions"], b["actions"])
+    assert solver._captured.graph is first_graph
+    c = solver.solve(_gpu_info(4), seed=5)  # new env count: a new capture
+    assert c["actions"].shape == (4, 5, 10) and solver._captured.graph is not first_graph
+    reference_plan = CEMSolver(model, action_dim=10, num_samples=32, n_steps=4, topk=4, cuda_graph=False)
+    assert_close(c["actions"], reference_plan.solve(_gpu_info(4), seed=5)["actions"], "fp32_gemm")
+
+
+@pytest.mark.gpu
+def test_graph_solve_matches_cpu_cost(monkeypatch):
+    """The fast cost on CUDA equals the reference get_cost on CPU (TF32 off: float32 parity)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    public, reference = (m.eval() for m in model_pair(small_config(), seed=12))
+    info = _gpu_info(2)
+    candidates = torch.randn(2, 16, 5, 10)
+    want = _reference_cost(reference, info["pixels"], info["goal"], candidates)
+    got = planning_cost(public.cuda(), {k: v.cuda() for k, v in info.items()}, candidates.cuda())
+    assert_close(got.cpu(), want, "fp32_gemm", "CUDA planning cost")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,s,t,a,k", [c[1:] for c in REFIT_CASES], ids=[c[0] for c in REFIT_CASES])
+def test_csrc_cuda_refit_matches_torch(b, s, t, a, k):
+    gen = torch.Generator().manual_seed(s)
+    candidates, costs, mean, std = _refit_inputs(b, s, t, a, gen)
+    costs = _with_nans(costs, gen)
+    args = [x.cuda() for x in (candidates, costs, mean, std)]
+    got = cem_refit(*args, k, backend="cuda")
+    want = cem_refit_torch(candidates, costs, mean, std, k)
+    cpu = cem_refit(candidates, costs, mean, std, k, backend="cuda")
+    for out in (got, cpu):
+        assert_close(out.mean.cpu(), want.mean, "fp32_elementwise", "elite mean")
+        assert_close(out.std.cpu(), want.std, "fp32_elementwise", "elite std")
+        assert torch.equal(out.nan_count.cpu(), want.nan_count)
+
+
+@pytest.mark.gpu
+def test_graph_solve_warns_about_nan_costs_after_the_solve():
+    model = _gpu_model()
+    solver = CEMSolver(model, action_dim=10, num_samples=16, n_steps=2, topk=4, cuda_graph=True)
+    info = _gpu_info(2)
+    info["pixels"][0] = float("nan")  # every cost of env 0 is NaN
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        plan = solver.solve(info)
+    assert torch.equal(plan["actions"][0], torch.zeros(5, 10))  # env 0 kept its initial mean
+    assert torch.isfinite(plan["actions"][1]).all()
