@@ -71,10 +71,10 @@ class ConditionalBlock(_ref.ConditionalBlock):
         super().__init__(dim, heads, dim_head, mlp_dim, dropout)
         self.backend = _backend.check_name(backend)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D) tokens, c: (B, T, D) conditioning -> (B, T, D)."""
+    def _adaln(self, x: torch.Tensor):
+        """The fused-kernel module when this block's backend runs Triton for ``x``, else None."""
         if _backend.resolve(self.backend, x, "ConditionalBlock") == "torch":
-            return super().forward(x, c)
+            return None
         from .kernels import adaln
 
         if x.shape[-1] > adaln.MAX_D:
@@ -83,22 +83,28 @@ class ConditionalBlock(_ref.ConditionalBlock):
                     f"ConditionalBlock: the fused AdaLN kernels take at most {adaln.MAX_D} features, "
                     f"got {x.shape[-1]}"
                 )
-            return super().forward(x, c)
+            return None
+        return adaln
 
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
-            6, dim=-1
-        )
-        attn_norm, mlp_norm = self.attn.norm, self.mlp.net[0]
-        h = adaln.AdalnFunction.apply(
-            x, shift_msa, scale_msa, attn_norm.weight, attn_norm.bias, self.norm1.eps, attn_norm.eps
-        )
-        x = adaln.GatedResidualFunction.apply(x, gate_msa, self.attn.attend(h))
-        h = adaln.AdalnFunction.apply(
-            x, shift_mlp, scale_mlp, mlp_norm.weight, mlp_norm.bias, self.norm2.eps, mlp_norm.eps
-        )
-        for layer in self.mlp.net[1:]:
-            h = layer(h)
-        return adaln.GatedResidualFunction.apply(x, gate_mlp, h)
+    def attn_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        kernels = self._adaln(x)
+        if kernels is None:
+            return super().attn_input(x, shift, scale)
+        norm = self.attn.norm
+        return kernels.AdalnFunction.apply(x, shift, scale, norm.weight, norm.bias, self.norm1.eps, norm.eps)
+
+    def mlp_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        kernels = self._adaln(x)
+        if kernels is None:
+            return super().mlp_input(x, shift, scale)
+        norm = self.mlp.net[0]
+        return kernels.AdalnFunction.apply(x, shift, scale, norm.weight, norm.bias, self.norm2.eps, norm.eps)
+
+    def gated(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        kernels = self._adaln(x)
+        if kernels is None:
+            return super().gated(x, gate, y)
+        return kernels.GatedResidualFunction.apply(x, gate, y)
 
 
 class ARPredictor(_ref.ARPredictor):

@@ -263,3 +263,25 @@ def test_paper_predictor_on_gpu_matches_eager():
     x, c = torch.randn(300, 3, 192, device="cuda"), torch.randn(300, 3, 192, device="cuda")
     with torch.no_grad():
         assert_close(fast(x, c), slow(x, c), "fp32_gemm", "paper predictor")
+
+
+def test_planning_cost_runs_the_fused_blocks(monkeypatch):
+    """The planner's KV-cached rollout goes through the blocks' fused pieces and still gives
+    the reference get_cost."""
+    from lewm_fast.plan import planning_cost
+
+    public, reference = (m.to(_device()).eval() for m in model_pair(small_config()))
+    for block in public.predictor.transformer.layers:
+        block.backend = "triton"
+    calls = []
+    original = adaln.adaln_fwd
+    monkeypatch.setattr(adaln, "adaln_fwd", lambda *a, **k: calls.append(1) or original(*a, **k))
+    frames = torch.randn(2, 1, 3, 56, 56, device=_device())
+    goal = torch.randn(2, 1, 3, 56, 56, device=_device())
+    cand = torch.randn(2, 5, 5, 10, device=_device())
+    expand = {k: v.unsqueeze(1).expand(2, 5, 1, 3, 56, 56) for k, v in (("pixels", frames), ("goal", goal))}
+    with torch.no_grad():
+        fast = planning_cost(public, {"pixels": frames, "goal": goal}, cand)
+        expected = reference.get_cost(expand, cand)
+    assert calls, "the fused AdaLN kernel did not run"
+    assert_close(fast, expected, "fp32_gemm", "planning cost with fused blocks")

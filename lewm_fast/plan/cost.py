@@ -16,10 +16,11 @@ cost needs:
   and MLP for that position only, and ``transformer.norm``/``output_proj``/``pred_proj``
   run on it alone.
 
-The rollout calls the model's own submodules (``block.norm1``, ``block.attn.norm``,
-``block.attn.to_qkv``, ``block.mlp``, ``block.adaLN_modulation``, ...), so fused versions
-of those modules speed it up too. Needs eval mode (dropout off, BatchNorm on running
-statistics); nothing here synchronises with the host, so it can be CUDA-graph captured.
+The rollout calls the blocks' own pieces (``block.attn_input``, ``block.mlp_input``,
+``block.gated``, ``block.attn.to_qkv``, ``block.mlp.after_norm``, ``block.adaLN_modulation``),
+so the fused AdaLN-Zero kernels of ``lewm_fast.ConditionalBlock`` run here too. Needs
+eval mode (dropout off, BatchNorm on running statistics); nothing here synchronises with
+the host, so it can be CUDA-graph captured.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reference.jepa import JEPA as _ReferenceJEPA
-from ..reference.modules import modulate
 
 __all__ = ["PlanningCost", "supports_fast_cost", "fast_cost_unsupported_reason", "planning_cost"]
 
@@ -46,15 +46,15 @@ def fast_cost_unsupported_reason(model) -> str | None:
             "attn.to_qkv (Linear)": isinstance(block.attn.to_qkv, nn.Linear),
             "attn.heads / attn.dim_head": isinstance(block.attn.heads, int)
             and isinstance(block.attn.dim_head, int),
-            "adaLN_modulation, mlp, norm1, norm2, attn.norm, attn.to_out": all(
-                callable(m)
-                for m in (
-                    block.adaLN_modulation,
-                    block.mlp,
-                    block.norm1,
-                    block.norm2,
-                    block.attn.norm,
-                    block.attn.to_out,
+            "adaLN_modulation, attn_input, mlp_input, gated, mlp.after_norm, attn.to_out": all(
+                callable(getattr(m, name, None))
+                for m, name in (
+                    (block, "adaLN_modulation"),
+                    (block, "attn_input"),
+                    (block, "mlp_input"),
+                    (block, "gated"),
+                    (block.mlp, "after_norm"),
+                    (block.attn, "to_out"),
                 )
             ),
             "transformer input_proj, cond_proj, output_proj, norm": all(
@@ -79,7 +79,7 @@ def supports_fast_cost(model) -> bool:
 
 
 def _attention(block: nn.Module, h: torch.Tensor, past, last_only: bool):
-    """Self-attention of ``block`` for new tokens h (N, t, D) after cached keys/values ``past``.
+    """Self-attention of ``block`` for new normalised tokens h (N, t, D) after cached keys/values.
 
     Returns the attention output (N, t or 1, D) and the keys/values of all tokens so far.
     """
@@ -87,7 +87,7 @@ def _attention(block: nn.Module, h: torch.Tensor, past, last_only: bool):
     n, t, _ = h.shape
     q, k, v = (
         part.view(n, t, attn.heads, attn.dim_head).transpose(1, 2)  # (N, heads, t, dim_head)
-        for part in attn.to_qkv(attn.norm(h)).chunk(3, dim=-1)
+        for part in attn.to_qkv(h).chunk(3, dim=-1)
     )
     if past is not None:
         k = torch.cat([past[0], k], dim=2)
@@ -104,15 +104,19 @@ def _attention(block: nn.Module, h: torch.Tensor, past, last_only: bool):
 
 
 def _block(block: nn.Module, x: torch.Tensor, mod, past, last_only: bool):
-    """One ConditionalBlock on new tokens x (N, t, D) with modulation chunks ``mod`` (N, t, D) each."""
+    """One ConditionalBlock on new tokens x (N, t, D) with modulation chunks ``mod`` (N, t, D) each.
+
+    Uses the block's own ``attn_input`` / ``mlp_input`` / ``gated`` pieces, so a block with
+    fused AdaLN kernels runs them here too.
+    """
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-    attn_out, kv = _attention(block, modulate(block.norm1(x), shift_msa, scale_msa), past, last_only)
+    attn_out, kv = _attention(block, block.attn_input(x, shift_msa, scale_msa), past, last_only)
     if last_only:
         x, shift_mlp, scale_mlp, gate_msa, gate_mlp = (
             z[:, -1:] for z in (x, shift_mlp, scale_mlp, gate_msa, gate_mlp)
         )
-    x = x + gate_msa * attn_out
-    x = x + gate_mlp * block.mlp(modulate(block.norm2(x), shift_mlp, scale_mlp))
+    x = block.gated(x, gate_msa, attn_out)
+    x = block.gated(x, gate_mlp, block.mlp.after_norm(block.mlp_input(x, shift_mlp, scale_mlp)))
     return x, kv
 
 

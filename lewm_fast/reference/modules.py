@@ -33,6 +33,12 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def after_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The block past its own LayerNorm ``net[0]``, on already-normalised h."""
+        for layer in self.net[1:]:
+            h = layer(h)
+        return h
+
 
 class Attention(nn.Module):
     """Multi-head scaled-dot-product attention over time with its own input LayerNorm."""
@@ -84,13 +90,29 @@ class ConditionalBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D) tokens, c: (B, T, D) conditioning -> (B, T, D)."""
+        """x: (B, T, D) tokens, c: (B, T, D) conditioning -> (B, T, D).
+
+        Same as ``x += gate_msa * attn(modulate(norm1(x)))``, ``x += gate_mlp *
+        mlp(modulate(norm2(x)))``, written with the three pieces a fused backend replaces.
+        """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=-1
         )
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = self.gated(x, gate_msa, self.attn.attend(self.attn_input(x, shift_msa, scale_msa)))
+        x = self.gated(x, gate_mlp, self.mlp.after_norm(self.mlp_input(x, shift_mlp, scale_mlp)))
         return x
+
+    def attn_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``attn.norm(modulate(norm1(x), shift, scale))``: the attention branch's normalised input."""
+        return self.attn.norm(modulate(self.norm1(x), shift, scale))
+
+    def mlp_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``mlp.net[0](modulate(norm2(x), shift, scale))``: the MLP branch's normalised input."""
+        return self.mlp.net[0](modulate(self.norm2(x), shift, scale))
+
+    def gated(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The gated residual ``x + gate * y``."""
+        return x + gate * y
 
 
 class Transformer(nn.Module):
