@@ -1,10 +1,12 @@
 import os
 
-# Triton kernels run on CPU tensors under the interpreter; it must be set before triton loads.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU the Triton kernels run on CPU tensors under the interpreter (it must be set
+# before the kernels are defined; lewm_fast imports them lazily). With a GPU they compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

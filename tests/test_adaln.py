@@ -204,8 +204,8 @@ def test_auto_on_cpu_uses_the_eager_chain(monkeypatch):
 
 
 def test_too_wide_rows_are_a_clear_error():
-    x = torch.randn(1, 1, adaln.MAX_D + 1)
-    w = torch.ones(adaln.MAX_D + 1)
+    x = torch.randn(1, 1, adaln.MAX_D + 1, device=_device())
+    w = torch.ones(adaln.MAX_D + 1, device=_device())
     with pytest.raises(ValueError, match="at most|1 to 2048"):
         _fused(x, x, x, w, w)
 
@@ -217,14 +217,14 @@ def test_mismatched_shapes_are_a_clear_error():
 
 
 def test_torch_library_registration():
-    x, mod, w, b, _ = _inputs((2, 3, 24), torch.float32, torch.float32, "cpu")
+    device = _device()
+    x, mod, w, b, _ = _inputs((2, 3, 24), torch.float32, torch.float32, device)
     shift, scale = mod.chunk(2, dim=-1)
     args = (x.requires_grad_(), shift.contiguous().requires_grad_(), scale.contiguous(), w, b, 1e-6, 1e-5)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(adaln.adaln_modulate_norm_op, args, test_utils=utils)
-    torch.library.opcheck(
-        adaln.gated_residual_op, (x, torch.randn(2, 3, 24), torch.randn(2, 3, 24)), test_utils=utils
-    )
+    others = (torch.randn(2, 3, 24, device=device), torch.randn(2, 3, 24, device=device))
+    torch.library.opcheck(adaln.gated_residual_op, (x, *others), test_utils=utils)
 
 
 @pytest.mark.gpu

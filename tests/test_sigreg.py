@@ -142,16 +142,17 @@ def test_auto_uses_reference_on_cpu(monkeypatch):
 
 
 def test_too_many_knots_is_a_clear_error():
+    z, A = torch.randn(2, 4, 8, device=_device()), ref.draw_projections(8, 16, device=_device())
     with pytest.raises(ValueError, match="2 to 32 knots"):
-        lewm_fast.sigreg(torch.randn(2, 4, 8), ref.draw_projections(8, 16), knots=40, backend="triton")
+        lewm_fast.sigreg(z, A, knots=40, backend="triton")
 
 
 def test_torch_library_registration():
     from lewm_fast.kernels import sigreg as kernel
 
-    z = torch.randn(2, 9, 20, requires_grad=True)
-    A = ref.draw_projections(20, 24)
-    _, phi, w = ref.sigreg_quadrature(17)
+    z = torch.randn(2, 9, 20, device=_device(), requires_grad=True)
+    A = ref.draw_projections(20, 24, device=_device())
+    _, phi, w = ref.sigreg_quadrature(17, device=_device())
     torch.library.opcheck(
         kernel.sigreg_fused,
         (z, A, phi, w, 3 / 16),
