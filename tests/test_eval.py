@@ -7,6 +7,8 @@ import pytest
 import torch
 from helpers import model_pair, small_config
 
+import lewm_fast
+from lewm_fast import cli
 from lewm_fast.data import TwoRoomDataset, action_stats, generate_dataset
 from lewm_fast.data.dataset import DatasetWriter
 from lewm_fast.envs import DEFAULT_LAYOUT
@@ -287,6 +289,22 @@ def test_a_given_solver_and_the_reference_model(data, model):
     reference.load_state_dict(model.state_dict())
     ref = evaluate(reference.eval(), data, episodes=4, progress=False, **SMALL_PLAN)
     assert ref["model"]["type"] == "JEPA" and ref["plans"] >= 1
+
+
+def test_loaded_checkpoint_through_the_cli(data, model, tmp_path, capsys):
+    lewm_fast.save_pretrained(model, tmp_path / "ckpt")
+    loaded = lewm_fast.load_pretrained(tmp_path / "ckpt").eval()
+    direct = evaluate(loaded, data, episodes=3, num_samples=8, n_steps=1, topk=2, progress=False)
+    out = tmp_path / "cli.json"
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--dataset", str(data.path), "--episodes", "3"]
+    args += ["--num-samples", "8", "--n-steps", "1", "--topk", "2", "--device", "cpu", "--quiet"]
+    assert cli.main(args + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "success" in printed and "plan latency median" in printed and str(out) in printed
+    saved = json.loads(out.read_text())
+    assert saved["per_episode"]["final_xy"] == direct["per_episode"]["final_xy"]
+    with pytest.raises(SystemExit, match="lewm-fast eval: .*too few eligible"):
+        cli.main(args[:5] + ["--episodes", "100000", "--device", "cpu", "--quiet"])
 
 
 # ------------------------------------------------------------------ bad arguments
