@@ -6,6 +6,7 @@ lewm-fast generate-data  roll out Two-Room episodes into a dataset folder
 lewm-fast render-frame   write a Two-Room frame (a position, or a dataset row) as a PNG
 lewm-fast import-hdf5    convert a published-layout HDF5 file into a dataset folder
 lewm-fast export-hdf5    write a dataset folder as an HDF5 file in the published layout
+lewm-fast eval           the published Two-Room MPC evaluation of a checkpoint on a dataset
 """
 
 from __future__ import annotations
@@ -195,6 +196,51 @@ def export_hdf5(args: argparse.Namespace) -> int:
     return 0
 
 
+_AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Run the published Two-Room evaluation of a checkpoint on a dataset; print and save the result."""
+    from . import load_pretrained
+    from .plan import evaluate as run
+
+    device = _device(args.device)
+    try:
+        model = load_pretrained(args.checkpoint, device=device).eval()
+        result = run(
+            model,
+            args.dataset,
+            episodes=args.episodes,
+            goal_offset=args.goal_offset,
+            budget=args.budget,
+            seed=args.seed,
+            horizon=args.horizon,
+            receding_horizon=args.receding_horizon,
+            num_samples=args.num_samples,
+            n_steps=args.n_steps,
+            topk=args.topk,
+            planner_seed=args.planner_seed,
+            device=device,
+            autocast=_AUTOCAST[args.autocast],
+            cuda_graph=False if args.no_graph else None,
+            progress=not args.quiet,
+            out=args.out,
+        )
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise SystemExit(f"lewm-fast eval: {exc}") from None
+    latency = result["plan_latency_ms"]
+    print(
+        f"success {result['successes']}/{result['episodes']} ({100 * result['success_rate']:.1f}%), "
+        f"mean final distance {result['final_distance_mean']:.1f} px; "
+        f"{result['plans']} plans of {result['episodes']} envs, plan latency median "
+        f"{latency['median']:.1f} ms (p90 {latency['p90']:.1f} ms); {result['elapsed_s']:.1f} s on "
+        f"{result['device']}"
+    )
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lewm-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,6 +291,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="where to render frames: auto, cpu or cuda[:N]")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=export_hdf5)
+
+    p = sub.add_parser("eval", help="the published Two-Room MPC evaluation of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + weights.pt)")
+    p.add_argument("--dataset", required=True, help="dataset folder the start/goal pairs come from")
+    p.add_argument("--episodes", type=int, default=50, help="episodes, planned together (default: 50)")
+    p.add_argument("--goal-offset", type=int, default=25, help="env steps to the goal (default: 25)")
+    p.add_argument("--budget", type=int, default=50, help="env steps per episode (default: 50)")
+    p.add_argument("--seed", type=int, default=42, help="start-row draw and planner seed (default: 42)")
+    p.add_argument("--planner-seed", type=int, default=None, help="planner seed (default: --seed)")
+    p.add_argument("--horizon", type=int, default=5, help="model actions per plan (default: 5)")
+    p.add_argument(
+        "--receding-horizon", type=int, default=5, help="model actions executed per plan (default: 5)"
+    )
+    p.add_argument("--num-samples", type=int, default=300, help="CEM candidates (default: 300)")
+    p.add_argument("--n-steps", type=int, default=30, help="CEM iterations (default: 30)")
+    p.add_argument("--topk", type=int, default=30, help="CEM elites (default: 30)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument(
+        "--autocast", choices=sorted(_AUTOCAST), default="none", help="model precision (default: none)"
+    )
+    p.add_argument("--no-graph", action="store_true", help="plan eagerly, no CUDA graph capture")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=evaluate)
     return parser
 
 

@@ -37,3 +37,24 @@ def test_readme_planning_example_runs():
     exec(compile(code, str(README), "exec"), namespace)
     assert namespace["actions"].shape == (4, 5, 10)
     assert namespace["plan"]["costs"].shape == (4,)
+
+
+def test_readme_evaluation_example_runs(tmp_path, monkeypatch):
+    """The evaluation example on a small saved model, a small dataset and a tiny planner."""
+    from helpers import model_pair, small_config
+
+    import lewm_fast
+
+    code = next(c for c in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "evaluate(" in c)
+    assert 'evaluate(model, data, out="eval.json")' in code
+    monkeypatch.chdir(tmp_path)
+    lewm_fast.save_pretrained(model_pair(small_config())[0], "checkpoints/lewm")
+    code = code.replace('device="cuda"', 'device="cpu"').replace("episodes=10_000", "episodes=12")
+    code = code.replace(
+        "evaluate(model, data, ",
+        "evaluate(model, data, episodes=3, num_samples=8, n_steps=1, topk=2, progress=False, ",
+    )
+    namespace = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert len(namespace["result"]["per_episode"]["success"]) == 3
+    assert (tmp_path / "eval.json").is_file()

@@ -10,15 +10,25 @@
 
 :class:`CEMSolver` plans every env at once; :func:`planning_cost` is its fast cost (the
 numbers of ``JEPA.get_cost``) and :func:`cem_refit` its batched elite refit (csrc op).
+:func:`evaluate` runs the published Two-Room MPC evaluation (50 episodes, all batched)::
+
+    result = evaluate(model.eval(), "data/two_room")  # or a TwoRoomDataset
+    result["success_rate"], result["final_distance_mean"], result["plan_latency_ms"]["median"]
+
 The plain one-env-at-a-time planner is :mod:`lewm_fast.reference.cem`.
 """
 
 from .cost import PlanningCost, fast_cost_unsupported_reason, planning_cost, supports_fast_cost
+from .evaluation import blocks_to_actions, eligible_start_rows, evaluate, select_start_rows
 from .refit import Refit, cem_refit, cem_refit_torch
 from .solver import CEMSolver, plan_seed
 
 __all__ = [
     "CEMSolver",
+    "evaluate",
+    "select_start_rows",
+    "eligible_start_rows",
+    "blocks_to_actions",
     "PlanningCost",
     "planning_cost",
     "supports_fast_cost",

@@ -1,0 +1,382 @@
+"""The published Two-Room evaluation protocol: row selection, MPC, success, results, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import model_pair, small_config
+
+import lewm_fast
+from lewm_fast import cli
+from lewm_fast.data import TwoRoomDataset, action_stats, generate_dataset
+from lewm_fast.data.dataset import DatasetWriter
+from lewm_fast.envs import DEFAULT_LAYOUT
+from lewm_fast.plan import CEMSolver, blocks_to_actions, evaluate, plan_seed, select_start_rows
+
+SMALL_PLAN = {"num_samples": 16, "n_steps": 2, "topk": 4}
+TIMING_KEYS = ("elapsed_s", "warmup_s", "plan_latency_ms")
+
+
+@pytest.fixture(scope="module")
+def model():
+    public, _ = model_pair(small_config(), seed=1)
+    return public.eval()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate_dataset(tmp_path_factory.mktemp("eval") / "ds", episodes=24, seed=0, progress=False)
+
+
+def _line_dataset(path, episodes=4, length=60):
+    """Episode e: the agent walks straight down column x = 40 + 10 e, y = 30 + 2 i at step i."""
+    rows = episodes * length
+    step = np.tile(np.arange(length), episodes)
+    proprio = np.stack([np.repeat(40.0 + 10 * np.arange(episodes), length), 30.0 + 2 * step], axis=1)
+    action = np.stack([np.where(step % 2, 0.1, -0.1), np.where(step % 2, 0.5, 0.3)], axis=1)
+    action[step == length - 1] = np.nan
+    columns = {
+        "episode_idx": np.repeat(np.arange(episodes), length).astype(np.int32),
+        "step_idx": step.astype(np.int32),
+        "proprio": proprio.astype(np.float32),
+        "action": action.astype(np.float32),
+        "ep_len": np.full(episodes, length, np.int64),
+        "ep_offset": np.arange(episodes, dtype=np.int64) * length,
+    }
+    assert columns["proprio"].shape == (rows, 2)
+    with DatasetWriter(path) as writer:
+        writer.commit(columns, DEFAULT_LAYOUT, {"test": "line"})
+    return TwoRoomDataset.open(path)
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory):
+    return _line_dataset(tmp_path_factory.mktemp("eval") / "line")
+
+
+class Scripted:
+    """A solver that returns ``plan(call, envs)`` (B, 5, 10) and records what it was given."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.calls = []
+
+    def solve(self, info_dict, init_action=None):
+        self.calls.append({"info": info_dict, "init": init_action})
+        envs = info_dict["pixels"].shape[0]
+        return {"actions": self.plan(len(self.calls) - 1, envs)}
+
+
+def _z(raw, mean, std):
+    """The z-scored block (10,) whose 5 raw actions are all ``raw`` (2,)."""
+    z = (torch.tensor(raw, dtype=torch.float32) - mean) / std
+    return z.repeat(5)
+
+
+# ------------------------------------------------------------------ row selection
+
+
+def test_row_selection_is_the_published_draw(data, model):
+    """Independent transcription: eligible rows leave 25 steps in their episode; default_rng(42)
+    draws without replacement among all but the last of them (as the published script does)."""
+    eligible = [
+        int(data.ep_offset[e]) + s
+        for e in range(data.num_episodes)
+        for s in range(int(data.ep_len[e]))
+        if s + 25 <= int(data.ep_len[e]) - 1
+    ]
+    picked = np.random.default_rng(42).choice(len(eligible) - 1, size=6, replace=False)
+    want = sorted(eligible[i] for i in picked)
+    assert select_start_rows(data, 6, 25, 42).tolist() == want
+    assert select_start_rows(data, 6, 25, 7).tolist() != want
+
+    result = evaluate(model, data, episodes=6, budget=1, progress=False, **SMALL_PLAN)
+    episode = result["per_episode"]
+    assert episode["row"] == want
+    assert episode["episode_idx"] == [int(data.episode_idx[r]) for r in want]
+    assert episode["start_step"] == [int(data.step_idx[r]) for r in want]
+    assert episode["start_xy"] == data.proprio[want].astype(np.float64).tolist()
+    assert episode["goal_xy"] == data.proprio[np.array(want) + 25].astype(np.float64).tolist()
+    assert result["dataset"]["eligible_rows"] == len(eligible)
+
+
+# ------------------------------------------------------------------ actions
+
+
+def test_blocks_to_actions_by_hand():
+    blocks = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]])  # (B=1, R=2, k=2 x A=2)
+    mean, std = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 3.0])
+    want = torch.tensor([[[2.5, 5.0], [6.5, 11.0], [10.5, 17.0], [14.5, 23.0]]])
+    assert torch.equal(blocks_to_actions(blocks, mean, std), want)
+    with pytest.raises(ValueError, match="mean and std"):
+        blocks_to_actions(torch.zeros(1, 2, 5), mean, std)
+
+
+def test_executed_actions_are_the_denormalised_blocks(line, model):
+    """10 env steps of a scripted plan land where the hand-de-normalised raw actions take the agent."""
+    mean, std = torch.tensor([0.1, -0.2]), torch.tensor([0.05, 0.08])
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 5, 10, generator=gen)
+    solver = Scripted(lambda call, envs: z)
+    result = evaluate(
+        model, line, episodes=3, budget=10, seed=5, action_stats=(mean, std), solver=solver, progress=False
+    )
+    assert result["plans"] == 1 and result["env_steps"] == 10
+    assert not any(result["per_episode"]["success"])
+    for b in range(3):
+        xy = np.array(result["per_episode"]["start_xy"][b], dtype=np.float32)
+        for step in range(10):
+            block, j = divmod(step, 5)  # raw action j of model action ``block``
+            a = z[b, block, 2 * j : 2 * j + 2].numpy() * std.numpy() + mean.numpy()
+            xy = xy + np.clip(a, -1, 1) * np.float32(5)  # far from walls and borders
+        np.testing.assert_allclose(result["per_episode"]["final_xy"][b], xy, rtol=0, atol=1e-4)
+    assert result["action_stats"]["source"] == "given"
+
+
+def test_default_action_stats_are_the_training_windows_stats(line, model):
+    solver = Scripted(lambda call, envs: torch.zeros(envs, 5, 10))
+    result = evaluate(model, line, episodes=2, budget=1, solver=solver, progress=False)
+    mean, std = action_stats(np.array(line.action))
+    assert result["action_stats"]["mean"] == mean.astype(np.float64).tolist()
+    assert result["action_stats"]["std"] == std.astype(np.float64).tolist()
+    # a zero plan executes the mean action: one step of 5 * mean from the start
+    start = np.array(result["per_episode"]["start_xy"], dtype=np.float32)
+    np.testing.assert_allclose(result["per_episode"]["final_xy"], start + 5 * mean, atol=1e-4)
+
+
+# ------------------------------------------------------------------ success
+
+
+def test_success_mid_plan_is_recorded_and_frozen(line, model):
+    """Goals lie 50 px below the start. Even envs walk down 5 px per step: within 16 px after 7
+    steps, in the middle of the first 25-step plan, and then frozen (they would walk on past
+    the goal). Odd envs walk up into the border and never succeed."""
+    mean, std = torch.tensor([0.1, -0.2]), torch.tensor([0.5, 2.0])
+    down, up = _z([0.0, 1.0], mean, std), _z([0.0, -1.0], mean, std)
+
+    def plan(call, envs):
+        return torch.stack([down if b % 2 == 0 else up for b in range(envs)])[:, None].expand(envs, 5, 10)
+
+    solver = Scripted(plan)
+    result = evaluate(model, line, episodes=4, action_stats=(mean, std), solver=solver, progress=False)
+    ep = result["per_episode"]
+    assert ep["success"] == [True, False, True, False]
+    assert ep["steps_to_success"] == [7, None, 7, None]
+    for b in (0, 2):
+        start, goal = ep["start_xy"][b], ep["goal_xy"][b]
+        assert goal == [start[0], start[1] + 50.0]
+        assert ep["final_xy"][b] == [start[0], start[1] + 35.0]  # frozen at step 7
+        assert ep["final_distance"][b] == 15.0
+    for b in (1, 3):
+        assert ep["final_xy"][b] == [ep["start_xy"][b][0], 21.0]  # clamped at the border
+        assert ep["final_distance"][b] == pytest.approx(ep["goal_xy"][b][1] - 21.0)
+    assert result["success_rate"] == 0.5 and result["successes"] == 2
+    assert result["steps_to_success_mean"] == 7.0
+    assert result["plans"] == 2 and result["env_steps"] == 50
+
+
+def test_all_successful_stops_replanning(line, model):
+    mean, std = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0])
+    down = _z([0.0, 1.0], mean, std)
+    solver = Scripted(lambda call, envs: down.view(1, 1, 10).expand(envs, 5, 10))
+    result = evaluate(model, line, episodes=3, action_stats=(mean, std), solver=solver, progress=False)
+    assert result["success_rate"] == 1.0
+    assert result["plans"] == 1 and result["env_steps"] == 25 and len(solver.calls) == 1
+
+
+def test_receding_horizon_and_warm_start(line, model):
+    """receding_horizon 2 of 5: 10 env steps per plan, the 3 unexecuted blocks seed the next mean."""
+    gen = torch.Generator().manual_seed(0)
+    plans = [0.01 * torch.randn(2, 5, 10, generator=gen) for _ in range(5)]
+    still = {"action_stats": ([0.0, 0.0], [1.0, 1.0]), "progress": False}  # tiny moves: no success
+    solver = Scripted(lambda call, envs: plans[call])
+    result = evaluate(model, line, episodes=2, receding_horizon=2, solver=solver, **still)
+    assert result["plans"] == 5 and result["env_steps"] == 50
+    assert solver.calls[0]["init"] is None
+    for call in range(1, 5):
+        assert torch.equal(solver.calls[call]["init"], plans[call - 1][:, 2:])
+    assert result["protocol"]["warm_start"]
+    cold = Scripted(lambda call, envs: plans[call])
+    evaluate(model, line, episodes=2, receding_horizon=2, warm_start=False, solver=cold, **still)
+    assert all(c["init"] is None for c in cold.calls)
+    # a budget that is not a multiple of the executed steps: 25 + 5
+    short = Scripted(lambda call, envs: plans[call])
+    assert evaluate(model, line, episodes=2, budget=30, solver=short, **still)["env_steps"] == 30
+    assert len(short.calls) == 2
+
+
+def test_planner_sees_the_current_and_goal_frames(line, model):
+    from lewm_fast.data import normalize_frames
+    from lewm_fast.envs import render
+
+    solver = Scripted(lambda call, envs: torch.zeros(envs, 5, 10))  # the mean action, 0.5 px down
+    slow = ([0.0, 0.1], [1.0, 1.0])
+    result = evaluate(model, line, episodes=2, budget=30, action_stats=slow, solver=solver, progress=False)
+    assert result["plans"] == 2
+    size = model.encoder.config.image_size
+    ep = result["per_episode"]
+    goal = normalize_frames(render(torch.tensor(ep["goal_xy"], dtype=torch.float32)), size)
+    start = normalize_frames(render(torch.tensor(ep["start_xy"], dtype=torch.float32)), size)
+    first = solver.calls[0]["info"]
+    assert first["pixels"].shape == (2, 1, 3, size, size)
+    assert torch.equal(first["goal"][:, 0], goal) and torch.equal(first["pixels"][:, 0], start)
+    assert torch.equal(solver.calls[1]["info"]["goal"][:, 0], goal)
+    assert not torch.equal(solver.calls[1]["info"]["pixels"][:, 0], start)
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_protocol_end_to_end_with_a_random_model(data, model, tmp_path):
+    out = tmp_path / "results" / "eval.json"
+    result = evaluate(model, data, episodes=8, progress=True, out=out, **SMALL_PLAN)
+    ep = result["per_episode"]
+    assert result["episodes"] == 8 and len(ep["row"]) == 8
+    assert result["success_rate"] == pytest.approx(np.mean(ep["success"]))
+    assert result["successes"] == sum(ep["success"])
+    assert result["final_distance_mean"] == pytest.approx(np.mean(ep["final_distance"]))
+    final = np.hypot(*(np.array(ep["final_xy"]) - np.array(ep["goal_xy"])).T)
+    np.testing.assert_allclose(ep["final_distance"], final, rtol=1e-5)
+    for ok, steps, dist in zip(ep["success"], ep["steps_to_success"], ep["final_distance"]):
+        assert ok == (steps is not None) and (dist < 16.0) == ok
+        assert steps is None or 1 <= steps <= 50
+    assert result["env_steps"] == 50 or all(ep["success"])
+    assert result["plans"] == len(result["plan_seeds"]) == len(result["plan_latency_ms"]["per_plan"])
+    assert result["plan_seeds"] == [plan_seed(42, k) for k in range(result["plans"])]
+    latency = result["plan_latency_ms"]
+    assert 0 < latency["median"] <= latency["p90"] <= max(latency["per_plan"])
+    assert result["planner"]["type"] == "CEMSolver" and result["planner"]["fast"]
+    assert result["planner"]["num_samples"] == 16 and result["planner"]["seed"] == 42
+    assert result["protocol"] == {
+        "episodes": 8,
+        "goal_offset": 25,
+        "budget": 50,
+        "seed": 42,
+        "horizon": 5,
+        "receding_horizon": 5,
+        "action_block": 5,
+        "warm_start": False,
+        "success_distance": 16.0,
+    }
+    assert result["model"]["image_size"] == 56 and result["model"]["action_width"] == 10
+    # the JSON file holds exactly the result, strict JSON, written atomically
+    text = out.read_text()
+    assert json.loads(text) == json.loads(json.dumps(result, allow_nan=False))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["eval.json"]
+    for key in ("success_rate", "final_distance_mean", "per_episode", "plan_latency_ms", "plan_seeds"):
+        assert key in json.loads(text)
+
+
+def test_same_seed_same_result(data, model):
+    kwargs = {"episodes": 5, "progress": False, **SMALL_PLAN}
+    a, b = evaluate(model, data, **kwargs), evaluate(model, data, **kwargs)
+    for key in TIMING_KEYS:
+        a.pop(key), b.pop(key)
+    assert a == b
+    c = evaluate(model, data, planner_seed=7, **kwargs)
+    assert c["per_episode"]["row"] == a["per_episode"]["row"]
+    assert c["per_episode"]["final_xy"] != a["per_episode"]["final_xy"]
+    assert c["plan_seeds"] == [plan_seed(7, 0), plan_seed(7, 1)][: c["plans"]]
+
+
+def test_a_given_solver_and_the_reference_model(data, model):
+    """A ready CEMSolver is used as given; the reference JEPA plans through the same protocol."""
+    solver = CEMSolver(model, action_dim=10, seed=3, **SMALL_PLAN)
+    result = evaluate(model, data, episodes=4, solver=solver, progress=False)
+    assert result["planner"]["seed"] == 3 and result["plan_seeds"][0] == plan_seed(3, 0)
+    reference = small_config().build(reference=True)
+    reference.load_state_dict(model.state_dict())
+    ref = evaluate(reference.eval(), data, episodes=4, progress=False, **SMALL_PLAN)
+    assert ref["model"]["type"] == "JEPA" and ref["plans"] >= 1
+
+
+def test_loaded_checkpoint_through_the_cli(data, model, tmp_path, capsys):
+    lewm_fast.save_pretrained(model, tmp_path / "ckpt")
+    loaded = lewm_fast.load_pretrained(tmp_path / "ckpt").eval()
+    direct = evaluate(loaded, data, episodes=3, num_samples=8, n_steps=1, topk=2, progress=False)
+    out = tmp_path / "cli.json"
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--dataset", str(data.path), "--episodes", "3"]
+    args += ["--num-samples", "8", "--n-steps", "1", "--topk", "2", "--device", "cpu", "--quiet"]
+    assert cli.main(args + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "success" in printed and "plan latency median" in printed and str(out) in printed
+    saved = json.loads(out.read_text())
+    assert saved["per_episode"]["final_xy"] == direct["per_episode"]["final_xy"]
+    with pytest.raises(SystemExit, match="lewm-fast eval: .*too few eligible"):
+        cli.main(args[:5] + ["--episodes", "100000", "--device", "cpu", "--quiet"])
+
+
+# ------------------------------------------------------------------ bad arguments
+
+
+class _NoColumns:
+    proprio = np.zeros((10, 2), np.float32)
+
+
+BAD = [  # (id, evaluate keyword arguments, error match)
+    ("episodes-0", {"episodes": 0}, "episodes must be an integer >= 1"),
+    ("budget-0", {"budget": 0}, "budget must be"),
+    ("goal-offset-0", {"goal_offset": 0}, "goal_offset must be"),
+    ("seed-negative", {"seed": -1}, "seed must be"),
+    ("receding-gt-horizon", {"receding_horizon": 6}, r"receding_horizon \(6\) must not exceed horizon \(5\)"),
+    ("too-few-rows", {"episodes": 100_000}, "too few eligible start rows"),
+    ("too-few-rows-offset", {"goal_offset": 200}, "too few eligible start rows"),
+    ("action-block", {"action_block": 4}, "action width is 10"),
+    ("stats-shape", {"action_stats": ([0.0], [1.0])}, r"action_stats .* shape \(2,\)"),
+    ("stats-zero-std", {"action_stats": ([0.0, 0.0], [1.0, 0.0])}, "std > 0"),
+    ("stats-not-a-pair", {"action_stats": 3.0}, "action_stats must be a pair"),
+    ("topk", {"topk": 40, "num_samples": 16}, "topk"),
+    (
+        "solver-and-settings",
+        {"solver": Scripted(None), "num_samples": 16},
+        r"set \['num_samples'\] on the solver",
+    ),
+    ("solver-without-solve", {"solver": object()}, "solver must have solve"),
+    ("solver-bad-shape", {"solver": Scripted(lambda c, e: torch.zeros(e, 4, 10))}, "must return"),
+    ("solver-nan", {"solver": Scripted(lambda c, e: torch.full((e, 5, 10), float("nan")))}, "non-finite"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_arguments(data, model, kwargs, match):
+    error = RuntimeError if match == "non-finite" else ValueError
+    with pytest.raises(error, match=match):
+        evaluate(model, data, progress=False, **{"episodes": 2, **kwargs})
+
+
+def test_bad_model_and_dataset(data, model):
+    with pytest.raises(ValueError, match="eval mode"):
+        evaluate(small_config().build(), data, episodes=2, progress=False)
+    with pytest.raises(ValueError, match="no 'episode_idx' column"):
+        evaluate(model, _NoColumns(), episodes=2, progress=False)
+    with pytest.raises(FileNotFoundError):
+        evaluate(model, "/nonexistent/dataset", episodes=2, progress=False)
+    other = CEMSolver(model, action_dim=10, horizon=4, **SMALL_PLAN)
+    with pytest.raises(ValueError, match="horizon 4"):
+        evaluate(model, data, episodes=2, solver=other, progress=False)
+    twin, _ = model_pair(small_config(), seed=1)
+    with pytest.raises(ValueError, match="different model"):
+        evaluate(model, data, episodes=2, solver=CEMSolver(twin.eval(), action_dim=10), progress=False)
+
+
+# ------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+def test_evaluate_with_graph_capture_on_cuda(data):
+    public, _ = model_pair(small_config(), seed=1)
+    model = public.eval().cuda()
+    graph = CEMSolver(model, action_dim=10, seed=42, cuda_graph=True, num_samples=64, n_steps=4, topk=8)
+    result = evaluate(model, data, episodes=6, solver=graph, progress=False)
+    assert graph.cuda_graph and graph._captured is not None
+    assert result["device"].startswith("cuda") and result["planner"]["cuda_graph"]
+    eager = evaluate(
+        model, data, episodes=6, num_samples=64, n_steps=4, topk=8, cuda_graph=False, progress=False
+    )
+    assert eager["planner"]["cuda_graph"] is False
+    assert result["per_episode"]["row"] == eager["per_episode"]["row"]
+    assert result["plan_seeds"] == eager["plan_seeds"]
+    np.testing.assert_allclose(result["per_episode"]["final_xy"], eager["per_episode"]["final_xy"], atol=1e-2)
+    bf16 = evaluate(model, data, episodes=6, autocast=torch.bfloat16, progress=False, **SMALL_PLAN)
+    assert bf16["planner"]["autocast"] == "bfloat16" and bf16["planner"]["cuda_graph"]
