@@ -221,3 +221,23 @@ def test_run_probes_refuses_training_episodes_and_bad_models(dataset, model):
         probe.run_probes(model, dataset, frameskip=4)
     with pytest.raises(ValueError, match="nn.Module"):
         probe.run_probes(object(), dataset)
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_probe_writes_json(tmp_path, dataset, model, capsys):
+    from lewm_fast import cli, save_pretrained
+
+    save_pretrained(model, tmp_path / "ckpt")
+    out = tmp_path / "probe.json"
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--dataset", str(dataset.path), "--device", "cpu"]
+    args += ["--out", str(out), "--max-frames", "100", "--fresh-episodes", "4", "--seed", "2"]
+    assert cli.main(["probe", *args]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["probe_r2"]) == {"x", "y"} and result["one_step_mse"] > 0
+    assert result["checkpoint"] == str(tmp_path / "ckpt") and result["fresh_rollouts"]["seed"] == 1_000_002
+    assert "linear probe R^2" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="lewm-fast probe: .*generated with"):
+        cli.main(["probe", *args, "--rollout-seed", "5"])
+    with pytest.raises(SystemExit, match="checkpoint folder not found"):
+        cli.main(["probe", "--checkpoint", str(tmp_path / "nope"), "--dataset", str(dataset.path)])
