@@ -7,15 +7,17 @@
 Inputs are benchmark rows (``Row`` objects or their JSON dicts), nothing else:
 
 - training: rows with ``bench == "train"`` and ``phase == "step"`` whose batch is 128 --
-  the batch is read from the ``samples/s`` metric (samples/s x step time) or, failing
-  that, from ``B=128`` / ``batch 128`` in the case name; rows at other batch sizes are
-  not rescaled;
-- evaluation: rows with ``bench == "eval"`` (the time of one whole evaluation) when
-  present; otherwise plan latencies at the published CEM setting (``bench == "plan"``,
-  case ``"... S=300, 30 it"``): an episode has a 50-step budget and replans every 25
-  steps, so at most 2 plans per episode -- reference: 100 one-env plans one after the
-  other; fast: 2 plans of all 50 envs together (or 100 one-env plans when only the
-  one-env case was measured). This is an upper bound when episodes succeed early.
+  the batch is read from the ``samples/s`` (or ``windows/s``) metric x step time or,
+  failing that, from ``B=128`` / ``batch 128`` in the case name; rows at other batch
+  sizes are not rescaled;
+- evaluation: rows with ``bench == "eval"`` and ``phase == "eval"`` (``median_ms`` = one
+  whole 50-episode evaluation) when present; otherwise plan latencies at the published
+  CEM setting (``bench == "plan"``, case ``"... S=300, 30 it"``): an episode has a
+  50-step budget and replans every 25 steps, so at most 2 plans per episode --
+  reference: 100 one-env plans one after the other; fast: 2 plans of all 50 envs
+  together (or 100 one-env plans when only the one-env case was measured). Plan time
+  only (environment steps and rendering are left out); episodes that reach the goal
+  early need fewer plans.
 
 "reference" uses the rows with ``impl == "reference"``, "fast" the fastest other
 implementation. A quantity with no row is "not measured" -- never estimated otherwise.
@@ -58,9 +60,10 @@ def _as_dict(row: Any) -> dict[str, Any]:
 
 
 def row_batch(row: Mapping[str, Any]) -> int | None:
-    """Batch size of a training-step row: samples/s x median step time, else ``B=<n>`` in the case."""
+    """Batch size of a training-step row: samples/s (or windows/s) x median step time, else
+    ``B=<n>`` / ``batch <n>`` in the case name; None when neither says."""
     metrics = row.get("metrics") or {}
-    rate = metrics.get("samples/s")
+    rate = metrics.get("samples/s", metrics.get("windows/s"))
     ms = row.get("median_ms")
     if isinstance(rate, (int, float)) and isinstance(ms, (int, float)) and rate > 0 and ms > 0:
         return int(round(rate * ms / 1e3))
@@ -75,7 +78,7 @@ def _best(rows: list[dict[str, Any]], reference: bool) -> dict[str, Any] | None:
 
 def _eval_estimate(rows: list[dict[str, Any]], reference: bool) -> dict[str, Any] | None:
     """Seconds of one 50-episode evaluation and how they were obtained, or None."""
-    whole = _best([r for r in rows if r["bench"] == "eval"], reference)
+    whole = _best([r for r in rows if r["bench"] == "eval" and r.get("phase") == "eval"], reference)
     if whole is not None:
         return {
             "seconds": whole["median_ms"] / 1e3,

@@ -203,3 +203,15 @@ def test_readme_markers_are_required(tmp_path):
     path.write_text(f"{readme.END}\n{readme.BEGIN}\n")
     with pytest.raises(ValueError, match="once each"):
         readme.update_readme(path, tmp_path)
+
+
+@pytest.mark.gpu
+def test_peaks_and_nvml_on_cuda():
+    import torch
+
+    from lewm_fast.bench import harness
+
+    env = harness.environment(torch.device("cuda"))
+    assert env["device_name"] and (env.get("driver") or env.get("nvml"))
+    peak = harness.measure_peaks(torch.device("cuda"), quick=True)
+    assert peak["matmul_tflops"]["bfloat16"] > 0 and peak["copy_gbps"] > 0 and not peak["errors"]

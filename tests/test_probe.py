@@ -241,3 +241,19 @@ def test_cli_probe_writes_json(tmp_path, dataset, model, capsys):
         cli.main(["probe", *args, "--rollout-seed", "5"])
     with pytest.raises(SystemExit, match="checkpoint folder not found"):
         cli.main(["probe", "--checkpoint", str(tmp_path / "nope"), "--dataset", str(dataset.path)])
+
+
+@pytest.mark.gpu
+def test_run_probes_on_cuda_matches_cpu(dataset, model):
+    """Frames are bit-identical on both devices and the fresh episodes too; the numbers agree
+    up to float32 (and fused-kernel) rounding."""
+    kwargs = {"seed": 0, "max_frames": 200, "fresh_episodes": 6, "max_steps": 40, "sigreg_batches": 2}
+    cpu = probe.run_probes(model.cpu(), dataset, device="cpu", **kwargs)
+    gpu = probe.run_probes(model, dataset, device="cuda", **kwargs)
+    model.cpu()
+    assert gpu["device"].startswith("cuda")
+    assert gpu["fresh_rollouts"] == cpu["fresh_rollouts"]
+    assert gpu["one_step_mse"] == pytest.approx(cpu["one_step_mse"], rel=1e-3)
+    assert gpu["sigreg_heldout"] == pytest.approx(cpu["sigreg_heldout"], rel=1e-3)
+    for c in ("x", "y"):
+        assert gpu["probe_r2"][c] == pytest.approx(cpu["probe_r2"][c], abs=1e-3)
