@@ -1,7 +1,11 @@
 """Run the benchmarks: ``python -m bench`` (from the repository) or ``lewm-fast bench``.
 
-Every ``bench_<name>.py`` module in this package is run in one process on one device;
-results go to ``<out>/<device>-<date>.json`` and ``.md``.
+Every ``bench_<name>.py`` module in this package is run in one process on one device,
+after measuring the device's peak matmul rate and copy bandwidth; results go to
+``<out>/<device>-<date>.json`` and ``.md``, with a projection of the paper-recipe
+pipeline's wall-clock from the rows measured (see ``projection.py``).
+``--update-readme`` runs nothing and regenerates README.md's results section from the
+committed results instead (see ``readme.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .harness import Report
+from .harness import Report, measure_peaks
+from .projection import project
 
 
 def available() -> list[str]:
@@ -24,25 +29,73 @@ def available() -> list[str]:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     names = available()
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", nargs="*", choices=names, help=f"subset of {names}")
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--only", nargs="+", choices=names, metavar="NAME", help=f"subset of {names}")
     parser.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
     parser.add_argument("--out", default="bench/results", help="folder for the JSON and markdown results")
     parser.add_argument("--stem", default=None, help="file name stem (default: <device>-<date>)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--no-peaks", action="store_true", help="skip measuring the matmul and copy peaks at the start"
+    )
+    readme = parser.add_argument_group("README results section (runs no benchmark)")
+    readme.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="regenerate README.md's results section from the newest committed result of each device",
+    )
+    readme.add_argument("--readme", default="README.md", help="the README to rewrite (default: README.md)")
+    readme.add_argument(
+        "--results", default=None, help="folder of result JSON files (default: the --out folder)"
+    )
+    readme.add_argument(
+        "--include-uncommitted", action="store_true", help="also use result files git does not track"
+    )
+    return parser
 
-    device = torch.device(args.device)
+
+def _update_readme(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .readme import update_readme
+
+    readme = Path(args.readme)
+    if not readme.is_file():
+        parser.error(f"--readme {readme} does not exist")
+    results = Path(args.results or args.out)
+    try:
+        changed = update_readme(readme, results, tracked_only=not args.include_uncommitted)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"[bench] {readme} {'updated' if changed else 'already up to date'} from {results}")
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.update_readme:
+        return _update_readme(parser, args)
+
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        parser.error(f"--device {name!r} is not a device: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:N], got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     report = Report(device)
+    if not args.no_peaks:
+        print(f"[bench] measuring peak matmul and copy rates on {report.env['device_name']}", flush=True)
+        report.env["peak"] = measure_peaks(device, quick=args.quick)
     package = __package__ or "bench"
-    for name in args.only or names:
-        print(f"[bench] {name} on {report.env['device_name']}", flush=True)
-        module = importlib.import_module(f"{package}.bench_{name}")
+    for bench in args.only or available():
+        print(f"[bench] {bench} on {report.env['device_name']}", flush=True)
+        module = importlib.import_module(f"{package}.bench_{bench}")
         module.run(report, quick=args.quick)
+    report.projection = project(report.rows)
     json_path, md_path = report.save(args.out, args.stem)
     print(report.markdown())
     print(f"[bench] wrote {json_path} and {md_path}")

@@ -138,13 +138,27 @@ def _nvml_info(index: int) -> dict[str, Any]:
         def text(value):
             return value.decode() if isinstance(value, bytes) else value
 
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         info = {
             "name": text(pynvml.nvmlDeviceGetName(handle)),
-            "memory_total_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+            "memory_total_bytes": int(memory.total),
+            "memory_free_bytes": int(memory.free),
             "driver": text(pynvml.nvmlSystemGetDriverVersion()),
             "sm_clock_max_mhz": int(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM)),
             "mem_clock_max_mhz": int(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)),
         }
+        # Optional queries: not every board or driver answers them.
+        optional = {
+            "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            "power_limit_w": lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
+            "temperature_c": lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+        }
+        for key, query in optional.items():
+            try:
+                info[key] = query()
+            except Exception:  # NVMLError_NotSupported and friends
+                pass
         pynvml.nvmlShutdown()
         return info
     except Exception as exc:  # NVML missing on the host, permissions, ...
@@ -191,6 +205,55 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def _matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, reps: dict) -> float:
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    timing = time_fn(lambda: torch.mm(a, b, out=c), device, **reps)
+    return 2 * n**3 / (timing.median_ms * 1e9)
+
+
+def _copy_gbps(device: torch.device, nbytes: int, reps: dict) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timing = time_fn(lambda: dst.copy_(src), device, **reps)
+    return 2 * nbytes / (timing.median_ms * 1e6)  # bytes read + bytes written
+
+
+def measure_peaks(device: torch.device, quick: bool = False) -> dict[str, Any]:
+    """Measured (not datasheet) peak rates of ``device``, taken at the start of a benchmark run.
+
+    - ``matmul_tflops`` {dtype: TFLOP/s}: ``torch.mm`` of two n x n matrices, 2 n^3 flops,
+      for bfloat16 and float32 (n = 8192 on CUDA, 1024 on CPU; halved with ``quick``).
+      float32 on CUDA runs as the process is configured (``matmul_allow_tf32`` records it).
+    - ``copy_gbps``: ``dst.copy_(src)`` of ``copy_bytes`` (1 GiB on CUDA, 64 MiB on CPU;
+      a quarter with ``quick``), counting bytes read + written.
+
+    A dtype the device cannot run is recorded under ``errors``; nothing raises.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = (8192 if cuda else 1024) // (2 if quick else 1)
+    nbytes = (2**30 if cuda else 64 * 2**20) // (4 if quick else 1)
+    reps = {"warmup": 3 if quick else 5, "reps": 10 if quick else 30, "max_seconds": 5.0}
+    out: dict[str, Any] = {"matmul_n": n, "matmul_tflops": {}, "copy_bytes": nbytes, "errors": {}}
+    if cuda:
+        out["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        try:
+            out["matmul_tflops"][name] = _matmul_tflops(device, dtype, n, reps)
+        except (RuntimeError, TypeError) as exc:
+            out["errors"][f"matmul_{name}"] = f"{type(exc).__name__}: {exc}"
+    try:
+        out["copy_gbps"] = _copy_gbps(device, nbytes, reps)
+    except RuntimeError as exc:
+        out["errors"]["copy"] = f"{type(exc).__name__}: {exc}"
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
 @dataclass
 class Row:
     bench: str
@@ -213,6 +276,7 @@ class Report:
         self.device = torch.device(device)
         self.env = environment(self.device)
         self.rows: list[Row] = []
+        self.projection: dict[str, Any] | None = None  # see .projection.project
 
     def add(
         self,
@@ -248,7 +312,10 @@ class Report:
                 r.speedup = base.median_ms / r.median_ms
 
     def to_dict(self) -> dict[str, Any]:
-        return {"env": self.env, "rows": [asdict(r) for r in self.rows]}
+        out = {"env": self.env, "rows": [asdict(r) for r in self.rows]}
+        if self.projection is not None:
+            out["projection"] = self.projection
+        return out
 
     def default_stem(self) -> str:
         name = "".join(c if c.isalnum() else "-" for c in str(self.env.get("device_name", "device")))
@@ -276,6 +343,17 @@ class Report:
             f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('git_commit')}, "
             f"{env.get('date')}",
             "",
+        ]
+        peak = env.get("peak")
+        if peak:
+            rates = ", ".join(f"{v:.3g} TFLOP/s {k}" for k, v in peak.get("matmul_tflops", {}).items())
+            copy = peak.get("copy_gbps")
+            lines += [
+                f"Measured peaks: matmul {rates or 'not measured'} (n={peak.get('matmul_n')}); "
+                f"copy {'not measured' if copy is None else f'{copy:.4g} GB/s'}.",
+                "",
+            ]
+        lines += [
             "| bench | case | phase | impl | median ms (p20-p80) | peak extra MiB | speed-up | units |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
@@ -287,4 +365,8 @@ class Report:
                 f"| {r.bench} | {r.case} | {r.phase} | {r.impl} | {r.median_ms:.3f} "
                 f"({r.p20_ms:.3f}-{r.p80_ms:.3f}) | {mem} | {speed} | {units} |"
             )
-        return "\n".join(lines) + "\n"
+        if self.projection is not None:
+            from .projection import projection_markdown
+
+            lines += ["", projection_markdown(self.projection, self.env)]
+        return "\n".join(lines).rstrip() + "\n"

@@ -7,6 +7,8 @@ lewm-fast render-frame   write a Two-Room frame (a position, or a dataset row) a
 lewm-fast import-hdf5    convert a published-layout HDF5 file into a dataset folder
 lewm-fast export-hdf5    write a dataset folder as an HDF5 file in the published layout
 lewm-fast eval           the published Two-Room MPC evaluation of a checkpoint on a dataset
+lewm-fast probe          linear probe, 1-step MSE on fresh rollouts, SIGReg of a checkpoint
+lewm-fast bench          run the benchmarks on this device (same as python -m bench)
 """
 
 from __future__ import annotations
@@ -241,6 +243,56 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def probe(args: argparse.Namespace) -> int:
+    """Run the probes of a checkpoint on a dataset and write them as JSON."""
+    from . import load_pretrained
+    from ._io import write_json_atomic
+    from .data import TwoRoomDataset
+    from .probe import run_probes
+
+    device = _device(args.device)
+    try:
+        model = load_pretrained(args.checkpoint, device=device)
+        dataset = TwoRoomDataset.open(args.dataset)
+        result = run_probes(
+            model,
+            dataset,
+            device=device,
+            seed=args.seed,
+            max_frames=args.max_frames,
+            fresh_episodes=args.fresh_episodes,
+            rollout_seed=args.rollout_seed,
+            batch_size=args.batch_size,
+            autocast=torch.bfloat16 if args.bf16 else None,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"lewm-fast probe: {exc}") from None
+    result["checkpoint"] = str(args.checkpoint)
+    result["dataset"] = str(args.dataset)
+    write_json_atomic(args.out, result)
+    r2 = result["probe_r2"]
+    print(
+        f"linear probe R^2: x {r2['x']:.3f}, y {r2['y']:.3f} (alpha {result['linear_probe']['alpha']:g}, "
+        f"{result['linear_probe']['test_episodes']} held-out episodes)"
+    )
+    print(
+        f"1-step predictor MSE on {result['fresh_rollouts']['windows']} fresh windows: "
+        f"{result['one_step_mse']:.4f}"
+    )
+    print(
+        f"SIGReg of held-out embeddings (B={result['sigreg']['batch_size']}): {result['sigreg_heldout']:.3f}"
+    )
+    print(f"wrote {args.out} in {result['seconds']['total']:.1f} s on {result['device']}")
+    return 0
+
+
+def bench(argv: list[str]) -> int:
+    """``lewm-fast bench ...``: the benchmark runner of ``python -m bench`` (same options)."""
+    from .bench.__main__ import main as bench_main
+
+    return bench_main(argv, prog="lewm-fast bench")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lewm-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -315,10 +367,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=evaluate)
+    p = sub.add_parser("probe", help="linear probe, 1-step MSE on fresh rollouts and SIGReg of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + weights.pt)")
+    p.add_argument("--dataset", required=True, help="the dataset folder the model was trained on")
+    p.add_argument("--out", default="probe.json", help="JSON file to write (default: probe.json)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="probe split / SIGReg seed (default: 0)")
+    p.add_argument(
+        "--rollout-seed", type=int, default=None, help="seed of the fresh episodes (default: 1000000 + seed)"
+    )
+    p.add_argument(
+        "--max-frames", type=int, default=20_000, help="dataset frames for the linear probe (default: 20000)"
+    )
+    p.add_argument(
+        "--fresh-episodes", type=int, default=256, help="fresh noisy-expert episodes (default: 256)"
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="frames encoded together (default: 256)")
+    p.add_argument("--bf16", action="store_true", help="encode and predict under bf16 autocast")
+    p.set_defaults(func=probe)
+
+    # Parsed by the benchmark runner itself (see bench()); listed here for --help.
+    sub.add_parser("bench", help="run the benchmarks on this device (lewm-fast bench --help)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "batch", 1) < 1:

@@ -1,0 +1,563 @@
+"""The run report (issue 7): ``report.json`` + ``report.md`` + PNG training curves.
+
+:func:`write_report` puts a run's headline metrics next to the reference numbers of spec
+section 8, the wall-clock of every pipeline stage and the device, and plots the training
+curves from the trainer's ``metrics.jsonl``. A metric that is not given (or not a finite
+number) is written as ``null`` with the reason in ``missing`` -- the report never makes
+a number up. Files are written atomically (temporary sibling + ``os.replace``).
+
+``metrics.jsonl``: one JSON object per line, told apart by ``"kind"``:
+
+- ``{"kind": "train", "step", "epoch", "pred_loss", "sigreg_loss", "loss", "grad_norm", "lr", ...}``
+  (``grad_norm`` is the pre-clip norm);
+- ``{"kind": "val", "step", "epoch", "pred_loss", "sigreg_loss", "loss"}``;
+- ``{"kind": "eval", "step", "epoch", "success_rate", ...}``.
+
+Lines that are blank, not JSON (e.g. cut short by a killed run) or not objects are
+skipped and counted; records lacking a key are left out of that key's curve.
+
+Plots need matplotlib (``pip install lewm-fast[plots]``); without it, or without the
+records a plot needs, the report is still written and ``plots_skipped`` says why.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import os
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ._io import json_number, write_bytes_atomic, write_json_atomic, write_text_atomic
+
+__all__ = [
+    "HEADLINE_METRICS",
+    "REFERENCE",
+    "PLOTS",
+    "read_metrics",
+    "training_summary",
+    "write_plots",
+    "write_report",
+]
+
+FORMAT = "lewm_fast/run-report"
+VERSION = 1
+
+# Headline metrics: report.json key -> (label in report.md, unit formatter name).
+HEADLINE_METRICS = {
+    "success_rate": "CEM success rate (Two-Room, 50 episodes)",
+    "final_distance_mean": "mean final distance to the goal (px)",
+    "plan_ms_median": "planning time per plan, median",
+    "probe_r2": "linear probe R^2 for agent (x, y)",
+    "one_step_mse": "1-step predictor MSE on fresh rollouts",
+    "sigreg_heldout": "SIGReg statistic of held-out embeddings",
+}
+
+# Spec section 8: the published and replicated numbers the report quotes.
+REFERENCE: dict[str, dict[str, Any]] = {
+    "success_rate": {
+        "paper": 0.87,
+        "replication": 0.84,
+        "note": "replication: 50 episodes, RTX 3060 Ti 8 GB",
+    },
+    "final_distance_mean": {"note": "no published reference"},
+    "plan_ms_median": {
+        "paper": 1000.0,
+        "note": "about 1 s per plan (paper); 0.56 s (H20) to 2.2 s (RTX 4090/5090) measured publicly",
+    },
+    "probe_r2": {"replication": {"x": 0.873, "y": 0.674}},
+    "one_step_mse": {"replication": 0.068},
+    "sigreg_heldout": {
+        "note": "no held-out reference; the training SIGReg of the replication goes ~13 -> ~1.7 in "
+        "5 epochs, then stays flat"
+    },
+    "sigreg_training": {"replication": {"start": 13.0, "after_5_epochs": 1.7}},
+    "grad_norm_preclip": {"replication": {"median": 1.77, "max": 18.1, "steps": 100_500}},
+    "pipeline_seconds": {
+        "replication": 15 * 3600 + 12 * 60,
+        "note": "train 100 epochs + probe + 50-episode eval on one RTX 3060 Ti",
+    },
+}
+
+# Plot name -> (title, [(record kind, key, label)], log-scale y).
+PLOTS: dict[str, tuple[str, list[tuple[str, str, str]], bool]] = {
+    "losses": (
+        "training and validation losses",
+        [
+            ("train", "pred_loss", "pred"),
+            ("train", "sigreg_loss", "SIGReg"),
+            ("train", "loss", "total"),
+            ("val", "pred_loss", "val pred"),
+            ("val", "sigreg_loss", "val SIGReg"),
+            ("val", "loss", "val total"),
+        ],
+        True,
+    ),
+    "grad_norm": ("pre-clip gradient norm", [("train", "grad_norm", "grad norm")], True),
+    "lr": ("learning rate", [("train", "lr", "lr")], False),
+    "success": ("planning success rate during training", [("eval", "success_rate", "success")], False),
+}
+PLOTS_DIR = "plots"
+
+
+# ------------------------------------------------------------------ metrics.jsonl
+def read_metrics(path: str | os.PathLike) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """Read a ``metrics.jsonl`` file: ({kind: [records in file order]}, number of skipped lines).
+
+    Blank lines are ignored; lines that are not JSON objects are skipped and counted;
+    records without a string ``"kind"`` are filed under ``"unknown"``. A missing file
+    raises ``FileNotFoundError``.
+    """
+    path = Path(path)
+    records: dict[str, list[dict[str, Any]]] = {}
+    skipped = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                skipped += 1
+                continue
+            if not isinstance(record, dict):
+                skipped += 1
+                continue
+            kind = record.get("kind")
+            records.setdefault(kind if isinstance(kind, str) else "unknown", []).append(record)
+    return records, skipped
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(x, y) of the records with a finite ``key``; x is ``step`` when present, else the index."""
+    xs, ys = [], []
+    for i, record in enumerate(records):
+        y = json_number(record.get(key))
+        if y is None:
+            continue
+        x = json_number(record.get("step"))
+        xs.append(float(i if x is None else x))
+        ys.append(float(y))
+    return xs, ys
+
+
+def training_summary(records: Mapping[str, list[dict[str, Any]]], tail: int = 100) -> dict[str, Any]:
+    """Numbers the report quotes from the metrics records (None where the records lack them).
+
+    ``train_records``, ``last_step``, ``last_epoch``; ``sigreg_loss_first`` (first logged
+    value) and ``sigreg_loss_final``, ``pred_loss_final``, ``loss_final`` (mean of the last
+    ``tail`` train records with the key); ``grad_norm_median`` / ``grad_norm_max`` over
+    all train records; ``val_*_last`` from the last validation record; ``eval_records``,
+    ``success_rate_best`` with ``success_rate_best_step``, and ``success_rate_last``.
+    """
+    train = list(records.get("train", []))
+    val = list(records.get("val", []))
+    evals = list(records.get("eval", []))
+    out: dict[str, Any] = {"train_records": len(train), "val_records": len(val), "eval_records": len(evals)}
+    steps = [s for s in (json_number(r.get("step")) for r in train) if s is not None]
+    epochs = [e for e in (json_number(r.get("epoch")) for r in train + val + evals) if e is not None]
+    out["last_step"] = max(steps) if steps else None
+    out["last_epoch"] = max(epochs) if epochs else None
+    for key in ("pred_loss", "sigreg_loss", "loss"):
+        _, ys = _series(train, key)
+        out[f"{key}_final"] = statistics.fmean(ys[-tail:]) if ys else None
+    _, sig = _series(train, "sigreg_loss")
+    out["sigreg_loss_first"] = sig[0] if sig else None
+    _, grad = _series(train, "grad_norm")
+    out["grad_norm_median"] = statistics.median(grad) if grad else None
+    out["grad_norm_max"] = max(grad) if grad else None
+    for key in ("pred_loss", "sigreg_loss", "loss"):
+        _, ys = _series(val, key)
+        out[f"val_{key}_last"] = ys[-1] if ys else None
+    xs, ys = _series(evals, "success_rate")
+    if ys:
+        best = max(range(len(ys)), key=lambda i: (ys[i], -i))
+        out.update(success_rate_best=ys[best], success_rate_best_step=xs[best], success_rate_last=ys[-1])
+    else:
+        out.update(success_rate_best=None, success_rate_best_step=None, success_rate_last=None)
+    return out
+
+
+# ------------------------------------------------------------------ plots
+def _running_mean(ys: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (shorter at the start)."""
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y
+        if i >= window:
+            total -= ys[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _matplotlib():
+    """(Figure, FigureCanvasAgg) or an ImportError message; no pyplot, no global backend switch."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        return None, f"matplotlib is not installed (pip install lewm-fast[plots]): {exc}"
+    return (Figure, FigureCanvasAgg), None
+
+
+def write_plots(
+    records: Mapping[str, list[dict[str, Any]]], folder: str | os.PathLike
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Write the PNG curves of :data:`PLOTS` into ``folder``: ({name: file}, {name: why skipped}).
+
+    A plot is skipped (with the reason) when none of its series has a finite value, or
+    for all plots when matplotlib is missing. A series is drawn against ``step``.
+    """
+    folder = Path(folder)
+    written: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    mpl, why = _matplotlib()
+    for name, (title, series, log_y) in PLOTS.items():
+        data = [(kind, key, label, *_series(list(records.get(kind, [])), key)) for kind, key, label in series]
+        data = [entry for entry in data if entry[-1]]
+        if not data:
+            wanted = ", ".join(sorted({f"{kind} records with {key!r}" for kind, key, _ in series}))
+            skipped[name] = f"no {wanted} in the metrics"
+            continue
+        if mpl is None:
+            skipped[name] = why
+            continue
+        figure_cls, canvas_cls = mpl
+        fig = figure_cls(figsize=(7.0, 4.0), dpi=100)
+        canvas_cls(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        keys = list(dict.fromkeys(key for _, key, *_ in series))
+        for kind, key, label, xs, ys in data:
+            # one colour per quantity: train solid, val dashed with markers
+            color = f"C{keys.index(key)}"
+            val = kind == "val"
+            if val or len(xs) < 20:
+                ax.plot(xs, ys, "--" if val else "-", color=color, label=label, marker="o", markersize=3)
+            elif len(xs) > 200:  # raw steps faint, a running mean over 1% of the run on top
+                ax.plot(xs, ys, color=color, linewidth=0.5, alpha=0.3)
+                ax.plot(
+                    xs, _running_mean(ys, max(2, len(ys) // 100)), color=color, linewidth=1.2, label=label
+                )
+            else:
+                ax.plot(xs, ys, color=color, linewidth=1.0, label=label)
+        if log_y and all(y > 0 for *_, ys in data for y in ys):
+            ax.set_yscale("log")
+        if name == "success":
+            ax.set_ylim(-0.02, 1.02)
+            for who, rate, style in (("paper", 0.87, ":"), ("replication", 0.84, "-.")):
+                ax.axhline(rate, color="gray", linestyle=style, linewidth=0.8, label=f"{who} {rate:.0%}")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        if len(data) > 1 or name == "success":
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        path = write_bytes_atomic(folder / f"{name}.png", buffer.getvalue())
+        written[name] = path.name
+    return written, skipped
+
+
+# ------------------------------------------------------------------ report
+def _headline(
+    metrics: Mapping[str, Any], reasons: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    values: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    for key in HEADLINE_METRICS:
+        if key not in metrics or metrics[key] is None:
+            values[key] = None
+            missing[key] = reasons.get(key, "not in the metrics given to the report; did its stage run?")
+            continue
+        raw = metrics[key]
+        if key == "probe_r2":
+            if not isinstance(raw, Mapping):
+                values[key] = None
+                missing[key] = f"expected a mapping {{x, y}}, got {type(raw).__name__}"
+                continue
+            coords = {c: json_number(raw.get(c)) for c in ("x", "y")}
+            values[key] = coords
+            bad = [c for c, v in coords.items() if v is None]
+            if bad:
+                missing[key] = reasons.get(key, f"coordinate(s) {bad} missing or not finite: {dict(raw)!r}")
+            continue
+        number = json_number(raw)
+        values[key] = number
+        if number is None:
+            missing[key] = reasons.get(key, f"not a finite number: {raw!r}")
+    return values, missing
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats -> None, tuples -> lists, other objects -> str."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return json_number(value)
+    try:  # numpy / torch scalars
+        return json_number(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _stages(stages_seconds: Mapping[str, Any] | None) -> dict[str, float | None]:
+    if stages_seconds is None:
+        return {}
+    if not isinstance(stages_seconds, Mapping):
+        raise ValueError(
+            f"stages_seconds must map stage names to seconds, got {type(stages_seconds).__name__}"
+        )
+    out: dict[str, float | None] = {}
+    for name, seconds in stages_seconds.items():
+        value = json_number(seconds)
+        if seconds is not None and (value is None or value < 0):
+            raise ValueError(
+                f"stages_seconds[{name!r}] must be a finite number >= 0 or None, got {seconds!r}"
+            )
+        out[str(name)] = None if value is None else float(value)
+    return out
+
+
+def duration(seconds: float | None) -> str:
+    """Human wall-clock: '15 h 12 min', '3 min 05 s', '12.3 s', '-' for None."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _fmt(value: Any, kind: str = "number") -> str:
+    if value is None:
+        return "-"
+    if kind == "percent":
+        return f"{100 * value:.1f}%"
+    if kind == "ms":
+        return f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
+    return f"{value:.4g}"
+
+
+def _device_name(device_info: Any) -> str:
+    if isinstance(device_info, Mapping):
+        for key in ("device_name", "name", "device"):
+            if device_info.get(key):
+                return str(device_info[key])
+        return "unknown device"
+    return str(device_info) if device_info else "unknown device"
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    values, missing = report, report["missing"]
+
+    def cell(key: str, kind: str = "number", coord: str | None = None) -> str:
+        value = values[key]
+        if coord is not None:
+            value = None if value is None else value.get(coord)
+        if value is None:
+            return f"not measured ({missing.get(key, 'missing')})"
+        return _fmt(value, kind)
+
+    r2 = REFERENCE["probe_r2"]["replication"]
+    rows = [
+        (HEADLINE_METRICS["success_rate"], cell("success_rate", "percent"), "87% (paper); 84% (replication)"),
+        (HEADLINE_METRICS["final_distance_mean"], cell("final_distance_mean"), "-"),
+        (HEADLINE_METRICS["plan_ms_median"], cell("plan_ms_median", "ms"), "about 1 s (paper)"),
+        ("linear probe R^2, x", cell("probe_r2", coord="x"), f"{r2['x']} (replication)"),
+        ("linear probe R^2, y", cell("probe_r2", coord="y"), f"{r2['y']} (replication)"),
+        (HEADLINE_METRICS["one_step_mse"], cell("one_step_mse"), "0.068 (replication)"),
+        (
+            HEADLINE_METRICS["sigreg_heldout"],
+            cell("sigreg_heldout"),
+            "no held-out reference (training: ~13 -> ~1.7 in 5 epochs)",
+        ),
+    ]
+    lines = [
+        "# LeWM Two-Room run report",
+        "",
+        f"Run `{report['run_dir']}`, preset **{report['preset']}**, on **{_device_name(report['device'])}**; "
+        f"written {report['created']} by lewm_fast {report['lewm_fast']}.",
+        "",
+        "## Metrics",
+        "",
+        "| metric | this run | reference (spec section 8) |",
+        "| --- | --- | --- |",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+        "",
+    ]
+
+    train = report["training"]
+    if train is not None:
+        g = REFERENCE["grad_norm_preclip"]["replication"]
+        f = {k: _fmt(v) for k, v in train.items()}
+        success = {k: _fmt(train[k], "percent") for k in ("success_rate_best", "success_rate_last")}
+        t_rows = [
+            (
+                "train records logged (last step, last epoch)",
+                f"{train['train_records']} ({f['last_step']}, {f['last_epoch']})",
+                "-",
+            ),
+            (
+                "SIGReg, first logged -> final (mean of last 100)",
+                f"{f['sigreg_loss_first']} -> {f['sigreg_loss_final']}",
+                "~13 -> ~1.7 in 5 epochs, then flat",
+            ),
+            ("pred loss, final (mean of last 100)", f["pred_loss_final"], "-"),
+            (
+                "pre-clip grad norm, median / max",
+                f"{f['grad_norm_median']} / {f['grad_norm_max']}",
+                f"{g['median']} / {g['max']} over {g['steps']:,} steps",
+            ),
+            (
+                "validation pred / SIGReg / total, last",
+                f"{f['val_pred_loss_last']} / {f['val_sigreg_loss_last']} / {f['val_loss_last']}",
+                "-",
+            ),
+            (
+                "success during training, best (step) / last",
+                f"{success['success_rate_best']} ({f['success_rate_best_step']}) / "
+                f"{success['success_rate_last']}",
+                "-",
+            ),
+        ]
+        skipped = report["metrics_lines_skipped"]
+        lines += [
+            "## Training",
+            "",
+            f"From `{report['metrics_jsonl']}`"
+            + (f" ({skipped} unreadable line(s) skipped)." if skipped else "."),
+            "",
+            "| quantity | this run | reference (replication) |",
+            "| --- | --- | --- |",
+            *(f"| {a} | {b} | {c} |" for a, b, c in t_rows),
+            "",
+        ]
+    else:
+        lines += ["## Training", "", f"No training metrics: {report['training_missing']}.", ""]
+
+    lines += ["## Wall-clock per stage", "", "| stage | wall-clock |", "| --- | --- |"]
+    for name, seconds in report["stages_seconds"].items():
+        lines.append(f"| {name} | {duration(seconds) if seconds is not None else 'not run'} |")
+    lines += [
+        f"| **total** | **{duration(report['total_seconds'])}** |",
+        "",
+        "Reference: the full published pipeline (train 100 epochs + probe + 50-episode evaluation) "
+        "took 15 h 12 min on one RTX 3060 Ti (public replication).",
+        "",
+        "## Device",
+        "",
+    ]
+    device = report["device"]
+    if isinstance(device, Mapping):
+        lines += [f"- {k}: {v}" for k, v in device.items()]
+    else:
+        lines.append(f"- {device}")
+    lines += ["", "## Plots", ""]
+    for name, file in report["plots"].items():
+        lines.append(f"![{PLOTS[name][0]}]({file})")
+        lines.append("")
+    for name, why in report["plots_skipped"].items():
+        lines.append(f"- {name}: skipped ({why})")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(
+    run_dir: str | os.PathLike,
+    metrics: Mapping[str, Any],
+    *,
+    stages_seconds: Mapping[str, float | None] | None,
+    device_info: Mapping[str, Any] | str | None,
+    preset: str | None,
+    metrics_jsonl: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    reasons: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` and ``plots/*.png`` for the run in ``run_dir``.
+
+    Args:
+        run_dir: the run folder (named in the report; default home of the outputs).
+        metrics: the run's numbers. Headline keys (:data:`HEADLINE_METRICS`):
+            ``success_rate`` (fraction in [0, 1]), ``final_distance_mean`` (px),
+            ``plan_ms_median`` (ms), ``probe_r2`` ({"x", "y"}), ``one_step_mse``,
+            ``sigreg_heldout`` -- e.g. ``{**run_probes(...), **evaluation_numbers}``. Other
+            keys are kept under ``details``.
+        stages_seconds: wall-clock per stage, e.g. {"generate-data": 12.0, "train": 3600.0,
+            "probe": 30.0, "eval": 8.0}; None for a stage that did not run.
+        device_info: a description of the device (e.g. ``lewm_fast.bench.harness.environment(device)``)
+            or a name.
+        preset: the run preset's name.
+        metrics_jsonl: the trainer's log (default ``run_dir/metrics.jsonl``; a missing file
+            means no training section and no plots, with the reason).
+        out: folder for the outputs (default ``run_dir``).
+        reasons: why a headline metric is missing, e.g. {"success_rate": "eval stage failed: ..."};
+            used instead of the generic reason.
+
+    Returns the report dict as written to ``report.json``: the headline keys (None when
+    missing), ``missing`` {key: reason}, ``stages_seconds``, ``total_seconds``, ``device``,
+    ``preset``, ``reference`` (spec section 8), ``training`` (:func:`training_summary` or
+    None), ``plots`` {name: file relative to ``out``}, ``plots_skipped`` {name: reason},
+    ``details`` and bookkeeping (``format``, ``version``, ``created``, ``lewm_fast``, ``run_dir``).
+    """
+    from . import __version__
+
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"metrics must be a mapping of metric names to values, got {type(metrics).__name__}")
+    if reasons is not None and not isinstance(reasons, Mapping):
+        raise ValueError(f"reasons must map metric names to strings, got {type(reasons).__name__}")
+    run_dir = Path(run_dir)
+    out_dir = Path(out) if out is not None else run_dir
+    stages = _stages(stages_seconds)
+    values, missing = _headline(metrics, {str(k): str(v) for k, v in (reasons or {}).items()})
+
+    jsonl = Path(metrics_jsonl) if metrics_jsonl is not None else run_dir / "metrics.jsonl"
+    records: dict[str, list[dict[str, Any]]] = {}
+    skipped_lines = 0
+    training_missing = None
+    if jsonl.is_file():
+        records, skipped_lines = read_metrics(jsonl)
+    else:
+        training_missing = f"{jsonl} not found"
+
+    if training_missing is None:
+        plots, plots_skipped = write_plots(records, out_dir / PLOTS_DIR)
+        plots = {name: f"{PLOTS_DIR}/{file}" for name, file in plots.items()}
+    else:
+        plots, plots_skipped = {}, {name: f"no metrics ({training_missing})" for name in PLOTS}
+
+    total = sum(s for s in stages.values() if s is not None) if stages else None
+    report: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "lewm_fast": __version__,
+        "run_dir": str(run_dir),
+        "preset": preset,
+        **values,
+        "missing": missing,
+        "stages_seconds": stages,
+        "total_seconds": total,
+        "device": _plain(device_info) if device_info is not None else None,
+        "reference": REFERENCE,
+        "training": training_summary(records) if training_missing is None else None,
+        "training_missing": training_missing,
+        "metrics_jsonl": str(jsonl),
+        "metrics_lines_skipped": skipped_lines,
+        "plots": plots,
+        "plots_skipped": plots_skipped,
+        "details": _plain({k: v for k, v in metrics.items() if k not in HEADLINE_METRICS}),
+    }
+    report = _plain(report)
+    write_json_atomic(out_dir / "report.json", report)
+    write_text_atomic(out_dir / "report.md", _markdown(report))
+    return report

@@ -1,0 +1,176 @@
+"""Run report (lewm_fast.report): report.json / report.md contents, missing metrics, plots
+from a synthetic metrics.jsonl, tolerance to bad lines, missing kinds and no matplotlib."""
+
+import json
+import math
+import sys
+
+import pytest
+
+from lewm_fast import report as rp
+
+STAGES = {"generate-data": 12.5, "train": 3725.0, "probe": 31.0, "eval": 9.0}
+DEVICE = {"device_name": "Test GPU 80GB", "driver": "555.1", "memory_total_bytes": 80 * 2**30}
+METRICS = {
+    "success_rate": 0.62,
+    "final_distance_mean": 14.5,
+    "plan_ms_median": 45.25,
+    "probe_r2": {"x": 0.91, "y": 0.72},
+    "one_step_mse": 0.071,
+    "sigreg_heldout": 2.4,
+    "linear_probe": {"alpha": 1e-3, "test_episodes": 2000},
+}
+
+
+def _write_jsonl(path, kinds=("train", "val", "eval"), steps=300, extra_lines=()):
+    with open(path, "w") as f:
+        for step in range(1, steps + 1):
+            if "train" in kinds:
+                sig = 13.0 * math.exp(-step / 40) + 1.7
+                record = {
+                    "kind": "train",
+                    "step": step,
+                    "epoch": step // 100,
+                    "pred_loss": 1.0 / math.sqrt(step),
+                    "sigreg_loss": sig,
+                    "loss": 1.0 / math.sqrt(step) + 0.09 * sig,
+                    "grad_norm": 1.0 + (step % 7),
+                    "lr": 5e-5 * min(1.0, step / 30),
+                    "samples_per_s": 100.0,
+                }
+                f.write(json.dumps(record) + "\n")
+            if step % 100 == 0:
+                if "val" in kinds:
+                    val = {"kind": "val", "step": step, "epoch": step // 100}
+                    f.write(json.dumps({**val, "pred_loss": 0.5, "sigreg_loss": 2.0, "loss": 0.68}) + "\n")
+                if "eval" in kinds:
+                    f.write(json.dumps({"kind": "eval", "step": step, "success_rate": step / 500}) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return path
+
+
+def test_full_report(tmp_path):
+    _write_jsonl(tmp_path / "metrics.jsonl", extra_lines=["", "[1, 2]", '{"kind": "train", "step": 30'])
+    out = rp.write_report(tmp_path, METRICS, stages_seconds=STAGES, device_info=DEVICE, preset="smoke")
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data == out
+    for key in ("success_rate", "final_distance_mean", "plan_ms_median", "one_step_mse", "sigreg_heldout"):
+        assert data[key] == METRICS[key]
+    assert data["probe_r2"] == {"x": 0.91, "y": 0.72} and data["missing"] == {}
+    assert data["stages_seconds"] == STAGES and data["total_seconds"] == pytest.approx(sum(STAGES.values()))
+    assert data["device"] == DEVICE and data["preset"] == "smoke"
+    assert data["reference"]["probe_r2"]["replication"] == {"x": 0.873, "y": 0.674}
+    assert data["details"]["linear_probe"]["alpha"] == 1e-3
+    assert data["metrics_lines_skipped"] == 2  # the array line and the cut-off line; blanks are fine
+
+    train = data["training"]
+    assert train["train_records"] == 300 and train["last_step"] == 300 and train["last_epoch"] == 3
+    assert train["sigreg_loss_first"] == pytest.approx(13.0 * math.exp(-1 / 40) + 1.7)
+    assert train["grad_norm_max"] == 7.0 and train["grad_norm_median"] == 4.0
+    assert train["success_rate_best"] == 0.6 and train["success_rate_best_step"] == 300
+    assert train["val_loss_last"] == 0.68
+
+    assert data["plots"] == {name: f"plots/{name}.png" for name in rp.PLOTS} and data["plots_skipped"] == {}
+    for file in data["plots"].values():
+        assert (tmp_path / file).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    md = (tmp_path / "report.md").read_text()
+    assert "| CEM success rate (Two-Room, 50 episodes) | 62.0% | 87% (paper); 84% (replication) |" in md
+    assert "| linear probe R^2, x | 0.91 | 0.873 (replication) |" in md
+    assert "| 1-step predictor MSE on fresh rollouts | 0.071 | 0.068 (replication) |" in md
+    assert "| train | 1 h 02 min |" in md and "15 h 12 min" in md and "Test GPU 80GB" in md
+    assert "![pre-clip gradient norm](plots/grad_norm.png)" in md
+    assert not list(tmp_path.glob(".*tmp*")) and not list((tmp_path / "plots").glob(".*tmp*"))
+
+
+def test_missing_metrics_are_null_with_a_reason(tmp_path):
+    metrics = {"success_rate": float("nan"), "probe_r2": {"x": 0.8}, "one_step_mse": None, "bogus": 1}
+    out = rp.write_report(
+        tmp_path,
+        metrics,
+        stages_seconds={"generate-data": 1.0, "train": None},
+        device_info="cpu",
+        preset=None,
+        reasons={"plan_ms_median": "eval stage failed: CUDA out of memory"},
+    )
+    assert out["success_rate"] is None and "not a finite number" in out["missing"]["success_rate"]
+    assert out["probe_r2"] == {"x": 0.8, "y": None} and "y" in out["missing"]["probe_r2"]
+    assert out["plan_ms_median"] is None
+    assert out["missing"]["plan_ms_median"] == "eval stage failed: CUDA out of memory"
+    assert set(out["missing"]) == {
+        "success_rate",
+        "final_distance_mean",
+        "plan_ms_median",
+        "probe_r2",
+        "one_step_mse",
+        "sigreg_heldout",
+    }
+    assert out["training"] is None and "metrics.jsonl not found" in out["training_missing"]
+    assert set(out["plots_skipped"]) == set(rp.PLOTS) and out["plots"] == {}
+    assert out["stages_seconds"] == {"generate-data": 1.0, "train": None} and out["total_seconds"] == 1.0
+    json.loads((tmp_path / "report.json").read_text())  # strict JSON: no NaN literal
+    md = (tmp_path / "report.md").read_text()
+    assert "not measured (eval stage failed: CUDA out of memory)" in md
+    assert "| train | not run |" in md and "No training metrics" in md
+
+
+def test_missing_kinds_skip_only_their_plots(tmp_path):
+    jsonl = _write_jsonl(tmp_path / "log.jsonl", kinds=("train",), steps=50)
+    out = rp.write_report(
+        tmp_path / "run", {}, stages_seconds=None, device_info=None, preset="x", metrics_jsonl=jsonl
+    )
+    assert set(out["plots"]) == {"losses", "grad_norm", "lr"}
+    assert "eval records with 'success_rate'" in out["plots_skipped"]["success"]
+    assert out["training"]["success_rate_best"] is None and out["total_seconds"] is None
+    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "plots" / "lr.png").is_file()
+
+
+def test_records_without_keys_or_steps(tmp_path):
+    lines = [
+        json.dumps({"kind": "train", "pred_loss": 1.0}),  # no step: plotted at its index
+        json.dumps({"kind": "train", "pred_loss": 0.5, "grad_norm": "n/a"}),
+        json.dumps({"step": 3, "loss": 1.0}),  # no kind
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    records, skipped = rp.read_metrics(tmp_path / "metrics.jsonl")
+    assert skipped == 0 and len(records["train"]) == 2 and len(records["unknown"]) == 1
+    out = rp.write_report(tmp_path, {}, stages_seconds={}, device_info="cpu", preset="p")
+    assert list(out["plots"]) == ["losses"] and out["training"]["grad_norm_median"] is None
+
+
+def test_report_without_matplotlib(tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    _write_jsonl(tmp_path / "metrics.jsonl", steps=100)
+    out = rp.write_report(tmp_path, METRICS, stages_seconds=STAGES, device_info=DEVICE, preset="smoke")
+    assert out["plots"] == {}
+    assert all("matplotlib is not installed" in why for why in out["plots_skipped"].values())
+    assert out["training"]["train_records"] == 100
+    assert "skipped (matplotlib is not installed" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"metrics": [1]}, "metrics must be a mapping"),
+        ({"stages_seconds": {"train": -1.0}}, "stages_seconds"),
+        ({"stages_seconds": {"train": "soon"}}, "stages_seconds"),
+        ({"stages_seconds": [1.0]}, "stages_seconds"),
+        ({"reasons": ["x"]}, "reasons"),
+    ],
+    ids=["metrics", "negative-stage", "text-stage", "stage-list", "reasons"],
+)
+def test_bad_arguments(tmp_path, kwargs, match):
+    args = {"metrics": {}, "stages_seconds": {}, "device_info": "cpu", "preset": "p", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        rp.write_report(tmp_path, **args)
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_duration_format():
+    assert rp.duration(12.34) == "12.3 s"
+    assert rp.duration(185) == "3 min 05 s"
+    assert rp.duration(15 * 3600 + 12 * 60) == "15 h 12 min"
+    assert rp.duration(None) == "-"
