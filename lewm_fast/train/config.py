@@ -39,6 +39,7 @@ RESUME_FREE_FIELDS = (
     "max_nonfinite_steps",
     "backend",
     "keep_checkpoints",
+    "compile",
 )
 
 
@@ -79,6 +80,10 @@ class TrainConfig:
     ``early_stop_patience`` / ``early_stop_min_delta`` drive evaluation and early stopping
     when an evaluator is given; ``max_nonfinite_steps`` non-finite steps in a row abort
     the run; ``keep_checkpoints`` most recent checkpoints are kept.
+
+    Speed: ``backend`` selects the fused kernels ("auto": on CUDA); ``compile`` wraps each
+    encoder layer in ``torch.compile`` (same weights and state-dict keys, same plans; the
+    first steps compile for a minute or so).
     """
 
     model: LeWMConfig = field(default_factory=LeWMConfig)
@@ -111,6 +116,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 20
     keep_checkpoints: int = 2
     backend: str = "auto"
+    compile: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -163,7 +169,7 @@ class TrainConfig:
         from ..backend import check_name
 
         check_name(self.backend)
-        for name in ("enforce_vram_budget", "progress"):
+        for name in ("enforce_vram_budget", "progress", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -198,6 +198,9 @@ class Trainer:
         if ctx.active:
             _dist.convert_batchnorm(model)
             _dist.broadcast_module(model)
+        if cfg.compile:
+            for layer in model.encoder.layers:
+                layer.compile()
         self.model = model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.bn_buffers = [b for m in model.modules() if isinstance(m, nn.BatchNorm1d) for b in m.buffers()]
