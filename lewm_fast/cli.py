@@ -228,10 +228,11 @@ def train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"lewm-fast train: {exc}", file=sys.stderr)
         return 3
-    print(
-        f"lewm-fast train: {result.status} at step {result.step} (epoch {result.epoch}); "
-        f"checkpoint {result.checkpoint}; metrics {result.out_dir / 'metrics.jsonl'}"
-    )
+    if trainer.ctx.is_main:
+        print(
+            f"lewm-fast train: {result.status} at step {result.step} (epoch {result.epoch}); "
+            f"checkpoint {result.checkpoint}; metrics {result.out_dir / 'metrics.jsonl'}"
+        )
     return 128 + result.signal if result.status == "interrupted" else 0
 
 
