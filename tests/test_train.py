@@ -609,6 +609,28 @@ def test_cli_sigint_saves_a_checkpoint_that_resumes(dataset, tmp_path):
     assert [r["step"] for r in _records(run, "train")] == list(range(1, stopped + 3))
 
 
+def test_sigterm_in_process_stops_with_a_checkpoint(dataset, tmp_path, monkeypatch):
+    """SIGTERM during step 3 (the handler only sets a flag): the step finishes, a checkpoint
+    is written at step 3, the previous handler is restored."""
+    real = trainer_module.forward_backward
+    calls = [0]
+
+    def terminating(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "forward_backward", terminating)
+    before = signal.getsignal(signal.SIGTERM)
+    result = Trainer(dataset, tmp_path / "run", _tiny(log_every=10), device="cpu").fit()
+    assert (result.status, result.signal, result.step) == ("interrupted", signal.SIGTERM, 3)
+    assert latest_checkpoint(tmp_path / "run").name == "step_000000003"
+    assert [r["step"] for r in _records(tmp_path / "run", "train")] == [1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not (tmp_path / "run" / "model").exists()  # the final export is for finished runs
+
+
 BAD_CLI = [
     pytest.param(["--batch-size", "0"], "batch_size must be a positive integer", id="batch-size"),
     pytest.param(["--vram-budget", "8 bananas"], "cannot read the memory size", id="vram-budget"),
@@ -659,6 +681,22 @@ def test_cli_trains_with_a_budget_and_overrides(dataset, tmp_path, capsys):
     assert "VRAM budget 1.00 GiB; memory plan whole" in out and "completed at step 4" in out
     assert json.loads((run / "model" / "config.json").read_text())["predictor"]["dropout"] == 0.0
     assert _records(run, "train")[0]["lr"] == pytest.approx(2e-3)
+
+
+def test_convert_batchnorm_keeps_keys_and_single_process_behaviour():
+    from lewm_fast.train import GlobalBatchNorm1d, convert_batchnorm
+
+    model, _ = model_pair(small_config(), seed=1)
+    before = _state(model)
+    convert_batchnorm(model)
+    assert isinstance(model.projector.net[1], GlobalBatchNorm1d)
+    assert isinstance(model.pred_proj.net[1], GlobalBatchNorm1d)
+    _assert_same_state(_state(model), before)  # same keys and values: checkpoints unchanged
+    plain, _ = model_pair(small_config(), seed=1)
+    for m in (model, plain):
+        torch.manual_seed(0)
+        forward_backward(m, lewm_fast.SIGReg(num_proj=16), _batch())
+    assert_grads_close(_grads(model), _grads(plain), "fp32_elementwise")  # no process group: BatchNorm1d
 
 
 # ------------------------------------------------------------ two processes

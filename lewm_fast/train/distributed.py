@@ -145,7 +145,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` whose training-mode statistics span every process of the group.
 
     Same parameters, buffers and state-dict keys as ``BatchNorm1d``. In training mode with
-    more than one process, input (N, C) or (N, C, L) is normalised with the mean and
+    more than one process, input (N, C) is normalised with the mean and
     (biased) variance of the global batch, the running statistics take the global
     (unbiased) variance, and the backward pass all-reduces ``sum(dy)`` and
     ``sum(dy * xhat)`` so the input gradient is the exact slice of the global-batch one.
@@ -158,16 +158,15 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         ):
             return super().forward(x)
-        if x.dim() not in (2, 3):
-            raise ValueError(f"GlobalBatchNorm1d expects (N, C) or (N, C, L) input, got {tuple(x.shape)}")
+        if x.dim() != 2:
+            raise ValueError(f"GlobalBatchNorm1d expects (N, C) input in training, got {tuple(x.shape)}")
         if self.momentum is None:
             raise ValueError("GlobalBatchNorm1d needs a momentum (cumulative averaging is not supported)")
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
-        rows = x if x.dim() == 2 else x.transpose(1, 2).reshape(-1, x.shape[1])
         running = self.track_running_stats
-        out = _GlobalBatchNormFunction.apply(
-            rows,
+        return _GlobalBatchNormFunction.apply(
+            x,
             self.weight,
             self.bias,
             self.running_mean if running else None,
@@ -175,9 +174,6 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             self.momentum,
             self.eps,
         )
-        if x.dim() == 3:
-            out = out.reshape(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
-        return out
 
 
 def convert_batchnorm(module: nn.Module) -> nn.Module:

@@ -44,6 +44,7 @@ small model); they have not been calibrated against a GPU's allocator.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -168,6 +169,7 @@ class MemoryEstimate:
         )
 
 
+@functools.lru_cache(maxsize=32)
 def _num_params(config: LeWMConfig) -> int:
     # parameters of the built model, without building it: count on the meta device
     with torch.device("meta"):

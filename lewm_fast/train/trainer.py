@@ -23,7 +23,9 @@ Steps whose loss or gradient norm is not finite are skipped on the device (the f
 update is masked, BatchNorm running statistics are restored); ``max_nonfinite_steps`` of
 them in a row abort the run (``NonFiniteLossError``) without writing a checkpoint, so the
 newest checkpoint is the last good state. Under torchrun, every process trains on its
-share of each global batch (see :mod:`lewm_fast.train.distributed`).
+share of each global batch (see :mod:`lewm_fast.train.distributed`); rank 0 writes the
+run folder (on one node, or a filesystem every node shares) and runs the evaluator while
+the other ranks wait.
 """
 
 from __future__ import annotations
@@ -162,6 +164,8 @@ class Trainer:
                 "another output folder"
             )
         self._stop_signal: int | None = None
+        self._capped = False
+        self._owns_group = False
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
@@ -249,6 +253,7 @@ class Trainer:
             total = torch.cuda.get_device_properties(self.device).total_memory
             if budget < total:
                 torch.cuda.set_per_process_memory_fraction(budget / total, self.device)
+                self._capped = True
         if self.ctx.is_main:
             where = (
                 f"VRAM budget {format_size(budget)}" + (" (free memory)" if not explicit else "")
@@ -498,10 +503,13 @@ class Trainer:
     # --------------------------------------------------------------------- run
     def fit(self) -> TrainResult:
         """Train until the epochs are done, early stopping, ``max_steps`` or a signal."""
-        self._setup()
         try:
+            self._setup()
             return self._fit()
         finally:
+            if self._capped:  # the allocator cap of an explicit budget lasts for the run only
+                torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+                self._capped = False
             if self._owns_group and dist.is_initialized():
                 dist.destroy_process_group()
 
