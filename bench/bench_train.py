@@ -112,11 +112,13 @@ class _Step:
 
     def __call__(self, batch: dict) -> None:
         loss = self.grads(batch)
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         if self.reference:
+            ref.optimizer_step(self.model, self.optimizer, 1.0)
             loss.item()
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
 
 def _absolute_peak(fn, device: torch.device) -> float | None:

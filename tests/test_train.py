@@ -71,6 +71,21 @@ def _records(run, kind):
 
 # ------------------------------------------------------------- memory plans
 
+
+def test_reference_optimizer_step_clips_and_reports_the_pre_clip_norm():
+    model, _ = model_pair(small_config())
+    ref.train_step(model, ref.SIGReg(num_proj=16), _batch())
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    got = ref.optimizer_step(model, opt, max_norm=0.5 * float(norm))
+    assert_close(got, norm, "fp32_elementwise", "pre-clip norm")
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert_close(step.norm(), 0.5 * norm, "fp32_elementwise", "clipped update")
+    assert all(p.grad is None for p in model.parameters())
+
+
 PLAN_CASES = [
     pytest.param("whole", None, id="whole"),
     pytest.param("checkpoint", None, id="checkpoint"),
