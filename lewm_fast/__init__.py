@@ -8,8 +8,9 @@ Drop-in replacements for the published classes (switching is an import change)::
     model = lewm_fast.load_pretrained("path/to/checkpoint")    # config.json + weights.pt
 
 ``lewm_fast.reference`` holds the plain PyTorch semantics every fast path is tested
-against; ``lewm_fast.envs`` the Two-Room environment and ``lewm_fast.data`` its datasets
-and training windows. Importing this package never touches a GPU.
+against; ``lewm_fast.envs`` the Two-Room environment, ``lewm_fast.data`` its datasets
+and training windows, and ``lewm_fast.train`` the memory-aware trainer. Importing this
+package never touches a GPU.
 """
 
 from .checkpoint import convert_encoder_keys, load_pretrained, save_pretrained

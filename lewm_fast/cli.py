@@ -9,6 +9,7 @@ lewm-fast export-hdf5    write a dataset folder as an HDF5 file in the published
 lewm-fast eval           the published Two-Room MPC evaluation of a checkpoint on a dataset
 lewm-fast probe          linear probe, 1-step MSE on fresh rollouts, SIGReg of a checkpoint
 lewm-fast bench          run the benchmarks on this device (same as python -m bench)
+lewm-fast train          train LeWM on a dataset folder (memory plan from a VRAM budget, resumable)
 """
 
 from __future__ import annotations
@@ -293,6 +294,46 @@ def bench(argv: list[str]) -> int:
     return bench_main(argv, prog="lewm-fast bench")
 
 
+def _set_values(pairs: list[str]) -> dict[str, str]:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set takes key=value pairs, got {pair!r}")
+        values[key.strip()] = value
+    return values
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train LeWM on a dataset folder; Ctrl-C saves a checkpoint that --resume continues."""
+    from .train import NonFiniteLossError, TrainConfig, Trainer
+
+    try:
+        config = TrainConfig.preset(args.preset)
+        values = _set_values(args.set or [])
+        for key in ("epochs", "batch_size", "memory_plan", "chunk_size", "max_steps", "log_every"):
+            if getattr(args, key) is not None:
+                values[key] = getattr(args, key)
+        if args.vram_budget is not None:
+            values["vram_budget"] = None if args.vram_budget == "auto" else args.vram_budget
+        if args.no_progress:
+            values["progress"] = False
+        config = config.override(values)
+        trainer = Trainer(args.dataset, args.out, config, device=_device(args.device), resume=args.resume)
+        result = trainer.fit()
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise SystemExit(f"lewm-fast train: {exc}") from None
+    except NonFiniteLossError as exc:
+        print(f"lewm-fast train: {exc}", file=sys.stderr)
+        return 3
+    if trainer.ctx.is_main:
+        print(
+            f"lewm-fast train: {result.status} at step {result.step} (epoch {result.epoch}); "
+            f"checkpoint {result.checkpoint}; metrics {result.out_dir / 'metrics.jsonl'}"
+        )
+    return 128 + result.signal if result.status == "interrupted" else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lewm-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -388,6 +429,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Parsed by the benchmark runner itself (see bench()); listed here for --help.
     sub.add_parser("bench", help="run the benchmarks on this device (lewm-fast bench --help)", add_help=False)
+
+    p = sub.add_parser(
+        "train",
+        help="train LeWM on a dataset folder",
+        description="Train LeWM with the published recipe (TrainConfig); run under torchrun for "
+        "several GPUs. SIGINT/SIGTERM save a checkpoint; --resume continues it.",
+    )
+    p.add_argument("--dataset", required=True, help="dataset folder (lewm-fast generate-data / import-hdf5)")
+    p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, model/")
+    p.add_argument("--preset", default="default", help="TrainConfig preset: default, paper, tiny")
+    p.add_argument("--epochs", type=int, help="epochs (default 10; the published config says 100)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
+    p.add_argument(
+        "--vram-budget", help="VRAM budget such as 8GiB, or auto for the device's free memory (default)"
+    )
+    p.add_argument(
+        "--memory-plan",
+        choices=("auto", "whole", "checkpoint", "two_pass"),
+        help="memory plan (default auto: the first that fits the budget)",
+    )
+    p.add_argument("--chunk-size", type=int, help="windows per encoder chunk of the two_pass plan")
+    p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) at this global step")
+    p.add_argument("--log-every", type=int, help="steps between metric flushes (default 20)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a TrainConfig field, e.g. --set lr=1e-4 --set model.predictor.depth=4",
+    )
+    p.set_defaults(func=train)
     return parser
 
 

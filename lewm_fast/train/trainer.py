@@ -1,0 +1,693 @@
+"""The LeWM trainer: the published recipe, a memory plan from a VRAM budget, resumable runs.
+
+``Trainer(dataset, out_dir, config).fit()`` (or :func:`train`) trains on the Two-Room
+training windows of ``dataset`` (rendered on the device by default) and writes to
+``out_dir``:
+
+- ``metrics.jsonl``: one JSON object per line with a ``"kind"``:
+  ``{"kind": "train", "step", "epoch", "pred_loss", "sigreg_loss", "loss", "grad_norm"
+  (pre-clip), "lr", "step_time", "samples_per_s", "peak_vram_bytes"}`` for every step,
+  ``{"kind": "val", "step", "epoch", "pred_loss", "sigreg_loss", "loss"}`` each epoch,
+  ``{"kind": "eval", "step", "epoch", "success_rate", ...}`` after each evaluation, and
+  ``{"kind": "skip", "step", "epoch", "in_a_row"}`` for each step skipped as non-finite.
+  ``step`` counts optimiser steps from 1 (the step a record describes), ``epoch`` is the
+  0-based epoch. Step records are written at each flush (every ``log_every`` steps, the
+  loop's only host synchronisation): ``step_time`` and ``samples_per_s`` are averages over
+  the flush interval, ``peak_vram_bytes`` the allocator peak over it (null off CUDA).
+- ``checkpoints/``: a checkpoint after every epoch, at ``max_steps``, and on SIGINT/SIGTERM
+  (see :mod:`lewm_fast.train.state`); ``resume=True`` continues from the newest one.
+- ``model/``: the final model in the release format; ``best_model/``: the model of the
+  best evaluation when an evaluator is given.
+
+Steps whose loss or gradient norm is not finite are skipped on the device (the fused AdamW
+update is masked, BatchNorm running statistics are restored); ``max_nonfinite_steps`` of
+them in a row abort the run (``NonFiniteLossError``) without writing a checkpoint, so the
+newest checkpoint is the last good state. Under torchrun, every process trains on its
+share of each global batch (see :mod:`lewm_fast.train.distributed`); rank 0 writes the
+run folder (on one node, or a filesystem every node shares) and runs the evaluator while
+the other ranks wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..checkpoint import save_pretrained
+from ..sigreg import SIGReg
+from . import distributed as _dist
+from .config import RESUME_FREE_FIELDS, TrainConfig
+from .memory import MemoryEstimate, choose_plan, format_size, free_vram, parse_size
+from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .step import _encode_frames, _head, forward_backward
+
+__all__ = ["Trainer", "train", "TrainResult", "NonFiniteLossError", "lr_factor", "METRICS_FILE"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier of 0-based ``step``: linear warm-up over ``warmup`` steps
+    ((step + 1) / warmup), then a cosine from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a run ended: ``status`` is "completed", "early_stopped", "max_steps" or "interrupted"."""
+
+    status: str
+    step: int
+    epoch: int
+    out_dir: Path
+    checkpoint: Path | None
+    memory: MemoryEstimate
+    best_success_rate: float | None = None
+    signal: int | None = None
+
+
+def _open_dataset(dataset):
+    from ..data import TrainingWindows, TwoRoomDataset
+
+    if isinstance(dataset, TrainingWindows):
+        return dataset.dataset
+    if isinstance(dataset, TwoRoomDataset):
+        return dataset
+    if isinstance(dataset, (str, os.PathLike)):
+        return TwoRoomDataset.open(dataset)
+    raise ValueError(
+        f"dataset must be a dataset folder, a TwoRoomDataset or TrainingWindows, got {type(dataset).__name__}"
+    )
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Train a LeWM model on a Two-Room dataset.
+
+    Args:
+        dataset: a dataset folder, ``TwoRoomDataset`` or ``TrainingWindows`` (whose
+            dataset is used; windows are rebuilt on ``device``).
+        out_dir: run folder for metrics, checkpoints and the final model.
+        config: a :class:`TrainConfig` (default: the published recipe, 10 epochs).
+        device: "auto" (CUDA if available), "cpu", "cuda[:N]"; under torchrun with CUDA
+            each process uses ``cuda:LOCAL_RANK``.
+        evaluator: optional ``evaluator(model) -> {"success_rate": float, ...}``, called in
+            eval mode every ``config.eval_every_epochs`` epochs (on rank 0); drives early
+            stopping and ``best_model/``.
+        resume: continue from the newest checkpoint in ``out_dir`` (it must exist). Without
+            it, ``out_dir`` must not hold checkpoints yet.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        out_dir: str | os.PathLike,
+        config: TrainConfig | None = None,
+        *,
+        device: str | torch.device = "auto",
+        evaluator: Callable[[nn.Module], dict] | None = None,
+        resume: bool = False,
+    ):
+        self.config = config or TrainConfig()
+        if not isinstance(self.config, TrainConfig):
+            raise ValueError(f"config must be a TrainConfig, got {type(self.config).__name__}")
+        if evaluator is not None and not callable(evaluator):
+            raise ValueError("evaluator must be a callable evaluator(model) -> dict with 'success_rate'")
+        self.dataset = _open_dataset(dataset)
+        self.out_dir = Path(out_dir)
+        self.evaluator = evaluator
+        self.resume = bool(resume)
+        if isinstance(device, str) and device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if self.resume and latest_checkpoint(self.out_dir) is None:
+            raise ValueError(f"resume=True but {self.out_dir} holds no checkpoint to resume from")
+        if not self.resume and latest_checkpoint(self.out_dir) is not None:
+            raise ValueError(
+                f"{self.out_dir} already holds a training checkpoint; resume it (--resume) or choose "
+                "another output folder"
+            )
+        self._stop_signal: int | None = None
+        self._capped = False
+        self._owns_group = False
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        cfg = self.config
+        self.ctx, self.device, self._owns_group = _dist.init_from_env(self.device)
+        ctx = self.ctx
+        if cfg.batch_size % ctx.world_size:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} must be divisible by the number of processes {ctx.world_size}"
+            )
+        self.local_batch = cfg.batch_size // ctx.world_size
+
+        from ..data import TrainingWindows
+
+        self.windows = TrainingWindows(
+            self.dataset,
+            source=cfg.data_source,
+            device=self.device,
+            image_size=cfg.model.encoder.image_size,
+            num_frames=cfg.model.predictor.num_frames + 1,
+        )
+        per_epoch = len(self.windows.train_ids) // cfg.batch_size
+        if per_epoch == 0:
+            raise ValueError(
+                f"the training split has {len(self.windows.train_ids)} windows, fewer than one batch of "
+                f"{cfg.batch_size}; use a larger dataset or a smaller batch_size"
+            )
+        self.steps_per_epoch = min(per_epoch, cfg.epoch_steps or per_epoch)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.warmup_fraction * self.total_steps)
+
+        torch.manual_seed(cfg.seed)
+        model = cfg.model.build(backend=cfg.backend).to(self.device)
+        if ctx.active:
+            _dist.convert_batchnorm(model)
+            _dist.broadcast_module(model)
+        if cfg.compile:
+            for layer in model.encoder.layers:
+                layer.compile()
+        self.model = model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.bn_buffers = [b for m in model.modules() if isinstance(m, nn.BatchNorm1d) for b in m.buffers()]
+        self.sigreg = SIGReg(cfg.sigreg_knots, cfg.sigreg_num_proj, backend=cfg.backend).to(self.device)
+
+        kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        try:  # the fused update takes a device-side "skip" flag: no host sync per step
+            self.optimizer = torch.optim.AdamW(self.params, fused=True, **kwargs)
+            self.skip_on_device = True
+        except (RuntimeError, TypeError, ValueError):
+            self.optimizer = torch.optim.AdamW(self.params, **kwargs)
+            self.skip_on_device = False
+        total, warmup, ratio = self.total_steps, self.warmup_steps, cfg.min_lr_ratio
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, warmup, ratio)
+        )
+
+        self.memory = self._plan_memory()
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.best_success: float | None = None
+        self.evals_since_best = 0
+        self.bad_in_a_row = 0
+        if self.resume:
+            self._load()
+        else:
+            torch.manual_seed(cfg.seed + ctx.rank)  # dropout and SIGReg draws; rank 0's A is broadcast
+        if ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._prepare_metrics()
+
+    def _plan_memory(self) -> MemoryEstimate:
+        cfg = self.config
+        explicit = cfg.vram_budget not in (None, "auto")
+        budget = parse_size(cfg.vram_budget) if explicit else free_vram(self.device)
+        estimate = choose_plan(
+            cfg.model,
+            self.local_batch,
+            budget,
+            plan=cfg.memory_plan,
+            chunk_size=cfg.chunk_size,
+            precision=cfg.precision,
+        )
+        if self.device.type == "cuda" and explicit and cfg.enforce_vram_budget:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if budget < total:
+                torch.cuda.set_per_process_memory_fraction(budget / total, self.device)
+                self._capped = True
+        if self.ctx.is_main:
+            where = (
+                f"VRAM budget {format_size(budget)}" + (" (free memory)" if not explicit else "")
+                if budget is not None
+                else f"no VRAM budget on {self.device.type}"
+            )
+            print(f"[lewm-fast train] {where}; {estimate.describe()}", flush=True)
+            if budget is not None and estimate.peak_bytes > budget:
+                warnings.warn(
+                    f"memory plan {estimate.plan} is predicted to need {format_size(estimate.peak_bytes)}, "
+                    f"more than the budget {format_size(budget)}",
+                    stacklevel=3,
+                )
+        return estimate
+
+    # ------------------------------------------------------------- checkpoints
+    def _trainer_state(self) -> dict[str, Any]:
+        rng = _rng_state(self.device)
+        if self.ctx.active:
+            states: list = [None] * self.ctx.world_size
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "rng": states,
+            "world_size": self.ctx.world_size,
+            "device_type": self.device.type,
+            "best_success": self.best_success,
+            "evals_since_best": self.evals_since_best,
+        }
+
+    def _save(self) -> Path | None:
+        state = self._trainer_state()  # collective under torchrun: every rank calls it
+        folder = None
+        if self.ctx.is_main:
+            folder = save_checkpoint(
+                self.out_dir,
+                self.step,
+                self.model,
+                self.config.model,
+                state,
+                self.config.to_dict(),
+                keep=self.config.keep_checkpoints,
+            )
+        if self.ctx.active:
+            dist.barrier()
+        return folder or latest_checkpoint(self.out_dir)
+
+    def _load(self) -> None:
+        folder = latest_checkpoint(self.out_dir)
+        state, saved = load_checkpoint(folder, self.model)
+        current = self.config.to_dict()
+        changed = sorted(k for k in current if k not in RESUME_FREE_FIELDS and saved.get(k) != current[k])
+        if changed:
+            raise ValueError(
+                f"cannot resume {folder}: the run was configured differently in {changed} "
+                f"(only {list(RESUME_FREE_FIELDS)} may change on resume)"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.best_success = state["best_success"]
+        self.evals_since_best = int(state["evals_since_best"])
+        states = state["rng"]
+        if len(states) == self.ctx.world_size and state["device_type"] == self.device.type:
+            _set_rng_state(states[self.ctx.rank], self.device)
+        else:
+            warnings.warn(
+                f"resuming a run saved with {len(states)} process(es) on {state['device_type']} with "
+                f"{self.ctx.world_size} on {self.device.type}: random streams are reseeded, so the "
+                "continuation is not bit-identical",
+                stacklevel=3,
+            )
+            torch.manual_seed(self.config.seed + self.ctx.rank + self.step)
+        if self.ctx.is_main:
+            print(f"[lewm-fast train] resumed {folder} at step {self.step} (epoch {self.epoch})", flush=True)
+
+    # ----------------------------------------------------------------- metrics
+    def _prepare_metrics(self) -> None:
+        """Start metrics.jsonl, or on resume drop records past the checkpoint's step."""
+        path = self.out_dir / METRICS_FILE
+        if not self.resume:
+            path.write_text("")
+            return
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the crash
+                if record.get("step", 0) <= self.step:
+                    kept.append(line)
+        tmp = path.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def _log(self, records: list[dict]) -> None:
+        if not self.ctx.is_main or not records:
+            return
+        with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+            signal.signal(signum, previous.get(signum, signal.SIG_DFL))  # a second signal acts at once
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        return previous
+
+    def _stop_requested(self) -> bool:
+        """Whether any process got SIGINT/SIGTERM (a collective under torchrun)."""
+        flag = self._stop_signal or 0
+        if self.ctx.active:
+            t = torch.tensor([flag], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t.item())
+            self._stop_signal = flag or None
+        return bool(flag)
+
+    # ------------------------------------------------------------------ data
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator(device=self.windows.device)
+        g.manual_seed(self.config.seed + epoch)
+        ids = self.windows.train_ids
+        return ids[torch.randperm(ids.shape[0], device=ids.device, generator=g)]
+
+    def _local_ids(self, perm: torch.Tensor, i: int) -> torch.Tensor:
+        start = i * self.config.batch_size + self.ctx.rank * self.local_batch
+        return perm[start : start + self.local_batch]
+
+    # ------------------------------------------------------------------ steps
+    def _train_step(self, batch: dict) -> torch.Tensor:
+        cfg = self.config
+        saved = [b.clone() for b in self.bn_buffers]
+        losses = forward_backward(
+            self.model,
+            self.sigreg,
+            batch,
+            self.memory.plan,
+            self.memory.chunk_size,
+            cfg.sigreg_weight,
+            autocast_dtype=cfg.autocast_dtype,
+            world_size=self.ctx.world_size,
+        )
+        pred_loss, sigreg_loss = losses["pred_loss"], losses["sigreg_loss"]
+        if self.ctx.active:
+            pred_loss = _dist.all_reduce_gradients(
+                self.params, extra=pred_loss.reshape(1) / self.ctx.world_size
+            )[0]
+        if cfg.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        loss = pred_loss + cfg.sigreg_weight * sigreg_loss
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self.skip_on_device:
+            self.optimizer.found_inf = bad.float()  # the fused AdamW skips its update when set
+            self.optimizer.step()
+        elif not bool(bad):  # host check: only without the fused optimizer
+            self.optimizer.step()
+        with torch.no_grad():
+            for buffer, old in zip(self.bn_buffers, saved):
+                buffer.copy_(torch.where(bad, old, buffer))
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.stack([loss, pred_loss, sigreg_loss, grad_norm.float(), bad.float()])
+
+    @torch.no_grad()
+    def _validate(self) -> dict | None:
+        cfg = self.config
+        ids = self.windows.val_ids
+        w = self.ctx.world_size
+        global_batch = min(cfg.batch_size, ids.shape[0] // w * w)
+        if global_batch == 0:
+            return None
+        n = ids.shape[0] // global_batch
+        if cfg.val_max_batches:
+            n = min(n, cfg.val_max_batches)
+        local = global_batch // w
+        devices = [self.device] if self.device.type == "cuda" else []
+        enabled = cfg.autocast_dtype is not None
+        sums = torch.zeros(2, device=self.device)
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(cfg.seed)  # the same SIGReg directions at every validation
+                for i in range(n):
+                    start = i * global_batch + self.ctx.rank * local
+                    batch = self.windows.batch(ids[start : start + local], check=False)
+                    pixels = batch["pixels"]
+                    b, t = pixels.shape[:2]
+                    action = torch.nan_to_num(batch["action"], 0.0)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled):
+                        cls = _encode_frames(self.model.encoder, pixels.float().flatten(0, 1))
+                        losses = _head(self.model, self.sigreg, cls, action, b, t, cfg.sigreg_weight)
+                    # pred_loss is this rank's mean, SIGReg already the global batch's value
+                    sums += torch.stack([losses["pred_loss"].float(), losses["sigreg_loss"].float()]) / w
+        finally:
+            self.model.train()
+        if self.ctx.active:
+            dist.all_reduce(sums)
+        pred, sig = (sums / n).tolist()
+        return {"pred_loss": pred, "sigreg_loss": sig, "loss": pred + cfg.sigreg_weight * sig}
+
+    def _evaluate(self) -> dict | None:
+        """Run the evaluator on rank 0; returns its numbers and whether to stop early."""
+        result = None
+        if self.ctx.is_main:
+            devices = [self.device] if self.device.type == "cuda" else []
+            self.model.eval()
+            try:
+                with torch.random.fork_rng(devices=devices):
+                    result = self.evaluator(self.model)
+            finally:
+                self.model.train()
+            if not isinstance(result, dict) or "success_rate" not in result:
+                raise ValueError(
+                    "evaluator must return a dict with 'success_rate', "
+                    f"got {type(result).__name__}: {result!r}"
+                )
+            result = {
+                k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        if self.ctx.active:
+            box = [result]
+            dist.broadcast_object_list(box, src=0)
+            result = box[0]
+        return result
+
+    # --------------------------------------------------------------------- run
+    def fit(self) -> TrainResult:
+        """Train until the epochs are done, early stopping, ``max_steps`` or a signal."""
+        try:
+            self._setup()
+            return self._fit()
+        finally:
+            if self._capped:  # the allocator cap of an explicit budget lasts for the run only
+                torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+                self._capped = False
+            if self._owns_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _fit(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        stop_at = min(self.total_steps, cfg.max_steps or self.total_steps)
+        previous = self._install_signal_handlers()
+        bar = tqdm(
+            total=stop_at,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (cfg.progress and self.ctx.is_main),
+        )
+        pending: list[tuple[int, int, float, torch.Tensor]] = []
+        clock = [time.perf_counter()]
+        status = "completed"
+        perm = self._permutation(self.epoch)
+
+        def flush() -> None:
+            if not pending:
+                return
+            values = torch.stack([p[3] for p in pending]).tolist()  # the host sync
+            now = time.perf_counter()
+            step_time = (now - clock[0]) / len(pending)
+            clock[0] = now
+            peak = None
+            if self.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            records = []
+            for (step, epoch, lr, _), (loss, pred, sig, norm, bad) in zip(pending, values):
+                records.append(
+                    {
+                        "kind": "train",
+                        "step": step,
+                        "epoch": epoch,
+                        "pred_loss": pred,
+                        "sigreg_loss": sig,
+                        "loss": loss,
+                        "grad_norm": norm,
+                        "lr": lr,
+                        "step_time": step_time,
+                        "samples_per_s": cfg.batch_size / step_time,
+                        "peak_vram_bytes": peak,
+                    }
+                )
+                if bad:
+                    self.bad_in_a_row += 1
+                    records.append(
+                        {"kind": "skip", "step": step, "epoch": epoch, "in_a_row": self.bad_in_a_row}
+                    )
+                    if self.ctx.is_main:
+                        warnings.warn(
+                            f"step {step}: non-finite loss or gradient norm (loss {loss}, grad norm "
+                            f"{norm}); update skipped ({self.bad_in_a_row} in a row, abort at "
+                            f"{cfg.max_nonfinite_steps})",
+                            stacklevel=2,
+                        )
+                else:
+                    self.bad_in_a_row = 0
+            pending.clear()
+            self._log(records)
+            last = records[-1] if records[-1]["kind"] == "train" else records[-2]
+            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", refresh=False)
+            if self.bad_in_a_row >= cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last: "
+                    f"step {records[-1]['step']}); aborting. The newest checkpoint in {self.out_dir} is "
+                    "the last good state"
+                )
+
+        stop = False
+        try:
+            while True:
+                if self.step_in_epoch == self.steps_per_epoch:
+                    if self._end_epoch():
+                        status = "early_stopped"
+                        break
+                    perm = self._permutation(self.epoch)
+                if stop or self.step >= stop_at:
+                    break
+                lr = self.optimizer.param_groups[0]["lr"]
+                batch = self.windows.batch(self._local_ids(perm, self.step_in_epoch), check=False)
+                metrics = self._train_step(batch)
+                self.step += 1
+                self.step_in_epoch += 1
+                pending.append((self.step, self.epoch, lr, metrics))
+                bar.update(1)
+                if (
+                    self.step % cfg.log_every == 0
+                    or self.step_in_epoch == self.steps_per_epoch
+                    or self.step == stop_at
+                ):
+                    flush()
+                    if self.ctx.active:  # agree on a signal at the same step on every rank
+                        stop = self._stop_requested()
+                if not self.ctx.active and self._stop_signal:
+                    flush()
+                    stop = True
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if status != "early_stopped":
+            if self._stop_signal:
+                status = "interrupted"
+            elif self.step < self.total_steps:
+                status = "max_steps"
+
+        checkpoint = self._save()
+        if status == "interrupted" and self.ctx.is_main:
+            name = signal.Signals(self._stop_signal).name
+            print(
+                f"[lewm-fast train] {name}: stopped at step {self.step}; checkpoint {checkpoint}; "
+                "continue with --resume",
+                file=sys.stderr,
+                flush=True,
+            )
+        if status in ("completed", "early_stopped") and self.ctx.is_main:
+            save_pretrained(self.model, self.out_dir / "model", config=cfg.model)
+        return TrainResult(
+            status,
+            self.step,
+            self.epoch,
+            self.out_dir,
+            checkpoint,
+            self.memory,
+            self.best_success,
+            self._stop_signal,
+        )
+
+    def _end_epoch(self) -> bool:
+        """Validation, evaluation and the epoch checkpoint; True when early stopping triggers."""
+        cfg = self.config
+        val = self._validate()
+        if val is not None:
+            self._log([{"kind": "val", "step": self.step, "epoch": self.epoch, **val}])
+        stop = False
+        done = self.epoch + 1
+        if self.evaluator is not None and done % cfg.eval_every_epochs == 0:
+            result = self._evaluate()
+            self._log([{"kind": "eval", "step": self.step, "epoch": self.epoch, **result}])
+            success = float(result["success_rate"])
+            if self.best_success is None or success > self.best_success + cfg.early_stop_min_delta:
+                self.best_success = success
+                self.evals_since_best = 0
+                if self.ctx.is_main:
+                    save_pretrained(self.model, self.out_dir / "best_model", config=cfg.model)
+            else:
+                self.evals_since_best += 1
+                stop = (
+                    cfg.early_stop_patience is not None and self.evals_since_best >= cfg.early_stop_patience
+                )
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._save()
+        return stop
+
+
+def train(
+    dataset,
+    out_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    device: str | torch.device = "auto",
+    evaluator: Callable[[nn.Module], dict] | None = None,
+    resume: bool = False,
+    **overrides,
+) -> TrainResult:
+    """Train LeWM: ``Trainer(dataset, out_dir, config.override(overrides), ...).fit()``.
+
+    ``overrides`` are TrainConfig fields, e.g. ``train("data/two_room", "runs/a", epochs=2)``.
+    """
+    config = config or TrainConfig()
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    return Trainer(dataset, out_dir, config, device=device, evaluator=evaluator, resume=resume).fit()
