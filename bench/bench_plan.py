@@ -26,27 +26,6 @@ from .harness import Report, peak_extra_memory, time_fn
 
 BENCH = "plan"
 
-SMALL_CPU_MODEL = {
-    "encoder.hidden_size": 48,
-    "encoder.num_hidden_layers": 2,
-    "encoder.intermediate_size": 96,
-    "encoder.image_size": 56,
-    "projector.input_dim": 48,
-    "projector.hidden_dim": 64,
-    "projector.output_dim": 32,
-    "pred_proj.input_dim": 32,
-    "pred_proj.hidden_dim": 64,
-    "pred_proj.output_dim": 32,
-    "predictor.input_dim": 32,
-    "predictor.hidden_dim": 32,
-    "predictor.output_dim": 32,
-    "predictor.depth": 2,
-    "predictor.heads": 4,
-    "predictor.dim_head": 8,
-    "predictor.mlp_dim": 64,
-    "action_encoder.emb_dim": 32,
-}
-
 
 # The published setting (spec section 6); the CPU --quick run shrinks it to stay fast.
 PUBLISHED = {"horizon": 5, "num_samples": 300, "n_steps": 30, "topk": 30}
@@ -63,9 +42,7 @@ SWEEPS = {
 
 @torch.no_grad()
 def _models(device: torch.device):
-    config = LeWMConfig.preset("paper")
-    if device.type != "cuda":
-        config = config.override(SMALL_CPU_MODEL)
+    config = LeWMConfig.preset("paper" if device.type == "cuda" else "tiny")
     torch.manual_seed(0)
     fast = config.build()
     # AdaLN-Zero starts every block at the identity; give the modulation real weights so

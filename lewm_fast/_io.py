@@ -9,7 +9,21 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_text_atomic", "write_bytes_atomic", "write_json_atomic", "json_number"]
+__all__ = ["write_text_atomic", "write_bytes_atomic", "write_json_atomic", "json_number", "fsync_dir"]
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where that is unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

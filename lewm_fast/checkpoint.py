@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._io import fsync_dir
 from .config import LeWMConfig
 
 __all__ = ["load_pretrained", "save_pretrained", "convert_encoder_keys", "encoder_key_layout"]
@@ -164,19 +165,6 @@ def load_pretrained(
     return model.to(device or "cpu").eval()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_pretrained(
     model: nn.Module,
     folder: str | os.PathLike,
@@ -220,7 +208,7 @@ def save_pretrained(
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if folder.exists():
             old = parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(folder, old)
@@ -228,7 +216,7 @@ def save_pretrained(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,6 +10,7 @@ lewm-fast eval           the published Two-Room MPC evaluation of a checkpoint o
 lewm-fast probe          linear probe, 1-step MSE on fresh rollouts, SIGReg of a checkpoint
 lewm-fast bench          run the benchmarks on this device (same as python -m bench)
 lewm-fast train          train LeWM on a dataset folder (memory plan from a VRAM budget, resumable)
+lewm-fast pipeline       data -> train -> probe -> eval -> report in one run folder
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -334,6 +336,43 @@ def train(args: argparse.Namespace) -> int:
     return 128 + result.signal if result.status == "interrupted" else 0
 
 
+def pipeline(args: argparse.Namespace) -> int:
+    """Run the whole Two-Room pipeline in one run folder and print the headline metrics."""
+    from .pipeline import PipelineError, RunConfig, default_preset, run_pipeline
+
+    try:
+        if args.config:
+            config = RunConfig.from_file(args.config)
+            if args.preset:
+                config = config.override({"preset": args.preset})
+        else:
+            config = RunConfig.preset_config(args.preset or default_preset())
+        values = _set_values(args.set or [])
+        if args.device:
+            values["device"] = args.device
+        config = config.override(values)
+        report = run_pipeline(config, args.out, progress=not args.no_progress)
+    except PipelineError as exc:
+        raise SystemExit(
+            f"lewm-fast pipeline: {exc} (outputs of earlier stages are kept in {args.out})"
+        ) from None
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        raise SystemExit(f"lewm-fast pipeline: {exc}") from None
+
+    def fmt(value, scale=1.0, unit=""):
+        return "not measured" if value is None else f"{value * scale:.3g}{unit}"
+
+    r2 = report.get("probe_r2") or {}
+    print(
+        f"lewm-fast pipeline ({config.preset}): success {fmt(report.get('success_rate'), 100, '%')}, "
+        f"final distance {fmt(report.get('final_distance_mean'), unit=' px')}, "
+        f"plan {fmt(report.get('plan_ms_median'), unit=' ms')}, probe R^2 x {fmt(r2.get('x'))} "
+        f"y {fmt(r2.get('y'))}, 1-step MSE {fmt(report.get('one_step_mse'))}; "
+        f"report {Path(args.out) / 'report.md'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lewm-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -462,6 +501,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a TrainConfig field, e.g. --set lr=1e-4 --set model.predictor.depth=4",
     )
     p.set_defaults(func=train)
+    p = sub.add_parser(
+        "pipeline",
+        help="data -> train -> probe -> eval -> report in one run folder",
+        description="Run the Two-Room pipeline in --out; finished stages are reused, an interrupted "
+        "training resumes. Presets: paper, smoke (CPU, under 10 minutes), gpu-short.",
+    )
+    p.add_argument(
+        "--preset",
+        choices=("paper", "smoke", "gpu-short"),
+        help="run preset (default: gpu-short with a CUDA device, smoke otherwise)",
+    )
+    p.add_argument("--out", default="runs/lewm", help="run folder (default: runs/lewm)")
+    p.add_argument("--config", help="a JSON (or YAML) run configuration file")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set train.epochs=2 --set model.predictor.depth=4",
+    )
+    p.add_argument("--device", help="auto, cpu or cuda[:N] (default: the preset's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=pipeline)
     return parser
 
 

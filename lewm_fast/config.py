@@ -7,6 +7,7 @@ section 7; ``from_model`` recovers the configuration of a built model.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,6 +17,24 @@ from torch import nn
 from .reference.vit import VIT_SIZES, ViTConfig
 
 _ENCODER_OVERRIDES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def parse_value(value: Any) -> Any:
+    """A ``--set key=value`` string as a Python literal where it parses (``"1e-4"``, ``"true"``,
+    ``"none"``, ``"(0.9, 0.95)"``), else the text itself; non-strings pass through."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        parsed = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return list(parsed) if isinstance(parsed, list) else parsed
 
 
 def _check_positive(section: str, obj: Any, names: tuple[str, ...]) -> None:
@@ -157,7 +176,8 @@ class LeWMConfig:
     # ----------------------------------------------------------------- presets
     @classmethod
     def preset(cls, name: str) -> LeWMConfig:
-        """A named configuration: ``"paper"`` is the published Two-Room LeWM."""
+        """A named configuration: ``"paper"`` is the published Two-Room LeWM; ``"tiny"`` and
+        ``"small"`` are 2-layer, 56 px models for CPU runs and tests."""
         if name not in PRESETS:
             raise ValueError(f"unknown LeWMConfig preset {name!r}; expected one of {sorted(PRESETS)}")
         return PRESETS[name]
@@ -304,4 +324,39 @@ def _encoder_config_from_vit(vit: Any) -> EncoderConfig:
     )
 
 
-PRESETS: dict[str, LeWMConfig] = {"paper": LeWMConfig()}
+# Small models for CPU runs: a 2-layer ViT (hidden 48, 3 heads) on 56 px frames with 14 px
+# patches and 2 predictor blocks. "tiny" is the one tests and CPU benchmarks use; "small"
+# (wider heads and MLPs) is the smoke pipeline's.
+_TINY = {
+    "encoder.hidden_size": 48,
+    "encoder.num_hidden_layers": 2,
+    "encoder.intermediate_size": 96,
+    "encoder.image_size": 56,
+    "projector.input_dim": 48,
+    "projector.hidden_dim": 64,
+    "projector.output_dim": 32,
+    "pred_proj.input_dim": 32,
+    "pred_proj.hidden_dim": 64,
+    "pred_proj.output_dim": 32,
+    "predictor.input_dim": 32,
+    "predictor.hidden_dim": 32,
+    "predictor.output_dim": 32,
+    "predictor.depth": 2,
+    "predictor.heads": 4,
+    "predictor.dim_head": 8,
+    "predictor.mlp_dim": 64,
+    "action_encoder.emb_dim": 32,
+}
+_SMALL = {
+    **_TINY,
+    "projector.hidden_dim": 256,
+    "pred_proj.hidden_dim": 256,
+    "predictor.dim_head": 16,
+    "predictor.mlp_dim": 128,
+}
+
+PRESETS: dict[str, LeWMConfig] = {
+    "paper": LeWMConfig(),
+    "tiny": LeWMConfig().override(_TINY),
+    "small": LeWMConfig().override(_SMALL),
+}

@@ -48,7 +48,7 @@ VERSION = 1
 
 # Headline metrics: report.json key -> (label in report.md, unit formatter name).
 HEADLINE_METRICS = {
-    "success_rate": "CEM success rate (Two-Room, 50 episodes)",
+    "success_rate": "CEM success rate (Two-Room evaluation)",
     "final_distance_mean": "mean final distance to the goal (px)",
     "plan_ms_median": "planning time per plan, median",
     "probe_r2": "linear probe R^2 for agent (x, y)",

@@ -7,35 +7,13 @@ from torch import nn
 
 import lewm_fast
 
-# A small LeWM: 2-layer ViT (hidden 48, 3 heads) on 56 px frames with 14 px patches,
-# 2 predictor blocks. Dropout off so training-mode outputs are deterministic.
-SMALL = {
-    "encoder.hidden_size": 48,
-    "encoder.num_hidden_layers": 2,
-    "encoder.intermediate_size": 96,
-    "encoder.image_size": 56,
-    "projector.input_dim": 48,
-    "projector.hidden_dim": 64,
-    "projector.output_dim": 32,
-    "pred_proj.input_dim": 32,
-    "pred_proj.hidden_dim": 64,
-    "pred_proj.output_dim": 32,
-    "predictor.input_dim": 32,
-    "predictor.hidden_dim": 32,
-    "predictor.output_dim": 32,
-    "predictor.depth": 2,
-    "predictor.heads": 4,
-    "predictor.dim_head": 8,
-    "predictor.mlp_dim": 64,
-    "predictor.dropout": 0.0,
-    "action_encoder.emb_dim": 32,
-}
 
-
+# The "tiny" LeWM (2-layer ViT on 56 px frames, 2 predictor blocks), with dropout off so
+# training-mode outputs are deterministic.
 def small_config(**overrides) -> lewm_fast.LeWMConfig:
-    values = dict(SMALL)
+    values = {"predictor.dropout": 0.0}
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
-    return lewm_fast.LeWMConfig.preset("paper").override(values)
+    return lewm_fast.LeWMConfig.preset("tiny").override(values)
 
 
 @torch.no_grad()

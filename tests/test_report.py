@@ -76,7 +76,7 @@ def test_full_report(tmp_path):
         assert (tmp_path / file).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     md = (tmp_path / "report.md").read_text()
-    assert "| CEM success rate (Two-Room, 50 episodes) | 62.0% | 87% (paper); 84% (replication) |" in md
+    assert "| CEM success rate (Two-Room evaluation) | 62.0% | 87% (paper); 84% (replication) |" in md
     assert "| linear probe R^2, x | 0.91 | 0.873 (replication) |" in md
     assert "| 1-step predictor MSE on fresh rollouts | 0.071 | 0.068 (replication) |" in md
     assert "| train | 1 h 02 min |" in md and "15 h 12 min" in md and "Test GPU 80GB" in md

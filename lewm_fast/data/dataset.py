@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import fsync_dir
 from ..envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout
 
 __all__ = ["TwoRoomDataset", "DatasetWriter", "COLUMNS", "FORMAT", "VERSION", "validate_columns"]
@@ -302,19 +303,6 @@ class TwoRoomDataset:
         return shards
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
@@ -411,8 +399,8 @@ class DatasetWriter:
             f.flush()
             os.fsync(f.fileno())
         if self._shards:
-            _fsync_dir(self.tmp / FRAMES_DIR)
-        _fsync_dir(self.tmp)
+            fsync_dir(self.tmp / FRAMES_DIR)
+        fsync_dir(self.tmp)
         parent = self.path.parent
         if self.path.exists():
             old = parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -421,5 +409,5 @@ class DatasetWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.path)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         return self.path

@@ -10,13 +10,12 @@ runs.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import LeWMConfig
+from ..config import LeWMConfig, parse_value
 from .memory import parse_size
 from .step import PLANS
 
@@ -197,7 +196,7 @@ class TrainConfig:
         plain: dict[str, Any] = {}
         model: dict[str, Any] = {}
         for key, value in values.items():
-            value = _literal(value)
+            value = parse_value(value)
             if key.startswith("model."):
                 model[key[len("model.") :]] = value
             elif key in own:
@@ -234,50 +233,11 @@ class TrainConfig:
         return cls(**data)
 
 
-def _literal(value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    try:
-        parsed = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-    return list(parsed) if isinstance(parsed, list) else parsed
-
-
-# A small LeWM (2-layer ViT, 48 hidden, 56 px frames; 2 predictor blocks) for CPU runs.
-TINY_MODEL = {
-    "encoder.hidden_size": 48,
-    "encoder.num_hidden_layers": 2,
-    "encoder.num_attention_heads": 3,
-    "encoder.intermediate_size": 96,
-    "encoder.image_size": 56,
-    "projector.input_dim": 48,
-    "projector.hidden_dim": 64,
-    "projector.output_dim": 32,
-    "pred_proj.input_dim": 32,
-    "pred_proj.hidden_dim": 64,
-    "pred_proj.output_dim": 32,
-    "predictor.input_dim": 32,
-    "predictor.hidden_dim": 32,
-    "predictor.output_dim": 32,
-    "predictor.depth": 2,
-    "predictor.heads": 4,
-    "predictor.dim_head": 8,
-    "predictor.mlp_dim": 64,
-    "action_encoder.emb_dim": 32,
-}
-
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(),
     "paper": TrainConfig(epochs=100),
     "tiny": TrainConfig(
-        model=LeWMConfig().override(TINY_MODEL),
+        model=LeWMConfig.preset("tiny"),
         epochs=2,
         batch_size=8,
         lr=1e-3,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import fsync_dir
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, convert_encoder_keys, encoder_key_layout, save_pretrained
 from ..config import LeWMConfig
 
@@ -36,19 +37,6 @@ LATEST_FILE = "latest"
 TRAINER_FILE = "trainer.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
 FORMAT_VERSION = 1
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, write) -> None:
@@ -98,9 +86,9 @@ def save_checkpoint(
             _write_file(tmp / TRAINER_FILE, lambda f: torch.save(state, f))
             text = json.dumps(train_config, indent=2) + "\n"
             _write_file(tmp / TRAIN_CONFIG_FILE, lambda f: f.write(text.encode("utf-8")))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.replace(tmp, folder)
-            _fsync_dir(root)
+            fsync_dir(root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -111,7 +99,7 @@ def save_checkpoint(
     except BaseException:
         pointer.unlink(missing_ok=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
 
     complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in complete[:-keep] if keep > 0 else []:
