@@ -10,10 +10,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from lewm_fast import backend as _backend
 from lewm_fast.reference import modulate
 
-from .harness import Report, peak_extra_memory, time_fn
+from .harness import Report, peak_extra_memory, time_fn, triton_runs_on
 
 D = 192
 
@@ -25,7 +24,7 @@ def _eager_norm(x, shift, scale, w, b):
 
 def _impls(device: torch.device):
     impls = {"reference": (_eager_norm, lambda x, g, y: x + g * y)}
-    if device.type == "cuda" and _backend.triton_unavailable_reason(torch.empty(1, device=device)) is None:
+    if triton_runs_on(device):
         from lewm_fast.kernels import adaln
 
         impls["triton"] = (

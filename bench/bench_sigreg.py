@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from lewm_fast import backend as _backend
 from lewm_fast import reference as ref
 from lewm_fast import sigreg
 
-from .harness import Report, peak_extra_memory, time_fn
+from .harness import Report, peak_extra_memory, time_fn, triton_runs_on
 
 KNOTS = 17
 
@@ -28,7 +27,7 @@ def _cases(quick: bool, device: torch.device):
 def _impls(device: torch.device):
     t, phi, w = ref.sigreg_quadrature(KNOTS, device=device)
     impls = {"reference": lambda z, A: ref.sigreg_statistic(z, A, t, phi, w)}
-    if device.type == "cuda" and _backend.triton_unavailable_reason(torch.empty(1, device=device)) is None:
+    if triton_runs_on(device):
         impls["triton"] = lambda z, A: sigreg(z, A, KNOTS, backend="triton")
     return impls
 

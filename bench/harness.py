@@ -90,6 +90,13 @@ def time_fn(
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the fused Triton kernels can be benchmarked on ``device`` (CUDA with triton)."""
+    from lewm_fast import backend
+
+    return device.type == "cuda" and backend.triton_unavailable_reason(torch.empty(1, device=device)) is None
+
+
 def peak_extra_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     """Bytes allocated at peak by ``fn()`` beyond what was allocated before it (CUDA only)."""
     if device.type != "cuda":
