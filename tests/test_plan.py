@@ -358,6 +358,66 @@ def test_solver_fast_path_equals_get_cost_path():
     assert_close(fast["costs"], slow["costs"], "fp32_gemm", "elite cost")
 
 
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that needs the host to wait for the device (a CUDA graph cannot hold one)."""
+
+    SYNCING = {
+        "_local_scalar_dense",
+        "nonzero",
+        "is_nonzero",
+        "equal",
+        "masked_select",
+        "unique_dim",
+        "_unique2",
+        "repeat_interleave",
+        "item",
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCING:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_captured_solve_body_never_waits_for_the_device(autocast):
+    """The body CUDA graphs capture (encode, rollout, refit, every iteration) on CPU: no op in it
+    reads a tensor value on the host, so capture cannot fail on a sync and replay stays launch-only."""
+    public, _ = model_pair(small_config(), seed=12)
+    solver = CEMSolver(public.eval(), action_dim=10, num_samples=9, n_steps=3, topk=3, autocast=autocast)
+    pixels, goal = torch.randn(2, 1, *PIX), torch.randn(2, 1, *PIX)
+    mean0 = solver._mean0(2, None)
+    probe = _HostSyncs()
+    with torch.no_grad():
+        syncs_of_item = _HostSyncs()
+        with syncs_of_item:
+            torch.ones(1).item()
+        assert syncs_of_item.seen, "the detector must see a host read"
+        with probe:
+            solver._generator().manual_seed(1)
+            mean, std, elite_cost, nan_count = solver._fast_body(pixels, goal, mean0, solver.n_steps)
+    assert probe.seen == []
+    assert mean.shape == std.shape == (2, 5, 10) and torch.isfinite(elite_cost).all()
+
+
+def test_solver_plans_past_the_attention_batch_limit(monkeypatch):
+    """envs x samples above the fused-attention grid limit: attention runs in chunks, same plan."""
+    from lewm_fast.reference import attention
+
+    public, _ = model_pair(small_config(), seed=13)
+    info = {"pixels": torch.randn(3, 1, *PIX), "goal": torch.randn(3, 1, *PIX)}
+    kwargs = {"action_dim": 10, "num_samples": 10, "n_steps": 2, "topk": 3, "seed": 4}
+    whole = CEMSolver(public.eval(), **kwargs).solve(info)
+    monkeypatch.setattr(attention, "MAX_BATCH", 7)  # 30 rows -> 5 chunks, the last one short
+    chunked = CEMSolver(public, **kwargs).solve(info)
+    assert_close(chunked["actions"], whole["actions"], "fp32_gemm", "plan")
+    assert_close(chunked["costs"], whole["costs"], "fp32_gemm", "elite cost")
+
+
 def test_solver_seeding_is_per_plan():
     public, _ = model_pair(small_config(), seed=7)
     info = {"pixels": torch.randn(1, 1, *PIX), "goal": torch.randn(1, 1, *PIX)}

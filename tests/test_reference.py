@@ -238,3 +238,17 @@ def test_jepa_loss_matches_spec_section_2():
     assert_close(out["pred_loss"], pred_loss, "fp32_gemm")
     assert_close(out["sigreg_loss"], sig_loss, "fp32_gemm")
     assert_close(out["loss"], pred_loss + 0.09 * sig_loss, "fp32_gemm")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_in_batch_chunks_equals_one_call(monkeypatch, causal):
+    """Above the fused-kernel grid limit attention runs in batch chunks; the rows do not change."""
+    from lewm_fast.reference import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(11, 4, 3, 8, generator=gen) for _ in range(3))
+    whole = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    monkeypatch.setattr(attention, "MAX_BATCH", 4)
+    chunked = attention.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert chunked.shape == whole.shape
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)

@@ -26,9 +26,9 @@ the host, so it can be CUDA-graph captured.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..reference.attention import scaled_dot_product_attention
 from ..reference.jepa import JEPA as _ReferenceJEPA
 
 __all__ = ["PlanningCost", "supports_fast_cost", "fast_cost_unsupported_reason", "planning_cost"]
@@ -95,9 +95,9 @@ def _attention(block: nn.Module, h: torch.Tensor, past, last_only: bool):
     if last_only:
         q = q[:, :, -1:]
     if q.shape[2] == 1:  # the newest token sees every cached position: no mask
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = scaled_dot_product_attention(q, k, v)
     else:  # a fresh window (nothing cached): plain causal attention
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = scaled_dot_product_attention(q, k, v, is_causal=True)
     rows = q.shape[2]
     out = attn.to_out(out.transpose(1, 2).reshape(n, rows, attn.heads * attn.dim_head))
     return out, (k, v)

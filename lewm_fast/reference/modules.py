@@ -7,8 +7,9 @@ published ones, so published weights load key for key.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .attention import scaled_dot_product_attention
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -67,7 +68,7 @@ class Attention(nn.Module):
             for part in self.to_qkv(x).chunk(3, dim=-1)
         )
         drop = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal)
+        out = scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal)
         return self.to_out(out.transpose(1, 2).reshape(b, t, self.heads * self.dim_head))
 
 

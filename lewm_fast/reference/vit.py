@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import scaled_dot_product_attention
+
 # Named sizes of the published ``vit_hf(size=...)`` helper:
 # (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size).
 VIT_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -152,7 +154,7 @@ class ViTSelfAttention(nn.Module):
             return t.view(n, length, heads, dim // heads).transpose(1, 2)
 
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+        out = scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
         return self.o_proj(out.transpose(1, 2).reshape(n, length, dim))
 
 
