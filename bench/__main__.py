@@ -14,6 +14,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -91,14 +92,25 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         print(f"[bench] measuring peak matmul and copy rates on {report.env['device_name']}", flush=True)
         report.env["peak"] = measure_peaks(device, quick=args.quick)
     package = __package__ or "bench"
+    failed: dict[str, str] = {}
     for bench in args.only or available():
         print(f"[bench] {bench} on {report.env['device_name']}", flush=True)
-        module = importlib.import_module(f"{package}.bench_{bench}")
-        module.run(report, quick=args.quick)
-    report.projection = project(report.rows)
-    json_path, md_path = report.save(args.out, args.stem)
+        try:
+            module = importlib.import_module(f"{package}.bench_{bench}")
+            module.run(report, quick=args.quick)
+        except Exception as exc:  # keep the other benchmarks' rows; report this one as failed
+            traceback.print_exc()
+            failed[bench] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            report.env["failed"] = dict(failed)
+            print(f"[bench] {bench} FAILED: {failed[bench]}", flush=True)
+        # Saved after every benchmark, so a run stopped by a time limit keeps what it measured.
+        report.projection = project(report.rows)
+        json_path, md_path = report.save(args.out, args.stem)
     print(report.markdown())
     print(f"[bench] wrote {json_path} and {md_path}")
+    if failed:
+        print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -110,6 +110,9 @@ def peak_extra_memory(fn: Callable[[], Any], device: torch.device) -> int | None
 
 
 def _git_commit() -> str:
+    # A copy of the tree without .git (e.g. on a lent GPU machine) is told its commit.
+    if os.environ.get("LEWM_FAST_GIT_COMMIT"):
+        return os.environ["LEWM_FAST_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
@@ -358,6 +361,11 @@ class Report:
             lines += [
                 f"Measured peaks: matmul {rates or 'not measured'} (n={peak.get('matmul_n')}); "
                 f"copy {'not measured' if copy is None else f'{copy:.4g} GB/s'}.",
+                "",
+            ]
+        if env.get("failed"):
+            lines += [
+                "Failed: " + "; ".join(f"{name} ({why})" for name, why in env["failed"].items()),
                 "",
             ]
         lines += [

@@ -215,3 +215,24 @@ def test_peaks_and_nvml_on_cuda():
     assert env["device_name"] and (env.get("driver") or env.get("nvml"))
     peak = harness.measure_peaks(torch.device("cuda"), quick=True)
     assert peak["matmul_tflops"]["bfloat16"] > 0 and peak["copy_gbps"] > 0 and not peak["errors"]
+
+
+def test_a_failing_benchmark_keeps_the_others_rows(tmp_path, monkeypatch, capsys):
+    """One benchmark raising does not lose the rows measured before and after it; exit code 1."""
+    from lewm_fast.bench import __main__ as bench_main
+    from lewm_fast.bench import bench_sigreg
+
+    def broken(report, quick):
+        raise RuntimeError("CUDA error: invalid configuration argument")
+
+    monkeypatch.setattr(bench_main, "available", lambda: ["adaln", "sigreg"])
+    monkeypatch.setattr(bench_sigreg, "run", broken)
+    monkeypatch.setenv("LEWM_FAST_GIT_COMMIT", "0123456789ab")
+    args = ["--device", "cpu", "--quick", "--no-peaks", "--out", str(tmp_path), "--stem", "r"]
+    assert bench_main.main(args) == 1
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["env"]["failed"] == {"sigreg": "RuntimeError: CUDA error: invalid configuration argument"}
+    assert data["env"]["git_commit"] == "0123456789ab"
+    assert data["rows"] and all(row["bench"].startswith("adaln") for row in data["rows"])
+    assert "Failed: sigreg (RuntimeError" in (tmp_path / "r.md").read_text()
+    assert "sigreg FAILED" in capsys.readouterr().out
