@@ -123,6 +123,35 @@ def _consume(reference, batch):
     return torch.get_rng_state()
 
 
+def _compiled_vs_eager(device, dtype, plans=PLANS):
+    """Loss and gradients of forward_backward with ``TrainConfig.compile``'s per-layer
+    torch.compile of the encoder, against the same model eager."""
+    for plan in plans:
+        eager, _ = model_pair(small_config(), seed=3)
+        compiled, _ = model_pair(small_config(), seed=3)
+        eager, compiled = eager.to(device).train(), compiled.to(device).train()
+        for layer in compiled.encoder.layers:
+            layer.compile()
+        batch = {k: v.to(device) for k, v in _batch().items()}
+        out = {}
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            torch.manual_seed(11)
+            out[name] = forward_backward(
+                model, lewm_fast.SIGReg(num_proj=64).to(device), batch, plan, autocast_dtype=dtype
+            )
+        kind = "fp32_gemm" if dtype is None else "bf16"
+        grads = {n: p.grad.float().cpu() for n, p in compiled.named_parameters()}
+        assert_grads_close(grads, {n: p.grad.float().cpu() for n, p in eager.named_parameters()}, kind)
+        for key in ("loss", "pred_loss", "sigreg_loss"):
+            assert_close(out["compiled"][key].cpu(), out["eager"][key].cpu(), kind, f"{plan} {key}")
+
+
+def test_compiled_encoder_layers_give_the_eager_gradients():
+    """TrainConfig.compile (torch.compile per encoder layer, inductor on the CPU here) keeps
+    every memory plan's loss and gradients."""
+    _compiled_vs_eager("cpu", None)
+
+
 def test_dropout_is_live_so_the_seed_matters():
     """Guard for the test above: with dropout on, another seed gives other gradients."""
     config = small_config(predictor__dropout=0.1)
@@ -840,6 +869,15 @@ def test_memory_plans_on_gpu(dtype):
         grads[plan] = {n: p.grad.float().cpu() for n, p in model.named_parameters()}
     for plan in ("checkpoint", "two_pass"):
         assert_grads_close(grads[plan], grads["whole"], "fp32_gemm" if dtype is None else "bf16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_encoder_layers_on_gpu(dtype, monkeypatch):
+    """TrainConfig.compile on CUDA (inductor's Triton kernels) keeps loss and gradients."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    _compiled_vs_eager("cuda", dtype, plans=("whole", "two_pass"))
 
 
 @pytest.mark.gpu
