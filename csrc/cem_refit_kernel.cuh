@@ -13,8 +13,9 @@ inline size_t cem_refit_shared_bytes(int64_t samples, int64_t topk) {
   return static_cast<size_t>(samples + topk) * 4;
 }
 
-// Largest S + K the kernel takes (the default 48 KiB of dynamic shared memory per block).
-constexpr int64_t kCemRefitMaxSharedItems = 48 * 1024 / 4;
+// Largest S + K the kernel takes: a block gets 48 KiB of shared memory without opting in,
+// and the kernel's static NaN counter takes some of it (16 bytes kept for it and alignment).
+constexpr int64_t kCemRefitMaxSharedItems = (48 * 1024 - 16) / 4;
 
 cudaError_t launch_cem_refit(const float* candidates, const float* costs, const float* mean,
                              const float* std, float* out_mean, float* out_std, float* out_cost,

@@ -617,6 +617,34 @@ def test_csrc_cuda_refit_matches_torch(b, s, t, a, k):
         assert torch.equal(out.nan_count.cpu(), want.nan_count)
 
 
+def test_cuda_refit_limit_matches_the_kernel_header():
+    """The Python-side S + topk limit is the one the CUDA kernel was built with."""
+    import re
+    from pathlib import Path
+
+    import lewm_fast.csrc
+    from lewm_fast.plan import refit
+
+    header = (Path(lewm_fast.csrc.__file__).parent / "cem_refit_kernel.cuh").read_text()
+    expr = re.search(r"kCemRefitMaxSharedItems = ([^;]+);", header).group(1)
+    assert eval(expr, {}) == refit.CUDA_MAX_SHARED_ITEMS  # a constant expression of the header
+    assert refit.CUDA_MAX_SHARED_ITEMS * 4 + 4 <= 48 * 1024  # dynamic items + the static counter
+
+
+@pytest.mark.gpu
+def test_csrc_cuda_refit_at_its_shared_memory_limit():
+    """S + topk at the kernel's limit launches (48 KiB of shared memory, static counter included)."""
+    from lewm_fast.plan.refit import CUDA_MAX_SHARED_ITEMS
+
+    gen = torch.Generator().manual_seed(0)
+    k = 84
+    candidates, costs, mean, std = _refit_inputs(2, CUDA_MAX_SHARED_ITEMS - k, 1, 2, gen)
+    got = cem_refit(*(x.cuda() for x in (candidates, costs, mean, std)), k, backend="cuda")
+    want = cem_refit_torch(candidates, costs, mean, std, k)
+    assert_close(got.mean.cpu(), want.mean, "fp32_elementwise", "elite mean")
+    assert_close(got.std.cpu(), want.std, "fp32_elementwise", "elite std")
+
+
 @pytest.mark.gpu
 def test_graph_solve_warns_about_nan_costs_after_the_solve():
     model = _gpu_model()
