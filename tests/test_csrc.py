@@ -100,3 +100,35 @@ def test_sources_ship_in_the_wheel():
     for ext in _csrc.EXTENSIONS.values():
         for name in (ext.binding, *ext.sources, *ext.headers):
             assert any(fnmatch.fnmatch(name, p) for p in patterns), name
+
+
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+def test_cuda_kernel_builds_without_spills_and_fits_shared_memory(arch, tmp_path):
+    """nvcc builds the CUDA kernel (it needs no torch headers) for each target; cuobjdump
+    shows no stack or local memory, and its static shared memory plus the largest dynamic
+    part the Python side allows (S + topk items) fits the 48 KiB a block gets by default."""
+    import re
+    import subprocess
+
+    from lewm_fast.kernels import _aot
+    from lewm_fast.plan.refit import CUDA_MAX_SHARED_ITEMS
+
+    nvcc, cuobjdump = shutil.which("nvcc"), _aot.cuobjdump()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("needs nvcc and the cuobjdump shipped with Triton")
+    obj = tmp_path / f"cem_refit_sm{arch}.o"
+    gencode = f"arch=compute_{arch},code=sm_{arch}"
+    build = subprocess.run(
+        [nvcc, "-c", "-O3", "-std=c++17", "-gencode", gencode, str(_csrc.source_dir() / "cem_refit_cuda.cu"),
+         "-o", str(obj)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if build.returncode != 0 and "Unsupported gpu architecture" in build.stderr:
+        pytest.skip(f"this nvcc does not target sm_{arch}")
+    assert build.returncode == 0, build.stderr[-3000:]
+    usage = subprocess.run([cuobjdump, "-res-usage", str(obj)], capture_output=True, text=True, check=True)
+    rows = re.findall(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage.stdout)
+    assert len(rows) == 1, usage.stdout
+    reg, stack, shared, local = map(int, rows[0])
+    assert stack == 0 and local == 0, usage.stdout
+    assert shared + 4 * CUDA_MAX_SHARED_ITEMS <= 48 * 1024, (shared, CUDA_MAX_SHARED_ITEMS)

@@ -627,8 +627,7 @@ def test_cuda_refit_limit_matches_the_kernel_header():
 
     header = (Path(lewm_fast.csrc.__file__).parent / "cem_refit_kernel.cuh").read_text()
     expr = re.search(r"kCemRefitMaxSharedItems = ([^;]+);", header).group(1)
-    assert eval(expr, {}) == refit.CUDA_MAX_SHARED_ITEMS  # a constant expression of the header
-    assert refit.CUDA_MAX_SHARED_ITEMS * 4 + 4 <= 48 * 1024  # dynamic items + the static counter
+    assert int(expr) == refit.CUDA_MAX_SHARED_ITEMS
 
 
 @pytest.mark.gpu

@@ -24,7 +24,7 @@ from .. import backend as _backend
 __all__ = ["Refit", "cem_refit", "cem_refit_torch", "CUDA_MAX_SHARED_ITEMS"]
 
 # S + topk the CUDA kernel holds in shared memory (csrc/cem_refit_kernel.cuh).
-CUDA_MAX_SHARED_ITEMS = 12284
+CUDA_MAX_SHARED_ITEMS = 12000
 
 
 class Refit(NamedTuple):
