@@ -51,13 +51,17 @@ def supported() -> str | None:
         from triton.compiler import ASTSource
     except ImportError as exc:
         return f"triton {triton.__version__} lacks the AOT API ({exc})"
-    import inspect
-
-    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
-        return f"triton {triton.__version__} has an older ASTSource signature"
+    if not {"constexprs", "constants"} & set(_ast_source_parameters(ASTSource)):
+        return f"triton {triton.__version__} has an ASTSource without constexprs/constants"
     if cuobjdump() is None:
         return "cuobjdump is not shipped with this Triton package"
     return None
+
+
+def _ast_source_parameters(ast_source) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(ast_source.__init__).parameters)
 
 
 def cuobjdump() -> str | None:
@@ -70,7 +74,9 @@ def compile_for(spec: KernelSpec, capability: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=spec.fn, signature=spec.signature(), constexprs=dict(spec.constexprs))
+    # Triton >= 3.3 names the compile-time arguments constexprs=, Triton 3.2 constants=.
+    key = "constexprs" if "constexprs" in _ast_source_parameters(ASTSource) else "constants"
+    source = ASTSource(fn=spec.fn, signature=spec.signature(), **{key: dict(spec.constexprs)})
     return triton.compile(
         source, target=GPUTarget("cuda", capability, 32), options={"num_warps": spec.num_warps}
     )
@@ -120,14 +126,26 @@ def build_all(archs=(80, 86, 89, 90), workers: int | None = None) -> list[dict[s
         return list(pool.map(_build, jobs))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """``python -m lewm_fast.kernels._aot``: one JSON line of resource usage per build."""
+    import argparse
     import json
 
+    parser = argparse.ArgumentParser(
+        prog="python -m lewm_fast.kernels._aot",
+        description="Build every kernel configuration the dispatch can pick for each CUDA "
+        "architecture (no GPU needed) and print one JSON line of registers, stack, shared and "
+        "local memory per build.",
+    )
+    parser.add_argument(
+        "--arch", type=int, nargs="+", default=[80, 86, 89, 90], help="compute capabilities (default: 80-90)"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="build processes (default: CPU count)")
+    args = parser.parse_args(argv)
     reason = supported()
     if reason:
         raise SystemExit(f"cannot build ahead of time: {reason}")
-    for row in build_all():
+    for row in build_all(tuple(args.arch), args.workers):
         print(json.dumps(row), flush=True)
 
 

@@ -22,6 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import triton_interpreter
+from ._interpreter import patch_scalar_index
+
+if triton_interpreter():  # NumPy >= 2.4 with the interpreters of Triton < 3.8
+    patch_scalar_index()
+
 # Programs of the backward kernel; each loops over row blocks and writes one partial row
 # of the weight/bias gradients, summed afterwards (deterministic, no atomics).
 _MAX_BWD_PROGRAMS = 512

@@ -26,6 +26,10 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreter
+from ._interpreter import patch_scalar_index
+
+if triton_interpreter():  # NumPy >= 2.4 with the interpreters of Triton < 3.8
+    patch_scalar_index()
 
 # pi / 2 split in three float32 parts (Cody-Waite) for the quadrant reduction, and the
 # single-precision minimax polynomials of sin and cos on [-pi/4, pi/4] (Cephes sinf/cosf).

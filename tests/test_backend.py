@@ -56,3 +56,26 @@ def test_environment_variable_replaces_auto(monkeypatch):
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         backend.resolve("numba", torch.randn(3), "op")
+
+
+def test_interpreter_scalar_index_patch():
+    """Triton < 3.8 interpreters read scalars with int(array of shape (1,)), an error under
+    NumPy >= 2.4; the patch reads one-element arrays with .item() and still refuses blocks."""
+    import numpy as np
+
+    from lewm_fast.kernels import _interpreter
+
+    class Handle:
+        def __init__(self, data):
+            self.data = data
+
+    class Scalar:
+        def __init__(self, data):
+            self.handle = Handle(data)
+
+    assert _interpreter._scalar_index(Scalar(np.array([7], dtype=np.int32))) == 7
+    assert _interpreter._scalar_index(Scalar(np.array(3))) == 3
+    with pytest.raises(TypeError):
+        _interpreter._scalar_index(Scalar(np.arange(4)))
+    pytest.importorskip("triton")
+    assert _interpreter.patch_scalar_index() and _interpreter.patch_scalar_index()  # idempotent
