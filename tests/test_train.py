@@ -818,11 +818,14 @@ def test_two_gloo_processes_equal_one_process(dataset, tmp_path):
     _assert_same_state(ranks[0]["trainer"]["state"], ranks[1]["trainer"]["state"])
     got, want = _records(tmp_path / "run", "train"), _records(tmp_path / "single", "train")
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
+    # Step 1 sees identical weights, so it agrees to float32 rounding; later steps follow
+    # AdamW updates that agree to ~1e-2 (below), and their losses drift by up to 3.4e-4
+    # (seen with torch 2.11; 7e-5 with torch 2.6 and 2.13).
     for a, b in zip(got, want):
         for key in ("loss", "pred_loss", "sigreg_loss", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+            assert a[key] == pytest.approx(b[key], rel=1e-4 if a["step"] == 1 else 2e-3), (a["step"], key)
     val_got, val_want = _records(tmp_path / "run", "val"), _records(tmp_path / "single", "val")
-    assert val_got[0]["loss"] == pytest.approx(val_want[0]["loss"], rel=1e-4)
+    assert val_got[0]["loss"] == pytest.approx(val_want[0]["loss"], rel=2e-3)
     # AdamW's first updates are about lr * sign(grad): entries whose gradient is near zero in
     # exact arithmetic (constant white background patches act as a bias the projector's
     # BatchNorm cancels) follow rounding noise, so the updates agree to ~1e-2 (5e-3 seen), not 1e-5.
