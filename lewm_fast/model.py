@@ -87,6 +87,7 @@ class ConditionalBlock(_ref.ConditionalBlock):
         return adaln
 
     def attn_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``attn.norm(modulate(norm1(x), shift, scale))`` for x (B, T, D); one fused kernel."""
         kernels = self._adaln(x)
         if kernels is None:
             return super().attn_input(x, shift, scale)
@@ -94,6 +95,7 @@ class ConditionalBlock(_ref.ConditionalBlock):
         return kernels.AdalnFunction.apply(x, shift, scale, norm.weight, norm.bias, self.norm1.eps, norm.eps)
 
     def mlp_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``mlp.net[0](modulate(norm2(x), shift, scale))`` for x (B, T, D); one fused kernel."""
         kernels = self._adaln(x)
         if kernels is None:
             return super().mlp_input(x, shift, scale)
@@ -101,6 +103,7 @@ class ConditionalBlock(_ref.ConditionalBlock):
         return kernels.AdalnFunction.apply(x, shift, scale, norm.weight, norm.bias, self.norm2.eps, norm.eps)
 
     def gated(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The gated residual ``x + gate * y`` (all (B, T, D)); one fused kernel."""
         kernels = self._adaln(x)
         if kernels is None:
             return super().gated(x, gate, y)

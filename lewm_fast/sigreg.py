@@ -136,6 +136,8 @@ class SIGReg(_ref.SIGReg):
         self.distributed = distributed
 
     def forward(self, proj: torch.Tensor) -> torch.Tensor:
+        """SIGReg of embeddings proj (T, B, D) along ``num_proj`` fresh random directions
+        (drawn from the global torch generator): a 0-dim float32 tensor."""
         _check(proj)
         A = _ref.draw_projections(proj.size(-1), self.num_proj, device=proj.device)
         if _distributed(self.distributed):

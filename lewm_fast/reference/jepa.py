@@ -23,6 +23,13 @@ from .sigreg import SIGReg
 
 
 class JEPA(nn.Module):
+    """LeWM: ``encoder`` (ViT, CLS token) -> ``projector`` gives frame embeddings; the
+    ``predictor`` (AdaLN-Zero transformer conditioned on ``action_encoder(action)``) ->
+    ``pred_proj`` predicts the next embedding. ``projector`` / ``pred_proj`` default to the
+    identity. The dict-based ``encode`` / ``rollout`` / ``get_cost`` are the published
+    planner's interface (module docstring); ``predict`` works on tensors.
+    """
+
     def __init__(
         self,
         encoder: nn.Module,

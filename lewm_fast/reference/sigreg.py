@@ -66,5 +66,6 @@ class SIGReg(nn.Module):
         self.register_buffer("weights", weights)
 
     def forward(self, proj: torch.Tensor) -> torch.Tensor:
+        """SIGReg of proj (T, B, D) along ``num_proj`` fresh random directions: a 0-dim tensor."""
         A = draw_projections(proj.size(-1), self.num_proj, device=proj.device)
         return sigreg_statistic(proj, A, self.t, self.phi, self.weights)
