@@ -404,6 +404,48 @@ def test_captured_solve_body_never_waits_for_the_device(autocast):
     assert mean.shape == std.shape == (2, 5, 10) and torch.isfinite(elite_cost).all()
 
 
+def test_low_precision_copy_gives_the_autocast_numbers():
+    """Autocast computes Linear/Conv in bf16 from weights it rounds at every call; the copy
+    holds those rounded weights, so the fast cost is bit-for-bit the same without the casts."""
+    from lewm_fast.plan import LowPrecisionWeights
+
+    public, _ = model_pair(small_config(), seed=14)
+    public.eval()
+    low = LowPrecisionWeights(public, torch.bfloat16).sync()
+    assert low is not public and not low.training
+    for name, p in low.named_parameters():
+        module = low.get_submodule(name.rpartition(".")[0])
+        cast = isinstance(module, LowPrecisionWeights.CAST)
+        assert p.dtype == (torch.bfloat16 if cast else torch.float32), name
+    pixels, goal, candidates = torch.randn(2, 1, *PIX), torch.randn(2, 1, *PIX), torch.randn(2, 9, 5, 10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = PlanningCost(public)(pixels, goal, candidates)
+        got = PlanningCost(low)(pixels, goal, candidates)
+    assert torch.equal(got, want)
+
+
+def test_low_precision_copy_follows_the_model_weights():
+    """In-place weight changes (optimizer steps, load_state_dict) refresh the copy in place (a
+    captured graph stays valid); replaced tensors rebuild it. Plans always use the live weights."""
+    public, _ = model_pair(small_config(), seed=15)
+    other, _ = model_pair(small_config(), seed=16)
+    public.eval(), other.eval()
+    info = {"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(2, 1, *PIX)}
+    kwargs = {"action_dim": 10, "num_samples": 12, "n_steps": 2, "topk": 3, "autocast": torch.bfloat16}
+    solver = CEMSolver(public, **kwargs)
+    before = solver.solve(info, seed=1)
+    copy, ptr = solver._cost.model, next(solver._cost.model.parameters()).data_ptr()
+    with torch.no_grad():
+        public.load_state_dict(other.state_dict())
+    after = solver.solve(info, seed=1)
+    assert solver._cost.model is copy and next(copy.parameters()).data_ptr() == ptr
+    assert torch.equal(after["actions"], CEMSolver(other, **kwargs).solve(info, seed=1)["actions"])
+    assert not torch.equal(after["actions"], before["actions"])
+    public.pred_proj.net[0].weight = torch.nn.Parameter(public.pred_proj.net[0].weight.detach() * 2)
+    solver.solve(info, seed=1)
+    assert solver._cost.model is not copy  # a replaced tensor: a new copy
+
+
 def test_solver_plans_past_the_attention_batch_limit(monkeypatch):
     """envs x samples above the fused-attention grid limit: attention runs in chunks, same plan."""
     from lewm_fast.reference import attention

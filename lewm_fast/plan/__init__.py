@@ -18,7 +18,13 @@ numbers of ``JEPA.get_cost``) and :func:`cem_refit` its batched elite refit (csr
 The plain one-env-at-a-time planner is :mod:`lewm_fast.reference.cem`.
 """
 
-from .cost import PlanningCost, fast_cost_unsupported_reason, planning_cost, supports_fast_cost
+from .cost import (
+    LowPrecisionWeights,
+    PlanningCost,
+    fast_cost_unsupported_reason,
+    planning_cost,
+    supports_fast_cost,
+)
 from .evaluation import blocks_to_actions, eligible_start_rows, evaluate, select_start_rows
 from .refit import Refit, cem_refit, cem_refit_torch
 from .solver import CEMSolver, plan_seed
@@ -30,6 +36,7 @@ __all__ = [
     "eligible_start_rows",
     "blocks_to_actions",
     "PlanningCost",
+    "LowPrecisionWeights",
     "planning_cost",
     "supports_fast_cost",
     "fast_cost_unsupported_reason",

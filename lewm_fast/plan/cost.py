@@ -25,13 +25,21 @@ the host, so it can be CUDA-graph captured.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from ..reference.attention import scaled_dot_product_attention
 from ..reference.jepa import JEPA as _ReferenceJEPA
 
-__all__ = ["PlanningCost", "supports_fast_cost", "fast_cost_unsupported_reason", "planning_cost"]
+__all__ = [
+    "PlanningCost",
+    "LowPrecisionWeights",
+    "supports_fast_cost",
+    "fast_cost_unsupported_reason",
+    "planning_cost",
+]
 
 
 def fast_cost_unsupported_reason(model) -> str | None:
@@ -200,6 +208,63 @@ class PlanningCost:
         """Costs (B, S) of candidates (B, S, T, A) from frames (B, H, C, h, w) to goal (B, G, C, h, w)."""
         emb, goal_emb = self.encode(pixels, goal)
         return self.rollout_cost(emb, goal_emb, candidates)
+
+
+class LowPrecisionWeights:
+    """A copy of a model whose Linear/Conv weights and biases are already in ``dtype``.
+
+    Under ``torch.autocast(dtype=...)`` every ``F.linear`` / ``conv`` casts its float32
+    weight and bias to ``dtype`` at each call: in a CEM plan that is more cast kernels than
+    compute kernels. Autocast computes with exactly these rounded values, so running the
+    copy under the same autocast gives the same results without the casts. Everything else
+    (LayerNorm/BatchNorm parameters and statistics, embeddings) stays as in the model.
+
+    ``sync()`` refreshes the copy in place when the model's tensors changed in place
+    (optimizer steps, ``load_state_dict``: their version counters move), keeping the copy's
+    storage, so a CUDA graph captured on the copy stays valid; it rebuilds the copy when the
+    model's tensors were replaced (``.to(device)``, a new shape). Returns the copy.
+    """
+
+    CAST = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"LowPrecisionWeights needs torch.bfloat16 or torch.float16, got {dtype!r}")
+        self.model = model
+        self.dtype = dtype
+        self.copy: nn.Module | None = None
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._layout: tuple = ()
+        self._versions: tuple = ()
+
+    def _tensors(self, module: nn.Module) -> list[torch.Tensor]:
+        return [*module.parameters(), *module.buffers()]
+
+    def _build(self) -> None:
+        clone = copy.deepcopy(self.model)
+        for module in clone.modules():
+            if isinstance(module, self.CAST):
+                for name in ("weight", "bias"):
+                    param = getattr(module, name, None)
+                    if param is not None:
+                        param.data = param.data.to(self.dtype)
+        clone.requires_grad_(False)
+        self.copy = clone
+        self._pairs = list(zip(self._tensors(self.model), self._tensors(clone)))
+
+    @torch.no_grad()
+    def sync(self) -> nn.Module:
+        tensors = self._tensors(self.model)
+        layout = tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.device) for t in tensors)
+        versions = tuple(t._version for t in tensors)
+        if self.copy is None or layout != self._layout:
+            self._build()
+        elif versions != self._versions:
+            for live, low in self._pairs:
+                low.copy_(live)
+        self.copy.train(self.model.training)
+        self._layout, self._versions = layout, versions
+        return self.copy
 
 
 def _check_frames(value, name: str) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import backend as _backend
 from ..reference.jepa import JEPA as _ReferenceJEPA
-from .cost import PlanningCost, fast_cost_unsupported_reason
+from .cost import LowPrecisionWeights, PlanningCost, fast_cost_unsupported_reason
 from .refit import cem_refit
 
 __all__ = ["CEMSolver"]
@@ -148,6 +148,9 @@ class CEMSolver:
             )
         self.model = model
         self._cost = PlanningCost(model, history_size) if self.fast else None
+        # Under autocast the fast path runs a copy with the Linear/Conv weights already in the
+        # low-precision dtype: the same numbers without a cast kernel per layer and call.
+        self._low = LowPrecisionWeights(model, autocast) if self.fast and autocast is not None else None
         self.history_size = history_size
 
         if device is None:
@@ -256,13 +259,34 @@ class CEMSolver:
             nan_count += nans
         return mean, std, elite_cost, nan_count
 
+    def _sync_cost(self) -> PlanningCost:
+        """The cost to plan with: on the model, or under autocast on its low-precision copy
+        (refreshed when the model's weights changed)."""
+        if self._low is None:
+            return self._cost
+        try:
+            low = self._low.sync()
+        except Exception as exc:  # e.g. a model that cannot be deep-copied
+            warnings.warn(
+                f"CEMSolver: no low-precision weight copy ({type(exc).__name__}: {exc}); autocast "
+                "casts the weights at every call instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._low = None
+            return self._cost
+        if self._cost.model is not low:
+            self._cost = PlanningCost(low, self.history_size)
+        return self._cost
+
     def _fast_body(self, pixels, goal, mean0, n_steps: int, cache_enabled: bool = True):
+        cost = self._cost
         with self._autocast(cache_enabled):
-            emb, goal_emb = self._cost.encode(pixels, goal)
+            emb, goal_emb = cost.encode(pixels, goal)
 
         def score(candidates):
             with self._autocast(cache_enabled):
-                return self._cost.rollout_cost(emb, goal_emb, candidates).float()
+                return cost.rollout_cost(emb, goal_emb, candidates).float()
 
         return self._run(score, mean0, n_steps)
 
@@ -288,7 +312,8 @@ class CEMSolver:
         return self._run(score, mean0, self.n_steps)
 
     def _model_key(self) -> tuple:
-        tensors = chain(self.model.parameters(), self.model.buffers())
+        model = self._cost.model  # the low-precision copy under autocast: refreshed in place
+        tensors = chain(model.parameters(), model.buffers())
         return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors)
 
     def _capture(self, key, pixels, goal, mean0) -> _CapturedSolve:
@@ -379,6 +404,7 @@ class CEMSolver:
                     f"horizon ({self.horizon}) must be at least the number of context frames "
                     f"({pixels.shape[1]})"
                 )
+            self._sync_cost()
             outputs = self._graph_solve(pixels, goal, mean0, seed) if self.cuda_graph else None
             if outputs is None:
                 self._generator().manual_seed(seed)
