@@ -236,3 +236,18 @@ def test_a_failing_benchmark_keeps_the_others_rows(tmp_path, monkeypatch, capsys
     assert data["rows"] and all(row["bench"].startswith("adaln") for row in data["rows"])
     assert "Failed: sigreg (RuntimeError" in (tmp_path / "r.md").read_text()
     assert "sigreg FAILED" in capsys.readouterr().out
+
+
+def test_plan_profile_on_cpu(tmp_path):
+    """profile_plan reports wall time, the call count and the top operators of one solve."""
+    from lewm_fast.bench import profile_plan
+
+    out = tmp_path / "profile.md"
+    args = ["--device", "cpu", "--envs", "1", "--steps", "1", "--top", "3", "--out", str(out)]
+    assert profile_plan.main(args) == 0
+    text = out.read_text()
+    assert "### 1 env, fp32, S=300, 1 iterations (CPU)" in text and "eager solve:" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == 3 and all(float(r.split("|")[3]) > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        profile_plan.main(["--device", "cpu", "--steps", "0"])
