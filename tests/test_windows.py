@@ -67,7 +67,7 @@ def test_batch_shapes_and_contents(data, windows):
     # actions: 5 raw actions per frame, concatenated, z-scored with NaN rows excluded
     raw = data.action.astype(np.float64)
     valid = raw[~np.isnan(raw).any(axis=1)]
-    mean, std = valid.mean(axis=0), valid.std(axis=0, ddof=1)
+    mean, std = valid.mean(axis=0), valid.std(axis=0, ddof=0)
     want = ((raw[starts[:, None] + np.arange(20)] - mean) / std).reshape(6, 4, 10)
     got = batch["action"].double().numpy()
     assert np.array_equal(np.isnan(got), np.isnan(want))
@@ -150,3 +150,20 @@ def test_cuda_batches_equal_cpu_batches(data, windows):
         a, b = windows.batch(ids), gpu.batch(ids.cuda())
         for key in a:
             assert _nan_equal(a[key].float(), b[key].float().cpu()), (source, key)
+
+
+def test_action_stats_are_the_published_scaler_statistics():
+    """Mean and population std (StandardScaler's) over the rows without NaN."""
+    from lewm_fast.data import action_stats
+
+    gen = np.random.default_rng(0)
+    action = gen.normal(0.3, 2.0, size=(9, 2)).astype(np.float32)
+    action[[2, 8]] = np.nan  # episode-final rows
+    mean, std = action_stats(action)
+    valid = np.delete(action, [2, 8], axis=0).astype(np.float64)
+    np.testing.assert_allclose(mean, valid.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(std, np.sqrt(((valid - valid.mean(axis=0)) ** 2).sum(axis=0) / 7), rtol=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        action_stats(action[1:3])  # one row left
+    with pytest.raises(ValueError, match="zero variance"):
+        action_stats(np.ones((4, 2), dtype=np.float32))

@@ -68,11 +68,15 @@ def normalize_frames(frames: torch.Tensor, image_size: int | None = None) -> tor
 
 
 def action_stats(action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std (unbiased) of raw actions (R, A), NaN rows excluded; float32 (A,) each."""
+    """Per-dimension mean and std of raw actions (R, A), NaN rows excluded; float32 (A,) each.
+
+    The std is the population one (divides by the row count), as the published pipeline's
+    scikit-learn ``StandardScaler`` computes it.
+    """
     valid = action[~np.isnan(action).any(axis=1)].astype(np.float64)
     if valid.shape[0] < 2:
         raise ValueError(f"need at least 2 non-NaN action rows to z-score actions, got {valid.shape[0]}")
-    std = valid.std(axis=0, ddof=1)
+    std = valid.std(axis=0, ddof=0)
     if (std == 0).any():
         raise ValueError(f"actions have zero variance in dimension(s) {np.flatnonzero(std == 0).tolist()}")
     return valid.mean(axis=0).astype(np.float32), std.astype(np.float32)
