@@ -26,6 +26,18 @@ import numpy as np
 import torch
 
 
+def _max_batch(text: str):
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, 'auto' or 'none', got {text!r}")
+    return value
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,6 +240,7 @@ def evaluate(args: argparse.Namespace) -> int:
             device=device,
             autocast=_AUTOCAST[args.autocast],
             cuda_graph=False if args.no_graph else None,
+            max_batch=args.max_batch,
             progress=not args.quiet,
             out=args.out,
         )
@@ -444,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--autocast", choices=sorted(_AUTOCAST), default="none", help="model precision (default: none)"
     )
     p.add_argument("--no-graph", action="store_true", help="plan eagerly, no CUDA graph capture")
+    p.add_argument(
+        "--max-batch",
+        type=_max_batch,
+        default="auto",
+        help="most candidate rows (envs x samples) per predictor rollout: an integer, 'auto' "
+        "(default: chunk only when free GPU memory is short) or 'none'",
+    )
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=evaluate)

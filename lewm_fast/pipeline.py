@@ -116,6 +116,7 @@ class EvalConfig:
     topk: int = 30
     precision: str = "fp32"
     cuda_graph: bool | None = None
+    max_batch: int | str | None = "auto"
     during_training: int = 0
 
     def __post_init__(self) -> None:
@@ -138,6 +139,18 @@ class EvalConfig:
             raise ValueError(f"eval.precision must be 'fp32' or 'bf16' (autocast), got {self.precision!r}")
         if self.cuda_graph not in (None, True, False):
             raise ValueError(f"eval.cuda_graph must be true, false or null, got {self.cuda_graph!r}")
+        if not (
+            self.max_batch is None
+            or self.max_batch == "auto"
+            or (
+                isinstance(self.max_batch, int)
+                and not isinstance(self.max_batch, bool)
+                and self.max_batch >= 1
+            )
+        ):
+            raise ValueError(
+                f"eval.max_batch must be a positive integer, 'auto' or null, got {self.max_batch!r}"
+            )
 
     def planner_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -151,6 +164,7 @@ class EvalConfig:
             topk=self.topk,
             autocast=torch.bfloat16 if self.precision == "bf16" else None,
             cuda_graph=self.cuda_graph,
+            max_batch=self.max_batch,
         )
 
 

@@ -305,6 +305,11 @@ def test_loaded_checkpoint_through_the_cli(data, model, tmp_path, capsys):
     assert saved["per_episode"]["final_xy"] == direct["per_episode"]["final_xy"]
     with pytest.raises(SystemExit, match="lewm-fast eval: .*too few eligible"):
         cli.main(args[:5] + ["--episodes", "100000", "--device", "cpu", "--quiet"])
+    chunked = tmp_path / "chunked.json"
+    assert cli.main(args + ["--max-batch", "5", "--out", str(chunked)]) == 0
+    assert json.loads(chunked.read_text())["planner"]["max_batch"] == 5
+    with pytest.raises(SystemExit):
+        cli.main(args + ["--max-batch", "0"])
 
 
 # ------------------------------------------------------------------ bad arguments
@@ -380,3 +385,15 @@ def test_evaluate_with_graph_capture_on_cuda(data):
     np.testing.assert_allclose(result["per_episode"]["final_xy"], eager["per_episode"]["final_xy"], atol=1e-2)
     bf16 = evaluate(model, data, episodes=6, autocast=torch.bfloat16, progress=False, **SMALL_PLAN)
     assert bf16["planner"]["autocast"] == "bfloat16" and bf16["planner"]["cuda_graph"]
+
+
+def test_max_batch_chunks_the_rollouts_and_keeps_the_results(model, data):
+    """evaluate(max_batch=...) scores candidates in chunks; the episodes end where they did."""
+    whole = evaluate(model, data, episodes=4, max_batch=None, progress=False, **SMALL_PLAN)
+    chunked = evaluate(model, data, episodes=4, max_batch=10, progress=False, **SMALL_PLAN)
+    assert whole["planner"]["max_batch"] is None and chunked["planner"]["max_batch"] == 10
+    assert chunked["per_episode"]["row"] == whole["per_episode"]["row"]
+    final = chunked["per_episode"]["final_xy"], whole["per_episode"]["final_xy"]
+    np.testing.assert_allclose(*final, atol=1e-3)
+    with pytest.raises(ValueError, match="max_batch"):
+        evaluate(model, data, episodes=2, max_batch=0, progress=False, **SMALL_PLAN)

@@ -121,8 +121,9 @@ def test_failing_stage_is_named_and_earlier_outputs_survive(tmp_path, monkeypatc
         ({"data.policy": "greedy"}, "data.policy must be 'expert' or 'random'"),
         ({"eval.topk": 1}, "eval.topk must be an integer >= 2"),
         ({"device": "tpu"}, "device must be 'auto', 'cpu' or 'cuda"),
+        ({"eval.max_batch": 0}, "eval.max_batch must be a positive integer, 'auto' or null"),
     ],
-    ids=["train-key", "eval-key", "section", "model-value", "data-value", "eval-value", "device"],
+    ids=["train-key", "eval-key", "section", "model-value", "data-value", "eval-value", "device", "rows"],
 )
 def test_bad_config_keys_and_values_are_named(values, match):
     with pytest.raises(ValueError, match=match):

@@ -9,6 +9,7 @@ import torch
 from helpers import model_pair, small_config
 from parity import assert_close, assert_low_precision
 
+import lewm_fast
 from lewm_fast import reference as ref
 from lewm_fast.plan import CEMSolver, PlanningCost, cem_refit, cem_refit_torch, plan_seed, planning_cost
 
@@ -444,6 +445,52 @@ def test_low_precision_copy_follows_the_model_weights():
     public.pred_proj.net[0].weight = torch.nn.Parameter(public.pred_proj.net[0].weight.detach() * 2)
     solver.solve(info, seed=1)
     assert solver._cost.model is not copy  # a replaced tensor: a new copy
+
+
+@pytest.mark.parametrize(
+    "envs,samples,rows", [(3, 10, None), (3, 10, 30), (3, 10, 25), (3, 10, 4), (1, 7, 3), (5, 4, 9)]
+)
+def test_rollout_chunks_cover_every_row_once_in_order(envs, samples, rows):
+    chunks = CEMSolver._chunks(envs, samples, rows)
+    order = [(b, s) for e, sl in chunks for b in range(envs)[e] for s in range(samples)[sl]]
+    assert order == [(b, s) for b in range(envs) for s in range(samples)]
+    if rows is not None:
+        assert all(len(range(envs)[e]) * len(range(samples)[sl]) <= rows for e, sl in chunks)
+
+
+@pytest.mark.parametrize("max_batch", [25, 4], ids=["whole-envs", "sample-chunks"])
+def test_solver_max_batch_scores_in_chunks_with_the_same_plan(monkeypatch, max_batch):
+    """max_batch bounds every predictor rollout's rows (envs x samples); the plan is unchanged."""
+    from lewm_fast.plan import cost as cost_module
+
+    public, _ = model_pair(small_config(), seed=17)
+    info = {"pixels": torch.randn(3, 1, *PIX), "goal": torch.randn(3, 1, *PIX)}
+    kwargs = {"action_dim": 10, "num_samples": 10, "n_steps": 3, "topk": 3, "seed": 8}
+    whole = CEMSolver(public.eval(), **kwargs).solve(info)
+    batches = []
+    attention = cost_module.scaled_dot_product_attention
+    monkeypatch.setattr(
+        cost_module,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: (batches.append(q.shape[0]), attention(q, k, v, **kw))[1],
+    )
+    chunked = CEMSolver(public, max_batch=max_batch, **kwargs).solve(info)
+    assert batches and max(batches) <= max_batch and max(batches) < 30
+    assert_close(chunked["actions"], whole["actions"], "fp32_gemm", "plan")
+    assert_close(chunked["costs"], whole["costs"], "fp32_gemm", "elite cost")
+    auto = CEMSolver(public, max_batch="auto", **kwargs)
+    assert auto._batch_rows(3) is None  # "auto" sizes by free CUDA memory; no chunks on CPU
+    for bad in (0, -2, "all", 2.5):
+        with pytest.raises(ValueError, match="max_batch"):
+            CEMSolver(public, max_batch=bad, **kwargs)
+
+
+def test_bytes_per_row_estimate_scales_with_the_model_and_dtype():
+    paper = lewm_fast.LeWMConfig.preset("paper").build().eval()
+    cost = PlanningCost(paper)
+    fp32, bf16 = cost.bytes_per_row(5), cost.bytes_per_row(5, torch.bfloat16)
+    assert 200_000 < fp32 < 1_000_000 and 0.4 * fp32 < bf16 < 0.7 * fp32
+    assert cost.bytes_per_row(10) > fp32  # more steps: more modulations to hold
 
 
 def test_solver_plans_past_the_attention_batch_limit(monkeypatch):

@@ -147,6 +147,33 @@ class PlanningCost:
         self.model = model
         self.history_size = history_size
 
+    def bytes_per_row(self, horizon: int, dtype: torch.dtype = torch.float32) -> int:
+        """Estimated peak bytes of :meth:`rollout_cost` per candidate row (env x sample).
+
+        Counts what is alive at once: every block's AdaLN modulation for all ``horizon``
+        steps, one window's keys/values for every block plus the block being extended, and
+        the largest per-block temporaries (q/k/v, attention output, the MLP hidden layer
+        before and after GELU) and ``pred_proj``'s hidden layer, in ``dtype`` (the autocast
+        dtype, or float32), plus float32 embeddings. An estimate for sizing batches, not a
+        measurement.
+        """
+        e = torch.empty((), dtype=dtype).element_size()
+        blocks = list(self.model.predictor.transformer.layers)
+        block = blocks[0]
+
+        def widest(module: nn.Module) -> int:
+            return max((m.out_features for m in module.modules() if isinstance(m, nn.Linear)), default=0)
+
+        dim = block.attn.to_qkv.in_features
+        inner = block.attn.heads * block.attn.dim_head
+        window = self.history_size
+        mods = len(blocks) * horizon * widest(block.adaLN_modulation)
+        kv = (len(blocks) + 1) * 2 * window * inner
+        temporaries = window * (3 * inner + 2 * inner + 2 * widest(block.mlp) + 4 * dim)
+        head = 2 * widest(self.model.pred_proj) if isinstance(self.model.pred_proj, nn.Module) else 0
+        float32 = 4 * (2 * horizon * dim + 2 * window * dim)
+        return int(e * (mods + kv + temporaries + head + 2 * horizon * dim) + float32)
+
     def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
         """Frames (N, C, h, w) -> embeddings (N, D): encoder CLS token, then projector."""
         out = self.model.encoder(pixels.float(), interpolate_pos_encoding=True)
@@ -184,11 +211,16 @@ class PlanningCost:
         mods = [block.adaLN_modulation(cond).chunk(6, dim=-1) for block in blocks]
 
         embs = list(emb.unsqueeze(1).expand(b, s, *emb.shape[1:]).reshape(n, context, -1).unbind(1))
+        steps = horizon - context + 1
         cache: list | None = None  # per block: (keys, values) of the window so far
-        for step in range(horizon - context + 1):
+        for step in range(steps):
             end = context + step
             start = max(0, end - self.history_size)
             growing = cache is not None and start == 0  # one more token after an unchanged prefix
+            if not growing:
+                cache = None  # a shifted window: the old keys/values are of no use, free them now
+            # the next step reuses this step's keys/values only if its window still starts at 0
+            keep = step + 1 < steps and end + 1 - self.history_size <= 0
             first = end - 1 if growing else start
             x = torch.stack(embs[first:end], dim=1) + predictor.pos_embedding[:, first - start : end - start]
             x = transformer.input_proj(predictor.dropout(x))
@@ -196,9 +228,12 @@ class PlanningCost:
             for i, block in enumerate(blocks):
                 mod = tuple(m[:, first:end] for m in mods[i])
                 past = cache[i] if growing else None
+                if growing:
+                    cache[i] = None  # replaced by the longer keys/values below
                 x, kv = _block(block, x, mod, past, last_only=i == len(blocks) - 1)
-                new_cache.append(kv)
-            cache = new_cache
+                new_cache.append(kv if keep else None)
+                del past, kv
+            cache = new_cache if keep else None
             out = transformer.output_proj(transformer.norm(x[:, -1]))  # (N, D)
             embs.append(model.pred_proj(out))
         last = embs[-1].view(b, s, -1).float()

@@ -70,6 +70,7 @@ _PLANNER_DEFAULTS = {
     "planner_seed": None,
     "autocast": None,
     "cuda_graph": None,
+    "max_batch": "auto",
 }
 
 
@@ -224,7 +225,18 @@ def _sync(device: torch.device) -> None:
 
 def _planner_record(solver) -> dict:
     record = {"type": type(solver).__name__}
-    for name in ("num_samples", "n_steps", "topk", "var_scale", "seed", "history_size", "cuda_graph", "fast"):
+    names = (
+        "num_samples",
+        "n_steps",
+        "topk",
+        "var_scale",
+        "seed",
+        "history_size",
+        "cuda_graph",
+        "fast",
+        "max_batch",
+    )
+    for name in names:
         if hasattr(solver, name):
             record[name] = getattr(solver, name)
     if hasattr(solver, "autocast"):
@@ -287,6 +299,7 @@ def evaluate(
     device: torch.device | str | None = None,
     autocast: torch.dtype | None = None,
     cuda_graph: bool | None = None,
+    max_batch: int | str | None = "auto",
     solver=None,
     warmup: bool = True,
     progress: bool = True,
@@ -315,8 +328,9 @@ def evaluate(
         action_stats: (mean, std) of the raw actions, (A,) each; default: the dataset's,
             computed as :class:`~lewm_fast.data.TrainingWindows` does.
         device: where the environments and the planner run (default: the model's device).
-        autocast, cuda_graph: passed to :class:`CEMSolver` (bf16 autocast; graph capture,
-            default on for CUDA).
+        autocast, cuda_graph, max_batch: passed to :class:`CEMSolver` (bf16 autocast; graph
+            capture, default on for CUDA; the most candidate rows per predictor rollout,
+            default "auto": chunks only where the device's free memory is short).
         solver: plan with this object instead of a new :class:`CEMSolver`: anything with
             ``solve(info_dict, init_action=None) -> {"actions": (B, horizon, A)}`` (a
             ``CEMSolver`` built on ``model``, or an adapter around the reference planner).
@@ -359,6 +373,7 @@ def evaluate(
         "planner_seed": planner_seed,
         "autocast": autocast,
         "cuda_graph": cuda_graph,
+        "max_batch": max_batch,
     }
     if solver is not None:
         changed = sorted(k for k, v in given.items() if v != _PLANNER_DEFAULTS[k])
@@ -397,6 +412,7 @@ def evaluate(
             device=device,
             autocast=autocast,
             cuda_graph=cuda_graph,
+            max_batch=max_batch,
         )
     elif isinstance(solver, CEMSolver):
         if solver.model is not model:

@@ -80,6 +80,11 @@ class CEMSolver:
             path). The graph is re-captured when input shapes or the model's tensors change.
         fast: use the fast path (None: when the model supports it).
         backend: backend of the elite-refit op (``"auto"``, ``"cuda"``, ``"torch"``).
+        max_batch: most candidate rows (envs x samples) one predictor rollout takes; larger
+            batches are scored in chunks of whole envs (or of samples, for one env) with the
+            same results, trading speed for memory. None: one rollout for all rows;
+            ``"auto"``: on CUDA, as many rows as fit in half of the free device memory by
+            :meth:`PlanningCost.bytes_per_row` (a conservative estimate). Fast path only.
 
     ``solve(info_dict, init_action=None)`` returns ``actions`` (B, horizon, action_dim), the
     final CEM means; ``std`` (B, horizon, action_dim); ``costs`` (B,), the mean elite cost of
@@ -103,6 +108,7 @@ class CEMSolver:
         cuda_graph: bool | None = None,
         fast: bool | None = None,
         backend: str = "auto",
+        max_batch: int | str | None = None,
     ):
         self.horizon = _positive_int("horizon", horizon)
         self.action_dim = _positive_int("action_dim", action_dim)
@@ -124,6 +130,9 @@ class CEMSolver:
         self.autocast = autocast
         _backend.requested(backend)  # raises ValueError on an unknown name
         self.backend = backend
+        if max_batch is not None and max_batch != "auto":
+            max_batch = _positive_int("max_batch", max_batch)
+        self.max_batch = max_batch
 
         why_not_fast = fast_cost_unsupported_reason(model)
         if fast and why_not_fast:
@@ -178,6 +187,7 @@ class CEMSolver:
         self._plans = 0
         self._generators: dict[torch.device, torch.Generator] = {}
         self._captured: _CapturedSolve | None = None
+        self._auto_rows: dict[int, int | None] = {}
         self._warned_training = False
 
     # ----------------------------------------------------------------- helpers
@@ -279,14 +289,50 @@ class CEMSolver:
             self._cost = PlanningCost(low, self.history_size)
         return self._cost
 
-    def _fast_body(self, pixels, goal, mean0, n_steps: int, cache_enabled: bool = True):
+    def _batch_rows(self, envs: int) -> int | None:
+        """Rows per predictor rollout for ``envs`` envs (None: all of them at once)."""
+        if self.max_batch is None:
+            return None
+        if self.max_batch != "auto":
+            return self.max_batch
+        if self.device.type != "cuda":
+            return None
+        if envs not in self._auto_rows:  # fixed per env count: a captured graph stays valid
+            free, _ = torch.cuda.mem_get_info(self.device)
+            per_row = self._cost.bytes_per_row(self.horizon, self.autocast or torch.float32)
+            rows = max(1, int(0.5 * free / per_row))
+            self._auto_rows[envs] = None if rows >= envs * self.num_samples else rows
+        return self._auto_rows[envs]
+
+    @staticmethod
+    def _chunks(envs: int, samples: int, rows: int | None) -> list[tuple[slice, slice]]:
+        """(env slice, sample slice) pieces of at most ``rows`` rows, in row order."""
+        everything = [(slice(0, envs), slice(0, samples))]
+        if rows is None or rows >= envs * samples:
+            return everything
+        if rows >= samples:
+            per = rows // samples
+            return [(slice(b, min(b + per, envs)), slice(0, samples)) for b in range(0, envs, per)]
+        starts = range(0, samples, rows)
+        return [(slice(b, b + 1), slice(s, min(s + rows, samples))) for b in range(envs) for s in starts]
+
+    def _fast_body(self, pixels, goal, mean0, n_steps: int, cache_enabled: bool = True, rows=None):
         cost = self._cost
         with self._autocast(cache_enabled):
             emb, goal_emb = cost.encode(pixels, goal)
+        chunks = self._chunks(mean0.shape[0], self.num_samples, rows)
 
         def score(candidates):
             with self._autocast(cache_enabled):
-                return cost.rollout_cost(emb, goal_emb, candidates).float()
+                if len(chunks) == 1:
+                    return cost.rollout_cost(emb, goal_emb, candidates).float()
+                parts = [cost.rollout_cost(emb[e], goal_emb[e], candidates[e, s]).float() for e, s in chunks]
+            # pieces of whole envs stack along envs; pieces of one env's samples along samples
+            if chunks[0][1] == slice(0, self.num_samples):
+                return torch.cat(parts, dim=0)
+            per_env = len(chunks) // mean0.shape[0]
+            rows_of_envs = [torch.cat(parts[i : i + per_env], dim=1) for i in range(0, len(parts), per_env)]
+            return torch.cat(rows_of_envs)
 
         return self._run(score, mean0, n_steps)
 
@@ -316,7 +362,7 @@ class CEMSolver:
         tensors = chain(model.parameters(), model.buffers())
         return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors)
 
-    def _capture(self, key, pixels, goal, mean0) -> _CapturedSolve:
+    def _capture(self, key, pixels, goal, mean0, rows) -> _CapturedSolve:
         pixels, goal, mean0 = pixels.clone(), goal.clone(), mean0.clone()
         gen = self._generator()
         # Warm up on a side stream (lazy cuBLAS/cuDNN set-up, the csrc build) before capture.
@@ -324,22 +370,24 @@ class CEMSolver:
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(stream)
         with torch.cuda.stream(side):
-            self._fast_body(pixels, goal, mean0, n_steps=1, cache_enabled=False)
+            self._fast_body(pixels, goal, mean0, n_steps=1, cache_enabled=False, rows=rows)
         stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with warnings.catch_warnings():  # a no-op (deprecated) where torch registers lazily
             warnings.simplefilter("ignore")
             graph.register_generator_state(gen)
         with torch.cuda.graph(graph):
-            outputs = self._fast_body(pixels, goal, mean0, n_steps=self.n_steps, cache_enabled=False)
+            outputs = self._fast_body(
+                pixels, goal, mean0, n_steps=self.n_steps, cache_enabled=False, rows=rows
+            )
         return _CapturedSolve(key, graph, pixels, goal, mean0, outputs)
 
-    def _graph_solve(self, pixels, goal, mean0, seed: int):
-        key = (tuple(pixels.shape), tuple(goal.shape), self.model.training, self._model_key())
+    def _graph_solve(self, pixels, goal, mean0, seed: int, rows):
+        key = (tuple(pixels.shape), tuple(goal.shape), self.model.training, rows, self._model_key())
         if self._captured is None or self._captured.key != key:
             self._captured = None  # free the old graph's memory pool first
             try:
-                self._captured = self._capture(key, pixels, goal, mean0)
+                self._captured = self._capture(key, pixels, goal, mean0, rows)
             except Exception as exc:  # e.g. an op that cannot be captured on this torch/driver
                 warnings.warn(
                     f"CEMSolver: CUDA graph capture failed ({type(exc).__name__}: {exc}); "
@@ -405,10 +453,11 @@ class CEMSolver:
                     f"({pixels.shape[1]})"
                 )
             self._sync_cost()
-            outputs = self._graph_solve(pixels, goal, mean0, seed) if self.cuda_graph else None
+            rows = self._batch_rows(envs)
+            outputs = self._graph_solve(pixels, goal, mean0, seed, rows) if self.cuda_graph else None
             if outputs is None:
                 self._generator().manual_seed(seed)
-                outputs = self._fast_body(pixels, goal, mean0, self.n_steps)
+                outputs = self._fast_body(pixels, goal, mean0, self.n_steps, rows=rows)
         else:
             self._generator().manual_seed(seed)
             outputs = self._generic_body(info_dict, envs, mean0)
