@@ -678,6 +678,37 @@ def test_graph_replay_is_reproducible_and_recaptures_on_new_shapes():
 
 
 @pytest.mark.gpu
+def test_graph_solve_with_auto_chunks_equals_one_batch(monkeypatch):
+    """max_batch='auto' with little free memory: the captured solve scores in chunks, same plan."""
+    model = _gpu_model()
+    kwargs = {"action_dim": 10, "num_samples": 32, "n_steps": 3, "topk": 4, "seed": 2}
+    whole = CEMSolver(model, cuda_graph=True, **kwargs).solve(_gpu_info(3))
+    solver = CEMSolver(model, cuda_graph=True, max_batch="auto", **kwargs)
+    per_row = solver._cost.bytes_per_row(5)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(2 * 40 * per_row), 1 << 40))
+    chunked = solver.solve(_gpu_info(3))
+    assert solver._auto_rows[3] == 40 and solver._captured is not None
+    assert_close(chunked["actions"], whole["actions"], "fp32_gemm", "chunked graph plan")
+
+
+@pytest.mark.gpu
+def test_bf16_graph_follows_in_place_weight_updates_without_recapture():
+    """The low-precision weight copy is refreshed in place, so the captured graph replays with
+    the new weights (no new capture) and plans like a fresh solver on those weights."""
+    model, other = _gpu_model(), model_pair(small_config(), seed=11)[0].eval().cuda()
+    kwargs = {"action_dim": 10, "num_samples": 32, "n_steps": 3, "topk": 4, "autocast": torch.bfloat16}
+    solver = CEMSolver(model, cuda_graph=True, **kwargs)
+    solver.solve(_gpu_info(2), seed=3)
+    graph = solver._captured.graph
+    with torch.no_grad():
+        model.load_state_dict(other.state_dict())
+    after = solver.solve(_gpu_info(2), seed=3)
+    assert solver._captured.graph is graph
+    fresh = CEMSolver(other, cuda_graph=True, **kwargs).solve(_gpu_info(2), seed=3)
+    assert torch.equal(after["actions"], fresh["actions"])
+
+
+@pytest.mark.gpu
 def test_graph_solve_matches_cpu_cost(monkeypatch):
     """The fast cost on CUDA equals the reference get_cost on CPU (TF32 off: float32 parity)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
