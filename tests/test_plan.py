@@ -493,6 +493,41 @@ def test_bytes_per_row_estimate_scales_with_the_model_and_dtype():
     assert cost.bytes_per_row(10) > fp32  # more steps: more modulations to hold
 
 
+def test_rollout_hands_the_fused_adaln_kernels_views(monkeypatch):
+    """Sliding windows of the modulation are made contiguous once per block, so the fused
+    AdaLN kernels (interpreted here) never copy a strided shift/scale/gate themselves; the
+    costs equal the PyTorch backend's."""
+    pytest.importorskip("triton")
+    from lewm_fast.backend import triton_interpreter
+    from lewm_fast.kernels import adaln
+
+    if not triton_interpreter():
+        pytest.skip("runs the kernels in the Triton interpreter on CPU tensors")
+    copies = []
+    rows = adaln._rows
+
+    def counting_rows(t, d):
+        out = rows(t, d)
+        if out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+            copies.append(tuple(t.shape))
+        return out
+
+    monkeypatch.setattr(adaln, "_rows", counting_rows)
+    fused, _ = model_pair(small_config(), seed=18)
+    fused.eval()
+    for block in fused.predictor.transformer.layers:
+        block.backend = "triton"
+    pixels, goal, candidates = torch.randn(2, 1, *PIX), torch.randn(2, 1, *PIX), torch.randn(2, 5, 5, 10)
+    with torch.no_grad():
+        got = PlanningCost(fused)(pixels, goal, candidates)
+    assert copies == []
+    for block in fused.predictor.transformer.layers:
+        block.backend = "torch"
+    with torch.no_grad():
+        want = PlanningCost(fused)(pixels, goal, candidates)
+    assert_close(got, want, "fp32_gemm", "fused-kernel planning cost")
+
+
 def test_solver_plans_past_the_attention_batch_limit(monkeypatch):
     """envs x samples above the fused-attention grid limit: attention runs in chunks, same plan."""
     from lewm_fast.reference import attention

@@ -208,7 +208,7 @@ class PlanningCost:
         # Per-time-step work, once for every candidate and action: (N, T, D) each.
         act_emb = model.action_encoder(candidates.reshape(n, horizon, width))
         cond = transformer.cond_proj(act_emb)
-        mods = [block.adaLN_modulation(cond).chunk(6, dim=-1) for block in blocks]
+        mods = [block.adaLN_modulation(cond) for block in blocks]  # (N, T, 6D) each
 
         embs = list(emb.unsqueeze(1).expand(b, s, *emb.shape[1:]).reshape(n, context, -1).unbind(1))
         steps = horizon - context + 1
@@ -226,7 +226,12 @@ class PlanningCost:
             x = transformer.input_proj(predictor.dropout(x))
             new_cache = []
             for i, block in enumerate(blocks):
-                mod = tuple(m[:, first:end] for m in mods[i])
+                window = mods[i][:, first:end]
+                if end - first > 1:
+                    # One copy makes every shift/scale/gate below an (N * t, D) view for the
+                    # fused kernels, which would otherwise copy each strided chunk themselves.
+                    window = window.contiguous()
+                mod = window.chunk(6, dim=-1)
                 past = cache[i] if growing else None
                 if growing:
                     cache[i] = None  # replaced by the longer keys/values below
