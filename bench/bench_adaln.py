@@ -1,6 +1,7 @@
-"""AdaLN-Zero: the eager chain (LayerNorm -> modulate -> affine LayerNorm; x + gate * y) vs
-the fused Triton kernels, at planning size (15,000 sequences x 3 tokens x 192) and training
-size (128 x 3 x 192). The fused kernels need CUDA; on a CPU only the eager rows run.
+"""AdaLN-Zero: the eager chain (LayerNorm -> modulate -> affine LayerNorm; x + gate * y; and
+the gated residual followed by the next branch input) vs the fused Triton kernels, at
+planning size (15,000 sequences x 3 tokens x 192) and training size (128 x 3 x 192). The
+fused kernels need CUDA; on a CPU only the eager rows run.
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ def _eager_norm(x, shift, scale, w, b):
     return F.layer_norm(modulate(h, shift, scale), (x.shape[-1],), w, b, eps=1e-5)
 
 
+def _eager_gated_norm(x, g, r, shift, scale, w, b):
+    out = x + g * r
+    return out, _eager_norm(out, shift, scale, w, b)
+
+
 def _impls(device: torch.device):
-    impls = {"reference": (_eager_norm, lambda x, g, y: x + g * y)}
+    impls = {"reference": (_eager_norm, lambda x, g, y: x + g * y, _eager_gated_norm)}
     if triton_runs_on(device):
         from lewm_fast.kernels import adaln
 
         impls["triton"] = (
             lambda x, s, c, w, b: adaln.AdalnFunction.apply(x, s, c, w, b, 1e-6, 1e-5),
             adaln.GatedResidualFunction.apply,
+            lambda x, g, r, s, c, w, b: adaln.GatedAdalnFunction.apply(x, g, r, s, c, w, b, 1e-6, 1e-5),
         )
     return impls
 
@@ -60,7 +67,7 @@ def run(report: Report, quick: bool = False) -> None:
             # bytes a fused pass must move: x, shift, scale in and y out (+ per-row stats)
             norm_bytes = elem * (2 * x.element_size() + 2 * mod.element_size()) + seqs * 3 * 16
             gated_bytes = elem * (2 * x.element_size() + 2 * mod.element_size())
-            for impl, (norm, gated) in impls.items():
+            for impl, (norm, gated, gated_norm) in impls.items():
                 shift, scale, gate = mod[..., :D], mod[..., D : 2 * D], mod[..., 2 * D : 3 * D]
                 _measure(
                     report,
@@ -73,16 +80,31 @@ def run(report: Report, quick: bool = False) -> None:
                 _measure(
                     report, "adaln_gated_residual", case, impl, partial(gated, x, gate, branch), gated_bytes
                 )
+                _measure(
+                    report,
+                    "adaln_gated_then_norm",
+                    case,
+                    impl,
+                    partial(gated_norm, x, gate, branch, shift, scale, w, b),
+                    gated_bytes + norm_bytes - elem * x.element_size(),  # out is not read back
+                )
 
 
 def _measure(report: Report, bench: str, case: str, impl: str, forward, nbytes: int) -> None:
     device = report.device
 
-    def both():
-        forward().sum().backward()
+    def outputs():
+        out = forward()
+        return out if isinstance(out, tuple) else (out,)
 
-    t_fwd = time_fn(lambda: forward().detach(), device)
-    t_bwd = time_fn(lambda out: out.sum().backward(), device, setup=forward)
+    def backward(outs):
+        sum(o.sum() for o in outs).backward()
+
+    def both():
+        backward(outputs())
+
+    t_fwd = time_fn(lambda: [o.detach() for o in outputs()], device)
+    t_bwd = time_fn(backward, device, setup=outputs)
     t_full = time_fn(both, device)
     mem = peak_extra_memory(both, device)
     for phase, timing in (("fwd", t_fwd), ("bwd", t_bwd), ("fwd+bwd", t_full)):

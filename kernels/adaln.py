@@ -1,6 +1,6 @@
 """Fused AdaLN-Zero modulation (spec section 1, ConditionalBlock).
 
-Two ops, each one pass over the tokens:
+Three ops, each one pass over the tokens:
 
 ``adaln_modulate_norm``: the branch input of a ConditionalBlock,
     h = LayerNorm(x, eps1)                      (no affine; eps1 = 1e-6)
@@ -10,6 +10,12 @@ with gradients for x, shift, scale, weight and bias. The backward pass recompute
 from x and the saved per-row statistics instead of storing them.
 
 ``gated_residual``: ``x + gate * y`` with gradients for all three.
+
+``gated_adaln``: ``out = x + gate * res`` then ``y = adaln_modulate_norm(out, ...)``, both
+returned: a block's residual and the next branch's input (the MLP's within a block, the
+next block's attention when blocks run back to back) in one kernel. ``y`` is computed
+from ``out`` as stored, so the pair equals the two ops above one after the other; the
+backward pass runs their two backward kernels.
 
 x, shift, scale, gate, y are (..., D) with D innermost and contiguous; shift/scale/gate
 may be strided views (e.g. chunks of the adaLN_modulation output). Everything
@@ -31,6 +37,20 @@ if triton_interpreter():  # NumPy >= 2.4 with the interpreters of Triton < 3.8
 # Programs of the backward kernel; each loops over row blocks and writes one partial row
 # of the weight/bias gradients, summed afterwards (deterministic, no atomics).
 _MAX_BWD_PROGRAMS = 512
+
+
+@triton.jit
+def _modulate_norm(x, shift, scale, w, b, mask, D, eps1, eps2):
+    """Rows x (BLOCK_M, BLOCK_D) float32, zero where masked -> (y, mean1, rstd1, mean2, rstd2)."""
+    mean1 = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean1[:, None], 0.0)
+    rstd1 = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps1)
+    m = tl.where(mask, xc * rstd1[:, None] * (1.0 + scale) + shift, 0.0)
+    mean2 = tl.sum(m, axis=1) / D
+    mc = tl.where(mask, m - mean2[:, None], 0.0)
+    rstd2 = 1.0 / tl.sqrt(tl.sum(mc * mc, axis=1) / D + eps2)
+    y = mc * rstd2[:, None] * w[None, :] + b[None, :]
+    return y, mean1, rstd1, mean2, rstd2
 
 
 @triton.jit
@@ -69,14 +89,7 @@ def _adaln_fwd_kernel(
     w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
     b = tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)
 
-    mean1 = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean1[:, None], 0.0)
-    rstd1 = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps1)
-    m = tl.where(mask, xc * rstd1[:, None] * (1.0 + scale) + shift, 0.0)
-    mean2 = tl.sum(m, axis=1) / D
-    mc = tl.where(mask, m - mean2[:, None], 0.0)
-    rstd2 = 1.0 / tl.sqrt(tl.sum(mc * mc, axis=1) / D + eps2)
-    y = mc * rstd2[:, None] * w[None, :] + b[None, :]
+    y, mean1, rstd1, mean2, rstd2 = _modulate_norm(x, shift, scale, w, b, mask, D, eps1, eps2)
     tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(STATS + rows64 * 4 + 0, mean1, mask=mask_r)
     tl.store(STATS + rows64 * 4 + 1, rstd1, mask=mask_r)
@@ -170,6 +183,60 @@ def _gated_residual_fwd_kernel(
 
 
 @triton.jit
+def _gated_adaln_fwd_kernel(
+    X,
+    GATE,
+    RES,
+    SHIFT,
+    SCALE,
+    W,
+    BIAS,
+    OUT,
+    Y,
+    STATS,
+    N,
+    D,
+    stride_x,
+    stride_gate,
+    stride_res,
+    stride_shift,
+    stride_scale,
+    eps1,
+    eps2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out = x + gate * res (stored), then y = the modulate-norm of out (as _adaln_fwd_kernel),
+    computed from out as stored (rounded to its dtype), like the two kernels one after the other."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    mask_r = rows < N
+    mask_c = cols < D
+    mask = mask_r[:, None] & mask_c[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + rows64[:, None] * stride_gate + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(RES + rows64[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = (x + g * r).to(OUT.dtype.element_ty)
+    tl.store(OUT + rows64[:, None] * D + cols[None, :], out, mask=mask)
+    o = tl.where(mask, out.to(tl.float32), 0.0)
+    shift = tl.load(SHIFT + rows64[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
+    scale = tl.load(SCALE + rows64[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
+    w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
+    b = tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)
+    y, mean1, rstd1, mean2, rstd2 = _modulate_norm(o, shift, scale, w, b, mask, D, eps1, eps2)
+    tl.store(Y + rows64[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(STATS + rows64 * 4 + 0, mean1, mask=mask_r)
+    tl.store(STATS + rows64 * 4 + 1, rstd1, mask=mask_r)
+    tl.store(STATS + rows64 * 4 + 2, mean2, mask=mask_r)
+    tl.store(STATS + rows64 * 4 + 3, rstd2, mask=mask_r)
+
+
+@triton.jit
 def _gated_residual_bwd_kernel(
     DOUT,
     GATE,
@@ -230,6 +297,12 @@ def aot_specs():
             (),
         ),
         "gated_fwd": (_gated_residual_fwd_kernel, ("X", "GATE", "Y", "OUT"), (), ()),
+        "gated_adaln_fwd": (
+            _gated_adaln_fwd_kernel,
+            ("X", "GATE", "RES", "SHIFT", "SCALE", "W", "BIAS", "OUT", "Y"),
+            ("STATS",),
+            ("eps1", "eps2"),
+        ),
         "gated_bwd": (_gated_residual_bwd_kernel, ("DOUT", "GATE", "Y", "DGATE", "DY"), (), ()),
     }
     dtype_sets = {  # (main tensors, modulation tensors)
@@ -378,6 +451,47 @@ def gated_residual_fwd(x, gate, y):
     return out.view(x.shape)
 
 
+def gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, eps1: float, eps2: float):
+    """out = x + gate * res (promoted dtype) and y = the modulate-norm of out (out's dtype),
+    with out's per-row statistics (N, 4) float32: one kernel for gated_residual_fwd then
+    adaln_fwd."""
+    D = _check(x, gate, res, shift, scale)
+    if weight.shape != (D,) or bias.shape != (D,):
+        raise ValueError(
+            f"weight and bias must have shape ({D},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    x2, g2, r2, s2, c2 = (_rows(t, D) for t in (x, gate, res, shift, scale))
+    N = x2.shape[0]
+    dtype = _result_dtype(x, gate, res)
+    out = torch.empty((N, D), device=x.device, dtype=dtype)
+    y = torch.empty((N, D), device=x.device, dtype=dtype)
+    stats = torch.empty((N, 4), device=x.device, dtype=torch.float32)
+    cfg = row_config(D)
+    _gated_adaln_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
+        x2,
+        g2,
+        r2,
+        s2,
+        c2,
+        weight,
+        bias,
+        out,
+        y,
+        stats,
+        N,
+        D,
+        x2.stride(0),
+        g2.stride(0),
+        r2.stride(0),
+        s2.stride(0),
+        c2.stride(0),
+        eps1,
+        eps2,
+        **cfg,
+    )
+    return out.view(x.shape), y.view(x.shape), stats
+
+
 def gated_residual_bwd(dout, gate, y):
     """(dgate, dy); dx is dout itself."""
     D = gate.shape[-1]
@@ -500,6 +614,50 @@ def _gated_backward(ctx, dout):
 gated_residual_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
+@torch.library.custom_op("lewm_fast::gated_adaln", mutates_args=())
+def gated_adaln_op(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    res: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps1: float,
+    eps2: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, eps1, eps2)
+
+
+@gated_adaln_op.register_fake
+def _(x, gate, res, shift, scale, weight, bias, eps1, eps2):
+    n = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    dtype = _result_dtype(x, gate, res)
+    return (
+        torch.empty(x.shape, device=x.device, dtype=dtype),
+        torch.empty(x.shape, device=x.device, dtype=dtype),
+        x.new_empty((n, 4), dtype=torch.float32),
+    )
+
+
+def _gated_adaln_setup(ctx, inputs, output):
+    x, gate, res, shift, scale, weight, bias, eps1, eps2 = inputs
+    ctx.save_for_backward(gate, res, shift, scale, weight, output[0], output[2])
+    ctx.x_dtype = x.dtype
+
+
+def _gated_adaln_backward(ctx, dout, dy, dstats):
+    gate, res, shift, scale, weight, out, stats = ctx.saved_tensors
+    grads = adaln_modulate_norm_bwd_op(dy.contiguous(), out, shift, scale, weight, stats)
+    dnorm, dshift, dscale, dw, db = grads
+    dtotal = (dnorm + dout).contiguous()  # out feeds the norm and the caller's residual stream
+    dgate, dres = gated_residual_bwd_op(dtotal, gate, res)
+    return dtotal.to(ctx.x_dtype), dgate, dres, dshift, dscale, dw, db, None, None
+
+
+gated_adaln_op.register_autograd(_gated_adaln_backward, setup_context=_gated_adaln_setup)
+
+
 class AdalnFunction:
     """Autograd entry point: ``AdalnFunction.apply(x, shift, scale, weight, bias, eps1, eps2) -> y``.
 
@@ -516,3 +674,15 @@ class GatedResidualFunction:
     """Autograd entry point: ``GatedResidualFunction.apply(x, gate, y) -> x + gate * y``."""
 
     apply = staticmethod(gated_residual_op)
+
+
+class GatedAdalnFunction:
+    """Autograd entry point: ``GatedAdalnFunction.apply(x, gate, res, shift, scale, weight,
+    bias, eps1, eps2) -> (out, y)`` with ``out = x + gate * res`` and ``y`` the modulate-norm
+    of ``out`` (``AdalnFunction``): a gated residual and the next branch's input in one kernel.
+    """
+
+    @staticmethod
+    def apply(x, gate, res, shift, scale, weight, bias, eps1=1e-6, eps2=1e-5):
+        out, y, _ = gated_adaln_op(x, gate, res, shift, scale, weight, bias, eps1, eps2)
+        return out, y

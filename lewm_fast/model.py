@@ -109,6 +109,26 @@ class ConditionalBlock(_ref.ConditionalBlock):
             return super().gated(x, gate, y)
         return kernels.GatedResidualFunction.apply(x, gate, y)
 
+    def gated_mlp_input(self, x, gate, y, shift, scale):
+        """``x' = x + gate * y`` and ``mlp_input(x', shift, scale)`` (all (B, T, D)); one fused kernel."""
+        kernels = self._adaln(x)
+        if kernels is None:
+            return super().gated_mlp_input(x, gate, y, shift, scale)
+        norm = self.mlp.net[0]
+        return kernels.GatedAdalnFunction.apply(
+            x, gate, y, shift, scale, norm.weight, norm.bias, self.norm2.eps, norm.eps
+        )
+
+    def gated_attn_input(self, x, gate, y, shift, scale):
+        """``x' = x + gate * y`` and ``attn_input(x', shift, scale)`` (all (B, T, D)); one fused kernel."""
+        kernels = self._adaln(x)
+        if kernels is None:
+            return super().gated_attn_input(x, gate, y, shift, scale)
+        norm = self.attn.norm
+        return kernels.GatedAdalnFunction.apply(
+            x, gate, y, shift, scale, norm.weight, norm.bias, self.norm1.eps, norm.eps
+        )
+
 
 class ARPredictor(_ref.ARPredictor):
     """Autoregressive action-conditioned predictor (published arguments, plus ``backend``

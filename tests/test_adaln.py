@@ -114,6 +114,59 @@ def test_gated_residual_matches_eager(shape, dtypes):
         assert fused[0].dtype == low[0].dtype
 
 
+GATED_ADALN_NAMES = ("out", "y", "dx", "dgate", "dres", "dshift", "dscale", "dweight", "dbias")
+
+
+@pytest.mark.parametrize("dtypes", list(DTYPE_CASES), ids=list(DTYPE_CASES))
+@pytest.mark.parametrize("shape", [s[1] for s in SHAPES], ids=[s[0] for s in SHAPES])
+def test_gated_adaln_matches_the_two_ops(shape, dtypes):
+    """out = x + gate * res and y = modulate-norm(out), fused: both outputs and all seven
+    gradients (both outputs carry a gradient, as in a block) against the eager chain."""
+    x_dtype, mod_dtype = DTYPE_CASES[dtypes]
+    gen = torch.Generator().manual_seed(5)
+    D = shape[-1]
+    x, res, dout, dy = (torch.randn(shape, generator=gen).to(_device()) for _ in range(4))
+    mod = (0.5 * torch.randn(*shape[:-1], 3 * D, generator=gen)).to(_device())
+    weight = (1 + 0.3 * torch.randn(D, generator=gen)).to(_device())
+    bias = (0.3 * torch.randn(D, generator=gen)).to(_device())
+
+    def run(fused, dt):
+        pairs = ((x, dt[0]), (res, dt[1]), (mod, dt[1]), (weight, torch.float32), (bias, torch.float32))
+        leaves = [t.to(d).detach().clone().requires_grad_() for t, d in pairs]
+        lx, lres, lmod, lw, lb = leaves
+        gate, shift, scale = lmod.chunk(3, dim=-1)  # strided chunks, as the modulation arrives
+        if fused:
+            out, y = adaln.GatedAdalnFunction.apply(lx, gate, lres, shift, scale, lw, lb, 1e-6, 1e-5)
+        else:
+            out = lx + gate * lres
+            y = _eager(out, shift, scale, lw, lb)
+        torch.autograd.backward((out, y), (dout.to(out.dtype), dy.to(y.dtype)))
+        dgate, dshift, dscale = lmod.grad.chunk(3, dim=-1)
+        return [out.detach(), y.detach(), lx.grad, dgate, lres.grad, dshift, dscale, lw.grad, lb.grad]
+
+    fused = run(True, (x_dtype, mod_dtype))
+    ref32 = run(False, (torch.float32, torch.float32))
+    if dtypes == "fp32":
+        for name, a, b in zip(GATED_ADALN_NAMES, fused, ref32):
+            assert_close(a, b, "fp32_elementwise", name)
+    else:
+        low = run(False, (x_dtype, mod_dtype))
+        for name, a, b, c in zip(GATED_ADALN_NAMES, fused, low, ref32):
+            assert_low_precision(a, b, c, name)
+        assert fused[0].dtype == low[0].dtype and fused[1].dtype == low[1].dtype
+    assert fused[2].dtype == x_dtype and fused[3].dtype == mod_dtype
+
+
+def test_gated_adaln_op_registration():
+    """The torch.library op passes opcheck (schema, fake tensor, autograd registration)."""
+    gen = torch.Generator().manual_seed(6)
+    x, gate, res, shift, scale = (torch.randn(3, 5, 24, generator=gen).to(_device()) for _ in range(5))
+    weight, bias = torch.randn(24, generator=gen).to(_device()), torch.randn(24, generator=gen).to(_device())
+    args = [t.requires_grad_() for t in (x, gate, res, shift, scale, weight, bias)]
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(adaln.gated_adaln_op, (*args, 1e-6, 1e-5), test_utils=utils)
+
+
 def _block_pair(dim=48, heads=4, dim_head=12, mlp_dim=80, dropout=0.0):
     fast = lewm_fast.ConditionalBlock(dim, heads, dim_head, mlp_dim, dropout, backend="triton")
     randomize_(fast)

@@ -52,7 +52,7 @@ def test_every_dispatch_configuration_is_listed():
     assert sum(n.startswith("sigreg_bwd") for n in NAMES) == 3 * 4
     # every row width the AdaLN launchers accept maps to a listed tile
     widths = {adaln.row_config(d)["BLOCK_D"] for d in range(1, adaln.MAX_D + 1)}
-    for kernel in ("adaln_fwd", "adaln_bwd", "gated_fwd", "gated_bwd"):
+    for kernel in ("adaln_fwd", "adaln_bwd", "gated_fwd", "gated_adaln_fwd", "gated_bwd"):
         listed = {int(n.split("D<=")[1].split(",")[0]) for n in NAMES if n.startswith(kernel + "[")}
         assert listed == widths, kernel
 

@@ -111,21 +111,37 @@ def _attention(block: nn.Module, h: torch.Tensor, past, last_only: bool):
     return out, (k, v)
 
 
-def _block(block: nn.Module, x: torch.Tensor, mod, past, last_only: bool):
-    """One ConditionalBlock on new tokens x (N, t, D) with modulation chunks ``mod`` (N, t, D) each.
+def _gated_then(block: nn.Module, branch: str, residual, shift, scale):
+    """``x = gated(*residual)`` and ``<branch>_input(x, shift, scale)``: one fused kernel where
+    the block has ``gated_<branch>_input``, else the two pieces."""
+    fused = getattr(block, f"gated_{branch}_input", None)
+    if fused is not None:
+        return fused(*residual, shift, scale)
+    x = block.gated(*residual)
+    return x, getattr(block, f"{branch}_input")(x, shift, scale)
 
-    Uses the block's own ``attn_input`` / ``mlp_input`` / ``gated`` pieces, so a block with
-    fused AdaLN kernels runs them here too.
+
+def _block(block: nn.Module, x, mod, past, last_only: bool):
+    """One ConditionalBlock on new tokens with modulation chunks ``mod`` (N, t, D) each.
+
+    ``x`` is the tokens (N, t, D), or the previous block's pending last residual
+    ``(x, gate, branch)``, added here together with this block's attention input (one
+    kernel). Returns this block's own pending residual ``(x, gate_mlp, mlp_out)`` (the
+    caller adds it, or hands it to the next block) and the keys/values. Uses the block's
+    own pieces, so a block with fused AdaLN kernels runs them here too.
     """
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-    attn_out, kv = _attention(block, block.attn_input(x, shift_msa, scale_msa), past, last_only)
+    if isinstance(x, tuple):
+        x, h = _gated_then(block, "attn", x, shift_msa, scale_msa)
+    else:
+        h = block.attn_input(x, shift_msa, scale_msa)
+    attn_out, kv = _attention(block, h, past, last_only)
     if last_only:
         x, shift_mlp, scale_mlp, gate_msa, gate_mlp = (
             z[:, -1:] for z in (x, shift_mlp, scale_mlp, gate_msa, gate_mlp)
         )
-    x = block.gated(x, gate_msa, attn_out)
-    x = block.gated(x, gate_mlp, block.mlp.after_norm(block.mlp_input(x, shift_mlp, scale_mlp)))
-    return x, kv
+    x, h = _gated_then(block, "mlp", (x, gate_msa, attn_out), shift_mlp, scale_mlp)
+    return (x, gate_mlp, block.mlp.after_norm(h)), kv
 
 
 class PlanningCost:
@@ -238,6 +254,7 @@ class PlanningCost:
                 x, kv = _block(block, x, mod, past, last_only=i == len(blocks) - 1)
                 new_cache.append(kv if keep else None)
                 del past, kv
+            x = blocks[-1].gated(*x)  # the last block's MLP residual
             cache = new_cache if keep else None
             out = transformer.output_proj(transformer.norm(x[:, -1]))  # (N, D)
             embs.append(model.pred_proj(out))

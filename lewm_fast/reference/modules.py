@@ -99,9 +99,9 @@ class ConditionalBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=-1
         )
-        x = self.gated(x, gate_msa, self.attn.attend(self.attn_input(x, shift_msa, scale_msa)))
-        x = self.gated(x, gate_mlp, self.mlp.after_norm(self.mlp_input(x, shift_mlp, scale_mlp)))
-        return x
+        attn_out = self.attn.attend(self.attn_input(x, shift_msa, scale_msa))
+        x, h = self.gated_mlp_input(x, gate_msa, attn_out, shift_mlp, scale_mlp)
+        return self.gated(x, gate_mlp, self.mlp.after_norm(h))
 
     def attn_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``attn.norm(modulate(norm1(x), shift, scale))``: the attention branch's normalised input."""
@@ -114,6 +114,23 @@ class ConditionalBlock(nn.Module):
     def gated(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The gated residual ``x + gate * y``."""
         return x + gate * y
+
+    def gated_mlp_input(
+        self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x' = gated(x, gate, y)`` and ``mlp_input(x', shift, scale)``: the residual after
+        the attention branch and the MLP branch's input."""
+        x = self.gated(x, gate, y)
+        return x, self.mlp_input(x, shift, scale)
+
+    def gated_attn_input(
+        self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x' = gated(x, gate, y)`` (the previous block's last residual) and
+        ``attn_input(x', shift, scale)``: lets a caller run consecutive blocks with the
+        residual and the next branch input fused."""
+        x = self.gated(x, gate, y)
+        return x, self.attn_input(x, shift, scale)
 
 
 class Transformer(nn.Module):
