@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..reference.attention import scaled_dot_product_attention
@@ -144,6 +145,21 @@ def _block(block: nn.Module, x, mod, past, last_only: bool):
     return (x, gate_mlp, block.mlp.after_norm(h)), kv
 
 
+def _modulations(blocks: list, cond: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's ``adaLN_modulation(cond)``; the published ``SiLU -> Linear`` shares one
+    SiLU of ``cond`` across blocks (the same values, one kernel instead of one per block)."""
+    shared = all(
+        isinstance(b.adaLN_modulation, nn.Sequential)
+        and len(b.adaLN_modulation) == 2
+        and isinstance(b.adaLN_modulation[0], nn.SiLU)
+        for b in blocks
+    )
+    if not shared:
+        return [block.adaLN_modulation(cond) for block in blocks]
+    act = F.silu(cond)
+    return [block.adaLN_modulation[1](act) for block in blocks]
+
+
 class PlanningCost:
     """Fast planning cost of a LeWM JEPA (eval mode). See the module docstring.
 
@@ -224,7 +240,7 @@ class PlanningCost:
         # Per-time-step work, once for every candidate and action: (N, T, D) each.
         act_emb = model.action_encoder(candidates.reshape(n, horizon, width))
         cond = transformer.cond_proj(act_emb)
-        mods = [block.adaLN_modulation(cond) for block in blocks]  # (N, T, 6D) each
+        mods = _modulations(blocks, cond)  # (N, T, 6D) each
 
         embs = list(emb.unsqueeze(1).expand(b, s, *emb.shape[1:]).reshape(n, context, -1).unbind(1))
         steps = horizon - context + 1
