@@ -40,8 +40,22 @@ _MAX_BWD_PROGRAMS = 512
 
 
 @triton.jit
-def _modulate_norm(x, shift, scale, w, b, mask, D, eps1, eps2):
-    """Rows x (BLOCK_M, BLOCK_D) float32, zero where masked -> (y, mean1, rstd1, mean2, rstd2)."""
+def _modulate_norm_rows(
+    x, SHIFT, SCALE, W, BIAS, Y, STATS, rows64, cols, mask_r, mask_c, D, stride_shift, stride_scale, stride_y,
+    eps1, eps2,
+):  # fmt: skip
+    """Modulate-norm of the rows x (BLOCK_M, BLOCK_D) float32 (zero where masked): loads their
+    shift/scale and the affine weight/bias, stores y and the per-row statistics."""
+    mask = mask_r[:, None] & mask_c[None, :]
+    shift = tl.load(SHIFT + rows64[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
+    scale = tl.load(SCALE + rows64[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
+    w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
+    b = tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)
+
     mean1 = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean1[:, None], 0.0)
     rstd1 = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps1)
@@ -50,7 +64,11 @@ def _modulate_norm(x, shift, scale, w, b, mask, D, eps1, eps2):
     mc = tl.where(mask, m - mean2[:, None], 0.0)
     rstd2 = 1.0 / tl.sqrt(tl.sum(mc * mc, axis=1) / D + eps2)
     y = mc * rstd2[:, None] * w[None, :] + b[None, :]
-    return y, mean1, rstd1, mean2, rstd2
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(STATS + rows64 * 4 + 0, mean1, mask=mask_r)
+    tl.store(STATS + rows64 * 4 + 1, rstd1, mask=mask_r)
+    tl.store(STATS + rows64 * 4 + 2, mean2, mask=mask_r)
+    tl.store(STATS + rows64 * 4 + 3, rstd2, mask=mask_r)
 
 
 @triton.jit
@@ -80,21 +98,10 @@ def _adaln_fwd_kernel(
     mask = mask_r[:, None] & mask_c[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(SHIFT + rows64[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(
-        tl.float32
-    )
-    scale = tl.load(SCALE + rows64[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(
-        tl.float32
-    )
-    w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
-    b = tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)
-
-    y, mean1, rstd1, mean2, rstd2 = _modulate_norm(x, shift, scale, w, b, mask, D, eps1, eps2)
-    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(STATS + rows64 * 4 + 0, mean1, mask=mask_r)
-    tl.store(STATS + rows64 * 4 + 1, rstd1, mask=mask_r)
-    tl.store(STATS + rows64 * 4 + 2, mean2, mask=mask_r)
-    tl.store(STATS + rows64 * 4 + 3, rstd2, mask=mask_r)
+    _modulate_norm_rows(
+        x, SHIFT, SCALE, W, BIAS, Y, STATS, rows64, cols, mask_r, mask_c, D, stride_shift, stride_scale,
+        stride_y, eps1, eps2,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -220,20 +227,10 @@ def _gated_adaln_fwd_kernel(
     out = (x + g * r).to(OUT.dtype.element_ty)
     tl.store(OUT + rows64[:, None] * D + cols[None, :], out, mask=mask)
     o = tl.where(mask, out.to(tl.float32), 0.0)
-    shift = tl.load(SHIFT + rows64[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(
-        tl.float32
-    )
-    scale = tl.load(SCALE + rows64[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(
-        tl.float32
-    )
-    w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
-    b = tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)
-    y, mean1, rstd1, mean2, rstd2 = _modulate_norm(o, shift, scale, w, b, mask, D, eps1, eps2)
-    tl.store(Y + rows64[:, None] * D + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(STATS + rows64 * 4 + 0, mean1, mask=mask_r)
-    tl.store(STATS + rows64 * 4 + 1, rstd1, mask=mask_r)
-    tl.store(STATS + rows64 * 4 + 2, mean2, mask=mask_r)
-    tl.store(STATS + rows64 * 4 + 3, rstd2, mask=mask_r)
+    _modulate_norm_rows(
+        o, SHIFT, SCALE, W, BIAS, Y, STATS, rows64, cols, mask_r, mask_c, D, stride_shift, stride_scale, D,
+        eps1, eps2,
+    )  # fmt: skip
 
 
 @triton.jit
