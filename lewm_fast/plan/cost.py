@@ -16,9 +16,10 @@ cost needs:
   and MLP for that position only, and ``transformer.norm``/``output_proj``/``pred_proj``
   run on it alone.
 
-The rollout calls the blocks' own pieces (``block.attn_input``, ``block.mlp_input``,
-``block.gated``, ``block.attn.to_qkv``, ``block.mlp.after_norm``, ``block.adaLN_modulation``),
-so the fused AdaLN-Zero kernels of ``lewm_fast.ConditionalBlock`` run here too. Needs
+The rollout calls the blocks' own pieces (``block.attn_input``, ``block.gated_mlp_input``,
+``block.gated_attn_input``, ``block.gated``, ``block.attn.to_qkv``, ``block.mlp.after_norm``,
+``block.adaLN_modulation``), so the fused AdaLN-Zero kernels of ``lewm_fast.ConditionalBlock``
+run here too, each block's last residual fused with the next block's attention input. Needs
 eval mode (dropout off, BatchNorm on running statistics); nothing here synchronises with
 the host, so it can be CUDA-graph captured.
 """
