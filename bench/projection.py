@@ -159,9 +159,9 @@ def project(
     return out
 
 
-def _hours(seconds: float | None) -> str:
+def _hours(seconds: float | None, missing: str = "not measured") -> str:
     if seconds is None:
-        return "not measured"
+        return missing
     if seconds < 60:
         return f"{seconds:.1f} s"
     if seconds < 3600:

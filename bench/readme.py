@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .projection import BATCH, project, row_batch
+from .projection import BATCH, _hours, project, row_batch
 
 __all__ = ["BEGIN", "END", "HEADLINES", "load_results", "results_section", "update_readme"]
 
@@ -139,12 +139,6 @@ def _cell(row: dict[str, Any] | None, name_impl: bool) -> str:
     return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def _hours(seconds: float | None) -> str:
-    if seconds is None:
-        return NOT_MEASURED
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
 def results_section(results: list[tuple[Path, dict[str, Any]]], base: Path | None = None) -> str:
     """The markdown between the markers for ``results`` (from :func:`load_results`)."""
 
@@ -189,7 +183,8 @@ def results_section(results: list[tuple[Path, dict[str, Any]]], base: Path | Non
         device = data["env"].get("device_name", "unknown device")
         for side in ("reference", "fast"):
             total = projection[side]["total_seconds"] or {}
-            lines.append(f"| {device} | {side} | {_hours(total.get('10'))} | {_hours(total.get('100'))} |")
+            ten, hundred = (_hours(total.get(e), NOT_MEASURED) for e in ("10", "100"))
+            lines.append(f"| {device} | {side} | {ten} | {hundred} |")
 
     lines += ["", "Measured on:", ""]
     for path, data in results:

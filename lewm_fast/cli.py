@@ -27,15 +27,10 @@ import torch
 
 
 def _max_batch(text: str):
+    """--max-batch: an integer, 'auto' or 'none' (the solver checks the value)."""
     if text in ("auto", "none"):
-        return None if text == "none" else text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, 'auto' or 'none', got {text!r}")
-    return value
+        return None if text == "none" else "auto"
+    return int(text)
 
 
 def _device(name: str) -> torch.device:

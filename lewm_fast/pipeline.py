@@ -35,6 +35,7 @@ import torch
 
 from ._io import write_json_atomic
 from .config import LeWMConfig, parse_value
+from .plan.solver import check_max_batch
 from .train.config import TrainConfig
 
 __all__ = [
@@ -139,18 +140,7 @@ class EvalConfig:
             raise ValueError(f"eval.precision must be 'fp32' or 'bf16' (autocast), got {self.precision!r}")
         if self.cuda_graph not in (None, True, False):
             raise ValueError(f"eval.cuda_graph must be true, false or null, got {self.cuda_graph!r}")
-        if not (
-            self.max_batch is None
-            or self.max_batch == "auto"
-            or (
-                isinstance(self.max_batch, int)
-                and not isinstance(self.max_batch, bool)
-                and self.max_batch >= 1
-            )
-        ):
-            raise ValueError(
-                f"eval.max_batch must be a positive integer, 'auto' or null, got {self.max_batch!r}"
-            )
+        check_max_batch(self.max_batch, "eval.max_batch")
 
     def planner_kwargs(self) -> dict[str, Any]:
         return dict(

@@ -190,7 +190,7 @@ class PlanningCost:
         dtype, or float32), plus float32 embeddings. An estimate for sizing batches, not a
         measurement.
         """
-        e = torch.empty((), dtype=dtype).element_size()
+        e = dtype.itemsize
         blocks = list(self.model.predictor.transformer.layers)
         block = blocks[0]
 

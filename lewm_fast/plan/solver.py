@@ -41,6 +41,15 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_max_batch(value, name: str = "max_batch") -> int | str | None:
+    """A valid ``max_batch``: a positive integer, ``"auto"`` or None (else ValueError)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, 'auto' or null (None), got {value!r}")
+    return int(value)
+
+
 def _shape(value) -> str:
     return str(tuple(value.shape)) if hasattr(value, "shape") else type(value).__name__
 
@@ -130,9 +139,7 @@ class CEMSolver:
         self.autocast = autocast
         _backend.requested(backend)  # raises ValueError on an unknown name
         self.backend = backend
-        if max_batch is not None and max_batch != "auto":
-            max_batch = _positive_int("max_batch", max_batch)
-        self.max_batch = max_batch
+        self.max_batch = check_max_batch(max_batch)
 
         why_not_fast = fast_cost_unsupported_reason(model)
         if fast and why_not_fast:
@@ -269,11 +276,11 @@ class CEMSolver:
             nan_count += nans
         return mean, std, elite_cost, nan_count
 
-    def _sync_cost(self) -> PlanningCost:
-        """The cost to plan with: on the model, or under autocast on its low-precision copy
-        (refreshed when the model's weights changed)."""
+    def _sync_cost(self) -> None:
+        """Point ``self._cost`` at the model to plan with: the model itself, or under autocast
+        its low-precision copy (refreshed when the model's weights changed)."""
         if self._low is None:
-            return self._cost
+            return
         try:
             low = self._low.sync()
         except Exception as exc:  # e.g. a model that cannot be deep-copied
@@ -284,10 +291,9 @@ class CEMSolver:
                 stacklevel=3,
             )
             self._low = None
-            return self._cost
+            return
         if self._cost.model is not low:
             self._cost = PlanningCost(low, self.history_size)
-        return self._cost
 
     def _batch_rows(self, envs: int) -> int | None:
         """Rows per predictor rollout for ``envs`` envs (None: all of them at once)."""
@@ -327,12 +333,8 @@ class CEMSolver:
                 if len(chunks) == 1:
                     return cost.rollout_cost(emb, goal_emb, candidates).float()
                 parts = [cost.rollout_cost(emb[e], goal_emb[e], candidates[e, s]).float() for e, s in chunks]
-            # pieces of whole envs stack along envs; pieces of one env's samples along samples
-            if chunks[0][1] == slice(0, self.num_samples):
-                return torch.cat(parts, dim=0)
-            per_env = len(chunks) // mean0.shape[0]
-            rows_of_envs = [torch.cat(parts[i : i + per_env], dim=1) for i in range(0, len(parts), per_env)]
-            return torch.cat(rows_of_envs)
+            # the chunks cover the (env, sample) rows in order
+            return torch.cat([part.flatten() for part in parts]).view(candidates.shape[:2])
 
         return self._run(score, mean0, n_steps)
 
