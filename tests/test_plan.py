@@ -412,6 +412,8 @@ def test_low_precision_copy_gives_the_autocast_numbers():
 
     public, _ = model_pair(small_config(), seed=14)
     public.eval()
+    with pytest.raises(ValueError, match="bfloat16 or torch.float16"):
+        LowPrecisionWeights(public, torch.float32)
     low = LowPrecisionWeights(public, torch.bfloat16).sync()
     assert low is not public and not low.training
     for name, p in low.named_parameters():
