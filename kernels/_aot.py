@@ -1,85 +1,90 @@
-"""Ahead-of-time builds of the Triton kernels, for checking them on a machine without a GPU.
+"""Compile-faithful builds of the Triton kernels, for checking them on a machine without a GPU.
 
-``compile_for(spec, capability)`` builds one kernel configuration to a cubin for a CUDA
-target (e.g. 80, 86, 89, 90) with ``triton.compile``; ``resource_usage`` reads its
-registers, stack and local memory with the ``cuobjdump`` shipped inside Triton's package.
-Each kernel module lists the configurations its dispatch can pick in ``aot_specs()``.
+The kernels are compiled exactly as a GPU run would compile them: each launcher of
+``sigreg.py`` and ``adaln.py`` is called the way the library calls it (CPU tensors of the
+real dtypes, sizes and strides), and its ``kernel[grid](...)`` goes through Triton's own
+JIT path (argument binding, signature specialisation -- integers equal to 1 become
+constants, integers and pointers divisible by 16 are marked so -- option parsing and the
+kernel cache), with two substitutions:
+
+- a stand-in driver (:class:`StandInDriver`) reports a CUDA target of the chosen compute
+  capability instead of asking a GPU, and keys Triton's kernel cache by that target;
+- every launch is turned into a compile-only warm-up (``warmup=True``), so nothing runs.
+
+A kernel that only fails under specialisation (e.g. a method call on an integer argument
+that is a constant when it equals 1) fails here as it would on the GPU; the interpreter,
+which does not specialise, cannot see it. Triton's per-target kernel cache deduplicates
+the builds by specialisation key, so each distinct kernel is compiled once per target.
+``resource_usage`` reads the registers, stack and local memory of each cubin with the
+``cuobjdump`` shipped inside Triton's package.
+
+Each kernel module lists its cases in ``compile_cases()``: ``(name, call)`` pairs whose
+``call()`` runs one launcher. ``python -m lewm_fast.kernels._aot`` prints one JSON line
+per (case, target, kernel) -- or per failing case -- and ``tests/test_aot.py`` checks them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import triton
 
+ARCHS = (80, 86, 89, 90)
 
-@dataclass(frozen=True)
-class KernelSpec:
-    """One kernel configuration: argument types, constexpr values and warps."""
 
-    name: str
-    fn: Any
-    pointers: dict[str, str]  # argument -> "*fp32" / "*bf16" / "*fp16"
-    constexprs: dict[str, Any]
-    num_warps: int
-    floats: tuple[str, ...] = ()  # float scalar arguments; all other scalars are i32
-    tags: dict[str, Any] = field(default_factory=dict)
+class StandInDriver:
+    """The part of a Triton driver that the JIT path asks before compiling: the target
+    (a CUDA GPU of ``capability``, e.g. 90 for sm_90), the current device and stream."""
 
-    def signature(self) -> dict[str, str]:
-        sig = {}
-        for arg in self.fn.arg_names:
-            if arg in self.constexprs:
-                sig[arg] = "constexpr"
-            elif arg in self.pointers:
-                sig[arg] = self.pointers[arg]
-            elif arg in self.floats:
-                sig[arg] = "fp32"
-            else:
-                sig[arg] = "i32"
-        return sig
+    def __init__(self, capability: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.capability = capability
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        # Triton keeps one kernel cache per device: one per target here.
+        return f"stand-in-sm_{self.capability}"
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def is_active(self) -> bool:  # pragma: no cover - part of the driver interface
+        return True
 
 
 def supported() -> str | None:
-    """None if this Triton can build kernels ahead of time here, else the reason."""
+    """None if this Triton's JIT internals fit the stand-in and cuobjdump is there, else why not."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource
+        from triton.runtime.driver import driver
+        from triton.runtime.jit import JITFunction
     except ImportError as exc:
-        return f"triton {triton.__version__} lacks the AOT API ({exc})"
-    if not {"constexprs", "constants"} & set(_ast_source_parameters(ASTSource)):
-        return f"triton {triton.__version__} has an ASTSource without constexprs/constants"
+        return f"triton {triton.__version__} lacks the JIT internals the stand-in driver uses ({exc})"
+    if not (hasattr(driver, "set_active") and "_active" in vars(driver)):
+        return f"triton {triton.__version__} cannot swap its active driver"
+    params = inspect.signature(JITFunction.run).parameters
+    if not {"grid", "warmup"} <= set(params):
+        return f"triton {triton.__version__}: JITFunction.run takes no grid/warmup keywords"
     if cuobjdump() is None:
         return "cuobjdump is not shipped with this Triton package"
     return None
 
 
-def _ast_source_parameters(ast_source) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(ast_source.__init__).parameters)
-
-
 def cuobjdump() -> str | None:
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     return path if os.path.isfile(path) else None
-
-
-def compile_for(spec: KernelSpec, capability: int):
-    """Build ``spec`` for sm_<capability>; returns triton's compiled kernel (with ``asm``)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    # Triton >= 3.3 names the compile-time arguments constexprs=, Triton 3.2 constants=.
-    key = "constexprs" if "constexprs" in _ast_source_parameters(ASTSource) else "constants"
-    source = ASTSource(fn=spec.fn, signature=spec.signature(), **{key: dict(spec.constexprs)})
-    return triton.compile(
-        source, target=GPUTarget("cuda", capability, 32), options={"num_warps": spec.num_warps}
-    )
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
@@ -96,55 +101,135 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, match.groups())))
 
 
+@contextlib.contextmanager
+def compile_only(capability: int) -> Iterator[list[tuple[str, Any]]]:
+    """Within the block, every Triton launch compiles for sm_<capability> and runs nothing.
+
+    Yields a list that collects ``(kernel name, compiled kernel)`` for each launch. The
+    active driver and ``JITFunction.run`` are restored on exit.
+    """
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    launches: list[tuple[str, Any]] = []
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        launches.append((self.fn.__name__, kernel))
+        return kernel
+
+    # Restore the previous active driver itself: reset_active() would create the default
+    # one, which fails without a GPU.
+    previous = vars(driver).get("_active")
+    driver.set_active(StandInDriver(capability))
+    JITFunction.run = run
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original
+        driver._active = previous
+
+
 def _modules():
     from . import adaln, sigreg
 
     return {"sigreg": sigreg, "adaln": adaln}
 
 
-def _build(job: tuple[str, int, int]) -> dict[str, Any]:
-    module, index, arch = job
-    spec = list(_modules()[module].aot_specs())[index]
-    return {"kernel": spec.name, "arch": arch, **resource_usage(compile_for(spec, arch).asm["cubin"])}
+def cases() -> list[tuple[str, Callable[[], Any]]]:
+    """Every ``(name, call)`` of every kernel module, names prefixed with the module."""
+    return [
+        (f"{mod}.{name}", call) for mod, module in _modules().items() for name, call in module.compile_cases()
+    ]
 
 
-def build_all(archs=(80, 86, 89, 90), workers: int | None = None) -> list[dict[str, Any]]:
-    """Build every listed configuration of every kernel for every architecture."""
+def case_names() -> list[str]:
+    return [name for name, _ in cases()]
+
+
+def _probe(capability: int) -> str | None:
+    """None if a trivial kernel compiles through the stand-in, else the reason it does not."""
+    import torch
+    import triton.language as tl
+
+    @triton.jit
+    def _copy(X, Y, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < N), mask=offs < N)
+
+    try:
+        with compile_only(capability) as launches:
+            x = torch.empty(64)
+            _copy[(1,)](x, torch.empty_like(x), 64, BLOCK=64)
+        launches[0][1].asm["cubin"]
+    except Exception as exc:  # the stand-in does not fit this Triton's JIT internals
+        why = f"{type(exc).__name__}: {exc}"
+        return f"triton {triton.__version__}: the stand-in driver cannot compile here ({why})"
+    return None
+
+
+def build(capability: int) -> list[dict[str, Any]]:
+    """Compile every case for sm_<capability>: one row per (case, kernel) or per failing case."""
+    import torch
+
+    torch.manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    usage: dict[str, dict[str, int]] = {}  # by kernel hash: each distinct kernel is read once
+    for name, call in cases():
+        with compile_only(capability) as launches:
+            try:
+                call()
+            except Exception as exc:
+                message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                rows.append({"case": name, "arch": capability, "error": message[-3000:]})
+                continue
+        for kernel_name, kernel in launches:
+            if kernel.hash not in usage:
+                usage[kernel.hash] = resource_usage(kernel.asm["cubin"])
+            rows.append({"case": name, "arch": capability, "kernel": kernel_name, **usage[kernel.hash]})
+    return rows
+
+
+def _build_rows(capability: int) -> list[dict[str, Any]]:
+    reason = _probe(capability)
+    if reason:
+        return [{"unsupported": reason}]
+    return build(capability)
+
+
+def build_all(archs=ARCHS, workers: int | None = None) -> list[dict[str, Any]]:
+    """:func:`build` for every target, one process per target (at most ``workers`` at once)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("ahead-of-time builds need real Triton kernels: unset TRITON_INTERPRET")
-    jobs = [
-        (name, i, arch)
-        for name, mod in _modules().items()
-        for i, _ in enumerate(mod.aot_specs())
-        for arch in archs
-    ]
+        raise RuntimeError("compile-faithful builds need real Triton kernels: unset TRITON_INTERPRET")
+    reason = supported()
+    if reason:
+        return [{"unsupported": reason}]
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=context) as pool:
-        return list(pool.map(_build, jobs))
+        return [row for rows in pool.map(_build_rows, archs) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lewm_fast.kernels._aot``: one JSON line of resource usage per build."""
+    """``python -m lewm_fast.kernels._aot``: one JSON line per (case, target, kernel)."""
     import argparse
     import json
 
     parser = argparse.ArgumentParser(
         prog="python -m lewm_fast.kernels._aot",
-        description="Build every kernel configuration the dispatch can pick for each CUDA "
-        "architecture (no GPU needed) and print one JSON line of registers, stack, shared and "
-        "local memory per build.",
+        description="Compile every kernel the launchers issue, as the library calls them, through "
+        "Triton's JIT path for each CUDA architecture (no GPU needed), and print one JSON line per "
+        "(case, architecture, kernel) with its registers, stack, shared and local memory, or per "
+        'failing case with its "error"; one {"unsupported": reason} line where this Triton cannot.',
     )
     parser.add_argument(
-        "--arch", type=int, nargs="+", default=[80, 86, 89, 90], help="compute capabilities (default: 80-90)"
+        "--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (default: 80 86 89 90)"
     )
     parser.add_argument("--workers", type=int, default=None, help="build processes (default: CPU count)")
     args = parser.parse_args(argv)
-    reason = supported()
-    if reason:
-        raise SystemExit(f"cannot build ahead of time: {reason}")
     for row in build_all(tuple(args.arch), args.workers):
         print(json.dumps(row), flush=True)
 

@@ -24,6 +24,8 @@ accumulates in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -275,57 +277,45 @@ def row_config(D: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": 4 if block_d <= 1024 else 8}
 
 
-def aot_specs():
-    """Every tile configuration the launchers can pick, with float32 tensors (the widest
-    registers), plus the mixed and half-precision dtypes at LeWM's width (D = 192)."""
-    from ._aot import KernelSpec
+def compile_cases():
+    """``(name, call)`` pairs for the compile-faithful check (``_aot.py``): each launcher as
+    the library calls it -- shift/scale/gate as chunks of an (N, 6 D) adaLN_modulation output
+    -- in every dtype combination the model uses at the planning (45,000 x 192) and training
+    (384 x 192) sizes, and in float32 at edge sizes: one row, D = 1 and a width in each tile
+    of ``row_config`` (multiples and non-multiples of 16, up to ``MAX_D``)."""
+    dtypes = {  # (x, modulation, affine weight/bias)
+        "fp32": (torch.float32, torch.float32, torch.float32),
+        "fp32+bf16": (torch.float32, torch.bfloat16, torch.float32),  # bf16 autocast training
+        "bf16": (torch.bfloat16, torch.bfloat16, torch.float32),  # bf16 planning
+        "fp16": (torch.float16, torch.float16, torch.float16),
+    }
+    runs = [(f"{name},{size}", shape, dtypes[name]) for name in dtypes for size, shape in _REAL_ROWS.items()]
+    edges = [(1, 192), (7, 1), (16, 16), (100, 191), (33, 17), (33, 48), (33, 100), (33, 320), (9, 1000)]
+    edges.append((5, MAX_D))
+    runs += [(f"fp32,N={n},D={d}", (n, d), dtypes["fp32"]) for n, d in edges]
+    for label, shape, types in runs:
+        for op in ("adaln_fwd", "adaln_bwd", "gated_fwd", "gated_adaln_fwd", "gated_bwd"):
+            yield f"{op}[{label}]", functools.partial(_compile_case, op, shape, types)
 
-    kernels = {
-        "adaln_fwd": (
-            _adaln_fwd_kernel,
-            ("X", "SHIFT", "SCALE", "W", "BIAS", "Y"),
-            ("STATS",),
-            ("eps1", "eps2"),
-        ),
-        "adaln_bwd": (
-            _adaln_bwd_kernel,
-            ("DY", "X", "SHIFT", "SCALE", "W", "DX", "DSHIFT", "DSCALE"),
-            ("STATS", "DW_PART", "DB_PART"),
-            (),
-        ),
-        "gated_fwd": (_gated_residual_fwd_kernel, ("X", "GATE", "Y", "OUT"), (), ()),
-        "gated_adaln_fwd": (
-            _gated_adaln_fwd_kernel,
-            ("X", "GATE", "RES", "SHIFT", "SCALE", "W", "BIAS", "OUT", "Y"),
-            ("STATS",),
-            ("eps1", "eps2"),
-        ),
-        "gated_bwd": (_gated_residual_bwd_kernel, ("DOUT", "GATE", "Y", "DGATE", "DY"), (), ()),
-    }
-    dtype_sets = {  # (main tensors, modulation tensors)
-        "fp32": ("fp32", "fp32"),
-        "fp32+bf16": ("fp32", "bf16"),
-        "bf16": ("bf16", "bf16"),
-        "fp16": ("fp16", "fp16"),
-    }
-    modulation = {"SHIFT", "SCALE", "GATE", "DSHIFT", "DSCALE", "DGATE"}
-    block_ds = [1 << i for i in range(4, MAX_D.bit_length())]
-    for name, (fn, typed, fp32_only, floats) in kernels.items():
-        for block_d in block_ds:
-            for dtypes, (main, mod) in dtype_sets.items():
-                if dtypes != "fp32" and block_d != 256:
-                    continue
-                cfg = row_config(block_d)
-                pointers = {p: "*" + (mod if p in modulation else main) for p in typed}
-                pointers.update({p: "*fp32" for p in fp32_only})
-                yield KernelSpec(
-                    f"{name}[D<={block_d},{dtypes}]",
-                    fn,
-                    pointers,
-                    {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]},
-                    cfg["num_warps"],
-                    floats=floats,
-                )
+
+_REAL_ROWS = {"plan": (45_000, 192), "train": (384, 192)}
+
+
+def _compile_case(op: str, shape: tuple[int, int], types: tuple[torch.dtype, ...]) -> None:
+    (N, D), (dtype, mod_dtype, w_dtype) = shape, types
+    x, res = torch.randn(N, D).to(dtype), torch.randn(N, D).to(dtype)
+    shift, scale, gate = torch.randn(N, 6 * D).to(mod_dtype).chunk(6, dim=-1)[:3]
+    weight, bias = torch.randn(D).to(w_dtype), torch.randn(D).to(w_dtype)
+    if op == "adaln_fwd":
+        adaln_fwd(x, shift, scale, weight, bias, 1e-6, 1e-5)
+    elif op == "adaln_bwd":
+        adaln_bwd(torch.randn_like(x), x, shift, scale, weight, torch.rand(N, 4))
+    elif op == "gated_fwd":
+        gated_residual_fwd(x, gate, res)
+    elif op == "gated_adaln_fwd":
+        gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, 1e-6, 1e-5)
+    else:
+        gated_residual_bwd(torch.randn_like(x), gate, res)
 
 
 def _rows(t: torch.Tensor, D: int) -> torch.Tensor:

@@ -21,6 +21,8 @@ Everything accumulates in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -338,42 +340,43 @@ def bwd_constexprs(dtype: torch.dtype, scalar_grad: bool, store_gx: bool, interp
     )
 
 
-def aot_specs():
-    """Every kernel configuration the launchers can pick (for the ahead-of-time check)."""
-    from ._aot import KernelSpec
+def compile_cases():
+    """``(name, call)`` pairs for the compile-faithful check (``_aot.py``): each launcher as
+    the library calls it -- z (T, B, D) as ``emb.transpose(0, 1)`` of a (B, T, D) batch, A
+    (D, P) float32 -- in every input dtype at the training size (T=4, B=128, D=192,
+    P=1024), and in float32 (plus bfloat16 at B=1) at edge sizes."""
+    real = {"real": (4, 128, 192, 1024)}
+    edges = {
+        "B=1": (4, 1, 192, 1024),
+        "T=1": (1, 128, 192, 1024),
+        "D=1": (4, 8, 1, 64),
+        "D=16,B=16,P=16": (2, 16, 16, 16),
+        "D=191,B=7,P=1000": (3, 7, 191, 1000),
+        "P=1": (2, 5, 24, 1),
+    }
+    runs = [(size, shape, dtype) for size, shape in real.items() for dtype in _TRITON_DTYPES]
+    runs += [(size, shape, torch.float32) for size, shape in edges.items()]
+    runs.append(("B=1", edges["B=1"], torch.bfloat16))
+    for size, shape, dtype in runs:
+        for op in ("fwd", "sums", "bwd", "bwd+A", "sums_bwd", "sums_bwd+A"):
+            yield f"{op}[{_TRITON_DTYPES[dtype]},{size}]", functools.partial(_compile_case, op, shape, dtype)
 
-    for dtype, name in _TRITON_DTYPES.items():
-        z = "*" + name
-        fwd_ptrs = {"Z": z, "A": "*fp32", "SUMS": "*fp32", "PHI": "*fp32", "W": "*fp32", "PARTIAL": "*fp32"}
-        for stat in (True, False):
-            yield KernelSpec(
-                f"sigreg_fwd[{name},stat={stat}]",
-                _sigreg_fwd_kernel,
-                fwd_ptrs,
-                fwd_constexprs(dtype, stat),
-                FWD_CONFIG["num_warps"],
-                floats=("dt",),
-            )
-        bwd_ptrs = {
-            "GRAD": "*fp32",
-            "Z": z,
-            "A": "*fp32",
-            "SUMS": "*fp32",
-            "PHI": "*fp32",
-            "W": "*fp32",
-            "GZ": z,
-            "GX": "*fp32",
-        }
-        for scalar in (True, False):
-            for store in (True, False):
-                yield KernelSpec(
-                    f"sigreg_bwd[{name},scalar={scalar},gx={store}]",
-                    _sigreg_bwd_kernel,
-                    bwd_ptrs,
-                    bwd_constexprs(dtype, scalar, store),
-                    BWD_CONFIG["num_warps"],
-                    floats=("dt",),
-                )
+
+def _compile_case(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
+    T, B, D, P = shape
+    z = torch.randn(B, T, D).to(dtype).transpose(0, 1)
+    A = torch.randn(D, P)
+    knots = 17
+    phi, weights = torch.rand(knots), torch.rand(knots)
+    dt = 3.0 / (knots - 1)
+    sums = torch.rand(2, T, knots, P) + 1.0
+    need_grad_A = op.endswith("+A")
+    if op in ("fwd", "sums"):
+        sigreg_fwd(z, A, phi, weights, dt, compute_stat=op == "fwd")
+    elif op.startswith("bwd"):
+        sigreg_bwd(torch.ones(()), z, A, sums, phi, weights, dt, need_grad_A)
+    else:
+        trig_sums_bwd(torch.randn(2, T, knots, P), z, A, dt, need_grad_A)
 
 
 def _check(z: torch.Tensor, A: torch.Tensor, knots: int) -> None:

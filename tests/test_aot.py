@@ -1,12 +1,15 @@
-"""Ahead-of-time build check: every kernel configuration the dispatch can pick compiles for
-sm_80, sm_86, sm_89 and sm_90, and its cubin uses no local memory (no register spills).
-Triton 3.2 to 3.6 leave one or two spilled registers (8 to 16 bytes of stack, measured)
-in a few configurations; from Triton 3.8 on, none may spill.
+"""Compile-faithful build check: every kernel launch the library issues compiles for sm_80,
+sm_86, sm_89 and sm_90 through Triton's own JIT path -- signature specialisation included --
+and its cubin uses no local memory (no register spills). Triton 3.2 to 3.6 leave one or two
+spilled registers (8 to 16 bytes of stack, measured) in a few configurations; from Triton
+3.8 on, none may spill.
 
-Runs without a GPU: ``triton.compile`` targets each architecture and the ``cuobjdump``
-shipped with Triton reads the resource usage. The builds run once per session in a
-subprocess (``python -m lewm_fast.kernels._aot``, without the interpreter the other tests
-use); each (configuration, architecture) is then its own test.
+Runs without a GPU and proves compilation, not execution (``.ci/gpu-validate`` leaves it
+out): ``python -m lewm_fast.kernels._aot`` calls each launcher with CPU tensors under a
+stand-in driver that reports the target and turns every launch into a compile-only
+warm-up; Triton's kernel cache compiles each specialisation key once per target. The
+builds run once per session in that subprocess (without the interpreter the other tests
+use); each (case, architecture) is then its own test.
 """
 
 import json
@@ -21,20 +24,19 @@ triton = pytest.importorskip("triton")
 
 from lewm_fast.kernels import _aot, adaln, sigreg  # noqa: E402
 
-ARCHS = (80, 86, 89, 90)
 _TRITON = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
 STACK_ALLOWED = 0 if _TRITON >= (3, 8) else 16  # bytes
-NAMES = [spec.name for mod in (sigreg, adaln) for spec in mod.aot_specs()]
+NAMES = _aot.case_names()
 
 
 @pytest.fixture(scope="module")
-def usage():
+def builds():
     reason = _aot.supported()
     if reason:
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-m", "lewm_fast.kernels._aot"],
+        [sys.executable, "-W", "ignore", "-m", "lewm_fast.kernels._aot"],
         env=env,
         capture_output=True,
         text=True,
@@ -42,24 +44,43 @@ def usage():
     )
     assert out.returncode == 0, out.stderr[-4000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return {(row["kernel"], row["arch"]): row for row in rows}
+    unsupported = [row["unsupported"] for row in rows if "unsupported" in row]
+    if unsupported:
+        pytest.skip(unsupported[0])
+    by_case: dict = {}
+    for row in rows:
+        by_case.setdefault((row["case"], row["arch"]), []).append(row)
+    return by_case
 
 
-def test_every_dispatch_configuration_is_listed():
+def test_cases_cover_every_kernel_dtype_and_tile():
     assert len(NAMES) == len(set(NAMES))
-    # forward and backward of both SIGReg modes for each input dtype
-    assert sum(n.startswith("sigreg_fwd") for n in NAMES) == 3 * 2
-    assert sum(n.startswith("sigreg_bwd") for n in NAMES) == 3 * 4
-    # every row width the AdaLN launchers accept maps to a listed tile
-    widths = {adaln.row_config(d)["BLOCK_D"] for d in range(1, adaln.MAX_D + 1)}
-    for kernel in ("adaln_fwd", "adaln_bwd", "gated_fwd", "gated_adaln_fwd", "gated_bwd"):
-        listed = {int(n.split("D<=")[1].split(",")[0]) for n in NAMES if n.startswith(kernel + "[")}
-        assert listed == widths, kernel
+    kernels = {n for mod in (sigreg, adaln) for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")}
+    assert len(kernels) == 7
+    for dtype in ("fp32", "bf16", "fp16"):
+        for op in ("fwd", "sums", "bwd", "bwd+A", "sums_bwd", "sums_bwd+A"):
+            assert f"sigreg.{op}[{dtype},real]" in NAMES
+    # every row width the AdaLN launchers accept maps to a tile some case compiles
+    tiles = {adaln.row_config(d)["BLOCK_D"] for d in range(1, adaln.MAX_D + 1)}
+    widths = {192} | {int(m) for n in NAMES for m in re.findall(r"D=(\d+)", n) if n.startswith("adaln.")}
+    assert {adaln.row_config(d)["BLOCK_D"] for d in widths} == tiles
+    assert {1, 191, adaln.MAX_D} <= widths
 
 
-@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{a}" for a in ARCHS])
+def test_every_kernel_is_compiled(builds):
+    kernels = {n for mod in (sigreg, adaln) for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")}
+    for arch in _aot.ARCHS:
+        built = {row.get("kernel") for (case, a), rows in builds.items() if a == arch for row in rows}
+        assert kernels <= built, f"sm_{arch}: never compiled {sorted(kernels - built)}"
+
+
+@pytest.mark.parametrize("arch", _aot.ARCHS, ids=[f"sm_{a}" for a in _aot.ARCHS])
 @pytest.mark.parametrize("name", NAMES)
-def test_builds_without_spills(usage, name, arch):
-    res = usage[(name, arch)]
-    assert res["LOCAL"] == 0 and res["STACK"] <= STACK_ALLOWED, f"spills or local memory on sm_{arch}: {res}"
-    assert res["REG"] <= 255
+def test_compiles_without_spills(builds, name, arch):
+    rows = builds.get((name, arch))
+    assert rows, f"{name} launched no kernel on sm_{arch}"
+    for row in rows:
+        assert "error" not in row, f"{name} does not compile for sm_{arch}:\n{row['error']}"
+        spilled = row["LOCAL"] != 0 or row["STACK"] > STACK_ALLOWED
+        assert not spilled, f"spills or local memory on sm_{arch}: {row}"
+        assert row["REG"] <= 255
