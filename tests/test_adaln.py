@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import model_pair, randomize_, small_config
-from parity import assert_close, assert_grads_close, assert_low_precision
 
 import lewm_fast
 from lewm_fast import backend
 from lewm_fast import reference as ref
+from lewm_fast.testing import assert_close, assert_grads_close, assert_low_precision
 
 pytest.importorskip("triton")
 from lewm_fast.kernels import adaln  # noqa: E402

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from helpers import model_pair, small_config
-from parity import assert_close, assert_low_precision
 
 import lewm_fast
 from lewm_fast import reference as ref
 from lewm_fast.plan import CEMSolver, PlanningCost, cem_refit, cem_refit_torch, plan_seed, planning_cost
+from lewm_fast.testing import assert_close, assert_low_precision
 
 PIX = (3, 56, 56)
 

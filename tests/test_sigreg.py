@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
-from parity import assert_close, assert_low_precision
 
 import lewm_fast
 from lewm_fast import backend
 from lewm_fast import reference as ref
 from lewm_fast.sigreg import _trig_sums_torch
+from lewm_fast.testing import assert_close, assert_low_precision
 
 triton = pytest.importorskip("triton")
 

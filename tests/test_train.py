@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 from helpers import model_pair, randomize_, small_config
-from parity import TOLERANCES, assert_close, assert_grads_close, assert_low_precision, rel_err
 
 import lewm_fast
 from lewm_fast import reference as ref
+from lewm_fast.testing import TOLERANCES, assert_close, assert_grads_close, assert_low_precision, rel_err
 from lewm_fast.train import (
     PLANS,
     NonFiniteLossError,
