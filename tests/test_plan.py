@@ -746,10 +746,9 @@ def test_bf16_graph_follows_in_place_weight_updates_without_recapture():
 
 
 @pytest.mark.gpu
-def test_graph_solve_matches_cpu_cost(monkeypatch):
+@pytest.mark.usefixtures("no_tf32")
+def test_graph_solve_matches_cpu_cost():
     """The fast cost on CUDA equals the reference get_cost on CPU (TF32 off: float32 parity)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     public, reference = (m.eval() for m in model_pair(small_config(), seed=12))
     info = _gpu_info(2)
     candidates = torch.randn(2, 16, 5, 10)

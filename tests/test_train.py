@@ -875,11 +875,10 @@ def test_memory_plans_on_gpu(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_compiled_encoder_layers_on_gpu(dtype, monkeypatch):
+def test_compiled_encoder_layers_on_gpu(dtype):
     """TrainConfig.compile on CUDA (inductor's Triton kernels) keeps loss and gradients."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     _compiled_vs_eager("cuda", dtype, plans=("whole", "two_pass"))
 
 
