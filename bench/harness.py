@@ -249,7 +249,9 @@ def measure_peaks(device: torch.device, quick: bool = False) -> dict[str, Any]:
     reps = {"warmup": 3 if quick else 5, "reps": 10 if quick else 30, "max_seconds": 5.0}
     out: dict[str, Any] = {"matmul_n": n, "matmul_tflops": {}, "copy_bytes": nbytes, "errors": {}}
     if cuda:
-        out["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        from lewm_fast.backend import tf32_state  # reading allow_tf32 can raise on torch >= 2.9
+
+        out["matmul_allow_tf32"] = tf32_state()["matmul"]
     for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
         try:
             out["matmul_tflops"][name] = _matmul_tflops(device, dtype, n, reps)

@@ -11,14 +11,22 @@ still wins. Under ``TRITON_INTERPRET=1`` Triton kernels run on CPU tensors (that
 the CPU test suite exercises them).
 
 Nothing here touches a GPU at import time; availability checks run lazily and are cached.
+
+TF32 switches: ``tf32_state()`` reads and ``set_tf32()`` / ``tf32()`` set whether float32
+CUDA matmuls (cuBLAS) and cuDNN convolutions may run in TF32, through
+``torch.backends.cuda.matmul.fp32_precision`` / ``torch.backends.cudnn.conv.fp32_precision``
+where the installed torch has them (>= 2.9) and the legacy ``allow_tf32`` flags otherwise.
+Read TF32 state only through them: on recent torch, reading a legacy ``allow_tf32`` after
+an ``fp32_precision`` was set raises (seen on torch 2.13).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -116,3 +124,75 @@ def resolve(
         if reason(name) is None:
             return name
     return "torch"
+
+
+# ------------------------------------------------------------------ TF32 switches
+
+TF32_SWITCHES = ("matmul", "conv")
+
+
+def _fp32_precision_holder(switch: str):
+    """The object whose ``fp32_precision`` governs ``switch``, or None on a torch without it."""
+    if switch == "matmul":
+        holder = torch.backends.cuda.matmul
+    else:
+        holder = getattr(torch.backends.cudnn, "conv", None)
+    return holder if holder is not None and hasattr(holder, "fp32_precision") else None
+
+
+def _legacy_holder(switch: str):
+    return torch.backends.cuda.matmul if switch == "matmul" else torch.backends.cudnn
+
+
+def tf32_state() -> dict[str, bool]:
+    """Whether float32 CUDA work may use TF32: ``{"matmul": cuBLAS matmuls, "conv": cuDNN
+    convolutions}`` (torch's defaults: False and True)."""
+    state = {}
+    for switch in TF32_SWITCHES:
+        holder = _fp32_precision_holder(switch)
+        if holder is not None:
+            # the getter resolves "none" through the parent settings; "none" at the top is IEEE
+            state[switch] = holder.fp32_precision == "tf32"
+        else:
+            state[switch] = bool(_legacy_holder(switch).allow_tf32)
+    return state
+
+
+def set_tf32(matmul: bool | None = None, conv: bool | None = None) -> dict[str, bool]:
+    """Allow (True) or forbid (False) TF32 for float32 CUDA matmuls and/or cuDNN convolutions;
+    None leaves a switch as it is. Returns the previous ``tf32_state()``, so
+    ``set_tf32(**previous)`` restores it.
+
+    With the ``fp32_precision`` API a switch is first set to ``"none"`` (inherit from
+    ``torch.backends.fp32_precision``) and pinned to ``"tf32"`` / ``"ieee"`` only where the
+    inherited value differs, so a restore leaves torch's defaults ("none" for matmul,
+    "tf32" for conv) as they were.
+    """
+    previous = tf32_state()
+    for switch, enabled in (("matmul", matmul), ("conv", conv)):
+        if enabled is None:
+            continue
+        enabled = bool(enabled)
+        holder = _fp32_precision_holder(switch)
+        if holder is None:
+            _legacy_holder(switch).allow_tf32 = enabled
+            continue
+        holder.fp32_precision = "none"
+        if (holder.fp32_precision == "tf32") != enabled:
+            holder.fp32_precision = "tf32" if enabled else "ieee"
+    return previous
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """Context manager: TF32 allowed (True) or forbidden (False) for both float32 CUDA matmuls
+    and cuDNN convolutions inside the block; the previous state is restored on exit.
+
+    >>> with tf32(False):  # CUDA float32 results comparable with the CPU at fp32 tolerances
+    ...     pass
+    """
+    previous = set_tf32(matmul=enabled, conv=enabled)
+    try:
+        yield
+    finally:
+        set_tf32(**previous)

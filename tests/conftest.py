@@ -1,7 +1,30 @@
+"""Test configuration: the CPU interpreter switch, GPU skips, seeding, TF32 and smoke reporting.
+
+Markers (registered in pyproject.toml):
+
+- ``gpu``: needs a CUDA device; skipped without one.
+- ``smoke``: one of the GPU smoke checks, the few parametrisations that return the
+  numbers that matter first (about 90 s on an H200 in all, compile warm-ups included):
+  ``python -m pytest -v -m "gpu and smoke"``.
+
+Environment:
+
+- ``LEWM_FAST_SMOKE_LOG=PATH``: every smoke check appends its result line (outcome,
+  seconds, test id) to PATH as it finishes, and each measured line a check reports through
+  the ``smoke_line`` fixture (errors, step time, peak VRAM) as it is measured, so a run
+  cut short keeps what it saw.
+"""
+
+import contextlib
 import os
+import time
 
 import pytest
 import torch
+
+from lewm_fast.backend import tf32
+
+SMOKE_LOG_ENV = "LEWM_FAST_SMOKE_LOG"
 
 # Without a GPU the Triton kernels run on CPU tensors under the interpreter (it must be set
 # before the kernels are defined; lewm_fast imports them lazily). With a GPU they compile.
@@ -22,3 +45,49 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 CUDA matmuls and cuDNN convolutions in IEEE float32 for the test (cuDNN allows
+    TF32 convolutions by default): for CUDA results compared with the CPU at fp32 tolerances."""
+    with tf32(False):
+        yield
+
+
+def _append_smoke_log(line: str) -> None:
+    path = os.environ.get(SMOKE_LOG_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+@pytest.fixture
+def smoke_line(request):
+    """``smoke_line(text)``: report a measured result of this check now, one line, flushed:
+    on the terminal (past pytest's output capture) and appended to ``$LEWM_FAST_SMOKE_LOG``."""
+    config = request.config
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+
+    def write(text: str) -> None:
+        line = f"  {request.node.name}: {text}"
+        if reporter is not None:
+            with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+                reporter.write_line(line)
+                reporter.flush()
+        _append_smoke_log(line)
+
+    return write
+
+
+def pytest_runtest_logreport(report):
+    """One line per smoke check in ``$LEWM_FAST_SMOKE_LOG`` as it finishes (a skip or an error
+    in setup counts as finishing)."""
+    if "smoke" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        stamp = time.strftime("%H:%M:%S")
+        _append_smoke_log(f"{stamp} {report.outcome.upper():7} {report.duration:6.1f} s  {report.nodeid}")
+    elif report.when == "teardown" and report.outcome != "passed":
+        _append_smoke_log(f"{time.strftime('%H:%M:%S')} ERROR   teardown  {report.nodeid}")

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import model_pair, randomize_, small_config
-from parity import assert_close, assert_grads_close, assert_low_precision
 
 import lewm_fast
 from lewm_fast import backend
 from lewm_fast import reference as ref
+from lewm_fast.testing import assert_close, assert_grads_close, assert_low_precision
 
 pytest.importorskip("triton")
 from lewm_fast.kernels import adaln  # noqa: E402
@@ -56,6 +56,14 @@ def _run(fn, x, mod, weight, bias, dy, dtypes=None):
     return [y.detach()] + [t.grad for t in leaves]
 
 
+def _compare(names, fused, ref32, low=None) -> float:
+    """float32 (``low`` None): elementwise parity with ``ref32``; else the low-precision bound
+    against ``ref32`` and the same-dtype eager ``low``. Returns the largest relative error."""
+    if low is None:
+        return max(assert_close(a, b, "fp32_elementwise", name) for name, a, b in zip(names, fused, ref32))
+    return max(assert_low_precision(a, b, c, name) for name, a, b, c in zip(names, fused, low, ref32))
+
+
 NAMES = ("y", "dx", "d(shift, scale)", "dweight", "dbias")
 SHAPES = [  # (id, shape)
     ("B2-T3-D192", (2, 3, 192)),
@@ -74,23 +82,27 @@ DTYPE_CASES = {  # id: (x dtype, modulation dtype); "fp32+bf16" is what bf16 aut
 @pytest.mark.parametrize("dtypes", list(DTYPE_CASES), ids=list(DTYPE_CASES))
 @pytest.mark.parametrize("shape", [s[1] for s in SHAPES], ids=[s[0] for s in SHAPES])
 def test_modulate_norm_matches_eager(shape, dtypes):
+    _check_modulate_norm(shape, dtypes)
+
+
+def _check_modulate_norm(shape, dtypes) -> float:
     x_dtype, mod_dtype = DTYPE_CASES[dtypes]
     inputs = _inputs(shape, torch.float32, torch.float32, _device())
     fused = _run(_fused, *inputs, dtypes=(x_dtype, mod_dtype))
     ref32 = _run(_eager, *inputs)
-    if dtypes == "fp32":
-        for name, a, b in zip(NAMES, fused, ref32):
-            assert_close(a, b, "fp32_elementwise", name)
-    else:
-        low = _run(_eager, *inputs, dtypes=(x_dtype, mod_dtype))
-        for name, a, b, c in zip(NAMES, fused, low, ref32):
-            assert_low_precision(a, b, c, name)
+    low = None if dtypes == "fp32" else _run(_eager, *inputs, dtypes=(x_dtype, mod_dtype))
+    err = _compare(NAMES, fused, ref32, low)
     assert fused[0].dtype == x_dtype and fused[2].dtype == mod_dtype
+    return err
 
 
 @pytest.mark.parametrize("dtypes", list(DTYPE_CASES), ids=list(DTYPE_CASES))
 @pytest.mark.parametrize("shape", [(2, 3, 192), (1, 1, 191), (3, 5, 40)], ids=["D192", "D191", "D40"])
 def test_gated_residual_matches_eager(shape, dtypes):
+    _check_gated_residual(shape, dtypes)
+
+
+def _check_gated_residual(shape, dtypes) -> float:
     x_dtype, mod_dtype = DTYPE_CASES[dtypes]
     gen = torch.Generator().manual_seed(3)
     base = [torch.randn(shape, generator=gen).to(_device()) for _ in range(4)]
@@ -104,14 +116,11 @@ def test_gated_residual_matches_eager(shape, dtypes):
     names = ("out", "dx", "dgate", "dy")
     fused = run(adaln.GatedResidualFunction.apply, (x_dtype, mod_dtype))
     ref32 = run(lambda x, g, y: x + g * y, (torch.float32, torch.float32))
-    if dtypes == "fp32":
-        for name, a, b in zip(names, fused, ref32):
-            assert_close(a, b, "fp32_elementwise", name)
-    else:
-        low = run(lambda x, g, y: x + g * y, (x_dtype, mod_dtype))
-        for name, a, b, c in zip(names, fused, low, ref32):
-            assert_low_precision(a, b, c, name)
+    low = None if dtypes == "fp32" else run(lambda x, g, y: x + g * y, (x_dtype, mod_dtype))
+    err = _compare(names, fused, ref32, low)
+    if low is not None:
         assert fused[0].dtype == low[0].dtype
+    return err
 
 
 GATED_ADALN_NAMES = ("out", "y", "dx", "dgate", "dres", "dshift", "dscale", "dweight", "dbias")
@@ -122,6 +131,10 @@ GATED_ADALN_NAMES = ("out", "y", "dx", "dgate", "dres", "dshift", "dscale", "dwe
 def test_gated_adaln_matches_the_two_ops(shape, dtypes):
     """out = x + gate * res and y = modulate-norm(out), fused: both outputs and all seven
     gradients (both outputs carry a gradient, as in a block) against the eager chain."""
+    _check_gated_adaln(shape, dtypes)
+
+
+def _check_gated_adaln(shape, dtypes) -> float:
     x_dtype, mod_dtype = DTYPE_CASES[dtypes]
     gen = torch.Generator().manual_seed(5)
     D = shape[-1]
@@ -146,15 +159,12 @@ def test_gated_adaln_matches_the_two_ops(shape, dtypes):
 
     fused = run(True, (x_dtype, mod_dtype))
     ref32 = run(False, (torch.float32, torch.float32))
-    if dtypes == "fp32":
-        for name, a, b in zip(GATED_ADALN_NAMES, fused, ref32):
-            assert_close(a, b, "fp32_elementwise", name)
-    else:
-        low = run(False, (x_dtype, mod_dtype))
-        for name, a, b, c in zip(GATED_ADALN_NAMES, fused, low, ref32):
-            assert_low_precision(a, b, c, name)
+    low = None if dtypes == "fp32" else run(False, (x_dtype, mod_dtype))
+    err = _compare(GATED_ADALN_NAMES, fused, ref32, low)
+    if low is not None:
         assert fused[0].dtype == low[0].dtype and fused[1].dtype == low[1].dtype
     assert fused[2].dtype == x_dtype and fused[3].dtype == mod_dtype
+    return err
 
 
 def test_gated_adaln_op_registration():
@@ -280,15 +290,32 @@ def test_torch_library_registration():
     torch.library.opcheck(adaln.gated_residual_op, (x, *others), test_utils=utils)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtypes", list(DTYPE_CASES), ids=list(DTYPE_CASES))
-@pytest.mark.parametrize("rows", [(15000, 3, 192), (128, 3, 192)], ids=["planning", "training"])
-def test_real_sizes_on_gpu(rows, dtypes):
-    test_modulate_norm_matches_eager(rows, dtypes)
+PLANNING, TRAINING = (15000, 3, 192), (128, 3, 192)  # 300 samples x 50 envs; batch 128
+REAL_SIZE_CASES = [
+    pytest.param(PLANNING, "fp32", marks=pytest.mark.smoke, id="planning-fp32"),
+    pytest.param(PLANNING, "bf16", marks=pytest.mark.smoke, id="planning-bf16"),
+    pytest.param(PLANNING, "fp32+bf16", id="planning-fp32+bf16"),
+    pytest.param(TRAINING, "fp32", id="training-fp32"),
+    pytest.param(TRAINING, "bf16", id="training-bf16"),
+    pytest.param(TRAINING, "fp32+bf16", marks=pytest.mark.smoke, id="training-fp32+bf16"),
+]
 
 
 @pytest.mark.gpu
-def test_paper_predictor_on_gpu_matches_eager():
+@pytest.mark.parametrize("shape,dtypes", REAL_SIZE_CASES)
+def test_real_sizes_on_gpu(shape, dtypes, smoke_line):
+    """Modulate-norm, gated residual and the fused pair, outputs and every gradient."""
+    errors = {
+        "modulate-norm": _check_modulate_norm(shape, dtypes),
+        "gated residual": _check_gated_residual(shape, dtypes),
+        "gated adaln": _check_gated_adaln(shape, dtypes),
+    }
+    smoke_line("largest relative error " + ", ".join(f"{name} {err:.1e}" for name, err in errors.items()))
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+def test_paper_predictor_on_gpu_matches_eager(smoke_line):
     config = lewm_fast.LeWMConfig.preset("paper")
     fast = randomize_(config.build(backend="triton").predictor).cuda().eval()
     slow = (
@@ -315,7 +342,8 @@ def test_paper_predictor_on_gpu_matches_eager():
     slow.load_state_dict(fast.state_dict())
     x, c = torch.randn(300, 3, 192, device="cuda"), torch.randn(300, 3, 192, device="cuda")
     with torch.no_grad():
-        assert_close(fast(x, c), slow(x, c), "fp32_gemm", "paper predictor")
+        err = assert_close(fast(x, c), slow(x, c), "fp32_gemm", "paper predictor")
+    smoke_line(f"relative error {err:.1e}")
 
 
 def test_planning_cost_runs_the_fused_blocks(monkeypatch):

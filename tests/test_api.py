@@ -3,10 +3,10 @@
 import pytest
 import torch
 from helpers import model_pair, randomize_, small_config
-from parity import assert_close, assert_low_precision
 
 import lewm_fast
 from lewm_fast import reference as ref
+from lewm_fast.testing import assert_close, assert_low_precision
 
 B, S = 2, 3
 PIX = (3, 56, 56)

@@ -79,3 +79,101 @@ def test_interpreter_scalar_index_patch():
         _interpreter._scalar_index(Scalar(np.arange(4)))
     pytest.importorskip("triton")
     assert _interpreter.patch_scalar_index() and _interpreter.patch_scalar_index()  # idempotent
+
+
+# ------------------------------------------------------------------ TF32 switches
+
+
+class _Legacy:
+    """torch < 2.9: only the ``allow_tf32`` flags."""
+
+    def __init__(self, allow_tf32):
+        self.allow_tf32 = allow_tf32
+
+
+class _Precision:
+    """torch >= 2.9: ``fp32_precision`` ("none" resolves through ``parent``); reading the legacy
+    flag after a precision was set raises, as on torch 2.13."""
+
+    def __init__(self, raw, parent="none"):
+        self.raw, self.parent, self.touched = raw, parent, False
+
+    @property
+    def fp32_precision(self):
+        return self.parent if self.raw == "none" else self.raw
+
+    @fp32_precision.setter
+    def fp32_precision(self, value):
+        assert value in ("none", "ieee", "tf32")
+        self.raw, self.touched = value, True
+
+    @property
+    def allow_tf32(self):
+        if self.touched:
+            raise RuntimeError("you have used a mix of the legacy and new APIs to set the TF32 flags")
+        return self.fp32_precision == "tf32"
+
+
+def _fake_backends(monkeypatch, matmul, cudnn):
+    monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
+    monkeypatch.setattr(torch.backends, "cudnn", cudnn)
+
+
+def test_tf32_with_the_legacy_flags(monkeypatch):
+    matmul, cudnn = _Legacy(False), _Legacy(True)  # torch's defaults; no cudnn.conv
+    _fake_backends(monkeypatch, matmul, cudnn)
+    assert backend.tf32_state() == {"matmul": False, "conv": True}
+    with backend.tf32(False):
+        assert backend.tf32_state() == {"matmul": False, "conv": False}
+        assert cudnn.allow_tf32 is False
+    assert backend.tf32_state() == {"matmul": False, "conv": True}
+    previous = backend.set_tf32(matmul=True)
+    assert previous == {"matmul": False, "conv": True} and matmul.allow_tf32 is True and cudnn.allow_tf32
+    backend.set_tf32(**previous)
+    assert (matmul.allow_tf32, cudnn.allow_tf32) == (False, True)
+
+
+def test_tf32_with_fp32_precision_never_reads_the_legacy_flags(monkeypatch):
+    matmul, conv = _Precision("none"), _Precision("tf32")  # torch 2.13's defaults
+    cudnn = type("Cudnn", (), {"conv": conv, "allow_tf32": property(lambda self: 1 / 0)})()
+    _fake_backends(monkeypatch, matmul, cudnn)
+    assert backend.tf32_state() == {"matmul": False, "conv": True}
+    with backend.tf32(True):
+        assert backend.tf32_state() == {"matmul": True, "conv": True}
+        assert matmul.raw == "tf32"
+    assert (matmul.raw, conv.raw) == ("none", "tf32")  # inherited stays inherited
+    with pytest.raises(RuntimeError, match="boom"), backend.tf32(False):
+        assert backend.tf32_state() == {"matmul": False, "conv": False}
+        assert (matmul.raw, conv.raw) == ("none", "none")  # "none" at every level means IEEE
+        raise RuntimeError("boom")
+    assert backend.tf32_state() == {"matmul": False, "conv": True}
+    assert (matmul.raw, conv.raw) == ("none", "tf32")
+    with pytest.raises(RuntimeError, match="mix"):
+        conv.allow_tf32  # noqa: B018 (the fake is faithful: legacy reads raise once touched)
+
+
+def test_tf32_follows_an_inherited_precision(monkeypatch):
+    """A global ``torch.backends.fp32_precision = "tf32"`` reaches matmul through "none";
+    forbidding TF32 pins "ieee" and the restore returns to inheriting."""
+    matmul, conv = _Precision("none", parent="tf32"), _Precision("none", parent="tf32")
+    _fake_backends(monkeypatch, matmul, type("Cudnn", (), {"conv": conv})())
+    assert backend.tf32_state() == {"matmul": True, "conv": True}
+    with backend.tf32(False):
+        assert (matmul.raw, conv.raw) == ("ieee", "ieee")
+    assert (matmul.raw, conv.raw) == ("none", "none")
+
+
+def test_tf32_round_trips_on_the_installed_torch():
+    """Whichever API this torch has: set, read back, restore; after it, TF32 state still reads."""
+    before = backend.tf32_state()
+    for enabled in (True, False):
+        with backend.tf32(enabled):
+            assert backend.tf32_state() == {"matmul": enabled, "conv": enabled}
+        assert backend.tf32_state() == before
+    previous = backend.set_tf32(conv=not before["conv"])
+    assert previous == before and backend.tf32_state() == {**before, "conv": not before["conv"]}
+    backend.set_tf32(**previous)
+    assert backend.tf32_state() == before
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        assert torch.backends.cuda.matmul.fp32_precision == "none"  # torch's default, untouched
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 from helpers import randomize_, small_config
-from parity import assert_close
 
 import lewm_fast
 from lewm_fast.checkpoint import convert_encoder_keys, encoder_key_layout
+from lewm_fast.testing import assert_close
 
 # The spec's per-layer encoder key names (section 1), layer 0.
 KEYS_4X = [

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from helpers import randomize_, small_config
-from parity import assert_close
 
 import lewm_fast
 from lewm_fast.checkpoint import convert_encoder_keys, encoder_key_layout
+from lewm_fast.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 

@@ -6,12 +6,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import model_pair, small_config
-from parity import assert_close, assert_low_precision
+from helpers import model_pair, randomize_, small_config
 
 import lewm_fast
 from lewm_fast import reference as ref
 from lewm_fast.plan import CEMSolver, PlanningCost, cem_refit, cem_refit_torch, plan_seed, planning_cost
+from lewm_fast.testing import assert_close, assert_low_precision
 
 PIX = (3, 56, 56)
 
@@ -678,25 +678,41 @@ def _gpu_model():
     return public.eval().cuda()
 
 
-def _gpu_info(b):
+def _gpu_info(b, pix=PIX):
     gen = torch.Generator().manual_seed(b)
-    return {"pixels": torch.randn(b, 1, *PIX, generator=gen), "goal": torch.randn(b, 1, *PIX, generator=gen)}
+    return {"pixels": torch.randn(b, 1, *pix, generator=gen), "goal": torch.randn(b, 1, *pix, generator=gen)}
+
+
+GRAPH_CEM = {  # "paper": the published 300 x 30 CEM (top 30)
+    "tiny": {"num_samples": 64, "n_steps": 6, "topk": 8},
+    "paper": {"num_samples": 300, "n_steps": 30, "topk": 30},
+}
+GRAPH_SOLVE_CASES = [  # (model size, autocast dtype)
+    pytest.param("tiny", None, id="tiny-fp32"),
+    pytest.param("tiny", torch.bfloat16, id="tiny-bf16"),
+    pytest.param("paper", None, id="paper-fp32", marks=pytest.mark.smoke),
+    pytest.param("paper", torch.bfloat16, id="paper-bf16", marks=pytest.mark.smoke),
+]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_graph_solve_equals_eager_solve(autocast):
-    model = _gpu_model()
-    kwargs = {"action_dim": 10, "num_samples": 64, "n_steps": 6, "topk": 8, "autocast": autocast}
+@pytest.mark.parametrize("size,autocast", GRAPH_SOLVE_CASES)
+def test_graph_solve_equals_eager_solve(size, autocast, smoke_line):
+    if size == "paper":
+        model = randomize_(lewm_fast.LeWMConfig.preset("paper").build(), seed=10).eval().cuda()
+        info = _gpu_info(3, pix=(3, 224, 224))
+    else:
+        model, info = _gpu_model(), _gpu_info(3)
+    kwargs = {"action_dim": 10, "autocast": autocast, **GRAPH_CEM[size]}
     graph = CEMSolver(model, cuda_graph=True, **kwargs)
     eager = CEMSolver(model, cuda_graph=False, **kwargs)
-    info = _gpu_info(3)
-    for _ in range(2):  # capture, then a plain replay
+    kind = "fp32_gemm" if autocast is None else "bf16"
+    for attempt in ("capture", "replay"):
         g, e = graph.solve(info), eager.solve(info)
         assert g["seed"] == e["seed"]
-        kind = "fp32_gemm" if autocast is None else "bf16"
-        assert_close(g["actions"], e["actions"], kind, "graph vs eager plan")
+        err = assert_close(g["actions"], e["actions"], kind, f"graph vs eager plan ({attempt})")
     assert graph._captured is not None and graph.cuda_graph
+    smoke_line(f"graph vs eager plan relative error {err:.1e}")
 
 
 @pytest.mark.gpu
@@ -746,10 +762,9 @@ def test_bf16_graph_follows_in_place_weight_updates_without_recapture():
 
 
 @pytest.mark.gpu
-def test_graph_solve_matches_cpu_cost(monkeypatch):
+@pytest.mark.usefixtures("no_tf32")
+def test_graph_solve_matches_cpu_cost():
     """The fast cost on CUDA equals the reference get_cost on CPU (TF32 off: float32 parity)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     public, reference = (m.eval() for m in model_pair(small_config(), seed=12))
     info = _gpu_info(2)
     candidates = torch.randn(2, 16, 5, 10)
@@ -759,7 +774,10 @@ def test_graph_solve_matches_cpu_cost(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("b,s,t,a,k", [c[1:] for c in REFIT_CASES], ids=[c[0] for c in REFIT_CASES])
+@pytest.mark.parametrize(
+    "b,s,t,a,k",
+    [pytest.param(*c[1:], id=c[0], marks=pytest.mark.smoke if c[0] == "paper" else ()) for c in REFIT_CASES],
+)
 def test_csrc_cuda_refit_matches_torch(b, s, t, a, k):
     gen = torch.Generator().manual_seed(s)
     candidates, costs, mean, std = _refit_inputs(b, s, t, a, gen)

@@ -244,9 +244,11 @@ def test_cli_probe_writes_json(tmp_path, dataset, model, capsys):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
 def test_run_probes_on_cuda_matches_cpu(dataset, model):
     """Frames are bit-identical on both devices and the fresh episodes too; the numbers agree
-    up to float32 (and fused-kernel) rounding."""
+    up to float32 (and fused-kernel) rounding. TF32 is off: cuDNN's default TF32 patch
+    convolution rounds its inputs to 10-bit mantissas (~5e-4), the size of the tolerances."""
     kwargs = {"seed": 0, "max_frames": 200, "fresh_episodes": 6, "max_steps": 40, "sigreg_batches": 2}
     cpu = probe.run_probes(model.cpu(), dataset, device="cpu", **kwargs)
     gpu = probe.run_probes(model, dataset, device="cuda", **kwargs)

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import randomize_, small_config
-from parity import assert_close
 
 import lewm_fast
 from lewm_fast import reference as ref
+from lewm_fast.testing import assert_close
 
 
 def test_paper_parameter_count():

@@ -290,6 +290,7 @@ def test_env_step_success_and_distance():
 
 
 @pytest.mark.gpu
+@pytest.mark.smoke
 def test_cpu_and_cuda_are_bit_identical():
     gen = torch.Generator().manual_seed(5)
     xy = torch.cat([_positions(300, gen), torch.rand(200, 2, generator=gen) * 223])
