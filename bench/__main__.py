@@ -36,10 +36,21 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--only", nargs="+", choices=names, metavar="NAME", help=f"subset of {names}")
     parser.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
-    parser.add_argument("--out", default="bench/results", help="folder for the JSON and markdown results")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for the JSON and markdown results (default: bench/results; with --model: bench/model)",
+    )
     parser.add_argument("--stem", default=None, help="file name stem (default: <device>-<date>)")
     parser.add_argument(
         "--no-peaks", action="store_true", help="skip measuring the matmul and copy peaks at the start"
+    )
+    model = parser.add_argument_group("performance model (CPU, no GPU needed; runs no benchmark)")
+    model.add_argument(
+        "--model",
+        action="store_true",
+        help="count the CUDA fast path's kernels, FLOPs and bytes on fake tensors and project times on "
+        "H200 / RTX 4090 / RTX 3060 Ti; writes OUT/model.json and OUT/model.md (bench/perf_model.py)",
     )
     readme = parser.add_argument_group("README results section (runs no benchmark)")
     readme.add_argument(
@@ -75,6 +86,14 @@ def _update_readme(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.model:
+        from .perf_model import run_model, write
+
+        json_path, md_path = write(run_model("paper"), args.out or "bench/model")
+        print(md_path.read_text())
+        print(f"[bench] wrote {json_path} and {md_path} (projections, not measurements)")
+        return 0
+    args.out = args.out or "bench/results"
     if args.update_readme:
         return _update_readme(parser, args)
 

@@ -1,0 +1,849 @@
+"""A performance model that runs on the CPU: kernels, FLOPs and bytes of the CUDA fast path,
+and projected times on named GPUs. Every number here is a PROJECTION, never a measurement.
+
+``lewm-fast bench --model [--out DIR]`` (or ``python -m bench --model``) writes
+``DIR/model.json`` and ``DIR/model.md`` (default DIR: ``bench/model``) for:
+
+- one CEM plan of 1 env and of 50 envs at the published setting (horizon 5, 300 samples,
+  30 iterations, top 30), per CEM iteration and per plan, fp32 and bf16 (the solver's
+  ``autocast=torch.bfloat16`` path, i.e. its :class:`LowPrecisionWeights` copy under
+  autocast), paper-size model (``LeWMConfig.preset("paper")``);
+- one training step at batch 128, 4 frames of 224 px, under each memory plan (``whole``,
+  ``checkpoint``, ``two_pass``), fp32 and bf16 autocast: :func:`lewm_fast.train.forward_backward`
+  (forward and backward; the optimizer step and gradient clipping are NOT included).
+
+How it runs without a GPU
+-------------------------
+The model's tensors are fake CUDA tensors (``torch._subclasses.fake_tensor.FakeTensorMode``;
+parameters are replaced by ``torch.empty_strided(..., device="cuda")`` made inside the
+mode). Fake tensors carry shapes, dtypes and the CUDA dispatch keys but do no math, so
+``backend="auto"`` picks the fused Triton ops (their registered fake implementations run)
+and ``torch.autocast("cuda")`` applies. Three things a CPU-only torch cannot do are
+handled explicitly:
+
+1. *Planning* does not go through ``CEMSolver.solve`` (it needs a real device for CUDA
+   graphs and generators): :func:`plan_counts` runs what the solve's graph holds --
+   ``PlanningCost.encode`` once, then per iteration the body of ``CEMSolver._run``
+   (``randn``, ``noise * std + mean``, candidate 0 = mean, ``PlanningCost.rollout_cost``,
+   the csrc ``lewm_fast::cem_refit`` op, the NaN count) -- eagerly and without capture.
+   One iteration is counted; a plan is the encoder pass plus ``n_steps`` iterations
+   (every iteration issues the same kernels).
+2. *Attention*: a CPU-only torch has no CUDA SDPA backends, so ``F.scaled_dot_product_attention``
+   would decompose into the math path. A ``TorchFunctionMode`` routes it to the kernel the
+   CUDA build picks for these shapes instead: ``aten._scaled_dot_product_flash_attention``
+   for bf16/fp16 and ``aten._scaled_dot_product_efficient_attention`` for fp32 (head dim
+   64; the priority order of ``torch.backends.cuda.sdp_kernel``: flash, then
+   memory-efficient). Their backward ops come from autograd.
+3. *Device guard and autograd*: integer indexing of a CUDA tensor and recording its
+   gradient need a CUDA device guard, which a torch built without CUDA lacks. There a
+   10-line C++ file registering c10's no-op device guard for CUDA is compiled once
+   (``torch.utils.cpp_extension``, cached next to the csrc builds) and loaded into the
+   process (a torch with CUDA keeps its own guard). It needs a C++ compiler and ninja;
+   without them the model raises saying so. The backward engine also needs a CUDA
+   accelerator, so ``Tensor.backward`` is replaced *while counting only* by
+   :func:`_walk_backward`, which calls the autograd graph's nodes in topological order
+   in this thread, reduces and casts each gradient to the shape and dtype its node
+   takes (as the engine's ``validate_outputs``) and adds gradients that meet (``a + b``,
+   one kernel each, as the engine's input buffer does); the walk is used on every machine so the counts do not
+   depend on it. ``torch.autocast("cuda")`` switches itself off when no GPU is present;
+   while counting, its two availability checks are made to answer yes.
+
+The counting rule (what becomes a kernel)
+-----------------------------------------
+Ops are counted at the ATen level by a ``TorchDispatchMode`` under the fake mode:
+
+- free (0 kernels, 0 bytes): views and metadata (every op whose schema returns an alias
+  of an input: view, reshape of a contiguous tensor, transpose, t, expand, split, chunk,
+  unbind, select, slice, squeeze, unsqueeze, permute, alias, detach, ``_unsafe_view``,
+  ``as_strided``), ``prim.device``, and allocations (``empty``, ``empty_strided``,
+  ``new_empty``, ``empty_like``);
+- ``lewm_fast::*`` custom ops: the kernels their launchers issue (:data:`CUSTOM_KERNELS`,
+  read from ``kernels/adaln.py``, ``kernels/sigreg.py`` and ``csrc/cem_refit_cuda.cu``),
+  e.g. ``adaln_modulate_norm_bwd`` = the backward kernel + the two partial-row sums of
+  dweight/dbias, ``sigreg_fused`` = the fused kernel + ``partial.sum()`` + the division,
+  ``cem_refit`` = one ``cem_refit_kernel`` launch;
+- ATen ops that launch more than one kernel on CUDA (:data:`ATEN_KERNELS`): layer-norm
+  backward with affine gradients (the dX kernel + the gamma/beta kernel), batch norm in
+  training (statistics + apply; backward: reduce + elementwise), flash-attention backward
+  (the dO.O preprocessing, the main kernel, the dQ conversion);
+- every other ATen op is one kernel (a cuBLAS ``mm``/``addmm``/``bmm`` included: split-K
+  or epilogue kernels cuBLAS may add are not counted; a Python-scalar ``scalar_tensor``
+  or ``fill_`` is one kernel).
+
+FLOPs per op are ``torch.utils.flop_counter``'s formulas (the registry
+``FlopCounterMode`` uses: matmuls, convolutions, attention), plus for the SIGReg ops the
+GEMM work inside the fused kernels (forward ``2 T B D P``; backward recomputes x and forms
+grad_z: ``4 T B D P``). Elementwise work counts 0 FLOPs (it is priced by its bytes).
+
+Bytes per kernel = bytes of its distinct tensor inputs + bytes of its outputs, each
+tensor's elements counted once (an input passed twice counts once; a stride-0 broadcast
+dimension counts once; an argument the op writes in place counts as written, not read).
+A custom op's bytes are its op-level inputs and outputs (what its kernels must read and
+write at least once), not its internal re-reads.
+
+Projected time of a kernel on a device = ``max(flops / peak_flops(dtype), bytes /
+bandwidth)``, summed over kernels, plus ``launches x per-launch cost`` (one value for a
+CUDA-graph replay, one for eager launch). The peak table :data:`DEVICES` names a source
+for every figure; the per-launch costs are assumptions (see :data:`LAUNCH_US`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = [
+    "CUSTOM_KERNELS",
+    "ATEN_KERNELS",
+    "DEVICES",
+    "LAUNCH_US",
+    "KernelCounter",
+    "count",
+    "fake_cuda",
+    "plan_counts",
+    "train_counts",
+    "build_model",
+    "project",
+    "model_markdown",
+    "run_model",
+    "write",
+]
+
+# --------------------------------------------------------------------------- counting rule
+
+# Kernels each lewm_fast custom op launches (read from its launcher).
+CUSTOM_KERNELS = {
+    "adaln_modulate_norm": 1,  # _adaln_fwd_kernel
+    "adaln_modulate_norm_bwd": 3,  # _adaln_bwd_kernel + dw_part.sum(0) + db_part.sum(0)
+    "gated_residual": 1,  # _gated_residual_fwd_kernel
+    "gated_residual_bwd": 1,  # _gated_residual_bwd_kernel
+    "gated_adaln": 1,  # _gated_adaln_fwd_kernel
+    "sigreg_fused": 3,  # _sigreg_fwd_kernel + partial.sum() + / (T P)
+    "sigreg_fused_bwd": 1,  # _sigreg_bwd_kernel (A needs no gradient: no einsum)
+    "sigreg_trig_sums": 1,  # _sigreg_fwd_kernel
+    "sigreg_trig_sums_bwd": 1,  # _sigreg_bwd_kernel
+    "cem_refit": 1,  # cem_refit_kernel<<<envs, ...>>> (csrc/cem_refit_cuda.cu)
+}
+
+# ATen ops that launch more than one CUDA kernel; a callable gets (args, kwargs).
+ATEN_KERNELS = {
+    # dX kernel, plus the gamma/beta gradient kernel when affine gradients are requested
+    "native_layer_norm_backward": lambda args, kwargs: 1 + int(any(args[-1][1:])),
+    # training: batch statistics, then normalise (eval: one kernel)
+    "native_batch_norm": lambda args, kwargs: 2 if args[5] else 1,
+    "_native_batch_norm_legit": lambda args, kwargs: 2 if args[5] else 1,
+    "_native_batch_norm_legit_functional": lambda args, kwargs: 2 if args[5] else 1,
+    "native_batch_norm_backward": lambda args, kwargs: 2,  # reduce, then elementwise
+    "_scaled_dot_product_flash_attention_backward": lambda args, kwargs: 3,  # dO.O, main, dQ convert
+}
+
+FREE = {
+    "empty",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "empty_like",
+    "device",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "sym_storage_offset",
+    "is_same_size",
+    "lift_fresh",
+    "_unsafe_view",  # a view whose result autograd treats as a fresh tensor
+    "_reshape_alias",
+}
+
+
+def _gemm_flops_sigreg(name: str, args) -> int:
+    if name not in ("sigreg_fused", "sigreg_trig_sums", "sigreg_fused_bwd", "sigreg_trig_sums_bwd"):
+        return 0
+    z, A = (args[1], args[2]) if name.endswith("_bwd") else (args[0], args[1])
+    t, b, d = z.shape
+    work = 2 * t * b * d * A.shape[1]
+    return 2 * work if name.endswith("_bwd") else work
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _key(t: torch.Tensor) -> tuple:
+    try:
+        storage = t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        storage = id(t)
+    return (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements of ``t`` (a stride-0 dimension counts once)."""
+    elements = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            elements *= size
+    return elements * t.element_size() if t.numel() else 0
+
+
+def _is_free(func) -> bool:
+    name = func._schema.name.split("::")[-1]
+    if name in FREE or func.namespace == "prim":
+        return True
+    # an op whose every output aliases an input without writing it is a view
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+@dataclass
+class Kernel:
+    op: str
+    launches: int
+    flops: int
+    bytes: int
+    dtype: str  # the widest floating dtype among its tensors
+
+
+@dataclass
+class Tally:
+    """What one region of work launches: totals and a per-op breakdown."""
+
+    kernels: list[Kernel] = field(default_factory=list)
+
+    @property
+    def launches(self) -> int:
+        return sum(k.launches for k in self.kernels)
+
+    @property
+    def flops(self) -> int:
+        return sum(k.flops for k in self.kernels)
+
+    @property
+    def bytes(self) -> int:
+        return sum(k.bytes for k in self.kernels)
+
+    def by_op(self) -> dict[str, int]:
+        out: Counter = Counter()
+        for k in self.kernels:
+            out[k.op] += k.launches
+        return dict(out.most_common())
+
+    def summary(self) -> dict[str, Any]:
+        return {"launches": self.launches, "flops": self.flops, "bytes": self.bytes}
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts kernels, FLOPs and bytes of the ATen/custom ops it sees (see the module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._flop_registry = FlopCounterMode().flop_registry
+        self.tally = Tally()
+
+    def _flops(self, func, args, kwargs, out) -> int:
+        formula = self._flop_registry.get(func._overloadpacket)
+        if formula is None:
+            return 0
+        return int(formula(*args, **kwargs, out_val=out))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if _is_free(func):
+            return out
+        name = func._schema.name.split("::")[-1]
+        if func.namespace == "lewm_fast":
+            if name not in CUSTOM_KERNELS:
+                raise KeyError(f"lewm_fast::{name} has no kernel count in CUSTOM_KERNELS")
+            launches = CUSTOM_KERNELS[name]
+            flops = _gemm_flops_sigreg(name, args)
+        else:
+            rule = ATEN_KERNELS.get(name)
+            launches = rule(args, kwargs) if rule else 1
+            flops = self._flops(func, args, kwargs, out)
+        written = {
+            i
+            for i, a in enumerate(func._schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        }
+        reads, writes = {}, {}
+        positional = list(args) + [
+            kwargs[a.name] for a in func._schema.arguments[len(args) :] if a.name in kwargs
+        ]
+        for i, value in enumerate(positional):
+            for t in _tensors(value):
+                (writes if i in written else reads)[_key(t)] = t
+        for t in _tensors(out):
+            writes.setdefault(_key(t), t)
+        tensors = [*reads.values(), *writes.values()]
+        floats = [t.dtype for t in tensors if t.is_floating_point()]
+        dtype = max(floats, key=lambda d: d.itemsize) if floats else torch.float32
+        nbytes = sum(tensor_bytes(t) for t in tensors)
+        self.tally.kernels.append(Kernel(f"{func.namespace}::{name}", launches, flops, nbytes, str(dtype)))
+        return out
+
+
+class CudaAttention(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` to the fused kernel a CUDA build picks."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        dropout = kwargs.get("dropout_p", 0.0)
+        causal = kwargs.get("is_causal", False)
+        if kwargs.get("attn_mask") is not None or len(args) > 3:
+            return func(*args, **kwargs)
+        if torch.is_autocast_enabled("cuda") if _autocast_takes_device() else torch.is_autocast_enabled():
+            dtype = (
+                torch.get_autocast_dtype("cuda") if hasattr(torch, "get_autocast_dtype") else torch.bfloat16
+            )
+            q, k, v = (t.to(dtype) for t in (q, k, v))
+        if q.dtype in (torch.bfloat16, torch.float16):
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout, causal)[0]
+        grad = any(t.requires_grad for t in (q, k, v)) and torch.is_grad_enabled()
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, grad, dropout, causal)[0]
+
+
+def _autocast_takes_device() -> bool:
+    try:
+        torch.is_autocast_enabled("cuda")
+    except TypeError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------- fake CUDA and autograd
+
+_GUARD_SOURCE = r"""
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+namespace {
+// A device guard for CUDA that does nothing: lets autograd record fake CUDA tensors on a
+// torch built without CUDA. Streams report device 0, like the fake tensors.
+struct NoOpCudaGuard final : c10::impl::NoOpDeviceGuardImpl<c10::DeviceType::CUDA> {
+  c10::Stream getStream(c10::Device) const noexcept override {
+    return c10::Stream(c10::Stream::DEFAULT, c10::Device(c10::DeviceType::CUDA, 0));
+  }
+};
+}  // namespace
+C10_REGISTER_GUARD_IMPL(CUDA, NoOpCudaGuard);
+"""
+
+
+def _cuda_guard_reason() -> str | None:
+    """None when autograd can record fake CUDA tensors here (building the no-op guard if needed)."""
+    if torch.version.cuda is not None or torch.version.hip is not None:
+        return None
+    return _load_guard()
+
+
+_GUARD_STATE: dict[str, str | None] = {}
+
+
+def require_cuda_guard() -> None:
+    """Raise RuntimeError when fake CUDA tensors cannot be indexed or differentiated here."""
+    reason = _cuda_guard_reason()
+    if reason is not None:
+        raise RuntimeError(f"the performance model cannot run on this machine: {reason}")
+
+
+def _load_guard() -> str | None:
+    if "reason" in _GUARD_STATE:
+        return _GUARD_STATE["reason"]
+    import hashlib
+
+    from lewm_fast import _csrc
+
+    reason = None
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.verify_ninja_availability()
+        digest = hashlib.sha256((_GUARD_SOURCE + torch.__version__).encode()).hexdigest()[:16]
+        folder = _csrc.cache_dir() / "perf_model" / f"noop_cuda_guard-{digest}"
+        folder.mkdir(parents=True, exist_ok=True)
+        source = folder / "noop_cuda_guard.cpp"
+        if not source.exists():
+            source.write_text(_GUARD_SOURCE)
+        cpp_extension.load(
+            name=f"lewm_fast_noop_cuda_guard_{digest}",
+            sources=[str(source)],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, unwritable cache
+        reason = f"building the no-op CUDA device guard failed: {type(exc).__name__}: {str(exc)[-300:]}"
+    _GUARD_STATE["reason"] = reason
+    return reason
+
+
+def _as_input_of(node, slot: int, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` reduced and cast to what ``node`` takes at ``slot``, as the engine's
+    ``validate_outputs`` does (a broadcast input gets ``sum_to_size``)."""
+    metadata = getattr(node, "_input_metadata", None)
+    if metadata is None or slot >= len(metadata):
+        return grad
+    shape = tuple(metadata[slot].shape)
+    if tuple(grad.shape) != shape:
+        grad = grad.sum_to_size(shape)
+    if grad.dtype != metadata[slot].dtype:
+        grad = grad.to(metadata[slot].dtype)
+    return grad
+
+
+_WALKS = iter(range(1 << 62))
+
+
+def _walk_backward(roots: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    """Run the autograd graph of ``roots`` node by node in this thread (see the docstring).
+
+    ``torch._C._current_graph_task_id`` answers one id for the whole walk, as inside the
+    engine: non-reentrant checkpointing recomputes a segment once per graph task (outside
+    the engine it would draw a fresh id, and recompute, at every unpack)."""
+    walk_id = next(_WALKS)
+    original = torch._C._current_graph_task_id
+    torch._C._current_graph_task_id = lambda: walk_id
+    try:
+        _run_graph(roots, grads)
+    finally:
+        torch._C._current_graph_task_id = original
+
+
+def _run_graph(roots, grads) -> None:
+    pending: dict[Any, list] = {}
+    order: list = []
+    seen: set = set()
+
+    def visit(node) -> None:  # post-order DFS without recursion limits
+        stack = [(node, False)]
+        while stack:
+            n, done = stack.pop()
+            if done:
+                order.append(n)
+                continue
+            if n in seen:
+                continue
+            seen.add(n)
+            stack.append((n, True))
+            for child, _ in n.next_functions:
+                if child is not None and child not in seen:
+                    stack.append((child, False))
+
+    for root in roots:
+        if root.grad_fn is not None:
+            visit(root.grad_fn)
+    for root, grad in zip(roots, grads):
+        if grad is None:
+            grad = torch.ones_like(root)
+        if root.grad_fn is None:
+            continue
+        pending.setdefault(root.grad_fn, [None])[0] = grad
+    for node in reversed(order):
+        inputs = pending.pop(node, None)
+        if inputs is None or all(g is None for g in inputs):
+            continue
+        inputs += [None] * (len(getattr(node, "_input_metadata", ())) - len(inputs))
+        outputs = node.apply(*inputs) if hasattr(node, "_forward_cls") else node(*inputs)
+        if not isinstance(outputs, (tuple, list)):
+            outputs = (outputs,)
+        for (child, slot), grad in zip(node.next_functions, outputs):
+            if child is None or grad is None:
+                continue
+            grad = _as_input_of(child, slot, grad)
+            buffer = pending.setdefault(child, [])
+            buffer.extend([None] * (slot + 1 - len(buffer)))
+            buffer[slot] = grad if buffer[slot] is None else buffer[slot] + grad
+
+
+@contextlib.contextmanager
+def _counting_patches():
+    """Inside this block only: ``Tensor.backward`` runs :func:`_walk_backward`, and
+    ``torch.autocast("cuda")`` is not switched off for want of a real GPU (its two
+    availability checks answer yes). Restored on exit."""
+    import torch.cuda.amp.common as amp_common
+
+    saved = [
+        (torch.Tensor, "backward", torch.Tensor.backward),
+        (amp_common, "amp_definitely_not_available", amp_common.amp_definitely_not_available),
+        (torch.cuda, "is_bf16_supported", torch.cuda.is_bf16_supported),
+    ]
+
+    def backward(self, gradient=None, *args, **kwargs):
+        _walk_backward([self], [gradient])
+
+    torch.Tensor.backward = backward
+    if not torch.cuda.is_available():
+        amp_common.amp_definitely_not_available = lambda: False
+        torch.cuda.is_bf16_supported = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _fake_like(t: torch.Tensor, requires_grad: bool | None = None) -> torch.Tensor:
+    out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cuda")
+    return out
+
+
+def fake_cuda(module: nn.Module) -> nn.Module:
+    """Replace ``module``'s parameters and buffers by fake CUDA tensors (call inside a FakeTensorMode)."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = nn.Parameter(_fake_like(p), requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = _fake_like(b)
+    return module
+
+
+@contextlib.contextmanager
+def count():
+    """Yields a :class:`KernelCounter`; ops run inside are counted (enter inside a FakeTensorMode)."""
+    counter = KernelCounter()
+    with CudaAttention(), counter:
+        yield counter
+
+
+# ------------------------------------------------------------------------ workloads
+
+PUBLISHED = {"horizon": 5, "num_samples": 300, "n_steps": 30, "topk": 30}
+TRAIN_BATCH = 128
+TRAIN_FRAMES = 4
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def build_model(preset: str = "paper") -> nn.Module:
+    """The lewm_fast JEPA of ``LeWMConfig.preset(preset)`` on the CPU, with real weights."""
+    from lewm_fast import LeWMConfig
+
+    torch.manual_seed(0)
+    return LeWMConfig.preset(preset).build()
+
+
+def _autocast(dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def plan_counts(model: nn.Module, envs: int, autocast: torch.dtype | None, plan: dict | None = None) -> dict:
+    """Kernels/FLOPs/bytes of one CEM plan on the CUDA fast path (module docstring, point 1).
+
+    ``model``: a lewm_fast JEPA on the CPU (it is copied, never changed). Returns
+    ``{"encode", "per_iter", "per_plan"}`` summaries plus ``"iter_ops"`` (kernels per op).
+    """
+    import copy
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lewm_fast import _csrc
+    from lewm_fast.plan.cost import LowPrecisionWeights, PlanningCost
+
+    plan = {**PUBLISHED, **(plan or {})}
+    require_cuda_guard()
+    _csrc.define_ops()  # the lewm_fast::cem_refit schema and its fake implementation
+    model = copy.deepcopy(model).eval()
+    if autocast is not None:
+        model = LowPrecisionWeights(model, autocast).sync()
+    size = model.encoder.config.image_size
+    width = model.action_encoder.patch_embed.in_channels
+    horizon, samples = plan["horizon"], plan["num_samples"]
+    with FakeTensorMode(), torch.no_grad(), _counting_patches():
+        fake_cuda(model)
+        cost = PlanningCost(model, history_size=3)
+        pixels = torch.empty(envs, 1, 3, size, size, device="cuda")
+        goal = torch.empty(envs, 1, 3, size, size, device="cuda")
+        mean = torch.zeros(envs, horizon, width, device="cuda")
+        std = torch.full_like(mean, 1.0)
+        nan_count = torch.zeros(envs, dtype=torch.int32, device="cuda")
+        with count() as encode:
+            with _autocast(autocast):
+                emb, goal_emb = cost.encode(pixels, goal)
+        with count() as step:  # the body of CEMSolver._run, one iteration
+            noise = torch.randn(envs, samples, horizon, width, device="cuda")
+            candidates = noise * std.unsqueeze(1) + mean.unsqueeze(1)
+            candidates[:, 0] = mean
+            with _autocast(autocast):
+                costs = cost.rollout_cost(emb, goal_emb, candidates).float()
+            args = (x.float().contiguous() for x in (candidates, costs, mean, std))
+            mean, std, _, nans = torch.ops.lewm_fast.cem_refit(*args, plan["topk"])
+            nan_count += nans
+    enc, it = encode.tally, step.tally
+    steps = plan["n_steps"]
+    return {
+        "settings": {"envs": envs, **plan, "precision": "fp32" if autocast is None else "bf16"},
+        "encode": enc.summary(),
+        "per_iter": it.summary(),
+        "per_plan": {
+            "launches": enc.launches + steps * it.launches,
+            "flops": enc.flops + steps * it.flops,
+            "bytes": enc.bytes + steps * it.bytes,
+        },
+        "iter_ops": it.by_op(),
+        "_kernels": enc.kernels + steps * it.kernels,
+    }
+
+
+def train_counts(
+    model: nn.Module, memory_plan: str, autocast: torch.dtype | None, batch: int = TRAIN_BATCH
+) -> dict:
+    """Kernels/FLOPs/bytes of one ``forward_backward`` at ``batch`` windows (module docstring, point 3)."""
+    import copy
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lewm_fast import SIGReg
+    from lewm_fast.train import forward_backward
+
+    require_cuda_guard()
+    model = copy.deepcopy(model).train()
+    sigreg = SIGReg(knots=17, num_proj=1024)
+    size = model.encoder.config.image_size
+    width = model.action_encoder.patch_embed.in_channels
+    with FakeTensorMode():
+        fake_cuda(model)
+        fake_cuda(sigreg)
+        data = {
+            "pixels": torch.empty(batch, TRAIN_FRAMES, 3, size, size, device="cuda"),
+            "action": torch.empty(batch, TRAIN_FRAMES, width, device="cuda"),
+        }
+        with _counting_patches(), count() as counter:
+            forward_backward(model, sigreg, data, memory_plan=memory_plan, autocast_dtype=autocast)
+    tally = counter.tally
+    return {
+        "settings": {
+            "batch": batch,
+            "frames": TRAIN_FRAMES,
+            "image_size": size,
+            "memory_plan": memory_plan,
+            "precision": "fp32" if autocast is None else "bf16",
+            "optimizer_step": False,
+        },
+        **tally.summary(),
+        "ops": tally.by_op(),
+        "_kernels": tally.kernels,
+    }
+
+
+# ---------------------------------------------------------------------------- projection
+
+# Device peaks. "datasheet" figures are NVIDIA's dense (no sparsity) peaks; "measured"
+# ones were taken on such a machine by bench.harness.measure_peaks.
+DEVICES = {
+    "H200": {
+        "bf16_tflops": 790.0,
+        "fp32_tflops": 67.0,
+        "bandwidth_gbps": 4300.0,
+        "sources": {
+            "bf16_tflops": "measured on an H200 (torch.mm 8192^3 bf16, issue 11); datasheet: 989 dense "
+            "(1,979 with sparsity), NVIDIA H200 Tensor Core GPU datasheet",
+            "fp32_tflops": "datasheet: 67 TFLOPS FP32 (NVIDIA H200 datasheet); fp32 matmul without TF32",
+            "bandwidth_gbps": "measured on an H200 (1 GiB copy, read + write, issue 11); datasheet 4.8 TB/s",
+        },
+    },
+    "RTX 4090": {
+        "bf16_tflops": 165.2,
+        "fp32_tflops": 82.6,
+        "bandwidth_gbps": 1008.0,
+        "sources": {
+            "bf16_tflops": "datasheet: NVIDIA Ada Lovelace architecture whitepaper, peak BF16 tensor "
+            "TFLOPS with FP32 accumulate, dense (330.4 with sparsity)",
+            "fp32_tflops": "datasheet: Ada whitepaper, peak FP32 TFLOPS (non-tensor)",
+            "bandwidth_gbps": "datasheet: 21 Gbps GDDR6X on 384 bits = 1,008 GB/s (Ada whitepaper)",
+        },
+    },
+    "RTX 3060 Ti": {
+        "bf16_tflops": 32.4,
+        "fp32_tflops": 16.2,
+        "bandwidth_gbps": 448.0,
+        "sources": {
+            "bf16_tflops": "derived: the GA10x SM's dense FP16/BF16 tensor rate with FP32 accumulate "
+            "(NVIDIA Ampere GA102 whitepaper: RTX 3070, 46 SMs at 1,725 MHz = 40.6 TFLOPS) at 38 SMs "
+            "and 1,665 MHz boost",
+            "fp32_tflops": "datasheet: 4,864 CUDA cores x 2 x 1,665 MHz boost",
+            "bandwidth_gbps": "datasheet: 14 Gbps GDDR6 on 256 bits = 448 GB/s",
+        },
+    },
+}
+
+# Per-launch costs in microseconds: ASSUMPTIONS, not measured or datasheet figures; to be
+# calibrated with ``python -m lewm_fast.bench.profile_plan`` on a GPU.
+LAUNCH_US = {
+    "graph": 1.0,  # a kernel node replayed from a CUDA graph (device-side gap)
+    "eager": 6.0,  # one PyTorch op launched from Python (dispatch + cudaLaunchKernel)
+}
+
+
+def _kernel_seconds(kernels: list[Kernel], device: dict) -> float:
+    total = 0.0
+    for k in kernels:
+        low = k.dtype in ("torch.bfloat16", "torch.float16")
+        peak = (device["bf16_tflops"] if low else device["fp32_tflops"]) * 1e12
+        total += max(k.flops / peak, k.bytes / (device["bandwidth_gbps"] * 1e9))
+    return total
+
+
+def project(kernels: list[Kernel], launches: int) -> dict[str, dict[str, float]]:
+    """Projected milliseconds per device: ``work`` (roofline sum), ``graph`` and ``eager``."""
+    out = {}
+    for name, device in DEVICES.items():
+        work = _kernel_seconds(kernels, device) * 1e3
+        out[name] = {
+            "work_ms": work,
+            "graph_ms": work + launches * LAUNCH_US["graph"] / 1e3,
+            "eager_ms": work + launches * LAUNCH_US["eager"] / 1e3,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------- report
+
+
+def run_model(preset: str = "paper", envs=(1, 50), train: bool = True) -> dict:
+    """Every count and projection of the module docstring as one JSON-ready dict."""
+    model = build_model(preset)
+    out: dict[str, Any] = {
+        "what": "PROJECTION from a performance model (bench/perf_model.py), not a measurement",
+        "model": preset,
+        "torch": torch.__version__,
+        "counting_rule": "bench/perf_model.py module docstring",
+        "devices": DEVICES,
+        "launch_us": {**LAUNCH_US, "source": "assumption"},
+    }
+    for n in envs:
+        key = f"plan_{n}env"
+        entry: dict[str, Any] = {}
+        for precision, dtype in PRECISIONS.items():
+            counts = plan_counts(model, n, dtype)
+            kernels = counts.pop("_kernels")
+            counts["projection_per_plan"] = project(kernels, counts["per_plan"]["launches"])
+            entry[precision] = counts
+        fp32 = entry["fp32"]
+        entry.update(
+            launches_per_iter=fp32["per_iter"]["launches"],
+            launches_per_plan=fp32["per_plan"]["launches"],
+            flops=fp32["per_plan"]["flops"],
+            bytes=fp32["per_plan"]["bytes"],
+        )
+        out[key] = entry
+    if train:
+        from lewm_fast.train.step import PLANS
+
+        entry = {}
+        for plan in PLANS:
+            for precision, dtype in PRECISIONS.items():
+                counts = train_counts(model, plan, dtype)
+                kernels = counts.pop("_kernels")
+                counts["projection"] = project(kernels, counts["launches"])
+                entry[f"{plan}_{precision}"] = counts
+        entry.update(
+            {k: entry["whole_bf16"][k] for k in ("launches", "flops", "bytes")}, headline="whole_bf16"
+        )
+        out["train_step"] = entry
+    return out
+
+
+def _num(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g} "
+
+
+def _ms(ms: float) -> str:
+    return f"{ms / 1e3:.2f} s" if ms >= 1000 else f"{ms:.3g} ms"
+
+
+def model_markdown(result: dict) -> str:
+    """The projection tables of a :func:`run_model` result (markdown)."""
+    devices = list(DEVICES)
+    lines = [
+        "Projected by the performance model (`lewm-fast bench --model`, bench/perf_model.py): "
+        "kernel counts, FLOPs and bytes of the CUDA fast path counted on fake tensors, priced "
+        "with device peaks and assumed per-launch costs. Not measured.",
+        "",
+        "| workload | precision | kernels | FLOP | bytes | "
+        + " | ".join(f"{d} graph / eager" for d in devices)
+        + " |",
+        "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in devices) + " |",
+    ]
+    for key, label in (
+        ("plan_1env", "plan, 1 env (300 x 30 CEM)"),
+        ("plan_50env", "plan, 50 envs (300 x 30 CEM)"),
+    ):
+        entry = result.get(key)
+        if not entry:
+            continue
+        for precision in PRECISIONS:
+            c = entry[precision]
+            proj = c["projection_per_plan"]
+            cells = [f"{_ms(proj[d]['graph_ms'])} / {_ms(proj[d]['eager_ms'])}" for d in devices]
+            per = c["per_plan"]
+            lines.append(
+                f"| {label} | {precision} | {per['launches']:,} ({c['per_iter']['launches']} per iteration) "
+                f"| {_num(per['flops'])} | {_num(per['bytes'])}B | " + " | ".join(cells) + " |"
+            )
+    train = result.get("train_step") or {}
+    for c in train.values():
+        if not isinstance(c, dict) or "projection" not in c:
+            continue
+        s = c["settings"]
+        proj = c["projection"]
+        cells = [f"— / {_ms(proj[d]['eager_ms'])}" for d in devices]
+        lines.append(
+            f"| training step, batch {s['batch']}, {s['memory_plan']} | {s['precision']} | {c['launches']:,} "
+            f"| {_num(c['flops'])} | {_num(c['bytes'])}B | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "Time per kernel = max(FLOP / peak, bytes / bandwidth), summed, plus kernels x "
+        f"{LAUNCH_US['graph']:g} us (CUDA-graph replay) or {LAUNCH_US['eager']:g} us (eager launch); "
+        "the per-launch costs are assumptions. Training steps run eagerly (no graph). Peaks: "
+        + "; ".join(
+            f"{d} {v['bf16_tflops']:g} TFLOP/s bf16, {v['fp32_tflops']:g} fp32, {v['bandwidth_gbps']:g} GB/s"
+            for d, v in DEVICES.items()
+        )
+        + " (sources in model.json; H200 bf16 and bandwidth measured on such a machine, the rest datasheet).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, folder: str | os.PathLike) -> tuple[Path, Path]:
+    from lewm_fast._io import write_text_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "model.json", folder / "model.md"
+    write_text_atomic(paths[0], json.dumps(result, indent=2) + "\n")
+    write_text_atomic(paths[1], "## Performance model (projected, not measured)\n\n" + model_markdown(result))
+    return paths
+
+
+if __name__ == "__main__":
+    from .__main__ import main
+
+    sys.exit(main(["--model", *sys.argv[1:]]))

@@ -1,0 +1,117 @@
+"""The CPU performance model (bench/perf_model.py): hand counts it must reproduce."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lewm_fast import ConditionalBlock, LeWMConfig
+from lewm_fast.bench import perf_model
+
+pytestmark = pytest.mark.skipif(
+    perf_model._cuda_guard_reason() is not None, reason="no C++ toolchain for the no-op CUDA guard"
+)
+
+
+def _count(module: nn.Module, *shapes, dtype=torch.float32):
+    with FakeTensorMode(), torch.no_grad(), perf_model._counting_patches():
+        perf_model.fake_cuda(module)
+        inputs = [torch.empty(s, device="cuda", dtype=dtype) for s in shapes]
+        with perf_model.count() as counter:
+            module(*inputs)
+    return counter.tally
+
+
+def test_conditional_block_launches_equal_a_hand_count():
+    # ConditionalBlock.forward on CUDA (fused AdaLN backend), eval, x and c (B, T, D):
+    #   adaLN_modulation = SiLU -> Linear:      silu 1, addmm 1                     = 2
+    #   chunk(6):                               views                               = 0
+    #   attn_input (fused adaln kernel):        1                                   = 1
+    #   attn.to_qkv (no bias):                  mm 1; chunk/view/transpose free     = 1
+    #   SDPA (causal, fp32):                    memory-efficient attention kernel 1 = 1
+    #   transpose(1, 2).reshape:                a view (the kernel writes its output as
+    #                                           (B, T, heads, dim_head) in memory)  = 0
+    #   attn.to_out.0 (+ Dropout(eval) = identity): addmm 1                          = 1
+    #   gated_mlp_input (fused gated_adaln):    1                                   = 1
+    #   mlp.after_norm: Linear, GELU, Linear:   addmm 1, gelu 1, addmm 1            = 3
+    #   gated (fused gated_residual):           1                                   = 1
+    # total                                                                           11
+    block = ConditionalBlock(192, 16, 64, 2048).eval()
+    tally = _count(block, (2, 3, 192), (2, 3, 192))
+    assert tally.launches == 11, tally.by_op()
+    assert tally.by_op()["aten::_scaled_dot_product_efficient_attention"] == 1
+
+
+def test_lone_linear_bytes_are_input_output_weight():
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = nn.Linear(192, 2048, bias=False, dtype=dtype)
+        tally = _count(layer, (37, 192), dtype=dtype)
+        size = torch.empty((), dtype=dtype).element_size()
+        assert tally.launches == 1
+        assert tally.bytes == (37 * 192 + 37 * 2048 + 2048 * 192) * size
+        assert tally.flops == 2 * 37 * 192 * 2048
+
+
+def _linear_flops(rows: int, *dims: int) -> int:
+    """2 rows d_in d_out for a chain of Linear layers dims[0] -> dims[1] -> ..."""
+    return sum(2 * rows * a * b for a, b in zip(dims, dims[1:]))
+
+
+def test_plan_flops_match_the_analytic_count():
+    config = LeWMConfig.preset("paper")
+    envs, samples, horizon, steps = 1, 300, 5, 30
+    n = envs * samples
+    d, mlp, heads, dim_head, depth = 192, 2048, 16, 64, 6
+    inner = heads * dim_head
+    # Encoder, once per plan, start + goal frames: patch conv + 12 ViT layers + projector.
+    frames, tokens, patches = 2 * envs, 257, 256
+    vit = 12 * (
+        _linear_flops(frames * tokens, 192, 192) * 4  # q, k, v, o
+        + 2 * 2 * frames * 3 * tokens * tokens * 64  # q k^T and attn v, 3 heads of 64
+        + _linear_flops(frames * tokens, 192, 768, 192)  # MLP
+    )
+    encoder = 2 * frames * patches * (3 * 14 * 14) * 192 + vit + _linear_flops(frames, 192, 2048, 192)
+    # Per iteration: action encoder (Conv1d k=1 10->10, Linear 10->768->192) on N x 5 actions,
+    # every block's adaLN Linear(192, 6*192) on N x 5, then the rollout. One context frame,
+    # window 3: steps 0-2 grow the cached window from position 0 (1 new token each, 1-3 keys),
+    # steps 3 and 4 run shifted windows of 3 fresh tokens.
+    act = _linear_flops(n * horizon, 10, 10, 768, 192) + depth * _linear_flops(n * horizon, 192, 6 * 192)
+    rollout = 0
+    for new, keys in ((1, 1), (1, 2), (1, 3), (3, 3), (3, 3)):
+        for layer in range(depth):
+            last = layer == depth - 1
+            q_rows = 1 if last else new  # the last block's attention output and MLP: last token only
+            rollout += _linear_flops(n * new, d, 3 * inner)  # to_qkv on the new tokens
+            rollout += 2 * 2 * n * heads * q_rows * keys * dim_head  # attention
+            rollout += _linear_flops(n * q_rows, inner, d) + _linear_flops(n * q_rows, d, mlp, d)
+        rollout += _linear_flops(n, d, 2048, d)  # pred_proj on the last position
+    analytic = encoder + steps * (act + rollout)
+    model = perf_model.build_model("paper")
+    counted = perf_model.plan_counts(model, envs, None)["per_plan"]["flops"]
+    assert config.encoder.image_size == 224
+    assert abs(counted - analytic) / analytic < 0.05, (counted, analytic)
+
+
+def test_model_json_has_the_required_keys(tmp_path, monkeypatch):
+    # Plans only at the paper size (the training counts take longer; their keys are
+    # checked on a tiny model through the same run_model path).
+    result = perf_model.run_model("paper", train=False)
+    tiny = perf_model.run_model("tiny", envs=(1,), train=True)
+    result["train_step"] = tiny["train_step"]
+    json_path, md_path = perf_model.write(result, tmp_path)
+    data = json.loads(json_path.read_text())
+    for key in ("plan_1env", "plan_50env"):
+        assert data[key]["launches_per_iter"] > 0
+    assert data["plan_1env"]["flops"] > 0 and data["plan_1env"]["bytes"] > 0
+    for key in ("launches", "flops", "bytes"):
+        assert data["train_step"][key] > 0
+    for name in ("H200", "RTX 4090", "RTX 3060 Ti"):
+        proj = data["plan_1env"]["bf16"]["projection_per_plan"][name]
+        assert 0 < proj["work_ms"] < proj["graph_ms"] < proj["eager_ms"]
+        assert all(data["devices"][name]["sources"].values())
+    assert data["plan_50env"]["fp32"]["per_iter"]["flops"] > data["plan_1env"]["fp32"]["per_iter"]["flops"]
+    assert "not measured" in md_path.read_text().lower()
