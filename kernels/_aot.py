@@ -169,14 +169,19 @@ def _probe(capability: int) -> str | None:
     return None
 
 
-def build(capability: int) -> list[dict[str, Any]]:
-    """Compile every case for sm_<capability>: one row per (case, kernel) or per failing case."""
+def build(capability: int, patterns: tuple[str, ...] = ("*",)) -> list[dict[str, Any]]:
+    """Compile every case whose name matches one of ``patterns`` (fnmatch) for
+    sm_<capability>: one row per (case, kernel) or per failing case."""
+    import fnmatch
+
     import torch
 
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
     usage: dict[str, dict[str, int]] = {}  # by kernel hash: each distinct kernel is read once
     for name, call in cases():
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
         with compile_only(capability) as launches:
             try:
                 call()
@@ -191,14 +196,15 @@ def build(capability: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _build_rows(capability: int) -> list[dict[str, Any]]:
+def _build_rows(job: tuple[int, tuple[str, ...]]) -> list[dict[str, Any]]:
+    capability, patterns = job
     reason = _probe(capability)
     if reason:
         return [{"unsupported": reason}]
-    return build(capability)
+    return build(capability, patterns)
 
 
-def build_all(archs=ARCHS, workers: int | None = None) -> list[dict[str, Any]]:
+def build_all(archs=ARCHS, workers: int | None = None, patterns=("*",)) -> list[dict[str, Any]]:
     """:func:`build` for every target, one process per target (at most ``workers`` at once)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -210,7 +216,8 @@ def build_all(archs=ARCHS, workers: int | None = None) -> list[dict[str, Any]]:
         return [{"unsupported": reason}]
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=context) as pool:
-        return [row for rows in pool.map(_build_rows, archs) for row in rows]
+        jobs = [(arch, tuple(patterns)) for arch in archs]
+        return [row for rows in pool.map(_build_rows, jobs) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,8 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         "--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (default: 80 86 89 90)"
     )
     parser.add_argument("--workers", type=int, default=None, help="build processes (default: CPU count)")
+    parser.add_argument(
+        "--case", nargs="+", default=["*"], metavar="PATTERN", help="only cases matching these fnmatch patterns"
+    )
     args = parser.parse_args(argv)
-    for row in build_all(tuple(args.arch), args.workers):
+    for row in build_all(tuple(args.arch), args.workers, args.case):
         print(json.dumps(row), flush=True)
 
 

@@ -73,7 +73,7 @@ def _modulate_norm_rows(
     tl.store(STATS + rows64 * 4 + 3, rstd2, mask=mask_r)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _adaln_fwd_kernel(
     X,
     SHIFT,
@@ -106,7 +106,7 @@ def _adaln_fwd_kernel(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _adaln_bwd_kernel(
     DY,
     X,
@@ -177,7 +177,7 @@ def _adaln_bwd_kernel(
     tl.store(DB_PART + pid * D + cols, db, mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _gated_residual_fwd_kernel(
     X, GATE, Y, OUT, N, D, stride_x, stride_gate, stride_y, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
 ):
@@ -191,7 +191,7 @@ def _gated_residual_fwd_kernel(
     tl.store(OUT + rows64[:, None] * D + cols[None, :], (x + g * y).to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _gated_adaln_fwd_kernel(
     X,
     GATE,
@@ -235,7 +235,7 @@ def _gated_adaln_fwd_kernel(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _gated_residual_bwd_kernel(
     DOUT,
     GATE,

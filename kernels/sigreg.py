@@ -108,7 +108,7 @@ def _project_tile(
     return x
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B", "P"])
 def _sigreg_fwd_kernel(
     Z,
     A,
@@ -179,7 +179,7 @@ def _sigreg_fwd_kernel(
     tl.store(SUMS + offs, acc_c, mask=mask)
     tl.store(SUMS + T * K * P + offs, acc_s, mask=mask)
     if COMPUTE_STAT:
-        n = B.to(tl.float32)
+        n = B * 1.0  # float32; no method call: an integer argument may be a constant
         phi = tl.load(PHI + kk, mask=kk < K, other=0.0)
         w = tl.load(W + kk, mask=kk < K, other=0.0)
         err = (acc_c / n - phi[:, None]) * (acc_c / n - phi[:, None]) + (acc_s / n) * (acc_s / n)
@@ -187,7 +187,7 @@ def _sigreg_fwd_kernel(
         tl.store(PARTIAL + t * tl.num_programs(1) + pid_p, tl.sum(tl.sum(err, axis=1), axis=0) * n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "B", "P"])
 def _sigreg_bwd_kernel(
     GRAD,
     Z,
