@@ -84,23 +84,26 @@ def test_benchmarks_run_on_cpu(tmp_path):
     assert all(r["median_ms"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
-def test_bench_plan_runs_reference_and_fast(monkeypatch, quick):
+def test_bench_plan_runs_reference_and_fast(monkeypatch):
     """bench_plan on a tiny setting: reference and fast rows for each case, with speed-ups;
-    the sweep only without --quick."""
+    no sweep with --quick, and the sweep's rows when asked for."""
     from lewm_fast.bench import bench_plan
 
     tiny = {"horizon": 3, "num_samples": 8, "n_steps": 2, "topk": 2}
-    monkeypatch.setattr(bench_plan, "QUICK_CPU" if quick else "PUBLISHED", tiny)
+    monkeypatch.setattr(bench_plan, "QUICK_CPU", tiny)
     monkeypatch.setattr(bench_plan, "ENV_CASES", (1, 3))
     monkeypatch.setitem(bench_plan.SWEEPS, False, ((8,), (2,)))
     report = harness.Report("cpu")
-    bench_plan.run(report, quick=quick)
+    bench_plan.run(report, quick=True)
     rows = {(r.case, r.impl): r for r in report.rows}
     assert rows[("1 env, S=8, 2 it", "reference")].median_ms > 0
     assert rows[("1 env, S=8, 2 it", "fast-fp32")].speedup is not None
     assert ("3 envs, S=8, 2 it", "fast-fp32") in rows
-    assert (("sweep: 2 envs x S=8", "fast-fp32") in rows) is not quick
+    assert not any(case.startswith("sweep") for case, _ in rows)
+    fast_model, _, config = bench_plan._models(torch.device("cpu"))
+    size, width = config.encoder.image_size, config.action_encoder.input_dim
+    bench_plan._sweep(report, fast_model, width, size, tiny, ("fast-fp32", None), {"warmup": 0, "reps": 1})
+    assert report.rows[-1].case == "sweep: 2 envs x S=8" and report.rows[-1].impl == "fast-fp32"
     assert all(r.metrics["plans/s"] > 0 for r in report.rows)
 
 
