@@ -35,7 +35,13 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--only", nargs="+", choices=names, metavar="NAME", help=f"subset of {names}")
-    parser.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="headline cases only, fewer repetitions: no sweeps (plan: 1 env and 50 envs; "
+        "sigreg: the training size; train: batch 128 without the torch.compile variant); "
+        "smaller settings on a CPU",
+    )
     parser.add_argument(
         "--out",
         default=None,

@@ -67,6 +67,7 @@ def run(report: Report, quick: bool = False) -> None:
             # bytes a fused pass must move: x, shift, scale in and y out (+ per-row stats)
             norm_bytes = elem * (2 * x.element_size() + 2 * mod.element_size()) + seqs * 3 * 16
             gated_bytes = elem * (2 * x.element_size() + 2 * mod.element_size())
+            leaves = (x, mod, w, b, branch)  # their .grad is cleared before each timed backward
             for impl, (norm, gated, gated_norm) in impls.items():
                 shift, scale, gate = mod[..., :D], mod[..., D : 2 * D], mod[..., 2 * D : 3 * D]
                 _measure(
@@ -76,9 +77,16 @@ def run(report: Report, quick: bool = False) -> None:
                     impl,
                     partial(norm, x, shift, scale, w, b),
                     norm_bytes,
+                    leaves,
                 )
                 _measure(
-                    report, "adaln_gated_residual", case, impl, partial(gated, x, gate, branch), gated_bytes
+                    report,
+                    "adaln_gated_residual",
+                    case,
+                    impl,
+                    partial(gated, x, gate, branch),
+                    gated_bytes,
+                    leaves,
                 )
                 _measure(
                     report,
@@ -87,10 +95,11 @@ def run(report: Report, quick: bool = False) -> None:
                     impl,
                     partial(gated_norm, x, gate, branch, shift, scale, w, b),
                     gated_bytes + norm_bytes - elem * x.element_size(),  # out is not read back
+                    leaves,
                 )
 
 
-def _measure(report: Report, bench: str, case: str, impl: str, forward, nbytes: int) -> None:
+def _measure(report: Report, bench: str, case: str, impl: str, forward, nbytes: int, leaves) -> None:
     device = report.device
 
     def outputs():
@@ -104,8 +113,8 @@ def _measure(report: Report, bench: str, case: str, impl: str, forward, nbytes: 
         backward(outputs())
 
     t_fwd = time_fn(lambda: [o.detach() for o in outputs()], device)
-    t_bwd = time_fn(backward, device, setup=outputs)
-    t_full = time_fn(both, device)
+    t_bwd = time_fn(backward, device, setup=outputs, grad_to_none=leaves)
+    t_full = time_fn(both, device, grad_to_none=leaves)
     mem = peak_extra_memory(both, device)
     for phase, timing in (("fwd", t_fwd), ("bwd", t_bwd), ("fwd+bwd", t_full)):
         extra = {"GB/s": nbytes / (timing.median_ms * 1e6)} if phase == "fwd" else {}

@@ -70,7 +70,7 @@ def _timing(values_ms: list[float]) -> Timing:
         hi = min(lo + 1, len(ordered) - 1)
         return ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
 
-    return Timing(quantile(0.5), quantile(0.2), quantile(0.8), len(ordered))
+    return Timing(quantile(0.5), quantile(0.2), quantile(0.8), len(ordered), wall_ms=quantile(0.5))
 
 
 def _timed(fn, device: torch.device):
@@ -118,7 +118,7 @@ def run(report: Report, quick: bool) -> None:
         ref, ms = _timed(
             lambda: evaluate(ref_model, data, episodes=episodes, solver=published, progress=False), device
         )
-        add("reference", "eval", Timing(ms, ms, ms, 1), ref)
+        add("reference", "eval", Timing(ms, ms, ms, 1, wall_ms=ms), ref)
         add("reference", "plan", _timing(ref["plan_latency_ms"]["per_plan"]), ref)
 
         precisions = [("fast-fp32", None)] + ([("fast-bf16", torch.bfloat16)] if cuda else [])
@@ -135,7 +135,7 @@ def run(report: Report, quick: bool) -> None:
 
             (solver, result), ms = _timed(cold, device)
             impl = name + ("-graph" if solver.cuda_graph else "")
-            add(f"{impl} cold", "eval", Timing(ms, ms, ms, 1), result)
+            add(f"{impl} cold", "eval", Timing(ms, ms, ms, 1, wall_ms=ms), result)
 
             eval_ms, plan_ms = [], []
             for _ in range(reps):

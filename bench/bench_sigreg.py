@@ -57,8 +57,8 @@ def _measure(report, case, impl, fn, z, A, evaluations) -> None:
         fn(z, A).backward()
 
     fwd = time_fn(lambda: forward().detach(), device)
-    bwd = time_fn(lambda value: value.backward(), device, setup=forward)
-    full = time_fn(both, device)
+    bwd = time_fn(lambda value: value.backward(), device, setup=forward, grad_to_none=[z])
+    full = time_fn(both, device, grad_to_none=[z])
     z.grad = None
     mem = peak_extra_memory(both, device)
     z.grad = None

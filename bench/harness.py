@@ -2,8 +2,10 @@
 
 Every benchmark module ``bench_<op>.py`` defines ``run(report: Report, quick: bool)`` and
 records the reference and the fast path measured in the same process on the same
-device. Timing uses CUDA events on a GPU (``time.perf_counter`` on CPU), excludes
-warm-up and reports the median with 20/80 % quantiles. Results are JSON rows plus the
+device. Timing (:func:`time_fn`) excludes warm-up and reports the median with 20/80 %
+quantiles of the device time per call on a GPU (``triton.testing.do_bench``: CUDA events,
+L2 flushed before each call) and, separately, the wall time per call with the device
+synchronised (``time.perf_counter``; the only clock on a CPU). Results are JSON rows plus the
 environment (device through NVML, driver, clocks, torch/triton versions, git commit);
 ``Report.markdown()`` renders the table the README quotes.
 """
@@ -17,7 +19,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,22 @@ import torch
 
 @dataclass(frozen=True)
 class Timing:
-    """Milliseconds per call: median and 20/80 % quantiles over ``reps`` timed calls."""
+    """Milliseconds per call.
+
+    ``median_ms``, ``p20_ms``, ``p80_ms``: quantiles over ``reps`` timed calls of the clock
+    ``clock`` names: ``"device"`` (CUDA events around each call, the L2 cache flushed
+    before it, calls queued back to back) or ``"wall"`` (``time.perf_counter``; the CPU).
+    ``wall_ms``: the median wall time of one call with the device synchronised before and
+    after it (launches, device work and the final synchronisation). On CUDA it exceeds the
+    device time when the host's launches, not the GPU, set the pace.
+    """
 
     median_ms: float
     p20_ms: float
     p80_ms: float
     reps: int
+    wall_ms: float | None = None
+    clock: str = "wall"
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -49,6 +61,95 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# triton.testing.do_bench calls fn once, 5 times to estimate its time, once to warm up
+# (warmup=0 rounds up to one call in every Triton release), then the timed calls.
+_DO_BENCH_UNTIMED_CALLS = 7
+_L2_FLUSH_BYTES = 256 * 2**20  # what do_bench zeroes between calls; above any GPU's L2
+
+
+def _clear_grads(tensors) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def _wall_times(call, device, grad_to_none, reps: int, max_seconds: float) -> list[float]:
+    """Wall ms of up to ``reps`` calls, the device synchronised around each; >= 3 calls."""
+    times: list[float] = []
+    spent = 0.0
+    for _ in range(reps):
+        arg = call.setup() if call.setup is not None else None
+        _clear_grads(grad_to_none)
+        synchronize(device)
+        t0 = time.perf_counter()
+        call.run(arg)
+        synchronize(device)
+        ms = (time.perf_counter() - t0) * 1e3
+        times.append(ms)
+        spent += ms / 1e3
+        if spent > max_seconds and len(times) >= 3:
+            break
+    return times
+
+
+def _do_bench_times(fn, grad_to_none, reps: int, wall_ms: float) -> tuple[list[float], int]:
+    """(p50, p20, p80) device ms of ``fn`` from ``triton.testing.do_bench``, and its timed calls.
+
+    Keywords used (``warmup``, ``rep``, ``grad_to_none``, ``quantiles``) mean the same from
+    Triton 2.1 to 3.9; ``return_mode`` and ``fast_flush`` changed and are not passed. With
+    several quantiles every release returns a list.
+    """
+    from triton.testing import do_bench
+
+    calls = 0
+
+    def counted():
+        nonlocal calls
+        calls += 1
+        fn()
+
+    # rep is the timed duration in ms: about ``reps`` calls at the wall time per call (more
+    # when the device time, which do_bench estimates, is below it).
+    quantiles = do_bench(
+        counted,
+        warmup=0,
+        rep=max(reps * wall_ms, 1e-3),
+        grad_to_none=list(grad_to_none) or None,
+        quantiles=[0.5, 0.2, 0.8],
+    )
+    return [float(q) for q in quantiles], max(1, calls - _DO_BENCH_UNTIMED_CALLS)
+
+
+def _event_times(call, device, grad_to_none, reps, max_seconds, flush_l2) -> list[float]:
+    """Device ms of up to ``reps`` calls between CUDA events, queued back to back as do_bench
+    does (``setup`` runs outside the events); the L2 cache zeroed before each when asked."""
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device) if flush_l2 else None
+    events = []
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        arg = call.setup() if call.setup is not None else None
+        _clear_grads(grad_to_none)
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call.run(arg)
+        end.record()
+        events.append((start, end))
+        if time.perf_counter() - t0 > max_seconds and len(events) >= 3:
+            break
+    synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[..., Any]
+    setup: Callable[[], Any] | None
+
+    def run(self, arg: Any) -> Any:
+        return self.fn(arg) if self.setup is not None else self.fn()
+
+
 def time_fn(
     fn: Callable[..., Any],
     device: torch.device,
@@ -57,37 +158,47 @@ def time_fn(
     warmup: int = 5,
     reps: int = 30,
     max_seconds: float = 20.0,
+    grad_to_none: Sequence[torch.Tensor] = (),
+    flush_l2: bool = True,
 ) -> Timing:
     """Time ``fn(setup())`` (or ``fn()``); ``setup`` runs before each call and is not timed.
 
-    Stops early (keeping at least 3 timed calls) once ``max_seconds`` of timed work has
-    accumulated, so slow reference paths do not stall a whole benchmark run.
+    After ``warmup`` calls: ``reps`` calls with the device synchronised around each give
+    the wall time per call. On CUDA a second set of calls gives the device time per call:
+    ``triton.testing.do_bench`` (CUDA events, L2 flushed, quantiles) when there is no
+    ``setup``, ``flush_l2`` holds and its extra untimed calls fit in ``max_seconds``; else
+    the same method in a loop here (CUDA events, calls back to back, L2 flushed unless
+    ``flush_l2`` is False). ``grad_to_none`` tensors get ``.grad = None`` before each call, so a
+    timed backward does not also time the accumulation into an old gradient.
+
+    Each set stops early (keeping at least 3 timed calls) once ``max_seconds`` of timed work
+    has accumulated, so slow reference paths do not stall a whole benchmark run.
     """
-    call = (lambda: fn(setup())) if setup is not None else fn
+    call = _Call(fn, setup)
     for _ in range(warmup):
-        call()
+        _clear_grads(grad_to_none)
+        call.run(call.setup() if setup is not None else None)
     synchronize(device)
-    times: list[float] = []
-    spent = 0.0
-    for _ in range(reps):
-        arg = setup() if setup is not None else None
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(arg) if setup is not None else fn()
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn(arg) if setup is not None else fn()
-            ms = (time.perf_counter() - t0) * 1e3
-        times.append(ms)
-        spent += ms / 1e3
-        if spent > max_seconds and len(times) >= 3:
-            break
-    times.sort()
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+    wall = sorted(_wall_times(call, device, grad_to_none, reps, max_seconds))
+    wall_ms = statistics.median(wall)
+    if device.type != "cuda":
+        return Timing(wall_ms, _quantile(wall, 0.2), _quantile(wall, 0.8), len(wall), wall_ms, "wall")
+    fits = (_DO_BENCH_UNTIMED_CALLS + reps) * wall_ms <= max_seconds * 1e3
+    if setup is None and flush_l2 and fits and _has_do_bench():
+        (median, p20, p80), count = _do_bench_times(fn, grad_to_none, reps, wall_ms)
+        return Timing(median, p20, p80, count, wall_ms, "device")
+    times = sorted(_event_times(call, device, grad_to_none, reps, max_seconds, flush_l2))
+    return Timing(
+        statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times), wall_ms, "device"
+    )
+
+
+def _has_do_bench() -> bool:
+    try:
+        from triton.testing import do_bench  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -272,13 +383,15 @@ class Row:
     case: str
     impl: str  # "reference" or the fast path's name
     phase: str  # "fwd", "bwd", "fwd+bwd", "plan", "step", ...
-    median_ms: float
+    median_ms: float  # with p20_ms, p80_ms: the time Timing.clock names (device on CUDA)
     p20_ms: float
     p80_ms: float
     reps: int
     peak_extra_bytes: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # physical units: "TFLOP/s", "GB/s", ...
     speedup: float | None = None  # reference median / this median, same bench/case/phase
+    wall_ms: float | None = None  # median wall time per call, device synchronised (Timing.wall_ms)
+    clock: str = "wall"  # "device" or "wall": what median_ms measures
 
 
 class Report:
@@ -311,6 +424,8 @@ class Report:
             timing.reps,
             peak_extra_bytes,
             dict(metrics),
+            wall_ms=timing.wall_ms,
+            clock=timing.clock,
         )
         self.rows.append(row)
         self._link()
@@ -370,17 +485,28 @@ class Report:
                 "Failed: " + "; ".join(f"{name} ({why})" for name, why in env["failed"].items()),
                 "",
             ]
+        device_rows = any(r.clock == "device" for r in self.rows)
         lines += [
-            "| bench | case | phase | impl | median ms (p20-p80) | peak extra MiB | speed-up | units |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            (
+                "ms (p20-p80): device time per call (CUDA events, L2 flushed before each call), "
+                "marked `wall` on rows timed by the wall clock; "
+                if device_rows
+                else "ms (p20-p80): wall time per call; "
+            )
+            + "wall ms: median wall time per call, the device synchronised around it.",
+            "",
+            "| bench | case | phase | impl | ms (p20-p80) | wall ms | peak extra MiB | speed-up | units |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in self.rows:
             mem = "-" if r.peak_extra_bytes is None else f"{r.peak_extra_bytes / 2**20:.1f}"
             speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
             units = ", ".join(f"{v:.3g} {k}" for k, v in r.metrics.items()) or "-"
+            wall = "-" if r.wall_ms is None else f"{r.wall_ms:.3f}"
+            mark = " `wall`" if device_rows and r.clock == "wall" else ""
             lines.append(
                 f"| {r.bench} | {r.case} | {r.phase} | {r.impl} | {r.median_ms:.3f} "
-                f"({r.p20_ms:.3f}-{r.p80_ms:.3f}) | {mem} | {speed} | {units} |"
+                f"({r.p20_ms:.3f}-{r.p80_ms:.3f}){mark} | {wall} | {mem} | {speed} | {units} |"
             )
         if self.projection is not None:
             from .projection import projection_markdown

@@ -15,7 +15,7 @@ def test_bench_train_quick_on_cpu():
         assert row.metrics["samples/s"] > 0 and row.metrics["TFLOP/s"] > 0
         assert (row.speedup is None) == (impl == "reference")
     assert rows[("tiny-B8-fp32", "fast-8GiB-whole")].metrics["grad_rel_err"] == 0.0
-    assert ("tiny-B4-fp32", "fast-whole") in rows
+    assert {case for case, _ in rows} == {"tiny-B8-fp32"}  # --quick: no batch sweep
 
 
 def test_step_flops_match_the_issue_estimate():
