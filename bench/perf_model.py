@@ -723,8 +723,13 @@ def project(kernels: list[Kernel], launches: int) -> dict[str, dict[str, float]]
 # ------------------------------------------------------------------------------- report
 
 
-def run_model(preset: str = "paper", envs=(1, 50), train: bool = True) -> dict:
-    """Every count and projection of the module docstring as one JSON-ready dict."""
+def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None) -> dict:
+    """Every count and projection of the module docstring as one JSON-ready dict.
+
+    ``envs``: the plan workloads (one per number of envs); ``memory_plans``: the training
+    steps' memory plans (None: every plan of ``lewm_fast.train.step.PLANS``; ``()``: none).
+    ``train_step``'s headline counts are ``whole`` in bf16 (the first plan given otherwise).
+    """
     model = build_model(preset)
     out: dict[str, Any] = {
         "what": "PROJECTION from a performance model (bench/perf_model.py), not a measurement",
@@ -750,19 +755,18 @@ def run_model(preset: str = "paper", envs=(1, 50), train: bool = True) -> dict:
             bytes=fp32["per_plan"]["bytes"],
         )
         out[key] = entry
-    if train:
-        from lewm_fast.train.step import PLANS
-
+    if memory_plans is None:
+        from lewm_fast.train.step import PLANS as memory_plans
+    if memory_plans:
         entry = {}
-        for plan in PLANS:
+        for plan in memory_plans:
             for precision, dtype in PRECISIONS.items():
                 counts = train_counts(model, plan, dtype)
                 kernels = counts.pop("_kernels")
                 counts["projection"] = project(kernels, counts["launches"])
                 entry[f"{plan}_{precision}"] = counts
-        entry.update(
-            {k: entry["whole_bf16"][k] for k in ("launches", "flops", "bytes")}, headline="whole_bf16"
-        )
+        headline = "whole_bf16" if "whole" in memory_plans else f"{memory_plans[0]}_bf16"
+        entry.update({k: entry[headline][k] for k in ("launches", "flops", "bytes")}, headline=headline)
         out["train_step"] = entry
     return out
 
