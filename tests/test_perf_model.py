@@ -124,3 +124,45 @@ def test_model_json_has_the_required_keys(tiny_result, tmp_path):
         assert all(data["devices"][name]["sources"].values())
     assert data["plan_50env"]["fp32"]["per_iter"]["flops"] > data["plan_1env"]["fp32"]["per_iter"]["flops"]
     assert "not measured" in md_path.read_text().lower()
+
+
+def test_readme_projections_sit_next_to_measured_rows(tiny_result, tmp_path):
+    # TEST DATA: a fabricated measured result file for an H200 (the numbers are made up),
+    # joined to the tiny model's projections by the NVML device name.
+    from lewm_fast.bench import readme
+
+    model_json, _ = perf_model.write(tiny_result, tmp_path / "model")
+    results = tmp_path / "results"
+    results.mkdir()
+    env = {"device_name": "NVIDIA H200", "date": "2026-03-01T00:00:00", "torch": "test", "git_commit": "test"}
+    rows = [
+        {"bench": "plan", "case": "1 env, S=300, 30 it", "impl": "fast-bf16-graph", "phase": "plan"},
+        {"bench": "plan", "case": "1 env, S=300, 30 it", "impl": "fast-bf16", "phase": "plan"},
+        {"bench": "train", "case": "tiny-B128-bf16", "impl": "fast-whole", "phase": "step"},
+    ]
+    for row, ms in zip(rows, (20.0, 70.0, 55.0)):
+        row["median_ms"] = ms
+    (results / "nvidia-h200-test.json").write_text(json.dumps({"env": env, "rows": rows}))
+    path = tmp_path / "README.md"
+    path.write_text(f"# t\n{readme.BEGIN}\n{readme.END}\n{readme.MODEL_BEGIN}\n{readme.MODEL_END}\ntail\n")
+    assert readme.update_readme(path, results, tracked_only=False, model_json=model_json) is True
+    text = path.read_text()
+    bench = text[text.index(readme.BEGIN) : text.index(readme.END)]
+    section = text[text.index(readme.MODEL_BEGIN) : text.index(readme.MODEL_END)]
+    assert "projected (model)" not in bench  # the measured table stays measured-only
+    assert "| workload | precision | device | projected (model) | measured |" in section
+    proj = tiny_result["plan_1env"]["bf16"]["projection_per_plan"]["H200"]
+    graph, eager = (perf_model.format_ms(proj[k]) for k in ("graph_ms", "eager_ms"))
+    label = "plan, 1 env (300 x 30 CEM)"
+    assert f"| {label} | bf16 | H200 | {graph} / {eager} | 20 ms (fast-bf16-graph, 2026-03-01) |" in section
+    assert f"| {label} | bf16 | RTX 4090 | " in section
+    for line in section.splitlines():
+        if line.startswith((f"| {label} | fp32 | H200 |", f"| {label} | bf16 | RTX 4090 |")):
+            assert line.endswith("| not yet measured |"), line
+    train = perf_model.format_ms(tiny_result["train_step"]["whole_bf16"]["projection"]["H200"]["eager_ms"])
+    assert (
+        f"| training step, batch 128, whole | bf16 | H200 | {train} | 55 ms (fast-whole, 2026-03-01) |"
+        in (section)
+    )
+    assert text.endswith(f"{readme.MODEL_END}\ntail\n")
+    assert readme.update_readme(path, results, tracked_only=False, model_json=model_json) is False
