@@ -4,8 +4,9 @@ Every ``bench_<name>.py`` module in this package is run in one process on one de
 after measuring the device's peak matmul rate and copy bandwidth; results go to
 ``<out>/<device>-<date>.json`` and ``.md``, with a projection of the paper-recipe
 pipeline's wall-clock from the rows measured (see ``projection.py``).
-``--update-readme`` runs nothing and regenerates README.md's results section from the
-committed results instead (see ``readme.py``).
+``--update-readme`` runs nothing and regenerates README.md's results section and its
+performance-model projections from the committed results and ``bench/model/model.json``
+instead (see ``readme.py``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
         "--results", default=None, help="folder of result JSON files (default: the --out folder)"
     )
     readme.add_argument(
+        "--model-json",
+        default="bench/model/model.json",
+        help="the performance model's output for the projections table (default: bench/model/model.json)",
+    )
+    readme.add_argument(
         "--include-uncommitted", action="store_true", help="also use result files git does not track"
     )
     return parser
@@ -82,7 +88,9 @@ def _update_readme(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--readme {readme} does not exist")
     results = Path(args.results or args.out)
     try:
-        changed = update_readme(readme, results, tracked_only=not args.include_uncommitted)
+        changed = update_readme(
+            readme, results, tracked_only=not args.include_uncommitted, model_json=args.model_json
+        )
     except ValueError as exc:
         parser.error(str(exc))
     print(f"[bench] {readme} {'updated' if changed else 'already up to date'} from {results}")

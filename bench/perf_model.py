@@ -117,6 +117,7 @@ __all__ = [
     "build_model",
     "project",
     "model_markdown",
+    "workloads",
     "run_model",
     "write",
 ]
@@ -652,9 +653,11 @@ def train_counts(
 # ---------------------------------------------------------------------------- projection
 
 # Device peaks. "datasheet" figures are NVIDIA's dense (no sparsity) peaks; "measured"
-# ones were taken on such a machine by bench.harness.measure_peaks.
+# ones were taken on such a machine by bench.harness.measure_peaks. ``nvml_name`` is the
+# device name NVML reports, which joins measured bench/results to these projections.
 DEVICES = {
     "H200": {
+        "nvml_name": "NVIDIA H200",
         "bf16_tflops": 790.0,
         "fp32_tflops": 67.0,
         "bandwidth_gbps": 4300.0,
@@ -666,17 +669,25 @@ DEVICES = {
         },
     },
     "RTX 4090": {
+        "nvml_name": "NVIDIA GeForce RTX 4090",
         "bf16_tflops": 165.2,
         "fp32_tflops": 82.6,
         "bandwidth_gbps": 1008.0,
         "sources": {
-            "bf16_tflops": "datasheet: NVIDIA Ada Lovelace architecture whitepaper, peak BF16 tensor "
-            "TFLOPS with FP32 accumulate, dense (330.4 with sparsity)",
-            "fp32_tflops": "datasheet: Ada whitepaper, peak FP32 TFLOPS (non-tensor)",
-            "bandwidth_gbps": "datasheet: 21 Gbps GDDR6X on 384 bits = 1,008 GB/s (Ada whitepaper)",
+            "bf16_tflops": "NVIDIA Ada GPU architecture whitepaper (V2.01), GeForce RTX 4090 table: peak "
+            "BF16 "
+            "tensor TFLOPS with FP32 accumulate, dense (330.4 with sparsity); the table text was not "
+            "retrievable when checked (issue 11); third-party cross-check: 147.09 listed for the "
+            "114-SM RTX 4090 D scales to 165.2 at 128 SMs",
+            "fp32_tflops": "NVIDIA Ada whitepaper, peak FP32 TFLOPS (non-tensor), not retrieved when "
+            "checked; "
+            "third-party listings (TechPowerUp-derived) agree: 16,384 cores x 2 x 2,520 MHz = 82.58",
+            "bandwidth_gbps": "21 Gbps GDDR6X on 384 bits = 1,008 GB/s (Ada whitepaper, not retrieved when "
+            "checked; third-party listings agree: 1,008 GB/s)",
         },
     },
     "RTX 3060 Ti": {
+        "nvml_name": "NVIDIA GeForce RTX 3060 Ti",
         "bf16_tflops": 32.4,
         "fp32_tflops": 16.2,
         "bandwidth_gbps": 448.0,
@@ -684,8 +695,10 @@ DEVICES = {
             "bf16_tflops": "derived: the GA10x SM's dense FP16/BF16 tensor rate with FP32 accumulate "
             "(NVIDIA Ampere GA102 whitepaper: RTX 3070, 46 SMs at 1,725 MHz = 40.6 TFLOPS) at 38 SMs "
             "and 1,665 MHz boost",
-            "fp32_tflops": "datasheet: 4,864 CUDA cores x 2 x 1,665 MHz boost",
-            "bandwidth_gbps": "datasheet: 14 Gbps GDDR6 on 256 bits = 448 GB/s",
+            "fp32_tflops": "derived: 4,864 CUDA cores x 2 x 1,665 MHz boost (NVIDIA product page figures; "
+            "no primary TFLOPS figure retrieved when checked)",
+            "bandwidth_gbps": "derived: 14 Gbps GDDR6 on 256 bits = 448 GB/s (no primary page retrieved "
+            "when checked)",
         },
     },
 }
@@ -723,8 +736,13 @@ def project(kernels: list[Kernel], launches: int) -> dict[str, dict[str, float]]
 # ------------------------------------------------------------------------------- report
 
 
-def run_model(preset: str = "paper", envs=(1, 50), train: bool = True) -> dict:
-    """Every count and projection of the module docstring as one JSON-ready dict."""
+def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None) -> dict:
+    """Every count and projection of the module docstring as one JSON-ready dict.
+
+    ``envs``: the plan workloads (one per number of envs); ``memory_plans``: the training
+    steps' memory plans (None: every plan of ``lewm_fast.train.step.PLANS``; ``()``: none).
+    ``train_step``'s headline counts are ``whole`` in bf16 (the first plan given otherwise).
+    """
     model = build_model(preset)
     out: dict[str, Any] = {
         "what": "PROJECTION from a performance model (bench/perf_model.py), not a measurement",
@@ -750,31 +768,68 @@ def run_model(preset: str = "paper", envs=(1, 50), train: bool = True) -> dict:
             bytes=fp32["per_plan"]["bytes"],
         )
         out[key] = entry
-    if train:
-        from lewm_fast.train.step import PLANS
-
+    if memory_plans is None:
+        from lewm_fast.train.step import PLANS as memory_plans
+    if memory_plans:
         entry = {}
-        for plan in PLANS:
+        for plan in memory_plans:
             for precision, dtype in PRECISIONS.items():
                 counts = train_counts(model, plan, dtype)
                 kernels = counts.pop("_kernels")
                 counts["projection"] = project(kernels, counts["launches"])
                 entry[f"{plan}_{precision}"] = counts
-        entry.update(
-            {k: entry["whole_bf16"][k] for k in ("launches", "flops", "bytes")}, headline="whole_bf16"
-        )
+        headline = "whole_bf16" if "whole" in memory_plans else f"{memory_plans[0]}_bf16"
+        entry.update({k: entry[headline][k] for k in ("launches", "flops", "bytes")}, headline=headline)
         out["train_step"] = entry
     return out
 
 
-def _num(x: float) -> str:
+def workloads(result: dict) -> list[dict[str, Any]]:
+    """The projected workloads of a :func:`run_model` result, in table order: one dict per
+    workload and precision with ``label``, ``kind`` ("plan" or "train"), ``settings``,
+    ``launches``, ``flops``, ``bytes``, ``per_iter_launches`` (plans) and ``projection``
+    (device -> ``work_ms``/``graph_ms``/``eager_ms``; plans: per plan)."""
+    out = []
+    for key, entry in result.items():
+        if not (key.startswith("plan_") and isinstance(entry, dict)):
+            continue
+        for precision in PRECISIONS:
+            c = entry[precision]
+            s = c["settings"]
+            out.append(
+                {
+                    "label": f"plan, {s['envs']} env{'s' if s['envs'] > 1 else ''} "
+                    f"({s['num_samples']} x {s['n_steps']} CEM)",
+                    "kind": "plan",
+                    "settings": s,
+                    **c["per_plan"],
+                    "per_iter_launches": c["per_iter"]["launches"],
+                    "projection": c["projection_per_plan"],
+                }
+            )
+    for c in (result.get("train_step") or {}).values():
+        if isinstance(c, dict) and "projection" in c:
+            s = c["settings"]
+            out.append(
+                {
+                    "label": f"training step, batch {s['batch']}, {s['memory_plan']}",
+                    "kind": "train",
+                    "settings": s,
+                    **{k: c[k] for k in ("launches", "flops", "bytes")},
+                    "projection": c["projection"],
+                }
+            )
+    return out
+
+
+def format_count(x: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.3g} {unit}"
     return f"{x:.3g} "
 
 
-def _ms(ms: float) -> str:
+def format_ms(ms: float) -> str:
     return f"{ms / 1e3:.2f} s" if ms >= 1000 else f"{ms:.3g} ms"
 
 
@@ -791,32 +846,17 @@ def model_markdown(result: dict) -> str:
         + " |",
         "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in devices) + " |",
     ]
-    for key, label in (
-        ("plan_1env", "plan, 1 env (300 x 30 CEM)"),
-        ("plan_50env", "plan, 50 envs (300 x 30 CEM)"),
-    ):
-        entry = result.get(key)
-        if not entry:
-            continue
-        for precision in PRECISIONS:
-            c = entry[precision]
-            proj = c["projection_per_plan"]
-            cells = [f"{_ms(proj[d]['graph_ms'])} / {_ms(proj[d]['eager_ms'])}" for d in devices]
-            per = c["per_plan"]
-            lines.append(
-                f"| {label} | {precision} | {per['launches']:,} ({c['per_iter']['launches']} per iteration) "
-                f"| {_num(per['flops'])} | {_num(per['bytes'])}B | " + " | ".join(cells) + " |"
-            )
-    train = result.get("train_step") or {}
-    for c in train.values():
-        if not isinstance(c, dict) or "projection" not in c:
-            continue
-        s = c["settings"]
-        proj = c["projection"]
-        cells = [f"— / {_ms(proj[d]['eager_ms'])}" for d in devices]
+    for w in workloads(result):
+        proj = w["projection"]
+        if w["kind"] == "plan":
+            kernels = f"{w['launches']:,} ({w['per_iter_launches']} per iteration)"
+            cells = [f"{format_ms(proj[d]['graph_ms'])} / {format_ms(proj[d]['eager_ms'])}" for d in devices]
+        else:
+            kernels = f"{w['launches']:,}"
+            cells = [f"— / {format_ms(proj[d]['eager_ms'])}" for d in devices]
         lines.append(
-            f"| training step, batch {s['batch']}, {s['memory_plan']} | {s['precision']} | {c['launches']:,} "
-            f"| {_num(c['flops'])} | {_num(c['bytes'])}B | " + " | ".join(cells) + " |"
+            f"| {w['label']} | {w['settings']['precision']} | {kernels} | {format_count(w['flops'])} "
+            f"| {format_count(w['bytes'])}B | " + " | ".join(cells) + " |"
         )
     lines += [
         "",
@@ -827,7 +867,8 @@ def model_markdown(result: dict) -> str:
             f"{d} {v['bf16_tflops']:g} TFLOP/s bf16, {v['fp32_tflops']:g} fp32, {v['bandwidth_gbps']:g} GB/s"
             for d, v in DEVICES.items()
         )
-        + " (sources in model.json; H200 bf16 and bandwidth measured on such a machine, the rest datasheet).",
+        + " (sources in model.json; H200 bf16 and bandwidth measured on such a machine, "
+        "the rest datasheet or derived).",
     ]
     return "\n".join(lines) + "\n"
 
