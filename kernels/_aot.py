@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--workers", type=int, default=None, help="build processes (default: CPU count)")
     parser.add_argument(
-        "--case", nargs="+", default=["*"], metavar="PATTERN", help="only cases matching these fnmatch patterns"
+        "--case", nargs="+", default=["*"], metavar="PATTERN", help="only the cases matching (fnmatch)"
     )
     args = parser.parse_args(argv)
     for row in build_all(tuple(args.arch), args.workers, args.case):

@@ -108,7 +108,7 @@ def _project_tile(
     return x
 
 
-@triton.jit(do_not_specialize=["T", "B", "P"])
+@triton.jit(do_not_specialize=["T", "B"])
 def _sigreg_fwd_kernel(
     Z,
     A,
@@ -187,7 +187,7 @@ def _sigreg_fwd_kernel(
         tl.store(PARTIAL + t * tl.num_programs(1) + pid_p, tl.sum(tl.sum(err, axis=1), axis=0) * n)
 
 
-@triton.jit(do_not_specialize=["T", "B", "P"])
+@triton.jit(do_not_specialize=["T", "B"])
 def _sigreg_bwd_kernel(
     GRAD,
     Z,
@@ -305,11 +305,28 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-# One tile configuration per kernel for every shape, chosen so that no target from sm_80
-# to sm_90 spills registers with Triton >= 3.8 (checked by tests/test_aot.py with
-# cuobjdump; Triton 3.2-3.6 spill 8-16 bytes in a few configurations).
+# Tile configurations, chosen so that no target from sm_80 to sm_90 spills registers with
+# Triton >= 3.8 at any size the launchers take (checked by tests/test_aot.py through
+# Triton's JIT path, specialisation included; Triton 3.2-3.6 spill 8-16 bytes in a few
+# configurations). Widths D or P that are not multiples of 16 lose the /16 hints, and
+# ptxas then spilled 16-24 bytes with the main tiles (P = 1 on sm_80/86/89, D = 191 on
+# sm_86/89); those shapes take the RAGGED tiles instead.
 FWD_CONFIG = {"BLOCK_B": 64, "BLOCK_P": 16, "BLOCK_D": 32, "num_warps": 4}
 BWD_CONFIG = {"BLOCK_B": 16, "BLOCK_P": 32, "BLOCK_D": 32, "num_warps": 8}
+FWD_RAGGED = {**FWD_CONFIG, "num_warps": 8}
+BWD_RAGGED = {**BWD_CONFIG, "BLOCK_P": 16}
+
+
+def fwd_config(D: int, P: int) -> dict:
+    """Forward tiles for z of width ``D`` projected on ``P`` directions."""
+    return FWD_CONFIG if D % 16 == 0 and P % 16 == 0 else FWD_RAGGED
+
+
+def bwd_config(D: int, P: int) -> dict:
+    """Backward tiles for z of width ``D`` projected on ``P`` directions."""
+    return BWD_CONFIG if D % 16 == 0 and P % 16 == 0 else BWD_RAGGED
+
+
 KNOTS_MAX = 32  # knots are a runtime loop over a K_PAD = 32 accumulator
 
 
@@ -317,26 +334,28 @@ def _tiles(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "num_warps"}
 
 
-def fwd_constexprs(dtype: torch.dtype, compute_stat: bool, interpreter: bool = False) -> dict:
-    """Compile-time arguments of the forward kernel for z of ``dtype``."""
+def fwd_constexprs(dtype: torch.dtype, compute_stat: bool, config: dict, interpreter: bool = False) -> dict:
+    """Compile-time arguments of the forward kernel for z of ``dtype`` and tiles ``config``."""
     return dict(
         K_PAD=KNOTS_MAX,
         COMPUTE_STAT=compute_stat,
         DOT_PRECISION=_dot_precision(dtype),
         UPCAST_HALF_DOT=interpreter,
-        **_tiles(FWD_CONFIG),
+        **_tiles(config),
     )
 
 
-def bwd_constexprs(dtype: torch.dtype, scalar_grad: bool, store_gx: bool, interpreter: bool = False) -> dict:
-    """Compile-time arguments of the backward kernel for z of ``dtype``."""
+def bwd_constexprs(
+    dtype: torch.dtype, scalar_grad: bool, store_gx: bool, config: dict, interpreter: bool = False
+) -> dict:
+    """Compile-time arguments of the backward kernel for z of ``dtype`` and tiles ``config``."""
     return dict(
         SCALAR_GRAD=scalar_grad,
         STORE_GX=store_gx,
         DOT_PRECISION=_dot_precision(dtype),
         GRAD_DOT_PRECISION="tf32x3",
         UPCAST_HALF_DOT=interpreter,
-        **_tiles(BWD_CONFIG),
+        **_tiles(config),
     )
 
 
@@ -363,20 +382,20 @@ def compile_cases():
 
 
 def _compile_case(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
+    # Nothing runs, so the values do not matter: uninitialised tensors of the right layout.
     T, B, D, P = shape
-    z = torch.randn(B, T, D).to(dtype).transpose(0, 1)
-    A = torch.randn(D, P)
     knots = 17
-    phi, weights = torch.rand(knots), torch.rand(knots)
+    z = torch.empty(B, T, D, dtype=dtype).transpose(0, 1)
+    A = torch.empty(D, P)
+    phi, weights, sums = torch.empty(knots), torch.empty(knots), torch.empty(2, T, knots, P)
     dt = 3.0 / (knots - 1)
-    sums = torch.rand(2, T, knots, P) + 1.0
     need_grad_A = op.endswith("+A")
     if op in ("fwd", "sums"):
         sigreg_fwd(z, A, phi, weights, dt, compute_stat=op == "fwd")
     elif op.startswith("bwd"):
         sigreg_bwd(torch.ones(()), z, A, sums, phi, weights, dt, need_grad_A)
     else:
-        trig_sums_bwd(torch.randn(2, T, knots, P), z, A, dt, need_grad_A)
+        trig_sums_bwd(torch.empty(2, T, knots, P), z, A, dt, need_grad_A)
 
 
 def _check(z: torch.Tensor, A: torch.Tensor, knots: int) -> None:
@@ -406,7 +425,8 @@ def sigreg_fwd(
     T, B, D = z.shape
     P = A.shape[1]
     sums = torch.empty((2, T, knots, P), device=z.device, dtype=torch.float32)
-    grid = (T, triton.cdiv(P, FWD_CONFIG["BLOCK_P"]))
+    config = fwd_config(D, P)
+    grid = (T, triton.cdiv(P, config["BLOCK_P"]))
     partial = torch.empty(grid, device=z.device, dtype=torch.float32) if compute_stat else sums
     _sigreg_fwd_kernel[grid](
         z,
@@ -426,8 +446,8 @@ def sigreg_fwd(
         A.stride(1),
         dt,
         K=knots,
-        num_warps=FWD_CONFIG["num_warps"],
-        **fwd_constexprs(z.dtype, compute_stat, triton_interpreter()),
+        num_warps=config["num_warps"],
+        **fwd_constexprs(z.dtype, compute_stat, config, triton_interpreter()),
     )
     stat = partial.sum() / (T * P) if compute_stat else None
     return sums, stat
@@ -439,7 +459,8 @@ def _launch_bwd(z, A, dt, knots, need_grad_A, *, grad, sums=None, phi=None, weig
     gx = torch.empty((T, B, P), device=z.device, dtype=torch.float32) if need_grad_A else None
     gz = torch.empty((T, B, D), device=z.device, dtype=z.dtype)
     scalar = sums is not None
-    grid = (T, triton.cdiv(B, BWD_CONFIG["BLOCK_B"]), triton.cdiv(D, BWD_CONFIG["BLOCK_D"]))
+    config = bwd_config(D, P)
+    grid = (T, triton.cdiv(B, config["BLOCK_B"]), triton.cdiv(D, config["BLOCK_D"]))
     _sigreg_bwd_kernel[grid](
         grad,
         z,
@@ -460,8 +481,8 @@ def _launch_bwd(z, A, dt, knots, need_grad_A, *, grad, sums=None, phi=None, weig
         A.stride(1),
         dt,
         K=knots,
-        num_warps=BWD_CONFIG["num_warps"],
-        **bwd_constexprs(z.dtype, scalar, need_grad_A, triton_interpreter()),
+        num_warps=config["num_warps"],
+        **bwd_constexprs(z.dtype, scalar, need_grad_A, config, triton_interpreter()),
     )
     grad_A = None
     if need_grad_A:
