@@ -741,7 +741,9 @@ def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None) -> dict:
 
     ``envs``: the plan workloads (one per number of envs); ``memory_plans``: the training
     steps' memory plans (None: every plan of ``lewm_fast.train.step.PLANS``; ``()``: none).
-    ``train_step``'s headline counts are ``whole`` in bf16 (the first plan given otherwise).
+    A plan's headline counts (``launches_per_iter``, ``flops``, ...) are fp32, the solver's
+    default; ``train_step``'s are ``whole`` in bf16, the recipe's (the first plan given
+    otherwise). Each entry names its headline under ``"headline"``.
     """
     model = build_model(preset)
     out: dict[str, Any] = {
@@ -766,6 +768,7 @@ def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None) -> dict:
             launches_per_plan=fp32["per_plan"]["launches"],
             flops=fp32["per_plan"]["flops"],
             bytes=fp32["per_plan"]["bytes"],
+            headline="fp32",
         )
         out[key] = entry
     if memory_plans is None:
