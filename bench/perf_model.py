@@ -652,8 +652,9 @@ def train_counts(
 
 # ---------------------------------------------------------------------------- projection
 
-# Device peaks. "datasheet" figures are NVIDIA's dense (no sparsity) peaks; "measured"
-# ones were taken on such a machine by bench.harness.measure_peaks. ``nvml_name`` is the
+# Device peaks. "datasheet" figures are NVIDIA's dense (no sparsity) peaks; the H200's
+# "measured" ones are the rates measured on such a machine that issue 11 reports (not yet
+# measured by lewm_fast's own bench.harness.measure_peaks). ``nvml_name`` is the
 # device name NVML reports, which joins measured bench/results to these projections.
 DEVICES = {
     "H200": {
@@ -662,10 +663,12 @@ DEVICES = {
         "fp32_tflops": 67.0,
         "bandwidth_gbps": 4300.0,
         "sources": {
-            "bf16_tflops": "measured on an H200 (torch.mm 8192^3 bf16, issue 11); datasheet: 989 dense "
+            "bf16_tflops": "about 790 TFLOP/s bf16 matmul as measured on an H200, reported in issue 11 (not "
+            "measured by lewm_fast); datasheet: 989 dense "
             "(1,979 with sparsity), NVIDIA H200 Tensor Core GPU datasheet",
             "fp32_tflops": "datasheet: 67 TFLOPS FP32 (NVIDIA H200 datasheet); fp32 matmul without TF32",
-            "bandwidth_gbps": "measured on an H200 (1 GiB copy, read + write, issue 11); datasheet 4.8 TB/s",
+            "bandwidth_gbps": "about 4.3 TB/s copy as measured on an H200, reported in issue 11 "
+            "(not measured by lewm_fast); datasheet 4.8 TB/s",
         },
     },
     "RTX 4090": {
@@ -870,8 +873,8 @@ def model_markdown(result: dict) -> str:
             f"{d} {v['bf16_tflops']:g} TFLOP/s bf16, {v['fp32_tflops']:g} fp32, {v['bandwidth_gbps']:g} GB/s"
             for d, v in DEVICES.items()
         )
-        + " (sources in model.json; H200 bf16 and bandwidth measured on such a machine, "
-        "the rest datasheet or derived).",
+        + " (sources in model.json; H200 bf16 and bandwidth: rates measured on an H200 as "
+        "reported in issue 11, not by lewm_fast; the rest datasheet or derived).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -310,7 +310,9 @@ def model_section(
         "",
         "Time per kernel = max(FLOP / peak, bytes / bandwidth), summed, plus kernels x "
         f"{launch.get('graph', '?')} us (graph replay) or {launch.get('eager', '?')} us (eager launch), "
-        f"per-launch costs assumed. Peaks: {peaks} (sources in model.json). The model's training step "
+        f"per-launch costs assumed. Peaks: {peaks} (sources in model.json: the H200's bf16 and "
+        "bandwidth are rates measured on an H200 as reported in issue 11, not by lewm_fast; the rest "
+        "datasheet or derived). The model's training step "
         "is forward and backward only; the measured one also runs AdamW and gradient clipping.",
     ]
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ per (case, target, kernel) -- or per failing case -- and ``tests/test_aot.py`` c
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import inspect
 import os
 import re
@@ -172,8 +173,6 @@ def _probe(capability: int) -> str | None:
 def build(capability: int, patterns: tuple[str, ...] = ("*",)) -> list[dict[str, Any]]:
     """Compile every case whose name matches one of ``patterns`` (fnmatch) for
     sm_<capability>: one row per (case, kernel) or per failing case."""
-    import fnmatch
-
     import torch
 
     torch.manual_seed(0)
@@ -240,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         "--case", nargs="+", default=["*"], metavar="PATTERN", help="only the cases matching (fnmatch)"
     )
     args = parser.parse_args(argv)
+    names = case_names()
+    if not any(fnmatch.fnmatchcase(name, p) for name in names for p in args.case):
+        parser.error(f"--case {' '.join(args.case)} matches no case; the cases are:\n" + "\n".join(names))
     for row in build_all(tuple(args.arch), args.workers, args.case):
         print(json.dumps(row), flush=True)
 
