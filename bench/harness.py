@@ -6,18 +6,16 @@ device. Timing (:func:`time_fn`) excludes warm-up and reports the median with 20
 quantiles of the device time per call on a GPU (``triton.testing.do_bench``: CUDA events,
 L2 flushed before each call) and, separately, the wall time per call with the device
 synchronised (``time.perf_counter``; the only clock on a CPU). Results are JSON rows plus the
-environment (device through NVML, driver, clocks, torch/triton versions, git commit);
-``Report.markdown()`` renders the table the README quotes.
+environment record of :func:`lewm_fast.sysinfo.environment` (device through NVML, driver,
+clocks, torch/triton versions, git commit); ``Report.markdown()`` renders the table the
+README quotes.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lewm_fast.sysinfo import environment
 
 
 @dataclass(frozen=True)
@@ -218,112 +218,6 @@ def peak_extra_memory(fn: Callable[[], Any], device: torch.device) -> int | None
     fn()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
-
-
-def _git_commit() -> str:
-    # A copy of the tree without .git (e.g. on a lent GPU machine) is told its commit.
-    if os.environ.get("LEWM_FAST_GIT_COMMIT"):
-        return os.environ["LEWM_FAST_GIT_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        commit = out.stdout.strip()
-        if commit:
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                cwd=Path(__file__).resolve().parent,
-            ).stdout.strip()
-            return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
-def _nvml_info(index: int) -> dict[str, Any]:
-    try:
-        import pynvml
-    except ImportError:
-        return {"nvml": "nvidia-ml-py not installed"}
-    try:
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-
-        def text(value):
-            return value.decode() if isinstance(value, bytes) else value
-
-        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        info = {
-            "name": text(pynvml.nvmlDeviceGetName(handle)),
-            "memory_total_bytes": int(memory.total),
-            "memory_free_bytes": int(memory.free),
-            "driver": text(pynvml.nvmlSystemGetDriverVersion()),
-            "sm_clock_max_mhz": int(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM)),
-            "mem_clock_max_mhz": int(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)),
-        }
-        # Optional queries: not every board or driver answers them.
-        optional = {
-            "sm_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
-            "mem_clock_mhz": lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
-            "power_limit_w": lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0,
-            "temperature_c": lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
-        }
-        for key, query in optional.items():
-            try:
-                info[key] = query()
-            except Exception:  # NVMLError_NotSupported and friends
-                pass
-        pynvml.nvmlShutdown()
-        return info
-    except Exception as exc:  # NVML missing on the host, permissions, ...
-        return {"nvml": f"unavailable: {exc}"}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Where and with what the numbers were measured."""
-    env: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device_type": device.type,
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(index)
-        env.update(
-            device_name=props.name,
-            capability=f"sm_{props.major}{props.minor}",
-            cuda=torch.version.cuda,
-            **_nvml_info(index),
-        )
-        env["device_name"] = env.get("name", props.name)
-    else:
-        env.update(device_name=_cpu_name(), cpu_count=os.cpu_count(), threads=torch.get_num_threads())
-    return env
 
 
 def _matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, reps: dict) -> float:

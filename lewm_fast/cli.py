@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -82,29 +81,39 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def info(args: argparse.Namespace) -> int:
-    """Print versions, the device and backend availability."""
-    from . import __version__
-
-    print(f"lewm_fast {__version__}, python {platform.python_version()}, torch {torch.__version__}")
-    try:
-        import triton
-
-        triton_status = f"triton {triton.__version__}"
-    except ImportError as exc:
-        triton_status = f"triton unavailable ({exc})"
-    print(triton_status)
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            print(
-                f"cuda:{i} {props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}"
-            )
+def _device_line(env: dict) -> str:
+    """One line of ``lewm-fast info`` for an environment record (:func:`lewm_fast.sysinfo.environment`)."""
+    if env["device_type"] != "cuda":
+        return f"{env['device_name']}, {env['cpu_count']} cores, {env['threads']} torch threads"
+    parts = [env["device_name"], env["capability"], f"CUDA {env['cuda']}"]
+    if "nvml" in env:
+        parts.append(f"NVML {env['nvml']}")
     else:
-        print("no CUDA device")
-    from . import backend
+        parts += [
+            f"{env['memory_total_bytes'] / 2**30:.1f} GiB",
+            f"driver {env['driver']}",
+            f"max clocks SM {env['sm_clock_max_mhz']} / memory {env['mem_clock_max_mhz']} MHz",
+        ]
+    return ", ".join(parts)
 
-    probe = torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")
+
+def info(args: argparse.Namespace) -> int:
+    """Print versions, the commit, the devices (the environment record) and backend availability."""
+    from . import __version__, backend
+    from .sysinfo import environment
+
+    cuda = torch.cuda.is_available()
+    devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if cuda else ["cpu"]
+    records = {device: environment(device) for device in devices}
+    env = records[devices[0]]
+    versions = f"python {env['python']}, torch {env['torch']}"
+    print(f"lewm_fast {__version__} (commit {env['git_commit']}), {versions}")
+    print(f"triton {env['triton']}" if env["triton"] else "triton not installed")
+    for device, record in records.items():
+        print(f"{device}: {_device_line(record)}")
+    if not cuda:
+        print("no CUDA device")
+    probe = torch.empty(0, device="cuda" if cuda else "cpu")
     print(f"${backend.ENV_VAR}={os.environ.get(backend.ENV_VAR, '') or '(unset)'}")
     for op in ("sigreg", "ConditionalBlock"):
         try:

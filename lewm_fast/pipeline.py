@@ -36,6 +36,7 @@ import torch
 from ._io import write_json_atomic
 from .config import LeWMConfig, parse_value
 from .plan.solver import check_max_batch
+from .sysinfo import environment
 from .train.config import TrainConfig
 
 __all__ = [
@@ -351,13 +352,6 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _device_info(device: torch.device) -> dict[str, Any]:
-    """The device record of the benchmark harness (name, memory, driver, versions, commit)."""
-    from .bench.harness import environment
-
-    return environment(device)
-
-
 class _Run:
     """One pipeline run in ``out``: stage records, reuse and fingerprints."""
 
@@ -580,7 +574,7 @@ def run_pipeline(
             out,
             metrics,
             stages_seconds=seconds,
-            device_info=_device_info(run.device),
+            device_info=environment(run.device),
             preset=config.preset,
             metrics_jsonl=out / "train" / "metrics.jsonl",
             reasons=reasons,

@@ -494,7 +494,7 @@ def write_report(
             keys are kept under ``details``.
         stages_seconds: wall-clock per stage, e.g. {"generate-data": 12.0, "train": 3600.0,
             "probe": 30.0, "eval": 8.0}; None for a stage that did not run.
-        device_info: a description of the device (e.g. ``lewm_fast.bench.harness.environment(device)``)
+        device_info: a description of the device (e.g. ``lewm_fast.sysinfo.environment(device)``)
             or a name.
         preset: the run preset's name.
         metrics_jsonl: the trainer's log (default ``run_dir/metrics.jsonl``; a missing file

@@ -210,8 +210,9 @@ def test_peaks_and_nvml_on_cuda():
     import torch
 
     from lewm_fast.bench import harness
+    from lewm_fast.sysinfo import environment
 
-    env = harness.environment(torch.device("cuda"))
+    env = environment(torch.device("cuda"))
     assert env["device_name"] and (env.get("driver") or env.get("nvml"))
     peak = harness.measure_peaks(torch.device("cuda"), quick=True)
     assert peak["matmul_tflops"]["bfloat16"] > 0 and peak["copy_gbps"] > 0 and not peak["errors"]

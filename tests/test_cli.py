@@ -13,9 +13,22 @@ def test_demo_prints_paper_parameter_count(capsys):
         assert key in out
 
 
-def test_info_runs(capsys):
+def test_info_runs(capsys, monkeypatch):
+    monkeypatch.setenv("LEWM_FAST_GIT_COMMIT", "0123abcd")
     assert cli.main(["info"]) == 0
-    assert "torch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "torch" in out and "(commit 0123abcd)" in out
+
+
+def test_info_device_line_from_the_environment_record():
+    cuda = {"device_type": "cuda", "device_name": "NVIDIA H200", "capability": "sm_90", "cuda": "12.8"}
+    nvml = {"memory_total_bytes": 141 * 2**30, "driver": "570.86", "sm_clock_max_mhz": 1980}
+    line = cli._device_line({**cuda, **nvml, "mem_clock_max_mhz": 3201})
+    assert line == (
+        "NVIDIA H200, sm_90, CUDA 12.8, 141.0 GiB, driver 570.86, max clocks SM 1980 / memory 3201 MHz"
+    )
+    line = cli._device_line({**cuda, "nvml": "nvidia-ml-py not installed"})
+    assert line == "NVIDIA H200, sm_90, CUDA 12.8, NVML nvidia-ml-py not installed"
 
 
 def test_bad_arguments_exit_with_message(capsys):
