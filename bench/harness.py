@@ -13,7 +13,6 @@ README quotes.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -344,15 +343,15 @@ class Report:
         return f"{name}-{self.env['date'][:10]}"
 
     def save(self, folder: str | os.PathLike, stem: str | None = None) -> tuple[Path, Path]:
-        """Write ``<stem>.json`` and ``<stem>.md`` atomically into ``folder``."""
+        """Write ``<stem>.json`` (non-finite numbers as null) and ``<stem>.md`` atomically into ``folder``."""
+        from lewm_fast._io import write_json_atomic, write_text_atomic
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         stem = stem or self.default_stem()
         paths = (folder / f"{stem}.json", folder / f"{stem}.md")
-        for path, text in zip(paths, (json.dumps(self.to_dict(), indent=2) + "\n", self.markdown())):
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        write_json_atomic(paths[0], self.to_dict())
+        write_text_atomic(paths[1], self.markdown())
         return paths
 
     def markdown(self) -> str:

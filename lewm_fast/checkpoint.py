@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._io import fsync_dir
+from ._io import atomic_file, atomic_folder, write_json_atomic
 from .config import LeWMConfig
 
 __all__ = ["load_pretrained", "save_pretrained", "convert_encoder_keys", "encoder_key_layout"]
@@ -194,30 +192,8 @@ def save_pretrained(
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     state = convert_encoder_keys(state, to=key_layout)
 
-    parent = folder.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
-            json.dump(config.to_dict(), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / WEIGHTS_FILE, "wb") as f:
+    with atomic_folder(folder, overwrite=True) as tmp:
+        write_json_atomic(tmp / CONFIG_FILE, config.to_dict())
+        with atomic_file(tmp / WEIGHTS_FILE) as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if folder.exists():
-            old = parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-        fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import fsync_dir
+from .._io import AtomicFolder, atomic_file, write_json_atomic
 from ..envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout
 
 __all__ = ["TwoRoomDataset", "DatasetWriter", "COLUMNS", "FORMAT", "VERSION", "validate_columns"]
@@ -304,10 +302,8 @@ class TwoRoomDataset:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
+    with atomic_file(path) as f:
         np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class DatasetWriter:
@@ -331,9 +327,8 @@ class DatasetWriter:
             raise ValueError(f"shard_rows must be a positive integer, got {shard_rows!r}")
         self.path = path
         self.shard_rows = shard_rows
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
+        self._folder = AtomicFolder(path, overwrite=True)
+        self.tmp = self._folder.tmp
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
         self._shards: list[str] = []
@@ -343,8 +338,7 @@ class DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        self._folder.discard()
 
     def add_frames(self, frames: np.ndarray) -> None:
         """Append uint8 frames (n, H, W, 3) in row order."""
@@ -393,21 +387,5 @@ class DatasetWriter:
             "layout": layout.to_dict(),
             "source": source,
         }
-        with open(self.tmp / META_FILE, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if self._shards:
-            fsync_dir(self.tmp / FRAMES_DIR)
-        fsync_dir(self.tmp)
-        parent = self.path.parent
-        if self.path.exists():
-            old = parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
-        fsync_dir(parent)
-        return self.path
+        write_json_atomic(self.tmp / META_FILE, meta)
+        return self._folder.commit()

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._io import atomic_path
 from ..envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, layout_image, render
 from .dataset import COLUMNS, DatasetWriter, TwoRoomDataset, validate_columns
 
@@ -198,10 +198,8 @@ def export_hdf5(
             raise FileExistsError(f"{path} exists and is not a file; refusing to replace it")
         if not force:
             raise FileExistsError(f"{path} already exists; pass force=True (--force) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     rows, s = dataset.num_rows, dataset.layout.size
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = HDF5_FORMAT
             f.attrs["layout"] = json.dumps(dataset.layout.to_dict())
@@ -230,10 +228,4 @@ def export_hdf5(
                         )
                     bar.update(stop - start)
                 bar.close()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

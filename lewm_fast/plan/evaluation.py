@@ -36,13 +36,10 @@ succeeded.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
-import uuid
 from itertools import chain
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .._io import write_json_atomic
 from ..data.dataset import TwoRoomDataset
 from ..data.windows import action_stats as _dataset_action_stats
 from ..data.windows import normalize_frames
@@ -57,7 +55,7 @@ from ..envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, distance, layout_imag
 from ..envs.two_room import step as env_step
 from .solver import CEMSolver
 
-__all__ = ["evaluate", "eligible_start_rows", "select_start_rows", "blocks_to_actions", "write_json"]
+__all__ = ["evaluate", "eligible_start_rows", "select_start_rows", "blocks_to_actions"]
 
 _COLUMNS = ("episode_idx", "step_idx", "proprio", "action", "ep_len")
 
@@ -255,23 +253,6 @@ def _plan_actions(out, envs: int, horizon: int, width: int) -> torch.Tensor:
     if not torch.isfinite(actions).all():
         raise RuntimeError("the planner returned non-finite actions; check the model weights and inputs")
     return actions
-
-
-def write_json(path: str | os.PathLike, data: dict) -> Path:
-    """Write ``data`` as indented JSON to ``path`` atomically (temporary sibling, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # ----------------------------------------------------------------------- the protocol
@@ -551,5 +532,5 @@ def evaluate(
         "versions": {"lewm_fast": __version__, "torch": torch.__version__},
     }
     if out is not None:
-        write_json(out, result)
+        write_json_atomic(out, result)
     return result

@@ -9,7 +9,7 @@ Layout under the run folder::
     checkpoints/latest                 the name of the newest complete checkpoint
 
 A checkpoint is written into a hidden temporary folder, flushed to disk and renamed into
-place; only then is ``latest`` replaced (write + fsync + ``os.replace``, atomic on POSIX).
+place; only then is ``latest`` replaced (``lewm_fast._io``: write, fsync, rename; atomic on POSIX).
 A crash at any moment leaves ``latest`` naming a complete checkpoint (or no checkpoint
 at all before the first one); stale temporary folders are removed by the next save.
 """
@@ -19,14 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._io import fsync_dir
+from .._io import atomic_file, atomic_folder, remove_stale, write_json_atomic, write_text_atomic
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, convert_encoder_keys, encoder_key_layout, save_pretrained
 from ..config import LeWMConfig
 
@@ -37,13 +36,6 @@ LATEST_FILE = "latest"
 TRAINER_FILE = "trainer.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
 FORMAT_VERSION = 1
-
-
-def _write_file(path: Path, write) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -78,39 +70,19 @@ def save_checkpoint(
     name = f"step_{step:09d}"
     folder = root / name
     if not folder.is_dir():
-        tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with atomic_folder(folder) as tmp:
             save_pretrained(model, tmp / "model", config=model_config, key_layout="4.x")
             state = dict(trainer_state, format_version=FORMAT_VERSION, step=step)
-            _write_file(tmp / TRAINER_FILE, lambda f: torch.save(state, f))
-            text = json.dumps(train_config, indent=2) + "\n"
-            _write_file(tmp / TRAIN_CONFIG_FILE, lambda f: f.write(text.encode("utf-8")))
-            fsync_dir(tmp)
-            os.replace(tmp, folder)
-            fsync_dir(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    pointer = root / f".tmp-{LATEST_FILE}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_file(pointer, lambda f: f.write(name.encode("utf-8")))
-        os.replace(pointer, root / LATEST_FILE)
-    except BaseException:
-        pointer.unlink(missing_ok=True)
-        raise
-    fsync_dir(root)
+            with atomic_file(tmp / TRAINER_FILE) as f:
+                torch.save(state, f)
+            write_json_atomic(tmp / TRAIN_CONFIG_FILE, train_config)
+    write_text_atomic(root / LATEST_FILE, name)
 
     complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in complete[:-keep] if keep > 0 else []:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.iterdir():
-        if stale.name.startswith(".tmp-"):
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
+    remove_stale(root)
     return folder
 
 

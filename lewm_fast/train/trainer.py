@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._io import write_text_atomic
 from ..checkpoint import save_pretrained
 from ..sigreg import SIGReg
 from . import distributed as _dist
@@ -353,9 +354,7 @@ class Trainer:
                     continue  # a line cut short by the crash
                 if record.get("step", 0) <= self.step:
                     kept.append(line)
-        tmp = path.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def _log(self, records: list[dict]) -> None:
         if not self.ctx.is_main or not records:
