@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import _checks
 from ..envs.two_room import TwoRoomLayout, layout_image, render
 from .dataset import TwoRoomDataset
 
@@ -142,8 +143,7 @@ class TrainingWindows:
         split_seed: int = 3072,
     ):
         for name, value in (("num_frames", num_frames), ("frameskip", frameskip), ("image_size", image_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            _checks.positive(value, name)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         self.dataset = dataset

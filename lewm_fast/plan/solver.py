@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _checks
 from .. import backend as _backend
 from ..reference.jepa import JEPA as _ReferenceJEPA
 from .cost import LowPrecisionWeights, PlanningCost, fast_cost_unsupported_reason
@@ -33,12 +34,6 @@ def plan_seed(seed: int, index: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) >> 1
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def check_max_batch(value, name: str = "max_batch") -> int | str | None:
@@ -119,11 +114,11 @@ class CEMSolver:
         backend: str = "auto",
         max_batch: int | str | None = None,
     ):
-        self.horizon = _positive_int("horizon", horizon)
-        self.action_dim = _positive_int("action_dim", action_dim)
-        self.num_samples = _positive_int("num_samples", num_samples, 2)
-        self.n_steps = _positive_int("n_steps", n_steps)
-        self.topk = _positive_int("topk", topk, 2)
+        self.horizon = _checks.integer("horizon", horizon, 1, numpy=True)
+        self.action_dim = _checks.integer("action_dim", action_dim, 1, numpy=True)
+        self.num_samples = _checks.integer("num_samples", num_samples, 2, numpy=True)
+        self.n_steps = _checks.integer("n_steps", n_steps, 1, numpy=True)
+        self.topk = _checks.integer("topk", topk, 2, numpy=True)
         if self.topk > self.num_samples:
             raise ValueError(f"topk ({topk}) must not exceed num_samples ({num_samples})")
         if isinstance(var_scale, bool) or not isinstance(var_scale, (int, float)):

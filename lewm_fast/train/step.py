@@ -106,9 +106,7 @@ def _check_deterministic_encoder(encoder: nn.Module) -> None:
 
 def _world_size(world_size: int | None) -> int:
     if world_size is not None:
-        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-        return world_size
+        return _checks.positive(world_size, "world_size")
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -151,8 +149,7 @@ def forward_backward(
     if chunk_size is not None:
         if memory_plan != "two_pass":
             raise ValueError(f"chunk_size applies to memory_plan='two_pass' only, got plan {memory_plan!r}")
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer (windows per chunk), got {chunk_size!r}")
+        _checks.positive(chunk_size, "chunk_size")
     if not isinstance(lambd, (int, float)) or isinstance(lambd, bool) or not math.isfinite(lambd):
         raise ValueError(f"lambd must be a finite number, got {lambd!r}")
     pred_scale = 1.0 / _world_size(world_size)
