@@ -14,7 +14,7 @@ def shape(value: Any) -> str:
     entries may be names, ``("rows", 2)``); the type name for anything without a shape."""
     if hasattr(value, "shape"):
         value = value.shape
-    if not isinstance(value, (tuple, list)):
+    if not isinstance(value, tuple):
         return type(value).__name__
     return "(" + ", ".join(str(s) for s in value) + ")"
 

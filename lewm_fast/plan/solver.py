@@ -45,10 +45,6 @@ def check_max_batch(value, name: str = "max_batch") -> int | str | None:
     return int(value)
 
 
-def _shape(value) -> str:
-    return str(tuple(value.shape)) if hasattr(value, "shape") else type(value).__name__
-
-
 @dataclass
 class _CapturedSolve:
     """One captured solve: its static inputs and outputs and the shapes it was captured for."""
@@ -215,7 +211,9 @@ class CEMSolver:
         if isinstance(init_action, np.ndarray):
             init_action = torch.from_numpy(init_action)
         if not torch.is_tensor(init_action) or init_action.dim() != 3:
-            raise ValueError(f"init_action must be a (B, T0, action_dim) tensor, got {_shape(init_action)}")
+            raise ValueError(
+                f"init_action must be a (B, T0, action_dim) tensor, got {_checks.shape(init_action)}"
+            )
         b, t0, a = init_action.shape
         if b != envs or a != self.action_dim or t0 > self.horizon:
             raise ValueError(
@@ -244,7 +242,7 @@ class CEMSolver:
         if not torch.is_tensor(value) or value.dim() != 5 or not value.is_floating_point():
             raise ValueError(
                 f"info_dict[{key!r}] must be float frames of shape (B, T, C, H, W) for the fast path, "
-                f"got {_shape(value)}"
+                f"got {_checks.shape(value)}"
             )
         return value.to(self.device, torch.float32)
 
@@ -348,7 +346,7 @@ class CEMSolver:
             if not torch.is_tensor(costs) or tuple(costs.shape) != (envs, samples):
                 raise ValueError(
                     f"get_cost must return a tensor of shape (B, S) = ({envs}, {samples}), "
-                    f"got {_shape(costs)}"
+                    f"got {_checks.shape(costs)}"
                 )
             return costs.to(self.device, torch.float32)
 
