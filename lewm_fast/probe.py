@@ -54,6 +54,7 @@ from .data.generate import draw_episodes, rollout
 from .data.windows import action_stats, normalize_frames
 from .envs.policies import make_policy
 from .envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, layout_image, render
+from .reference.jepa import action_width_of, device_of
 from .sigreg import sigreg as _sigreg
 
 __all__ = [
@@ -103,10 +104,10 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        raise ValueError("the model has no parameters") from None
+    device = device_of(model)
+    if device is None:
+        raise ValueError("the model has no parameters")
+    return device
 
 
 def _model_image_size(model: nn.Module) -> int:
@@ -114,11 +115,6 @@ def _model_image_size(model: nn.Module) -> int:
     if size is None:
         raise ValueError("cannot read the model's image size from model.encoder.config.image_size")
     return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-def _model_action_width(model: nn.Module) -> int | None:
-    patch_embed = getattr(getattr(model, "action_encoder", None), "patch_embed", None)
-    return int(patch_embed.in_channels) if isinstance(patch_embed, nn.Conv1d) else None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -643,7 +639,7 @@ def run_probes(
             f"rollout_seed {rollout_seed} is the seed {data.path} was generated with; the fresh rollouts "
             "would repeat training episodes -- choose another rollout_seed"
         )
-    width = _model_action_width(model)
+    width = action_width_of(model)
     if width is not None and width != 2 * frameskip:
         raise ValueError(
             f"the model's action encoder takes {width} numbers per step, but frameskip {frameskip} "

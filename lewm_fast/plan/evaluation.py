@@ -41,7 +41,6 @@ import os
 import statistics
 import time
 import uuid
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +54,7 @@ from ..data.windows import action_stats as _dataset_action_stats
 from ..data.windows import normalize_frames
 from ..envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, distance, layout_image, render
 from ..envs.two_room import step as env_step
+from ..reference.jepa import action_width_of, device_of
 from .solver import CEMSolver
 
 __all__ = ["evaluate", "eligible_start_rows", "select_start_rows", "blocks_to_actions", "write_json"]
@@ -190,19 +190,6 @@ def _action_stats(given, action: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
 
 
 # ----------------------------------------------------------------------- model side
-
-
-def _model_device(model) -> torch.device:
-    if isinstance(model, nn.Module):
-        tensor = next(chain(model.parameters(), model.buffers()), None)
-        if tensor is not None:
-            return tensor.device
-    return torch.device("cpu")
-
-
-def _action_width(model) -> int | None:
-    patch_embed = getattr(getattr(model, "action_encoder", None), "patch_embed", None)
-    return patch_embed.in_channels if isinstance(patch_embed, nn.Conv1d) else None
 
 
 def _image_size(model, layout: TwoRoomLayout) -> int:
@@ -382,7 +369,7 @@ def evaluate(
     rows = _draw(eligible, episodes, goal_offset, seed)
     dims = cols["action"].shape[1]
     width = action_block * dims
-    model_width = _action_width(model)
+    model_width = action_width_of(model)
     if model_width is not None and model_width != width:
         raise ValueError(
             f"the model's action width is {model_width}, but action_block ({action_block}) x the dataset's "
@@ -390,7 +377,7 @@ def evaluate(
         )
     mean, std, stats_source = _action_stats(action_stats, cols["action"])
 
-    device = _model_device(model) if device is None else torch.device(device)
+    device = (device_of(model) or torch.device("cpu")) if device is None else torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if solver is None:

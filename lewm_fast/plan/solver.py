@@ -20,6 +20,7 @@ from torch import nn
 from .. import _checks
 from .. import backend as _backend
 from ..reference.jepa import JEPA as _ReferenceJEPA
+from ..reference.jepa import action_width_of, device_of
 from .cost import LowPrecisionWeights, PlanningCost, fast_cost_unsupported_reason
 from .refit import cem_refit
 
@@ -147,7 +148,7 @@ class CEMSolver:
                 "model must expose get_cost(info_dict, candidates) or be a LeWM JEPA, "
                 f"got {type(model).__name__}"
             )
-        width = self._model_action_width(model)
+        width = action_width_of(model)
         if width is not None and width != self.action_dim:
             raise ValueError(
                 f"action_dim = {action_dim} does not match the model's action width {width} "
@@ -160,21 +161,16 @@ class CEMSolver:
         self._low = LowPrecisionWeights(model, autocast) if self.fast and autocast is not None else None
         self.history_size = history_size
 
+        model_device = device_of(model)
         if device is None:
-            param = (
-                next(chain(model.parameters(), model.buffers()), None)
-                if isinstance(model, nn.Module)
-                else None
-            )
-            device = param.device if param is not None else torch.device("cpu")
+            device = model_device or torch.device("cpu")
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if self.fast:
-            param = next(chain(model.parameters(), model.buffers()), None)
-            if param is not None and param.device != self.device:
+            if model_device is not None and model_device != self.device:
                 raise ValueError(
-                    f"the model is on {param.device} but planning runs on {self.device}; "
+                    f"the model is on {model_device} but planning runs on {self.device}; "
                     "move the model there (model.to(device)) or leave device=None"
                 )
         if cuda_graph and (self.device.type != "cuda" or not self.fast):
@@ -189,11 +185,6 @@ class CEMSolver:
         self._warned_training = False
 
     # ----------------------------------------------------------------- helpers
-    @staticmethod
-    def _model_action_width(model) -> int | None:
-        patch_embed = getattr(getattr(model, "action_encoder", None), "patch_embed", None)
-        return patch_embed.in_channels if isinstance(patch_embed, nn.Conv1d) else None
-
     def _generator(self) -> torch.Generator:
         if self.device not in self._generators:
             self._generators[self.device] = torch.Generator(device=self.device)

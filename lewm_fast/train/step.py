@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import _checks
+from ..reference.jepa import action_width_of
 
 __all__ = ["PLANS", "forward_backward", "default_chunk_size"]
 
@@ -60,10 +61,10 @@ def _check_batch(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(
             f"windows must have T = history + 1 frames with 1 <= history <= {frames}, got T = {t}"
         )
-    patch = getattr(model.action_encoder, "patch_embed", None)
-    if isinstance(patch, nn.Conv1d) and action.shape[-1] != patch.in_channels:
+    width = action_width_of(model)
+    if width is not None and action.shape[-1] != width:
         raise ValueError(
-            f"batch['action'] must have {patch.in_channels} numbers per model action, got {action.shape[-1]}"
+            f"batch['action'] must have {width} numbers per model action, got {action.shape[-1]}"
         )
     return pixels, action
 
