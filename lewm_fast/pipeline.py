@@ -358,15 +358,10 @@ class _Run:
 
     def __init__(self, config: RunConfig, out: Path, log: Callable[[str], None], progress: bool):
         self.config, self.out, self.log, self.progress = config, out, log, progress
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(
-                f"the run asks for device {device!r} but CUDA is not available; "
-                "use --preset smoke or --set device=cpu"
-            )
-        self.device = torch.device(device)
+        try:
+            self.device = _checks.resolve_device(config.device)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; use --preset smoke or --set device=cpu") from None
         train = dataclasses.replace(config.train, progress=progress)
         self.train_config = train
         data_fp = _fingerprint("data", dataclasses.asdict(config.data))

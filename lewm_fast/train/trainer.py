@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import _checks
 from ..checkpoint import save_pretrained
 from ..sigreg import SIGReg
 from . import distributed as _dist
@@ -151,11 +152,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.evaluator = evaluator
         self.resume = bool(resume)
-        if isinstance(device, str) and device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        self.device = _checks.resolve_device(device)
         if self.resume and latest_checkpoint(self.out_dir) is None:
             raise ValueError(f"resume=True but {self.out_dir} holds no checkpoint to resume from")
         if not self.resume and latest_checkpoint(self.out_dir) is not None:
