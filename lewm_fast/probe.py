@@ -51,7 +51,7 @@ from torch import nn
 from . import _checks
 from .data.dataset import TwoRoomDataset
 from .data.generate import draw_episodes, rollout
-from .data.windows import action_stats, normalize_frames
+from .data.windows import action_stats, as_dataset, normalize_frames
 from .envs.policies import make_policy
 from .envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, layout_image, render
 from .reference.jepa import action_width_of, device_of
@@ -300,14 +300,6 @@ def split_episodes(num_episodes: int, test_fraction: float, seed: int) -> tuple[
     return np.sort(order[n_test:]).astype(np.int64), np.sort(order[:n_test]).astype(np.int64)
 
 
-def _open(dataset: TwoRoomDataset | str | os.PathLike) -> TwoRoomDataset:
-    if isinstance(dataset, TwoRoomDataset):
-        return dataset
-    if isinstance(dataset, (str, os.PathLike)):
-        return TwoRoomDataset.open(dataset)
-    raise ValueError(f"dataset must be a TwoRoomDataset or a dataset folder, got {type(dataset).__name__}")
-
-
 def linear_probe(
     model: nn.Module,
     dataset: TwoRoomDataset | str | os.PathLike,
@@ -330,7 +322,7 @@ def linear_probe(
     episodes, ``rmse_px`` {x, y}, ``alpha``, ``val_mse_by_alpha`` (empty when alpha was
     given), frame and episode counts, ``seed`` and ``test_fraction``.
     """
-    data = _open(dataset)
+    data = as_dataset(dataset)
     seed = _checks.integer("seed", seed, 0, numpy=True)
     max_frames = _checks.integer("max_frames", max_frames, 4, numpy=True)
     train_eps, test_eps = split_episodes(data.num_episodes, test_fraction, seed)
@@ -629,7 +621,7 @@ def run_probes(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a LeWM JEPA), got {type(model).__name__}")
-    data = _open(dataset)
+    data = as_dataset(dataset)
     seed = _checks.integer("seed", seed, 0, numpy=True)
     if rollout_seed is None:
         rollout_seed = FRESH_SEED_OFFSET + seed

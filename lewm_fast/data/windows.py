@@ -21,6 +21,7 @@ identical tensors for the same indices:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -252,3 +253,17 @@ class TrainingWindows:
         stop = ids.shape[0] - batch_size + 1 if drop_last else ids.shape[0]
         for i in range(0, max(stop, 0), batch_size):
             yield self.batch(ids[i : i + batch_size], check=False)
+
+
+def as_dataset(dataset: TwoRoomDataset | TrainingWindows | str | os.PathLike) -> TwoRoomDataset:
+    """The dataset behind ``dataset``: a dataset folder is opened, ``TrainingWindows`` give
+    their dataset, a ``TwoRoomDataset`` is returned as is; anything else is a ValueError."""
+    if isinstance(dataset, TrainingWindows):
+        return dataset.dataset
+    if isinstance(dataset, TwoRoomDataset):
+        return dataset
+    if isinstance(dataset, (str, os.PathLike)):
+        return TwoRoomDataset.open(dataset)
+    raise ValueError(
+        f"dataset must be a dataset folder, a TwoRoomDataset or TrainingWindows, got {type(dataset).__name__}"
+    )

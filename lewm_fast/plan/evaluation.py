@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from .. import __version__, _checks
 from ..data.dataset import TwoRoomDataset
 from ..data.windows import action_stats as _dataset_action_stats
-from ..data.windows import normalize_frames
+from ..data.windows import as_dataset, normalize_frames
 from ..envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, distance, layout_image, render
 from ..envs.two_room import step as env_step
 from ..reference.jepa import action_width_of, device_of
@@ -362,7 +362,7 @@ def evaluate(
             raise ValueError(f"with solver given, set {changed} on the solver, not on evaluate")
 
     if isinstance(dataset, (str, os.PathLike)):
-        dataset = TwoRoomDataset.open(dataset)
+        dataset = as_dataset(dataset)  # any other object is read through its columns
     cols = _columns(dataset)
     layout = getattr(dataset, "layout", DEFAULT_LAYOUT)
     eligible = eligible_start_rows(dataset, goal_offset)

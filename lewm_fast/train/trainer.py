@@ -50,6 +50,7 @@ from torch import nn
 
 from .. import _checks
 from ..checkpoint import save_pretrained
+from ..data.windows import as_dataset
 from ..sigreg import SIGReg
 from . import distributed as _dist
 from .config import RESUME_FREE_FIELDS, TrainConfig
@@ -87,20 +88,6 @@ class TrainResult:
     memory: MemoryEstimate
     best_success_rate: float | None = None
     signal: int | None = None
-
-
-def _open_dataset(dataset):
-    from ..data import TrainingWindows, TwoRoomDataset
-
-    if isinstance(dataset, TrainingWindows):
-        return dataset.dataset
-    if isinstance(dataset, TwoRoomDataset):
-        return dataset
-    if isinstance(dataset, (str, os.PathLike)):
-        return TwoRoomDataset.open(dataset)
-    raise ValueError(
-        f"dataset must be a dataset folder, a TwoRoomDataset or TrainingWindows, got {type(dataset).__name__}"
-    )
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -148,7 +135,7 @@ class Trainer:
             raise ValueError(f"config must be a TrainConfig, got {type(self.config).__name__}")
         if evaluator is not None and not callable(evaluator):
             raise ValueError("evaluator must be a callable evaluator(model) -> dict with 'success_rate'")
-        self.dataset = _open_dataset(dataset)
+        self.dataset = as_dataset(dataset)
         self.out_dir = Path(out_dir)
         self.evaluator = evaluator
         self.resume = bool(resume)
