@@ -143,7 +143,7 @@ def encode_positions(
     if not torch.is_tensor(positions) or positions.dim() != 2 or positions.shape[1] != 2:
         shape = tuple(positions.shape) if torch.is_tensor(positions) else type(positions).__name__
         raise ValueError(f"positions must be a tensor of shape (N, 2), got {shape}")
-    _checks.integer("batch_size", batch_size, 1, numpy=True)
+    _checks.integer(batch_size, "batch_size", 1, numpy=True)
     device = _model_device(model)
     size = _model_image_size(model)
     positions = positions.to(device=device, dtype=torch.float32)
@@ -293,7 +293,7 @@ def split_episodes(num_episodes: int, test_fraction: float, seed: int) -> tuple[
     The test split holds round(test_fraction * E) episodes, at least 1, and leaves at
     least 1 for training.
     """
-    num_episodes = _checks.integer("num_episodes", num_episodes, 2, numpy=True)
+    num_episodes = _checks.integer(num_episodes, "num_episodes", 2, numpy=True)
     test_fraction = _check_fraction("test_fraction", test_fraction)
     n_test = min(max(1, round(test_fraction * num_episodes)), num_episodes - 1)
     order = np.random.default_rng(seed).permutation(num_episodes)
@@ -323,8 +323,8 @@ def linear_probe(
     given), frame and episode counts, ``seed`` and ``test_fraction``.
     """
     data = as_dataset(dataset)
-    seed = _checks.integer("seed", seed, 0, numpy=True)
-    max_frames = _checks.integer("max_frames", max_frames, 4, numpy=True)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
+    max_frames = _checks.integer(max_frames, "max_frames", 4, numpy=True)
     train_eps, test_eps = split_episodes(data.num_episodes, test_fraction, seed)
     rng = np.random.default_rng([seed, 1])
     row_episode = np.repeat(np.arange(data.num_episodes), np.asarray(data.ep_len))
@@ -419,11 +419,11 @@ def fresh_windows(
     t + frameskip * i .. + frameskip - 1, concatenated and z-scored with ``action_mean``
     and ``action_std`` (2,) -- pass the training dataset's statistics.
     """
-    episodes = _checks.integer("episodes", episodes, 1, numpy=True)
-    seed = _checks.integer("seed", seed, 0, numpy=True)
-    max_steps = _checks.integer("max_steps", max_steps, 1, numpy=True)
-    frameskip = _checks.integer("frameskip", frameskip, 1, numpy=True)
-    num_frames = _checks.integer("num_frames", num_frames, 2, numpy=True)
+    episodes = _checks.integer(episodes, "episodes", 1, numpy=True)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
+    max_steps = _checks.integer(max_steps, "max_steps", 1, numpy=True)
+    frameskip = _checks.integer(frameskip, "frameskip", 1, numpy=True)
+    num_frames = _checks.integer(num_frames, "num_frames", 2, numpy=True)
     device = torch.device(device)
     mean = torch.as_tensor(action_mean, dtype=torch.float32).reshape(-1).to(device)
     std = torch.as_tensor(action_std, dtype=torch.float32).reshape(-1).to(device)
@@ -497,8 +497,8 @@ def one_step_mse(
     ``pred_loss`` formula, eval mode). ``mse_by_position``[i] is the mean at position i,
     predicting frame i + 1 from frames 0..i. Also returns ``windows``.
     """
-    history_size = _checks.integer("history_size", history_size, 1, numpy=True)
-    _checks.integer("batch_size", batch_size, 1, numpy=True)
+    history_size = _checks.integer(history_size, "history_size", 1, numpy=True)
+    _checks.integer(batch_size, "batch_size", 1, numpy=True)
     if not torch.is_tensor(emb) or emb.dim() != 3 or emb.shape[1] < history_size + 1:
         shape = tuple(emb.shape) if torch.is_tensor(emb) else type(emb).__name__
         raise ValueError(
@@ -548,10 +548,10 @@ def sigreg_heldout(
     seeded with ``seed``. Returns ``value`` (mean over batches), ``std``, ``batches``,
     ``batch_size`` (the B used), ``num_proj`` and ``knots``.
     """
-    _checks.integer("batch_size", batch_size, 2, numpy=True)
-    batches = _checks.integer("batches", batches, 1, numpy=True)
-    num_proj = _checks.integer("num_proj", num_proj, 1, numpy=True)
-    seed = _checks.integer("seed", seed, 0, numpy=True)
+    _checks.integer(batch_size, "batch_size", 2, numpy=True)
+    batches = _checks.integer(batches, "batches", 1, numpy=True)
+    num_proj = _checks.integer(num_proj, "num_proj", 1, numpy=True)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
     if not torch.is_tensor(emb) or emb.dim() != 3:
         shape = tuple(emb.shape) if torch.is_tensor(emb) else type(emb).__name__
         raise ValueError(f"emb must be a tensor (W, T, D), got {shape}")
@@ -622,10 +622,10 @@ def run_probes(
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a LeWM JEPA), got {type(model).__name__}")
     data = as_dataset(dataset)
-    seed = _checks.integer("seed", seed, 0, numpy=True)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
     if rollout_seed is None:
         rollout_seed = FRESH_SEED_OFFSET + seed
-    rollout_seed = _checks.integer("rollout_seed", rollout_seed, 0, numpy=True)
+    rollout_seed = _checks.integer(rollout_seed, "rollout_seed", 0, numpy=True)
     if data.source.get("kind") == "generated" and data.source.get("seed") == rollout_seed:
         raise ValueError(
             f"rollout_seed {rollout_seed} is the seed {data.path} was generated with; the fresh rollouts "

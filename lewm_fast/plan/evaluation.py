@@ -105,7 +105,7 @@ def eligible_start_rows(dataset, goal_offset: int = 25) -> np.ndarray:
     A row is eligible when ``step_idx <= ep_len[episode_idx] - goal_offset - 1``; its goal
     row is ``row + goal_offset`` (rows are grouped by episode in step order).
     """
-    goal_offset = _checks.integer("goal_offset", goal_offset, 1, numpy=True)
+    goal_offset = _checks.integer(goal_offset, "goal_offset", 1, numpy=True)
     cols = _columns(dataset)
     ep_len = cols["ep_len"][cols["episode_idx"]]
     rows = np.flatnonzero(cols["step_idx"] <= ep_len - goal_offset - 1).astype(np.int64)
@@ -131,8 +131,8 @@ def select_start_rows(dataset, episodes: int = 50, goal_offset: int = 25, seed: 
 
 
 def _draw(eligible: np.ndarray, episodes: int, goal_offset: int, seed: int) -> np.ndarray:
-    episodes = _checks.integer("episodes", episodes, 1, numpy=True)
-    seed = _checks.integer("seed", seed, 0, numpy=True)
+    episodes = _checks.integer(episodes, "episodes", 1, numpy=True)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
     if len(eligible) - 1 < episodes:
         raise ValueError(
             f"too few eligible start rows for {episodes} episodes: {len(eligible)} rows leave "
@@ -335,17 +335,17 @@ def evaluate(
         raise ValueError(
             "evaluate needs the model in eval mode (call model.eval()): dropout off, BatchNorm running stats"
         )
-    episodes = _checks.integer("episodes", episodes, 1, numpy=True)
-    goal_offset = _checks.integer("goal_offset", goal_offset, 1, numpy=True)
-    budget = _checks.integer("budget", budget, 1, numpy=True)
-    seed = _checks.integer("seed", seed, 0, numpy=True)
-    horizon = _checks.integer("horizon", horizon, 1, numpy=True)
-    receding_horizon = _checks.integer("receding_horizon", receding_horizon, 1, numpy=True)
-    action_block = _checks.integer("action_block", action_block, 1, numpy=True)
+    episodes = _checks.integer(episodes, "episodes", 1, numpy=True)
+    goal_offset = _checks.integer(goal_offset, "goal_offset", 1, numpy=True)
+    budget = _checks.integer(budget, "budget", 1, numpy=True)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
+    horizon = _checks.integer(horizon, "horizon", 1, numpy=True)
+    receding_horizon = _checks.integer(receding_horizon, "receding_horizon", 1, numpy=True)
+    action_block = _checks.integer(action_block, "action_block", 1, numpy=True)
     if receding_horizon > horizon:
         raise ValueError(f"receding_horizon ({receding_horizon}) must not exceed horizon ({horizon})")
     if planner_seed is not None:
-        planner_seed = _checks.integer("planner_seed", planner_seed, 0, numpy=True)
+        planner_seed = _checks.integer(planner_seed, "planner_seed", 0, numpy=True)
     given = {
         "num_samples": num_samples,
         "n_steps": n_steps,

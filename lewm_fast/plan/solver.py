@@ -111,11 +111,11 @@ class CEMSolver:
         backend: str = "auto",
         max_batch: int | str | None = None,
     ):
-        self.horizon = _checks.integer("horizon", horizon, 1, numpy=True)
-        self.action_dim = _checks.integer("action_dim", action_dim, 1, numpy=True)
-        self.num_samples = _checks.integer("num_samples", num_samples, 2, numpy=True)
-        self.n_steps = _checks.integer("n_steps", n_steps, 1, numpy=True)
-        self.topk = _checks.integer("topk", topk, 2, numpy=True)
+        self.horizon = _checks.integer(horizon, "horizon", 1, numpy=True)
+        self.action_dim = _checks.integer(action_dim, "action_dim", 1, numpy=True)
+        self.num_samples = _checks.integer(num_samples, "num_samples", 2, numpy=True)
+        self.n_steps = _checks.integer(n_steps, "n_steps", 1, numpy=True)
+        self.topk = _checks.integer(topk, "topk", 2, numpy=True)
         if self.topk > self.num_samples:
             raise ValueError(f"topk ({topk}) must not exceed num_samples ({num_samples})")
         if isinstance(var_scale, bool) or not isinstance(var_scale, (int, float)):
