@@ -3,12 +3,56 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+def shape(value: Any) -> str:
+    """``value``'s shape as ``"(2, 3)"``: of a tensor or array, or of a shape tuple (whose
+    entries may be names, ``("rows", 2)``); the type name for anything without a shape."""
+    if hasattr(value, "shape"):
+        value = value.shape
+    if not isinstance(value, tuple):
+        return type(value).__name__
+    return "(" + ", ".join(str(s) for s in value) + ")"
+
+
+def _is_integer(value: Any, numpy: bool) -> bool:
+    kinds = (int, np.integer) if numpy else int
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
+def integer(value: Any, name: str, minimum: int, *, numpy: bool = False) -> int:
+    """``value`` as an ``int`` >= ``minimum``; else ValueError "<name> must be an integer >= <minimum>".
+
+    Bools are refused; numpy integers are accepted only with ``numpy=True`` (config fields
+    stay plain ints so that they serialise).
+    """
+    if not _is_integer(value, numpy) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def positive(value: Any, name: str, *, numpy: bool = False) -> int:
+    """``integer(value, name, 1)`` worded "<name> must be a positive integer"."""
+    if not _is_integer(value, numpy) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device(device)``.
+
+    ValueError when a CUDA device is asked for and CUDA is not available.
+    """
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
+    return resolved
 
 
 def tensor(value, name: str, dims: Sequence[str]) -> torch.Tensor:
@@ -18,7 +62,7 @@ def tensor(value, name: str, dims: Sequence[str]) -> torch.Tensor:
         raise ValueError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value).__name__}")
     if value.dim() != len(dims):
         raise ValueError(
-            f"{name} must have {len(dims)} dimensions {layout}, got {value.dim()} with shape {_shape(value)}"
+            f"{name} must have {len(dims)} dimensions {layout}, got {value.dim()} with shape {shape(value)}"
         )
     return value
 
@@ -42,7 +86,7 @@ def pixels(value, name: str, dims: Sequence[str], channels: int, min_size: int) 
     if c != channels:
         raise ValueError(
             f"{name} must have {channels} channels in {dims[-3]} of ({', '.join(dims)}), got {c} "
-            f"(shape {_shape(value)}); channels-last frames must be permuted to (..., C, H, W)"
+            f"(shape {shape(value)}); channels-last frames must be permuted to (..., C, H, W)"
         )
     if h < min_size or w < min_size:
         raise ValueError(f"{name} frames ({h}x{w}) are smaller than one {min_size}x{min_size} patch")
@@ -56,7 +100,7 @@ def actions(value, name: str, dims: Sequence[str], width: int | None) -> torch.T
     if width is not None and value.shape[-1] != width:
         raise ValueError(
             f"{name} must have {width} numbers per model action (frameskip x action_dim) in the "
-            f"last axis of ({', '.join(dims)}), got {value.shape[-1]} (shape {_shape(value)})"
+            f"last axis of ({', '.join(dims)}), got {value.shape[-1]} (shape {shape(value)})"
         )
     finite(value, name, hint="; window-edge NaN actions must be replaced by 0 before encoding")
     return value
@@ -66,5 +110,5 @@ def same_leading(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, n: 
     """The first ``n`` dimensions of two tensors must agree."""
     if a.shape[:n] != b.shape[:n]:
         raise ValueError(
-            f"{a_name} {_shape(a)} and {b_name} {_shape(b)} must agree in their first {n} dimension(s)"
+            f"{a_name} {shape(a)} and {b_name} {shape(b)} must agree in their first {n} dimension(s)"
         )

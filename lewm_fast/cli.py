@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import _checks
+
 
 def _max_batch(text: str):
     """--max-batch: an integer, 'auto' or 'none' (the solver checks the value)."""
@@ -33,12 +35,10 @@ def _max_batch(text: str):
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"lewm-fast: device {name!r} requested but CUDA is not available")
-    return device
+    try:
+        return _checks.resolve_device(name)
+    except ValueError as exc:
+        raise SystemExit(f"lewm-fast: {exc}") from None
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -113,7 +113,7 @@ def info(args: argparse.Namespace) -> int:
         print(f"{device}: {_device_line(record)}")
     if not cuda:
         print("no CUDA device")
-    probe = torch.empty(0, device="cuda" if cuda else "cpu")
+    probe = torch.empty(0, device=_checks.resolve_device("auto"))
     print(f"${backend.ENV_VAR}={os.environ.get(backend.ENV_VAR, '') or '(unset)'}")
     for op in ("sigreg", "ConditionalBlock"):
         try:

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from . import _checks
 from .reference.vit import VIT_SIZES, ViTConfig
 
 _ENCODER_OVERRIDES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -39,11 +40,8 @@ def parse_value(value: Any) -> Any:
 
 def _check_positive(section: str, obj: Any, names: tuple[str, ...]) -> None:
     for name in names:
-        value = getattr(obj, name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{section}.{name} must be a positive integer, got {value!r}")
+        if getattr(obj, name) is not None:
+            _checks.positive(getattr(obj, name), f"{section}.{name}")
 
 
 def _check_rate(section: str, obj: Any, names: tuple[str, ...]) -> None:

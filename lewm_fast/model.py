@@ -10,7 +10,6 @@ switching is an import change. ``JEPA`` adds input checks (bad input raises
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from . import _checks
 from . import backend as _backend
@@ -163,10 +162,6 @@ class JEPA(_ref_jepa.JEPA):
         patch = getattr(config, "patch_size", 1)
         return channels, int(patch[0] if isinstance(patch, (tuple, list)) else patch)
 
-    def _action_width(self) -> int | None:
-        patch_embed = getattr(self.action_encoder, "patch_embed", None)
-        return patch_embed.in_channels if isinstance(patch_embed, nn.Conv1d) else None
-
     def _num_frames(self) -> int | None:
         pos = getattr(self.predictor, "pos_embedding", None)
         return pos.shape[1] if torch.is_tensor(pos) else None
@@ -183,7 +178,7 @@ class JEPA(_ref_jepa.JEPA):
         (B, T, A), if present -> ``info["act_emb"]`` (B, T, D). Returns ``info``."""
         pixels = self._check_info(info, _PIXELS)
         if "action" in info:
-            action = _checks.actions(info["action"], "info['action']", ("B", "T", "A"), self._action_width())
+            action = _checks.actions(info["action"], "info['action']", ("B", "T", "A"), self.action_width)
             _checks.same_leading(pixels, "info['pixels']", action, "info['action']", 2)
         return super().encode(info)
 
@@ -201,9 +196,7 @@ class JEPA(_ref_jepa.JEPA):
         """Roll out candidates (B, S, T, A) from ``info["pixels"]`` (B, S, H, C, H, W);
         writes ``info["predicted_emb"]`` (B, S, T + 1, D)."""
         pixels = self._check_info(info, _SAMPLE_PIXELS)
-        actions = _checks.actions(
-            action_sequence, "action_sequence", ("B", "S", "T", "A"), self._action_width()
-        )
+        actions = _checks.actions(action_sequence, "action_sequence", ("B", "S", "T", "A"), self.action_width)
         _checks.same_leading(pixels, "info['pixels']", actions, "action_sequence", 2)
         if actions.shape[2] < pixels.shape[2]:
             raise ValueError(

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from . import _checks
 from ._io import write_json_atomic
 from .config import LeWMConfig, parse_value
 from .plan.solver import check_max_batch
@@ -54,12 +55,6 @@ __all__ = [
 STAGES = ("data", "train", "probe", "eval", "report")
 
 
-def _check_int(section: str, obj: Any, name: str, minimum: int) -> None:
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{section}.{name} must be an integer >= {minimum}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """The Two-Room dataset the run generates (see ``lewm_fast.data.generate_dataset``)."""
@@ -71,9 +66,9 @@ class DataConfig:
     frames: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("data", self, "episodes", 1)
-        _check_int("data", self, "seed", 0)
-        _check_int("data", self, "max_steps", 1)
+        _checks.integer(self.episodes, "data.episodes", 1)
+        _checks.integer(self.seed, "data.seed", 0)
+        _checks.integer(self.max_steps, "data.max_steps", 1)
         if self.policy not in ("expert", "random"):
             raise ValueError(f"data.policy must be 'expert' or 'random', got {self.policy!r}")
         if not isinstance(self.frames, bool):
@@ -93,9 +88,9 @@ class ProbeConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"probe.enabled must be true or false, got {self.enabled!r}")
-        _check_int("probe", self, "seed", 0)
+        _checks.integer(self.seed, "probe.seed", 0)
         for name in ("max_frames", "fresh_episodes", "batch_size"):
-            _check_int("probe", self, name, 1)
+            _checks.integer(getattr(self, name), f"probe.{name}", 1)
 
 
 @dataclass(frozen=True)
@@ -133,10 +128,10 @@ class EvalConfig:
             "num_samples",
             "n_steps",
         ):
-            _check_int("eval", self, name, 1)
-        _check_int("eval", self, "topk", 2)
-        _check_int("eval", self, "seed", 0)
-        _check_int("eval", self, "during_training", 0)
+            _checks.integer(getattr(self, name), f"eval.{name}", 1)
+        _checks.integer(self.topk, "eval.topk", 2)
+        _checks.integer(self.seed, "eval.seed", 0)
+        _checks.integer(self.during_training, "eval.during_training", 0)
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"eval.precision must be 'fp32' or 'bf16' (autocast), got {self.precision!r}")
         if self.cuda_graph not in (None, True, False):
@@ -357,15 +352,10 @@ class _Run:
 
     def __init__(self, config: RunConfig, out: Path, log: Callable[[str], None], progress: bool):
         self.config, self.out, self.log, self.progress = config, out, log, progress
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(
-                f"the run asks for device {device!r} but CUDA is not available; "
-                "use --preset smoke or --set device=cpu"
-            )
-        self.device = torch.device(device)
+        try:
+            self.device = _checks.resolve_device(config.device)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; use --preset smoke or --set device=cpu") from None
         train = dataclasses.replace(config.train, progress=progress)
         self.train_config = train
         data_fp = _fingerprint("data", dataclasses.asdict(config.data))

@@ -48,11 +48,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import _checks
 from .data.dataset import TwoRoomDataset
 from .data.generate import draw_episodes, rollout
-from .data.windows import action_stats, normalize_frames
+from .data.windows import action_stats, as_dataset, normalize_frames
 from .envs.policies import make_policy
 from .envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, layout_image, render
+from .reference.jepa import action_width_of, device_of
 from .sigreg import sigreg as _sigreg
 
 __all__ = [
@@ -82,12 +84,6 @@ FRESH_SEED_OFFSET = 1_000_000
 COORDS = ("x", "y")
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def _check_fraction(name: str, value: Any) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < 1.0:
         raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
@@ -108,10 +104,10 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        raise ValueError("the model has no parameters") from None
+    device = device_of(model)
+    if device is None:
+        raise ValueError("the model has no parameters")
+    return device
 
 
 def _model_image_size(model: nn.Module) -> int:
@@ -119,11 +115,6 @@ def _model_image_size(model: nn.Module) -> int:
     if size is None:
         raise ValueError("cannot read the model's image size from model.encoder.config.image_size")
     return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-def _model_action_width(model: nn.Module) -> int | None:
-    patch_embed = getattr(getattr(model, "action_encoder", None), "patch_embed", None)
-    return int(patch_embed.in_channels) if isinstance(patch_embed, nn.Conv1d) else None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -152,7 +143,7 @@ def encode_positions(
     if not torch.is_tensor(positions) or positions.dim() != 2 or positions.shape[1] != 2:
         shape = tuple(positions.shape) if torch.is_tensor(positions) else type(positions).__name__
         raise ValueError(f"positions must be a tensor of shape (N, 2), got {shape}")
-    _check_int("batch_size", batch_size, 1)
+    _checks.integer(batch_size, "batch_size", 1, numpy=True)
     device = _model_device(model)
     size = _model_image_size(model)
     positions = positions.to(device=device, dtype=torch.float32)
@@ -302,19 +293,11 @@ def split_episodes(num_episodes: int, test_fraction: float, seed: int) -> tuple[
     The test split holds round(test_fraction * E) episodes, at least 1, and leaves at
     least 1 for training.
     """
-    num_episodes = _check_int("num_episodes", num_episodes, 2)
+    num_episodes = _checks.integer(num_episodes, "num_episodes", 2, numpy=True)
     test_fraction = _check_fraction("test_fraction", test_fraction)
     n_test = min(max(1, round(test_fraction * num_episodes)), num_episodes - 1)
     order = np.random.default_rng(seed).permutation(num_episodes)
     return np.sort(order[n_test:]).astype(np.int64), np.sort(order[:n_test]).astype(np.int64)
-
-
-def _open(dataset: TwoRoomDataset | str | os.PathLike) -> TwoRoomDataset:
-    if isinstance(dataset, TwoRoomDataset):
-        return dataset
-    if isinstance(dataset, (str, os.PathLike)):
-        return TwoRoomDataset.open(dataset)
-    raise ValueError(f"dataset must be a TwoRoomDataset or a dataset folder, got {type(dataset).__name__}")
 
 
 def linear_probe(
@@ -339,9 +322,9 @@ def linear_probe(
     episodes, ``rmse_px`` {x, y}, ``alpha``, ``val_mse_by_alpha`` (empty when alpha was
     given), frame and episode counts, ``seed`` and ``test_fraction``.
     """
-    data = _open(dataset)
-    seed = _check_int("seed", seed, 0)
-    max_frames = _check_int("max_frames", max_frames, 4)
+    data = as_dataset(dataset)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
+    max_frames = _checks.integer(max_frames, "max_frames", 4, numpy=True)
     train_eps, test_eps = split_episodes(data.num_episodes, test_fraction, seed)
     rng = np.random.default_rng([seed, 1])
     row_episode = np.repeat(np.arange(data.num_episodes), np.asarray(data.ep_len))
@@ -436,11 +419,11 @@ def fresh_windows(
     t + frameskip * i .. + frameskip - 1, concatenated and z-scored with ``action_mean``
     and ``action_std`` (2,) -- pass the training dataset's statistics.
     """
-    episodes = _check_int("episodes", episodes, 1)
-    seed = _check_int("seed", seed, 0)
-    max_steps = _check_int("max_steps", max_steps, 1)
-    frameskip = _check_int("frameskip", frameskip, 1)
-    num_frames = _check_int("num_frames", num_frames, 2)
+    episodes = _checks.integer(episodes, "episodes", 1, numpy=True)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
+    max_steps = _checks.integer(max_steps, "max_steps", 1, numpy=True)
+    frameskip = _checks.integer(frameskip, "frameskip", 1, numpy=True)
+    num_frames = _checks.integer(num_frames, "num_frames", 2, numpy=True)
     device = torch.device(device)
     mean = torch.as_tensor(action_mean, dtype=torch.float32).reshape(-1).to(device)
     std = torch.as_tensor(action_std, dtype=torch.float32).reshape(-1).to(device)
@@ -514,8 +497,8 @@ def one_step_mse(
     ``pred_loss`` formula, eval mode). ``mse_by_position``[i] is the mean at position i,
     predicting frame i + 1 from frames 0..i. Also returns ``windows``.
     """
-    history_size = _check_int("history_size", history_size, 1)
-    _check_int("batch_size", batch_size, 1)
+    history_size = _checks.integer(history_size, "history_size", 1, numpy=True)
+    _checks.integer(batch_size, "batch_size", 1, numpy=True)
     if not torch.is_tensor(emb) or emb.dim() != 3 or emb.shape[1] < history_size + 1:
         shape = tuple(emb.shape) if torch.is_tensor(emb) else type(emb).__name__
         raise ValueError(
@@ -565,10 +548,10 @@ def sigreg_heldout(
     seeded with ``seed``. Returns ``value`` (mean over batches), ``std``, ``batches``,
     ``batch_size`` (the B used), ``num_proj`` and ``knots``.
     """
-    _check_int("batch_size", batch_size, 2)
-    batches = _check_int("batches", batches, 1)
-    num_proj = _check_int("num_proj", num_proj, 1)
-    seed = _check_int("seed", seed, 0)
+    _checks.integer(batch_size, "batch_size", 2, numpy=True)
+    batches = _checks.integer(batches, "batches", 1, numpy=True)
+    num_proj = _checks.integer(num_proj, "num_proj", 1, numpy=True)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
     if not torch.is_tensor(emb) or emb.dim() != 3:
         shape = tuple(emb.shape) if torch.is_tensor(emb) else type(emb).__name__
         raise ValueError(f"emb must be a tensor (W, T, D), got {shape}")
@@ -638,17 +621,17 @@ def run_probes(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module (a LeWM JEPA), got {type(model).__name__}")
-    data = _open(dataset)
-    seed = _check_int("seed", seed, 0)
+    data = as_dataset(dataset)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
     if rollout_seed is None:
         rollout_seed = FRESH_SEED_OFFSET + seed
-    rollout_seed = _check_int("rollout_seed", rollout_seed, 0)
+    rollout_seed = _checks.integer(rollout_seed, "rollout_seed", 0, numpy=True)
     if data.source.get("kind") == "generated" and data.source.get("seed") == rollout_seed:
         raise ValueError(
             f"rollout_seed {rollout_seed} is the seed {data.path} was generated with; the fresh rollouts "
             "would repeat training episodes -- choose another rollout_seed"
         )
-    width = _model_action_width(model)
+    width = action_width_of(model)
     if width is not None and width != 2 * frameskip:
         raise ValueError(
             f"the model's action encoder takes {width} numbers per step, but frameskip {frameskip} "

@@ -14,6 +14,7 @@ from .windows import (
     StoredFrames,
     TrainingWindows,
     action_stats,
+    as_dataset,
     normalize_frames,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "import_hdf5",
     "export_hdf5",
     "TrainingWindows",
+    "as_dataset",
     "RenderedFrames",
     "StoredFrames",
     "normalize_frames",

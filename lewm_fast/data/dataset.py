@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _checks
 from .._io import AtomicFolder, atomic_file, write_json_atomic
 from ..envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout
 
@@ -66,10 +67,6 @@ COLUMNS: dict[str, Column] = {
 }
 
 
-def _shape(shape) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
-
-
 def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
@@ -94,9 +91,9 @@ def validate_columns(
         if array.dtype != np.dtype(col.dtype):
             raise ValueError(f"{where(name)}: column {name!r} must have dtype {col.dtype}, got {array.dtype}")
         if array.ndim != 1 + len(col.trailing) or tuple(array.shape[1:]) != col.trailing:
-            want = _shape(("rows" if col.per == "row" else "episodes",) + col.trailing)
+            want = _checks.shape(("rows" if col.per == "row" else "episodes",) + col.trailing)
             raise ValueError(
-                f"{where(name)}: column {name!r} must have shape {want}, got {_shape(array.shape)}"
+                f"{where(name)}: column {name!r} must have shape {want}, got {_checks.shape(array.shape)}"
             )
     rows = columns["proprio"].shape[0]
     episodes = columns["ep_len"].shape[0]
@@ -294,8 +291,8 @@ class TwoRoomDataset:
             shard = _load_npy(path / name, "pixels")
             if shard.dtype != np.uint8 or shard.shape != (n, s, s, 3):
                 raise ValueError(
-                    f"{path / name}: column 'pixels' shard must be uint8 {_shape((n, s, s, 3))}, "
-                    f"got {shard.dtype} {_shape(shard.shape)}"
+                    f"{path / name}: column 'pixels' shard must be uint8 {_checks.shape((n, s, s, 3))}, "
+                    f"got {shard.dtype} {_checks.shape(shard.shape)}"
                 )
             shards.append(shard)
         return shards
@@ -343,7 +340,7 @@ class DatasetWriter:
     def add_frames(self, frames: np.ndarray) -> None:
         """Append uint8 frames (n, H, W, 3) in row order."""
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
-            raise ValueError(f"frames must be uint8 (n, H, W, 3), got {frames.dtype} {_shape(frames.shape)}")
+            raise ValueError(f"frames must be uint8 (n, H, W, 3), got {frames.dtype} {_checks.shape(frames)}")
         self._pending.append(np.ascontiguousarray(frames))
         self._pending_rows += frames.shape[0]
         self.frame_rows += frames.shape[0]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import _checks
 from ..envs.policies import NoisyExpert, UniformRandom, make_policy
 from ..envs.two_room import (
     DEFAULT_LAYOUT,
@@ -132,8 +133,7 @@ def generate_dataset(
         ("batch_episodes", batch_episodes, 1),
         ("seed", seed, 0),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        _checks.integer(value, name, low)
     actor = make_policy(policy, layout)
     device = torch.device(device)
     background = layout_image(layout, device) if frames else None

@@ -21,12 +21,14 @@ identical tensors for the same indices:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import _checks
 from ..envs.two_room import TwoRoomLayout, layout_image, render
 from .dataset import TwoRoomDataset
 
@@ -142,8 +144,7 @@ class TrainingWindows:
         split_seed: int = 3072,
     ):
         for name, value in (("num_frames", num_frames), ("frameskip", frameskip), ("image_size", image_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            _checks.positive(value, name)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         self.dataset = dataset
@@ -252,3 +253,17 @@ class TrainingWindows:
         stop = ids.shape[0] - batch_size + 1 if drop_last else ids.shape[0]
         for i in range(0, max(stop, 0), batch_size):
             yield self.batch(ids[i : i + batch_size], check=False)
+
+
+def as_dataset(dataset: TwoRoomDataset | TrainingWindows | str | os.PathLike) -> TwoRoomDataset:
+    """The dataset behind ``dataset``: a dataset folder is opened, ``TrainingWindows`` give
+    their dataset, a ``TwoRoomDataset`` is returned as is; anything else is a ValueError."""
+    if isinstance(dataset, TrainingWindows):
+        return dataset.dataset
+    if isinstance(dataset, TwoRoomDataset):
+        return dataset
+    if isinstance(dataset, (str, os.PathLike)):
+        return TwoRoomDataset.open(dataset)
+    raise ValueError(
+        f"dataset must be a dataset folder, a TwoRoomDataset or TrainingWindows, got {type(dataset).__name__}"
+    )

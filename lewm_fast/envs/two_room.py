@@ -101,13 +101,9 @@ class TwoRoomLayout:
 
     def __post_init__(self) -> None:
         for name in ("size", "border", "border_thickness", "wall_center", "wall_thickness"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TwoRoomLayout.{name} must be a positive integer, got {value!r}")
+            _checks.positive(getattr(self, name), f"TwoRoomLayout.{name}")
         for name in ("door_center", "door_half"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"TwoRoomLayout.{name} must be a non-negative integer, got {value!r}")
+            _checks.integer(getattr(self, name), f"TwoRoomLayout.{name}", 0)
         for name in ("radius", "speed", "success_distance"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -413,8 +409,7 @@ def episode_generator(seed: int, episode: int) -> torch.Generator:
     (:func:`sample_start_goal`), then the policy's per-step randomness.
     """
     for name, value in (("seed", seed), ("episode", episode)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        _checks.integer(value, name, 0, numpy=True)
     state = np.random.SeedSequence([int(seed), int(episode)]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
@@ -454,8 +449,7 @@ class TwoRoom:
     def __init__(
         self, num_envs: int, *, device: str | torch.device = "cpu", layout: TwoRoomLayout = DEFAULT_LAYOUT
     ):
-        if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
-            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        _checks.positive(num_envs, "num_envs")
         if not isinstance(layout, TwoRoomLayout):
             raise ValueError(f"layout must be a TwoRoomLayout, got {type(layout).__name__}")
         self.num_envs = num_envs

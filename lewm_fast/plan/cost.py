@@ -377,7 +377,7 @@ def planning_cost(
     if model.training:
         raise ValueError("planning_cost needs the model in eval mode (call model.eval())")
     cost = PlanningCost(model, history_size)
-    width = model.action_encoder.patch_embed.in_channels
+    width = model.action_width
     if candidates.shape[3] != width:
         raise ValueError(
             f"candidates must have {width} numbers per model action (frameskip x action_dim), "

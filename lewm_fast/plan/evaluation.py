@@ -39,20 +39,20 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from itertools import chain
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, _checks
 from .._io import write_json_atomic
 from ..data.dataset import TwoRoomDataset
 from ..data.windows import action_stats as _dataset_action_stats
-from ..data.windows import normalize_frames
+from ..data.windows import as_dataset, normalize_frames
 from ..envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, distance, layout_image, render
 from ..envs.two_room import step as env_step
+from ..reference.jepa import action_width_of, device_of
 from .solver import CEMSolver
 
 __all__ = ["evaluate", "eligible_start_rows", "select_start_rows", "blocks_to_actions"]
@@ -70,12 +70,6 @@ _PLANNER_DEFAULTS = {
     "cuda_graph": None,
     "max_batch": "auto",
 }
-
-
-def _int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 # ----------------------------------------------------------------------- dataset side
@@ -109,7 +103,7 @@ def eligible_start_rows(dataset, goal_offset: int = 25) -> np.ndarray:
     A row is eligible when ``step_idx <= ep_len[episode_idx] - goal_offset - 1``; its goal
     row is ``row + goal_offset`` (rows are grouped by episode in step order).
     """
-    goal_offset = _int("goal_offset", goal_offset, 1)
+    goal_offset = _checks.integer(goal_offset, "goal_offset", 1, numpy=True)
     cols = _columns(dataset)
     ep_len = cols["ep_len"][cols["episode_idx"]]
     rows = np.flatnonzero(cols["step_idx"] <= ep_len - goal_offset - 1).astype(np.int64)
@@ -135,8 +129,8 @@ def select_start_rows(dataset, episodes: int = 50, goal_offset: int = 25, seed: 
 
 
 def _draw(eligible: np.ndarray, episodes: int, goal_offset: int, seed: int) -> np.ndarray:
-    episodes = _int("episodes", episodes, 1)
-    seed = _int("seed", seed, 0)
+    episodes = _checks.integer(episodes, "episodes", 1, numpy=True)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
     if len(eligible) - 1 < episodes:
         raise ValueError(
             f"too few eligible start rows for {episodes} episodes: {len(eligible)} rows leave "
@@ -194,19 +188,6 @@ def _action_stats(given, action: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
 
 
 # ----------------------------------------------------------------------- model side
-
-
-def _model_device(model) -> torch.device:
-    if isinstance(model, nn.Module):
-        tensor = next(chain(model.parameters(), model.buffers()), None)
-        if tensor is not None:
-            return tensor.device
-    return torch.device("cpu")
-
-
-def _action_width(model) -> int | None:
-    patch_embed = getattr(getattr(model, "action_encoder", None), "patch_embed", None)
-    return patch_embed.in_channels if isinstance(patch_embed, nn.Conv1d) else None
 
 
 def _image_size(model, layout: TwoRoomLayout) -> int:
@@ -335,17 +316,17 @@ def evaluate(
         raise ValueError(
             "evaluate needs the model in eval mode (call model.eval()): dropout off, BatchNorm running stats"
         )
-    episodes = _int("episodes", episodes, 1)
-    goal_offset = _int("goal_offset", goal_offset, 1)
-    budget = _int("budget", budget, 1)
-    seed = _int("seed", seed, 0)
-    horizon = _int("horizon", horizon, 1)
-    receding_horizon = _int("receding_horizon", receding_horizon, 1)
-    action_block = _int("action_block", action_block, 1)
+    episodes = _checks.integer(episodes, "episodes", 1, numpy=True)
+    goal_offset = _checks.integer(goal_offset, "goal_offset", 1, numpy=True)
+    budget = _checks.integer(budget, "budget", 1, numpy=True)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
+    horizon = _checks.integer(horizon, "horizon", 1, numpy=True)
+    receding_horizon = _checks.integer(receding_horizon, "receding_horizon", 1, numpy=True)
+    action_block = _checks.integer(action_block, "action_block", 1, numpy=True)
     if receding_horizon > horizon:
         raise ValueError(f"receding_horizon ({receding_horizon}) must not exceed horizon ({horizon})")
     if planner_seed is not None:
-        planner_seed = _int("planner_seed", planner_seed, 0)
+        planner_seed = _checks.integer(planner_seed, "planner_seed", 0, numpy=True)
     given = {
         "num_samples": num_samples,
         "n_steps": n_steps,
@@ -362,14 +343,14 @@ def evaluate(
             raise ValueError(f"with solver given, set {changed} on the solver, not on evaluate")
 
     if isinstance(dataset, (str, os.PathLike)):
-        dataset = TwoRoomDataset.open(dataset)
+        dataset = as_dataset(dataset)  # any other object is read through its columns
     cols = _columns(dataset)
     layout = getattr(dataset, "layout", DEFAULT_LAYOUT)
     eligible = eligible_start_rows(dataset, goal_offset)
     rows = _draw(eligible, episodes, goal_offset, seed)
     dims = cols["action"].shape[1]
     width = action_block * dims
-    model_width = _action_width(model)
+    model_width = action_width_of(model)
     if model_width is not None and model_width != width:
         raise ValueError(
             f"the model's action width is {model_width}, but action_block ({action_block}) x the dataset's "
@@ -377,7 +358,7 @@ def evaluate(
         )
     mean, std, stats_source = _action_stats(action_stats, cols["action"])
 
-    device = _model_device(model) if device is None else torch.device(device)
+    device = (device_of(model) or torch.device("cpu")) if device is None else torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if solver is None:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _csrc
+from .. import _checks, _csrc
 from .. import backend as _backend
 
 __all__ = ["Refit", "cem_refit", "cem_refit_torch", "CUDA_MAX_SHARED_ITEMS"]
@@ -36,10 +36,6 @@ class Refit(NamedTuple):
     nan_count: torch.Tensor  # (B,) int32, NaN costs among the S samples
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def _check(candidates, costs, mean, std, topk) -> None:
     for name, value, dims in (
         ("candidates", candidates, 4),
@@ -48,17 +44,19 @@ def _check(candidates, costs, mean, std, topk) -> None:
         ("std", std, 3),
     ):
         if not torch.is_tensor(value) or value.dim() != dims:
-            got = _shape(value) if torch.is_tensor(value) else type(value).__name__
+            got = _checks.shape(value) if torch.is_tensor(value) else type(value).__name__
             raise ValueError(f"cem_refit: {name} must be a {dims}-d tensor, got {got}")
     b, s, t, a = candidates.shape
     if tuple(costs.shape) != (b, s):
         raise ValueError(
-            f"cem_refit: costs must be (B, S) = ({b}, {s}) to match candidates {_shape(candidates)}, "
-            f"got {_shape(costs)}"
+            f"cem_refit: costs must be (B, S) = ({b}, {s}) to match candidates {_checks.shape(candidates)}, "
+            f"got {_checks.shape(costs)}"
         )
     for name, value in (("mean", mean), ("std", std)):
         if tuple(value.shape) != (b, t, a):
-            raise ValueError(f"cem_refit: {name} must be (B, T, A) = ({b}, {t}, {a}), got {_shape(value)}")
+            raise ValueError(
+                f"cem_refit: {name} must be (B, T, A) = ({b}, {t}, {a}), got {_checks.shape(value)}"
+            )
     if isinstance(topk, bool) or not isinstance(topk, int) or not 2 <= topk <= s:
         raise ValueError(
             f"cem_refit: topk must be an int in [2, S = {s}] (the unbiased std needs two elites)"

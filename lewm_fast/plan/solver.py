@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _checks
 from .. import backend as _backend
 from ..reference.jepa import JEPA as _ReferenceJEPA
+from ..reference.jepa import action_width_of, device_of
 from .cost import LowPrecisionWeights, PlanningCost, fast_cost_unsupported_reason
 from .refit import cem_refit
 
@@ -35,12 +37,6 @@ def plan_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def check_max_batch(value, name: str = "max_batch") -> int | str | None:
     """A valid ``max_batch``: a positive integer, ``"auto"`` or None (else ValueError)."""
     if value is None or value == "auto":
@@ -48,10 +44,6 @@ def check_max_batch(value, name: str = "max_batch") -> int | str | None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, 'auto' or null (None), got {value!r}")
     return int(value)
-
-
-def _shape(value) -> str:
-    return str(tuple(value.shape)) if hasattr(value, "shape") else type(value).__name__
 
 
 @dataclass
@@ -119,11 +111,11 @@ class CEMSolver:
         backend: str = "auto",
         max_batch: int | str | None = None,
     ):
-        self.horizon = _positive_int("horizon", horizon)
-        self.action_dim = _positive_int("action_dim", action_dim)
-        self.num_samples = _positive_int("num_samples", num_samples, 2)
-        self.n_steps = _positive_int("n_steps", n_steps)
-        self.topk = _positive_int("topk", topk, 2)
+        self.horizon = _checks.integer(horizon, "horizon", 1, numpy=True)
+        self.action_dim = _checks.integer(action_dim, "action_dim", 1, numpy=True)
+        self.num_samples = _checks.integer(num_samples, "num_samples", 2, numpy=True)
+        self.n_steps = _checks.integer(n_steps, "n_steps", 1, numpy=True)
+        self.topk = _checks.integer(topk, "topk", 2, numpy=True)
         if self.topk > self.num_samples:
             raise ValueError(f"topk ({topk}) must not exceed num_samples ({num_samples})")
         if isinstance(var_scale, bool) or not isinstance(var_scale, (int, float)):
@@ -156,7 +148,7 @@ class CEMSolver:
                 "model must expose get_cost(info_dict, candidates) or be a LeWM JEPA, "
                 f"got {type(model).__name__}"
             )
-        width = self._model_action_width(model)
+        width = action_width_of(model)
         if width is not None and width != self.action_dim:
             raise ValueError(
                 f"action_dim = {action_dim} does not match the model's action width {width} "
@@ -169,21 +161,16 @@ class CEMSolver:
         self._low = LowPrecisionWeights(model, autocast) if self.fast and autocast is not None else None
         self.history_size = history_size
 
+        model_device = device_of(model)
         if device is None:
-            param = (
-                next(chain(model.parameters(), model.buffers()), None)
-                if isinstance(model, nn.Module)
-                else None
-            )
-            device = param.device if param is not None else torch.device("cpu")
+            device = model_device or torch.device("cpu")
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if self.fast:
-            param = next(chain(model.parameters(), model.buffers()), None)
-            if param is not None and param.device != self.device:
+            if model_device is not None and model_device != self.device:
                 raise ValueError(
-                    f"the model is on {param.device} but planning runs on {self.device}; "
+                    f"the model is on {model_device} but planning runs on {self.device}; "
                     "move the model there (model.to(device)) or leave device=None"
                 )
         if cuda_graph and (self.device.type != "cuda" or not self.fast):
@@ -198,11 +185,6 @@ class CEMSolver:
         self._warned_training = False
 
     # ----------------------------------------------------------------- helpers
-    @staticmethod
-    def _model_action_width(model) -> int | None:
-        patch_embed = getattr(getattr(model, "action_encoder", None), "patch_embed", None)
-        return patch_embed.in_channels if isinstance(patch_embed, nn.Conv1d) else None
-
     def _generator(self) -> torch.Generator:
         if self.device not in self._generators:
             self._generators[self.device] = torch.Generator(device=self.device)
@@ -220,7 +202,9 @@ class CEMSolver:
         if isinstance(init_action, np.ndarray):
             init_action = torch.from_numpy(init_action)
         if not torch.is_tensor(init_action) or init_action.dim() != 3:
-            raise ValueError(f"init_action must be a (B, T0, action_dim) tensor, got {_shape(init_action)}")
+            raise ValueError(
+                f"init_action must be a (B, T0, action_dim) tensor, got {_checks.shape(init_action)}"
+            )
         b, t0, a = init_action.shape
         if b != envs or a != self.action_dim or t0 > self.horizon:
             raise ValueError(
@@ -249,7 +233,7 @@ class CEMSolver:
         if not torch.is_tensor(value) or value.dim() != 5 or not value.is_floating_point():
             raise ValueError(
                 f"info_dict[{key!r}] must be float frames of shape (B, T, C, H, W) for the fast path, "
-                f"got {_shape(value)}"
+                f"got {_checks.shape(value)}"
             )
         return value.to(self.device, torch.float32)
 
@@ -353,7 +337,7 @@ class CEMSolver:
             if not torch.is_tensor(costs) or tuple(costs.shape) != (envs, samples):
                 raise ValueError(
                     f"get_cost must return a tensor of shape (B, S) = ({envs}, {samples}), "
-                    f"got {_shape(costs)}"
+                    f"got {_checks.shape(costs)}"
                 )
             return costs.to(self.device, torch.float32)
 

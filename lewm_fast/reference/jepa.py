@@ -15,11 +15,30 @@ Spec sections 2 and 6. ``encode`` / ``rollout`` / ``get_cost`` read and write an
 
 from __future__ import annotations
 
+from itertools import chain
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .sigreg import SIGReg
+
+
+def action_width_of(model) -> int | None:
+    """Numbers per model action (frameskip x action_dim) ``model`` takes: the input channels of
+    ``model.action_encoder.patch_embed``; None when that is not a Conv1d (not a LeWM model)."""
+    patch_embed = getattr(getattr(model, "action_encoder", None), "patch_embed", None)
+    return int(patch_embed.in_channels) if isinstance(patch_embed, nn.Conv1d) else None
+
+
+def device_of(model) -> torch.device | None:
+    """Device of ``model``'s first parameter or buffer; None for a module without either or a
+    non-module."""
+    if isinstance(model, nn.Module):
+        tensor = next(chain(model.parameters(), model.buffers()), None)
+        if tensor is not None:
+            return tensor.device
+    return None
 
 
 class JEPA(nn.Module):
@@ -44,6 +63,16 @@ class JEPA(nn.Module):
         self.action_encoder = action_encoder
         self.projector = projector or nn.Identity()
         self.pred_proj = pred_proj or nn.Identity()
+
+    @property
+    def action_width(self) -> int | None:
+        """Numbers per model action, frameskip x action_dim (see :func:`action_width_of`)."""
+        return action_width_of(self)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter."""
+        return device_of(self)
 
     def encode(self, info: dict) -> dict:
         """Embed ``info["pixels"]`` (B, T, C, H, W) and, if present, ``info["action"]`` (B, T, A)."""
@@ -98,7 +127,7 @@ class JEPA(nn.Module):
 
     def get_cost(self, info: dict, action_candidates: torch.Tensor) -> torch.Tensor:
         """Cost (B, S) of candidates (B, S, T, A) for reaching ``info["goal"]`` from ``info["pixels"]``."""
-        device = next(self.parameters()).device
+        device = self.device
         for k in list(info):
             if torch.is_tensor(info[k]):
                 info[k] = info[k].to(device)

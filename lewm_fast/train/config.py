@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .. import _checks
 from ..config import LeWMConfig, parse_value
 from .memory import parse_size
 from .step import PLANS
@@ -40,13 +41,6 @@ RESUME_FREE_FIELDS = (
     "keep_checkpoints",
     "compile",
 )
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
 
 
 def _number(name: str, value: Any, low: float | None = None, high: float | None = None) -> None:
@@ -122,13 +116,13 @@ class TrainConfig:
         if not isinstance(self.model, LeWMConfig):
             raise ValueError(f"TrainConfig.model must be a LeWMConfig, got {type(self.model).__name__}")
         for name in ("epochs", "batch_size", "sigreg_knots", "sigreg_num_proj", "log_every"):
-            _positive_int(name, getattr(self, name))
+            _checks.positive(getattr(self, name), f"TrainConfig.{name}")
         for name in ("chunk_size", "epoch_steps", "max_steps", "val_max_batches", "early_stop_patience"):
-            _positive_int(name, getattr(self, name), allow_none=True)
+            if getattr(self, name) is not None:
+                _checks.positive(getattr(self, name), f"TrainConfig.{name}")
         for name in ("eval_every_epochs", "max_nonfinite_steps", "keep_checkpoints"):
-            _positive_int(name, getattr(self, name))
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
+            _checks.positive(getattr(self, name), f"TrainConfig.{name}")
+        _checks.integer(self.seed, "TrainConfig.seed", 0)
         if not 0 < self.lr < 1:
             raise ValueError(f"TrainConfig.lr must be in (0, 1), got {self.lr!r}")
         _number("weight_decay", self.weight_decay, 0.0)

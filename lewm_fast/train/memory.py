@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _checks
 from ..config import LeWMConfig
 from .step import PLANS, default_chunk_size
 
@@ -195,8 +196,7 @@ def estimate_peak(
         raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _checks.positive(batch_size, "batch_size")
     t = num_frames or config.predictor.num_frames + 1
     vit = config.encoder.vit_config()
     d, f, n_layers = vit.hidden_size, vit.intermediate_size, vit.num_hidden_layers
@@ -218,8 +218,7 @@ def estimate_peak(
         encoder = frames * (tokens * (n_layers + 1) * 4 * d + frame_cast) + 2 * frames * tokens * per_layer
     else:
         chunk = chunk_size or default_chunk_size(batch_size)
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk!r}")
+        _checks.positive(chunk, "chunk_size")
         chunk_frames = min(chunk, batch_size) * t
         encoder = chunk_frames * (tokens * ((n_layers + 1) * per_layer + 4 * d) + frame_cast) + frames * d * 8
 

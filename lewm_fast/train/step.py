@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import _checks
+from ..reference.jepa import action_width_of
 
 __all__ = ["PLANS", "forward_backward", "default_chunk_size"]
 
@@ -60,10 +61,10 @@ def _check_batch(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(
             f"windows must have T = history + 1 frames with 1 <= history <= {frames}, got T = {t}"
         )
-    patch = getattr(model.action_encoder, "patch_embed", None)
-    if isinstance(patch, nn.Conv1d) and action.shape[-1] != patch.in_channels:
+    width = action_width_of(model)
+    if width is not None and action.shape[-1] != width:
         raise ValueError(
-            f"batch['action'] must have {patch.in_channels} numbers per model action, got {action.shape[-1]}"
+            f"batch['action'] must have {width} numbers per model action, got {action.shape[-1]}"
         )
     return pixels, action
 
@@ -106,9 +107,7 @@ def _check_deterministic_encoder(encoder: nn.Module) -> None:
 
 def _world_size(world_size: int | None) -> int:
     if world_size is not None:
-        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-        return world_size
+        return _checks.positive(world_size, "world_size")
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -151,8 +150,7 @@ def forward_backward(
     if chunk_size is not None:
         if memory_plan != "two_pass":
             raise ValueError(f"chunk_size applies to memory_plan='two_pass' only, got plan {memory_plan!r}")
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer (windows per chunk), got {chunk_size!r}")
+        _checks.positive(chunk_size, "chunk_size")
     if not isinstance(lambd, (int, float)) or isinstance(lambd, bool) or not math.isfinite(lambd):
         raise ValueError(f"lambd must be a finite number, got {lambd!r}")
     pred_scale = 1.0 / _world_size(world_size)

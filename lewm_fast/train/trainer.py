@@ -48,8 +48,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import _checks
 from .._io import write_text_atomic
 from ..checkpoint import save_pretrained
+from ..data.windows import as_dataset
 from ..sigreg import SIGReg
 from . import distributed as _dist
 from .config import RESUME_FREE_FIELDS, TrainConfig
@@ -87,20 +89,6 @@ class TrainResult:
     memory: MemoryEstimate
     best_success_rate: float | None = None
     signal: int | None = None
-
-
-def _open_dataset(dataset):
-    from ..data import TrainingWindows, TwoRoomDataset
-
-    if isinstance(dataset, TrainingWindows):
-        return dataset.dataset
-    if isinstance(dataset, TwoRoomDataset):
-        return dataset
-    if isinstance(dataset, (str, os.PathLike)):
-        return TwoRoomDataset.open(dataset)
-    raise ValueError(
-        f"dataset must be a dataset folder, a TwoRoomDataset or TrainingWindows, got {type(dataset).__name__}"
-    )
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -148,15 +136,11 @@ class Trainer:
             raise ValueError(f"config must be a TrainConfig, got {type(self.config).__name__}")
         if evaluator is not None and not callable(evaluator):
             raise ValueError("evaluator must be a callable evaluator(model) -> dict with 'success_rate'")
-        self.dataset = _open_dataset(dataset)
+        self.dataset = as_dataset(dataset)
         self.out_dir = Path(out_dir)
         self.evaluator = evaluator
         self.resume = bool(resume)
-        if isinstance(device, str) and device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        self.device = _checks.resolve_device(device)
         if self.resume and latest_checkpoint(self.out_dir) is None:
             raise ValueError(f"resume=True but {self.out_dir} holds no checkpoint to resume from")
         if not self.resume and latest_checkpoint(self.out_dir) is not None:
