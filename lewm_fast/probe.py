@@ -51,7 +51,7 @@ from torch import nn
 from . import _checks
 from .data.dataset import TwoRoomDataset
 from .data.generate import draw_episodes, rollout
-from .data.windows import action_stats, as_dataset, normalize_frames
+from .data.windows import action_stats, as_dataset, normalize_frames, window_rows, window_starts
 from .envs.policies import make_policy
 from .envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, layout_image, render
 from .reference.jepa import action_width_of, device_of
@@ -413,11 +413,13 @@ def fresh_windows(
     Episode e is :func:`lewm_fast.envs.episode_generator` (``seed``, e) rolled out with
     ``policy`` ("expert": the published noisy expert; "random") until success or
     ``max_steps`` actions -- the same process as ``generate_dataset(seed=seed)``, so a seed
-    different from the training dataset's gives episodes the model never saw. A window
-    starts at every row t with rows t .. t + num_frames * frameskip - 1 in one episode;
-    its frame i is row t + frameskip * i and its action i the raw actions of rows
-    t + frameskip * i .. + frameskip - 1, concatenated and z-scored with ``action_mean``
-    and ``action_std`` (2,) -- pass the training dataset's statistics.
+    different from the training dataset's gives episodes the model never saw. The windows
+    are those of training (:func:`lewm_fast.data.windows.window_starts` and
+    :func:`~lewm_fast.data.windows.window_rows`): a window starts at every row t with rows
+    t .. t + num_frames * frameskip - 1 in one episode; its frame i is row t + frameskip * i
+    and its action i the raw actions of rows t + frameskip * i .. + frameskip - 1,
+    concatenated and z-scored with ``action_mean`` and ``action_std`` (2,) -- pass the
+    training dataset's statistics.
     """
     episodes = _checks.integer(episodes, "episodes", 1, numpy=True)
     seed = _checks.integer(seed, "seed", 0, numpy=True)
@@ -441,22 +443,15 @@ def fresh_windows(
     raw[torch.arange(c, device=device), lengths] = float("nan")  # the last row takes no action
     row_xy = positions[keep]  # (R, 2)
     row_action = (raw[keep] - mean) / std  # (R, 2) z-scored, NaN kept
-    ep_offset = torch.cumsum(ep_len, 0) - ep_len
 
-    span = num_frames * frameskip
-    per_episode = torch.clamp(ep_len - span + 1, min=0)
-    total = int(per_episode.sum())
-    if total == 0:
+    start, episode = window_starts(ep_len, num_frames * frameskip)  # (W,) each
+    if start.numel() == 0:
         raise ValueError(
-            f"none of the {episodes} fresh episodes has the {span} rows a window needs "
+            f"none of the {episodes} fresh episodes has the {num_frames * frameskip} rows a window needs "
             f"(longest: {int(ep_len.max())} rows); roll out more episodes or more steps"
         )
-    episode = torch.repeat_interleave(torch.arange(c, device=device), per_episode)
-    first_window = torch.cumsum(per_episode, 0) - per_episode
-    start = ep_offset[episode] + torch.arange(total, device=device) - first_window[episode]  # (W,)
-    frame_rows = start[:, None] + frameskip * torch.arange(num_frames, device=device)  # (W, T)
-    action_rows = start[:, None] + torch.arange(span, device=device)  # (W, T * frameskip)
-    window_action = row_action[action_rows].reshape(total, num_frames, frameskip * 2)
+    frame_rows, action_rows = window_rows(start, num_frames, frameskip)  # (W, T), (W, T * frameskip)
+    window_action = row_action[action_rows].reshape(start.shape[0], num_frames, frameskip * 2)
     return FreshWindows(row_xy, frame_rows, window_action, episode, seed, episodes, actor.name)
 
 
