@@ -56,6 +56,7 @@ from .envs.policies import make_policy
 from .envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, layout_image, render
 from .reference.jepa import action_width_of, device_of
 from .sigreg import sigreg as _sigreg
+from .train.step import loss_head
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -486,10 +487,10 @@ def one_step_mse(
 ) -> dict[str, Any]:
     """1-step predictor MSE: emb (W, T, D) frame embeddings, action (W, T, A) z-scored.
 
-    pred = model.predict(emb[:, :H], action_encoder(action)[:, :H]) with H =
-    ``history_size`` (NaN actions -> 0, as in training), target = emb[:, 1:H+1];
-    ``mse`` = mean over windows, positions and dims of (pred - target)^2 (the training
-    ``pred_loss`` formula, eval mode). ``mse_by_position``[i] is the mean at position i,
+    The training ``pred_loss`` (:func:`lewm_fast.train.step.loss_head`, eval mode): pred =
+    model.predict(emb[:, :H], action_encoder(action)[:, :H]) with H = ``history_size``
+    (NaN actions -> 0, as in training), target = emb[:, 1:H+1]; ``mse`` = mean over
+    windows, positions and dims of (pred - target)^2. ``mse_by_position``[i] is the mean at position i,
     predicting frame i + 1 from frames 0..i. Also returns ``windows``.
     """
     history_size = _checks.integer(history_size, "history_size", 1, numpy=True)
@@ -511,11 +512,11 @@ def one_step_mse(
         for i in range(0, emb.shape[0], batch_size):
             e = emb[i : i + batch_size].float()
             with _autocast(device, autocast):
-                act_emb = model.action_encoder(torch.nan_to_num(action[i : i + batch_size], 0.0))
-                pred = model.predict(e[:, :history_size], act_emb[:, :history_size])
-            err = (pred.float() - e[:, 1 : history_size + 1]).square()  # (w, H, D)
-            sums += err.sum(dim=(0, 2), dtype=torch.float64)
-    by_position = (sums / (emb.shape[0] * emb.shape[2])).tolist()
+                losses = loss_head(
+                    model, e, action[i : i + batch_size], history_size=history_size, by_position=True
+                )
+            sums += losses["pred_loss_by_position"].double() * e.shape[0]  # (H,) window-weighted
+    by_position = (sums / emb.shape[0]).tolist()
     return {
         "mse": float(sum(by_position) / history_size),
         "mse_by_position": [float(v) for v in by_position],
