@@ -51,11 +51,12 @@ from torch import nn
 from . import _checks
 from .data.dataset import TwoRoomDataset
 from .data.generate import draw_episodes, rollout
-from .data.windows import action_stats, as_dataset, normalize_frames
+from .data.windows import action_stats, as_dataset, normalize_frames, window_rows, window_starts
 from .envs.policies import make_policy
 from .envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, layout_image, render
 from .reference.jepa import action_width_of, device_of
 from .sigreg import sigreg as _sigreg
+from .train.step import loss_head
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -413,11 +414,13 @@ def fresh_windows(
     Episode e is :func:`lewm_fast.envs.episode_generator` (``seed``, e) rolled out with
     ``policy`` ("expert": the published noisy expert; "random") until success or
     ``max_steps`` actions -- the same process as ``generate_dataset(seed=seed)``, so a seed
-    different from the training dataset's gives episodes the model never saw. A window
-    starts at every row t with rows t .. t + num_frames * frameskip - 1 in one episode;
-    its frame i is row t + frameskip * i and its action i the raw actions of rows
-    t + frameskip * i .. + frameskip - 1, concatenated and z-scored with ``action_mean``
-    and ``action_std`` (2,) -- pass the training dataset's statistics.
+    different from the training dataset's gives episodes the model never saw. The windows
+    are those of training (:func:`lewm_fast.data.windows.window_starts` and
+    :func:`~lewm_fast.data.windows.window_rows`): a window starts at every row t with rows
+    t .. t + num_frames * frameskip - 1 in one episode; its frame i is row t + frameskip * i
+    and its action i the raw actions of rows t + frameskip * i .. + frameskip - 1,
+    concatenated and z-scored with ``action_mean`` and ``action_std`` (2,) -- pass the
+    training dataset's statistics.
     """
     episodes = _checks.integer(episodes, "episodes", 1, numpy=True)
     seed = _checks.integer(seed, "seed", 0, numpy=True)
@@ -441,22 +444,15 @@ def fresh_windows(
     raw[torch.arange(c, device=device), lengths] = float("nan")  # the last row takes no action
     row_xy = positions[keep]  # (R, 2)
     row_action = (raw[keep] - mean) / std  # (R, 2) z-scored, NaN kept
-    ep_offset = torch.cumsum(ep_len, 0) - ep_len
 
-    span = num_frames * frameskip
-    per_episode = torch.clamp(ep_len - span + 1, min=0)
-    total = int(per_episode.sum())
-    if total == 0:
+    start, episode = window_starts(ep_len, num_frames * frameskip)  # (W,) each
+    if start.numel() == 0:
         raise ValueError(
-            f"none of the {episodes} fresh episodes has the {span} rows a window needs "
+            f"none of the {episodes} fresh episodes has the {num_frames * frameskip} rows a window needs "
             f"(longest: {int(ep_len.max())} rows); roll out more episodes or more steps"
         )
-    episode = torch.repeat_interleave(torch.arange(c, device=device), per_episode)
-    first_window = torch.cumsum(per_episode, 0) - per_episode
-    start = ep_offset[episode] + torch.arange(total, device=device) - first_window[episode]  # (W,)
-    frame_rows = start[:, None] + frameskip * torch.arange(num_frames, device=device)  # (W, T)
-    action_rows = start[:, None] + torch.arange(span, device=device)  # (W, T * frameskip)
-    window_action = row_action[action_rows].reshape(total, num_frames, frameskip * 2)
+    frame_rows, action_rows = window_rows(start, num_frames, frameskip)  # (W, T), (W, T * frameskip)
+    window_action = row_action[action_rows].reshape(start.shape[0], num_frames, frameskip * 2)
     return FreshWindows(row_xy, frame_rows, window_action, episode, seed, episodes, actor.name)
 
 
@@ -491,10 +487,10 @@ def one_step_mse(
 ) -> dict[str, Any]:
     """1-step predictor MSE: emb (W, T, D) frame embeddings, action (W, T, A) z-scored.
 
-    pred = model.predict(emb[:, :H], action_encoder(action)[:, :H]) with H =
-    ``history_size`` (NaN actions -> 0, as in training), target = emb[:, 1:H+1];
-    ``mse`` = mean over windows, positions and dims of (pred - target)^2 (the training
-    ``pred_loss`` formula, eval mode). ``mse_by_position``[i] is the mean at position i,
+    The training ``pred_loss`` (:func:`lewm_fast.train.step.loss_head`, eval mode): pred =
+    model.predict(emb[:, :H], action_encoder(action)[:, :H]) with H = ``history_size``
+    (NaN actions -> 0, as in training), target = emb[:, 1:H+1]; ``mse`` = mean over
+    windows, positions and dims of (pred - target)^2. ``mse_by_position``[i] is the mean at position i,
     predicting frame i + 1 from frames 0..i. Also returns ``windows``.
     """
     history_size = _checks.integer(history_size, "history_size", 1, numpy=True)
@@ -516,11 +512,11 @@ def one_step_mse(
         for i in range(0, emb.shape[0], batch_size):
             e = emb[i : i + batch_size].float()
             with _autocast(device, autocast):
-                act_emb = model.action_encoder(torch.nan_to_num(action[i : i + batch_size], 0.0))
-                pred = model.predict(e[:, :history_size], act_emb[:, :history_size])
-            err = (pred.float() - e[:, 1 : history_size + 1]).square()  # (w, H, D)
-            sums += err.sum(dim=(0, 2), dtype=torch.float64)
-    by_position = (sums / (emb.shape[0] * emb.shape[2])).tolist()
+                losses = loss_head(
+                    model, e, action[i : i + batch_size], history_size=history_size, by_position=True
+                )
+            sums += losses["pred_loss_by_position"].double() * e.shape[0]  # (H,) window-weighted
+    by_position = (sums / emb.shape[0]).tolist()
     return {
         "mse": float(sum(by_position) / history_size),
         "mse_by_position": [float(v) for v in by_position],

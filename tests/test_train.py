@@ -28,6 +28,7 @@ from lewm_fast.train import (
     forward_backward,
     latest_checkpoint,
     load_checkpoint,
+    loss_head,
     lr_factor,
     parse_size,
     save_checkpoint,
@@ -117,6 +118,28 @@ def test_memory_plans_equal_the_reference_step(plan, chunk):
             assert_close(b, b_ref, "fp32_elementwise", name)
     # the dropout masks and the SIGReg draw consumed the generator identically
     assert torch.equal(torch.get_rng_state(), (torch.manual_seed(11), _consume(reference, batch))[1])
+
+
+def test_loss_head_is_the_reference_loss_on_embeddings():
+    """loss_head on the reference's embeddings gives jepa_loss's losses, and its
+    per-position means average to pred_loss; a shorter history predicts fewer frames."""
+    model, reference = model_pair(small_config(), seed=3)
+    model.eval(), reference.eval()
+    batch = _batch()
+    sigreg = ref.SIGReg(num_proj=64)
+    with torch.no_grad():
+        emb = reference.encode({"pixels": batch["pixels"]})["emb"]
+        torch.manual_seed(11)
+        want = ref.jepa_loss(reference, sigreg, batch)
+        torch.manual_seed(11)
+        got = loss_head(model, emb, batch["action"], sigreg=sigreg, by_position=True)
+        short = loss_head(model, emb, batch["action"], history_size=1, by_position=True)
+    for key in ("loss", "pred_loss", "sigreg_loss"):
+        assert_close(got[key], want[key], "fp32_elementwise", key)
+    assert got["pred_loss_by_position"].shape == (3,)
+    assert_close(got["pred_loss_by_position"].mean(), got["pred_loss"], "fp32_elementwise", "by position")
+    assert set(short) == {"pred_loss", "pred_loss_by_position"}
+    assert short["pred_loss_by_position"].shape == (1,)
 
 
 def _consume(reference, batch):

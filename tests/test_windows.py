@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lewm_fast.data import TrainingWindows, generate_dataset, normalize_frames
+from lewm_fast.data import TrainingWindows, generate_dataset, normalize_frames, window_rows, window_starts
 from lewm_fast.envs import render
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -37,6 +37,18 @@ def test_window_index(data, windows):
     ends = starts + 19
     assert np.isin(last[lengths >= 20], ends).all()  # the last window of an episode ends on its last row
     assert (np.diff(starts)[np.diff(episode) == 0] == 1).all()
+
+
+def test_window_starts_and_rows_by_hand():
+    """Episodes of 3, 0, 5 and 4 rows, windows of 4 rows: 0 + 0 + 2 + 1 windows."""
+    starts, episode = window_starts(np.array([3, 0, 5, 4]), 4)
+    assert starts.tolist() == [3, 4, 8] and episode.tolist() == [2, 2, 3]
+    starts, episode = window_starts(torch.tensor([5, 4]), 4, ep_offset=torch.tensor([10, 20]))
+    assert starts.tolist() == [10, 11, 20] and episode.tolist() == [0, 0, 1]
+    assert window_starts(np.array([2, 3]), 4)[0].numel() == 0
+    frames, actions = window_rows(torch.tensor([10, 20]), 2, 3)
+    assert frames.tolist() == [[10, 13], [20, 23]]
+    assert actions.tolist() == [list(range(10, 16)), list(range(20, 26))]
 
 
 def test_split_is_random_split_with_seed_3072(windows):

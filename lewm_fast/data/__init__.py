@@ -16,6 +16,8 @@ from .windows import (
     action_stats,
     as_dataset,
     normalize_frames,
+    window_rows,
+    window_starts,
 )
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "StoredFrames",
     "normalize_frames",
     "action_stats",
+    "window_starts",
+    "window_rows",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]

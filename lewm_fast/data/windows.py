@@ -37,6 +37,8 @@ __all__ = [
     "IMAGENET_STD",
     "normalize_frames",
     "action_stats",
+    "window_starts",
+    "window_rows",
     "RenderedFrames",
     "StoredFrames",
     "TrainingWindows",
@@ -82,6 +84,35 @@ def action_stats(action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if (std == 0).any():
         raise ValueError(f"actions have zero variance in dimension(s) {np.flatnonzero(std == 0).tolist()}")
     return valid.mean(axis=0).astype(np.float32), std.astype(np.float32)
+
+
+def window_starts(ep_len, span: int, ep_offset=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """First row and episode of every window of ``span`` consecutive rows inside one episode.
+
+    ep_len (E,) rows per episode; ep_offset (E,) first row of each episode (default
+    ``cumsum(ep_len) - ep_len``: episodes stored end to end). Episode e holds
+    n_e = max(ep_len[e] - span + 1, 0) windows, starting at rows ep_offset[e] + 0 .. n_e - 1.
+    Returns ``starts`` and ``episode``, (W,) int64 each with W = sum(n_e), in episode then
+    row order, on ep_len's device (numpy inputs give CPU tensors). No episode long enough
+    gives W = 0; the caller says why that is an error.
+    """
+    ep_len = torch.as_tensor(ep_len, dtype=torch.int64)
+    if ep_offset is None:
+        ep_offset = torch.cumsum(ep_len, 0) - ep_len
+    ep_offset = torch.as_tensor(ep_offset, dtype=torch.int64, device=ep_len.device)
+    per_episode = torch.clamp(ep_len - span + 1, min=0)  # (E,)
+    episode = torch.repeat_interleave(torch.arange(ep_len.shape[0], device=ep_len.device), per_episode)
+    first_window = torch.cumsum(per_episode, 0) - per_episode  # (E,) index of each episode's first window
+    within = torch.arange(episode.shape[0], device=ep_len.device) - first_window[episode]
+    return ep_offset[episode] + within, episode
+
+
+def window_rows(starts: torch.Tensor, num_frames: int, frameskip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of windows starting at ``starts`` (W,): frame rows (W, num_frames), frame i at
+    t + frameskip * i, and action rows (W, num_frames * frameskip), t .. t + span - 1
+    (frame i's action is rows t + frameskip * i .. + frameskip - 1, concatenated)."""
+    steps = torch.arange(num_frames * frameskip, device=starts.device)
+    return starts[:, None] + steps[::frameskip], starts[:, None] + steps
 
 
 class RenderedFrames:
@@ -154,17 +185,14 @@ class TrainingWindows:
         self.frameskip = frameskip
         self.span = num_frames * frameskip
 
-        ep_len, ep_offset = np.asarray(dataset.ep_len), np.asarray(dataset.ep_offset)
-        per_episode = np.maximum(ep_len - self.span + 1, 0)
-        if per_episode.sum() == 0:
+        ep_len = np.asarray(dataset.ep_len)
+        starts, _ = window_starts(ep_len, self.span, np.asarray(dataset.ep_offset))
+        if starts.numel() == 0:
             raise ValueError(
                 f"{dataset.path}: no episode has the {self.span} rows a window of {num_frames} frames at "
                 f"frameskip {frameskip} needs (longest episode: {int(ep_len.max())} rows)"
             )
-        episode = np.repeat(np.arange(len(ep_len)), per_episode)
-        within = np.arange(per_episode.sum()) - np.repeat(np.cumsum(per_episode) - per_episode, per_episode)
-        starts = ep_offset[episode] + within
-        self.starts = torch.from_numpy(starts.astype(np.int64)).to(self.device)
+        self.starts = starts.to(self.device)
 
         n = len(starts)
         train, val = torch.utils.data.random_split(
@@ -196,11 +224,11 @@ class TrainingWindows:
 
     def frame_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dataset rows of the frames of windows ``ids`` (B,) -> (B, num_frames)."""
-        return self.starts[ids][:, None] + self.frameskip * torch.arange(self.num_frames, device=self.device)
+        return window_rows(self.starts[ids], self.num_frames, self.frameskip)[0]
 
     def actions(self, ids: torch.Tensor) -> torch.Tensor:
         """Z-scored model actions of windows ``ids`` (B,) -> (B, num_frames, frameskip * 2), NaN kept."""
-        rows = self.starts[ids][:, None] + torch.arange(self.span, device=self.device)  # (B, T * skip)
+        rows = window_rows(self.starts[ids], self.num_frames, self.frameskip)[1]  # (B, T * skip)
         return self._actions[rows].reshape(ids.shape[0], self.num_frames, -1)
 
     def batch(self, ids, *, check: bool = True) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Training LeWM: one step under any memory plan, memory plans from a VRAM budget, the trainer.
 
 - :func:`forward_backward` — the training loss's forward and backward on a window batch
-  under a memory plan ("whole", "checkpoint", "two_pass"), exact to the whole-batch step.
+  under a memory plan ("whole", "checkpoint", "two_pass"), exact to the whole-batch step;
+  :func:`loss_head` — the loss formula on embeddings, shared by validation and probes.
 - :func:`choose_plan` / :func:`estimate_peak` — the plan for a VRAM budget from a
   documented peak-memory model.
 - :class:`Trainer` / :func:`train` with :class:`TrainConfig` — the published recipe,
@@ -14,11 +15,12 @@ from .config import TRAIN_PRESETS, TrainConfig
 from .distributed import GlobalBatchNorm1d, all_reduce_gradients, convert_batchnorm
 from .memory import MemoryEstimate, choose_plan, estimate_peak, free_vram, parse_size
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
-from .step import PLANS, default_chunk_size, forward_backward
+from .step import PLANS, default_chunk_size, forward_backward, loss_head
 from .trainer import METRICS_FILE, NonFiniteLossError, Trainer, TrainResult, lr_factor, train
 
 __all__ = [
     "forward_backward",
+    "loss_head",
     "PLANS",
     "default_chunk_size",
     "choose_plan",

@@ -1,10 +1,9 @@
 """One training step's forward and backward under a memory plan (spec section 2).
 
 The loss is the reference one (:func:`lewm_fast.reference.jepa_loss`): on windows of T
-frames, ``emb = projector(encoder CLS)``, ``pred = pred_proj(predictor(emb[:, :T-1],
-act_emb[:, :T-1]))``, ``pred_loss = mean((pred - emb[:, 1:])^2)`` (target not detached),
-``sigreg_loss = SIGReg(emb transposed to (T, B, D))``, ``loss = pred_loss + lambd *
-sigreg_loss``. The plans change where activations live, never the maths:
+frames, ``emb = projector(encoder CLS)``, then :func:`loss_head` -- the one home of the
+loss formula in the fast code, also used by the trainer's validation and the probes'
+1-step MSE. The plans change where activations live, never the maths:
 
 - ``"whole"``: one forward and one backward on the whole batch.
 - ``"checkpoint"``: the encoder keeps only each layer's input and recomputes the layer
@@ -35,7 +34,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .. import _checks
 from ..reference.jepa import action_width_of
 
-__all__ = ["PLANS", "forward_backward", "default_chunk_size"]
+__all__ = ["PLANS", "forward_backward", "loss_head", "default_chunk_size"]
 
 PLANS = ("whole", "checkpoint", "two_pass")
 
@@ -84,16 +83,45 @@ def _encode_frames(encoder: nn.Module, frames: torch.Tensor, checkpoint: bool = 
     return encoder.layernorm(x)[:, 0]
 
 
-def _head(model, sigreg, cls, action, b: int, t: int, lambd: float) -> dict[str, torch.Tensor]:
-    """Everything after the encoder, on the whole batch: projector, predictor, losses."""
-    emb = model.projector(cls).view(b, t, -1)  # (B, T, D)
-    act_emb = model.action_encoder(action)  # (B, T, D)
-    history = t - 1
-    pred = model.predictor(emb[:, :history], act_emb[:, :history])  # (B, T-1, D)
+def loss_head(
+    model: nn.Module,
+    emb: torch.Tensor,
+    action: torch.Tensor,
+    *,
+    sigreg: nn.Module | None = None,
+    lambd: float = 0.09,
+    history_size: int | None = None,
+    by_position: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The LeWM loss after the encoder and projector (spec section 2), graph attached.
+
+    emb (B, T, D) frame embeddings, action (B, T, A) model actions (NaN, at window
+    edges, replaced by 0); H = ``history_size`` (default T - 1)::
+
+        act_emb     = action_encoder(action)                                  (B, T, D)
+        pred        = pred_proj(predictor(emb[:, :H], act_emb[:, :H]))         (B, H, D)
+        target      = emb[:, 1:H+1]                               (not detached)
+        pred_loss   = mean((pred - target)^2)          over B, H and D
+        sigreg_loss = sigreg(emb.transpose(0, 1))      (T, B, D) -> scalar
+        loss        = pred_loss + lambd * sigreg_loss
+
+    Returns ``pred_loss`` and, when ``sigreg`` is given, ``sigreg_loss`` and ``loss``;
+    ``by_position=True`` adds ``pred_loss_by_position`` (H,), the mean over B and D at
+    each position (predicting frame i + 1 from frames 0..i).
+    """
+    b, t = emb.shape[:2]
+    history = t - 1 if history_size is None else history_size
+    act_emb = model.action_encoder(torch.nan_to_num(action, 0.0))  # (B, T, D)
+    pred = model.predictor(emb[:, :history], act_emb[:, :history])  # (B, H, D)
     pred = model.pred_proj(pred.flatten(0, 1)).view(b, history, -1)
-    pred_loss = (pred - emb[:, 1:]).pow(2).mean()
-    sigreg_loss = sigreg(emb.transpose(0, 1))  # (T, B, D)
-    return {"pred_loss": pred_loss, "sigreg_loss": sigreg_loss}
+    sq_err = (pred - emb[:, 1 : history + 1]).pow(2)  # (B, H, D)
+    out = {"pred_loss": sq_err.mean()}
+    if by_position:
+        out["pred_loss_by_position"] = sq_err.mean(dim=(0, 2))
+    if sigreg is not None:
+        out["sigreg_loss"] = sigreg(emb.transpose(0, 1))  # (T, B, D)
+        out["loss"] = out["pred_loss"] + lambd * out["sigreg_loss"]
+    return out
 
 
 def _check_deterministic_encoder(encoder: nn.Module) -> None:
@@ -162,7 +190,6 @@ def forward_backward(
         return torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled)
 
     frames = pixels.float().flatten(0, 1)  # (B*T, C, H, W)
-    action = torch.nan_to_num(action, 0.0)
 
     if memory_plan == "two_pass":
         _check_deterministic_encoder(model.encoder)
@@ -175,7 +202,8 @@ def forward_backward(
             cls = _encode_frames(model.encoder, frames, checkpoint=memory_plan == "checkpoint")
 
     with autocast():
-        losses = _head(model, sigreg, cls, action, b, t, lambd)
+        losses = loss_head(model, model.projector(cls).view(b, t, -1), action, sigreg=sigreg, lambd=lambd)
+    # loss_head's loss, with the prediction term scaled by 1 / W for data parallelism
     objective = pred_scale * losses["pred_loss"] + lambd * losses["sigreg_loss"]
     objective.backward()
 

@@ -57,7 +57,7 @@ from . import distributed as _dist
 from .config import RESUME_FREE_FIELDS, TrainConfig
 from .memory import MemoryEstimate, choose_plan, format_size, free_vram, parse_size
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
-from .step import _encode_frames, _head, forward_backward
+from .step import _encode_frames, forward_backward, loss_head
 
 __all__ = ["Trainer", "train", "TrainResult", "NonFiniteLossError", "lr_factor", "METRICS_FILE"]
 
@@ -445,10 +445,12 @@ class Trainer:
                     batch = self.windows.batch(ids[start : start + local], check=False)
                     pixels = batch["pixels"]
                     b, t = pixels.shape[:2]
-                    action = torch.nan_to_num(batch["action"], 0.0)
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled):
                         cls = _encode_frames(self.model.encoder, pixels.float().flatten(0, 1))
-                        losses = _head(self.model, self.sigreg, cls, action, b, t, cfg.sigreg_weight)
+                        emb = self.model.projector(cls).view(b, t, -1)
+                        losses = loss_head(
+                            self.model, emb, batch["action"], sigreg=self.sigreg, lambd=cfg.sigreg_weight
+                        )
                     # pred_loss is this rank's mean, SIGReg already the global batch's value
                     sums += torch.stack([losses["pred_loss"].float(), losses["sigreg_loss"].float()]) / w
         finally:
