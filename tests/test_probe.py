@@ -170,6 +170,14 @@ def test_one_step_mse_is_the_training_pred_loss_in_eval_mode(dataset, model):
     assert np.mean(out["mse_by_position"]) == pytest.approx(out["mse"])
 
 
+def test_one_step_mse_refuses_a_history_longer_than_the_predictor(model):
+    frames = model.predictor.num_frames
+    emb = torch.randn(2, frames + 2, model.predictor.pos_embedding.shape[-1])
+    action = torch.randn(2, frames + 2, model.action_width)
+    with pytest.raises(ValueError, match=f"at most num_frames = {frames}"):
+        probe.one_step_mse(model, emb, action, history_size=frames + 1)
+
+
 def test_fresh_windows_errors():
     with pytest.raises(ValueError, match="rows a window needs"):
         probe.fresh_windows(torch.zeros(2), torch.ones(2), episodes=2, max_steps=5)

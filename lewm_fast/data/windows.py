@@ -96,15 +96,22 @@ def window_starts(ep_len, span: int, ep_offset=None) -> tuple[torch.Tensor, torc
     row order, on ep_len's device (numpy inputs give CPU tensors). No episode long enough
     gives W = 0; the caller says why that is an error.
     """
-    ep_len = torch.as_tensor(ep_len, dtype=torch.int64)
+    ep_len = _int64(ep_len)
     if ep_offset is None:
         ep_offset = torch.cumsum(ep_len, 0) - ep_len
-    ep_offset = torch.as_tensor(ep_offset, dtype=torch.int64, device=ep_len.device)
+    ep_offset = _int64(ep_offset).to(ep_len.device)
     per_episode = torch.clamp(ep_len - span + 1, min=0)  # (E,)
     episode = torch.repeat_interleave(torch.arange(ep_len.shape[0], device=ep_len.device), per_episode)
     first_window = torch.cumsum(per_episode, 0) - per_episode  # (E,) index of each episode's first window
     within = torch.arange(episode.shape[0], device=ep_len.device) - first_window[episode]
     return ep_offset[episode] + within, episode
+
+
+def _int64(values) -> torch.Tensor:
+    """An int64 tensor of ``values``; numpy columns (often read-only memory maps) are copied."""
+    if torch.is_tensor(values):
+        return values.to(torch.int64)
+    return torch.from_numpy(np.array(values, dtype=np.int64))
 
 
 def window_rows(starts: torch.Tensor, num_frames: int, frameskip: int) -> tuple[torch.Tensor, torch.Tensor]:

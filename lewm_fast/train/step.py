@@ -107,10 +107,14 @@ def loss_head(
 
     Returns ``pred_loss`` and, when ``sigreg`` is given, ``sigreg_loss`` and ``loss``;
     ``by_position=True`` adds ``pred_loss_by_position`` (H,), the mean over B and D at
-    each position (predicting frame i + 1 from frames 0..i).
+    each position (predicting frame i + 1 from frames 0..i). ValueError when H exceeds the
+    predictor's ``num_frames`` (its positional embedding covers no more).
     """
     b, t = emb.shape[:2]
     history = t - 1 if history_size is None else history_size
+    frames = getattr(model.predictor, "num_frames", None)
+    if frames is not None and history > frames:
+        raise ValueError(f"the predictor takes at most num_frames = {frames} time steps, got {history}")
     act_emb = model.action_encoder(torch.nan_to_num(action, 0.0))  # (B, T, D)
     pred = model.predictor(emb[:, :history], act_emb[:, :history])  # (B, H, D)
     pred = model.pred_proj(pred.flatten(0, 1)).view(b, history, -1)
