@@ -61,9 +61,6 @@ class StandInDriver:
     def get_current_stream(self, device=None):
         return 0
 
-    def is_active(self) -> bool:  # pragma: no cover - part of the driver interface
-        return True
-
 
 def supported() -> str | None:
     """None if this Triton's JIT internals fit the stand-in and cuobjdump is there, else why not."""
