@@ -55,6 +55,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def with_index(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device with its index where it is CUDA (``cuda`` -> ``cuda:<current>``).
+
+    Two spellings of one GPU then compare equal. Other devices are returned as given.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def tensor(value, name: str, dims: Sequence[str]) -> torch.Tensor:
     """``value`` must be a tensor with ``len(dims)`` dimensions named by ``dims``."""
     layout = "(" + ", ".join(dims) + ")"

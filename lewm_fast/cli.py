@@ -1,4 +1,4 @@
-"""The ``lewm-fast`` command line.
+"""The lewm-fast command line: LeWM data, training, probes, planning evaluation and benchmarks.
 
 lewm-fast demo           build the paper-size model, run one training forward pass, print its size
 lewm-fast info           versions, device and which backends are usable here
@@ -27,13 +27,6 @@ import torch
 from . import _checks
 
 
-def _max_batch(text: str):
-    """--max-batch: an integer, 'auto' or 'none' (the solver checks the value)."""
-    if text in ("auto", "none"):
-        return None if text == "none" else "auto"
-    return int(text)
-
-
 def _device(name: str) -> torch.device:
     try:
         return _checks.resolve_device(name)
@@ -42,7 +35,8 @@ def _device(name: str) -> torch.device:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Build ``LeWMConfig.preset("paper")`` and run one loss forward on random frames."""
+    """Build the paper-size LeWM (LeWMConfig.preset("paper")), print its parameter counts and
+    run one loss forward pass on a random batch."""
     from . import LeWMConfig, SIGReg
     from .reference import jepa_loss
 
@@ -98,7 +92,7 @@ def _device_line(env: dict) -> str:
 
 
 def info(args: argparse.Namespace) -> int:
-    """Print versions, the commit, the devices (the environment record) and backend availability."""
+    """Print versions, the commit, the devices and which kernel backends are usable here."""
     from . import __version__, backend
     from .sysinfo import environment
 
@@ -217,37 +211,20 @@ def export_hdf5(args: argparse.Namespace) -> int:
     return 0
 
 
-_AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def evaluate(args: argparse.Namespace) -> int:
-    """Run the published Two-Room evaluation of a checkpoint on a dataset; print and save the result."""
+    """Run the published Two-Room MPC evaluation of a checkpoint on a dataset: start and goal
+    states drawn from the dataset, CEM planning in embedding space, the environment stepped
+    until success or the budget. Prints the success rate and plan latency; --out saves the
+    full result as JSON. Every planner setting below defaults to the published value."""
     from . import load_pretrained
     from .plan import evaluate as run
+    from .plan.config import from_arguments
 
     device = _device(args.device)
     try:
+        config = from_arguments(args)
         model = load_pretrained(args.checkpoint, device=device).eval()
-        result = run(
-            model,
-            args.dataset,
-            episodes=args.episodes,
-            goal_offset=args.goal_offset,
-            budget=args.budget,
-            seed=args.seed,
-            horizon=args.horizon,
-            receding_horizon=args.receding_horizon,
-            num_samples=args.num_samples,
-            n_steps=args.n_steps,
-            topk=args.topk,
-            planner_seed=args.planner_seed,
-            device=device,
-            autocast=_AUTOCAST[args.autocast],
-            cuda_graph=False if args.no_graph else None,
-            max_batch=args.max_batch,
-            progress=not args.quiet,
-            out=args.out,
-        )
+        result = run(model, args.dataset, config, device=device, progress=not args.no_progress, out=args.out)
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise SystemExit(f"lewm-fast eval: {exc}") from None
     latency = result["plan_latency_ms"]
@@ -264,7 +241,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def probe(args: argparse.Namespace) -> int:
-    """Run the probes of a checkpoint on a dataset and write them as JSON."""
+    """Probe a checkpoint on a dataset: linear probe R^2 of the agent position, 1-step
+    predictor MSE on fresh rollouts and SIGReg of held-out embeddings; written as JSON."""
     from . import load_pretrained
     from ._io import write_json_atomic
     from .data import TwoRoomDataset
@@ -307,7 +285,7 @@ def probe(args: argparse.Namespace) -> int:
 
 
 def bench(argv: list[str]) -> int:
-    """``lewm-fast bench ...``: the benchmark runner of ``python -m bench`` (same options)."""
+    """lewm-fast bench ...: the benchmark runner of python -m bench (same options)."""
     from .bench.__main__ import main as bench_main
 
     return bench_main(argv, prog="lewm-fast bench")
@@ -324,7 +302,9 @@ def _set_values(pairs: list[str]) -> dict[str, str]:
 
 
 def train(args: argparse.Namespace) -> int:
-    """Train LeWM on a dataset folder; Ctrl-C saves a checkpoint that --resume continues."""
+    """Train LeWM on a dataset folder with the published recipe (TrainConfig), in a memory
+    plan that fits the VRAM budget; run under torchrun for several GPUs. Ctrl-C (SIGINT or
+    SIGTERM) saves a checkpoint that --resume continues."""
     from .train import NonFiniteLossError, TrainConfig, Trainer
 
     try:
@@ -354,7 +334,9 @@ def train(args: argparse.Namespace) -> int:
 
 
 def pipeline(args: argparse.Namespace) -> int:
-    """Run the whole Two-Room pipeline in one run folder and print the headline metrics."""
+    """Run the Two-Room pipeline (data -> train -> probe -> eval -> report) in the run folder
+    --out and print the headline metrics. Finished stages are reused and an interrupted
+    training resumes. Presets: paper, smoke (CPU, under 10 minutes), gpu-short."""
     from .pipeline import PipelineError, RunConfig, default_preset, run_pipeline
 
     try:
@@ -390,163 +372,206 @@ def pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lewm-fast", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="build the paper-size model and run a forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument("--batch", type=int, default=2, help="windows in the random batch (default: 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=demo)
-    p = sub.add_parser("info", help="versions, device and backend availability")
-    p.set_defaults(func=info)
+# ------------------------------------------------------------------------------ the parser
 
-    p = sub.add_parser("generate-data", help="roll out Two-Room episodes into a dataset folder")
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except a None or False one (whose help says what it means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text or "(default" in text:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _shared(*flags: str) -> list[argparse.ArgumentParser]:
+    """Parent parsers for the flags several subcommands share: device, force, progress, set."""
+    parents = []
+    for flag in flags:
+        p = argparse.ArgumentParser(add_help=False)
+        if flag == "device":
+            p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+        elif flag == "force":
+            p.add_argument("--force", action="store_true", help="replace an existing output")
+        elif flag == "progress":
+            p.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
+        elif flag == "set":
+            p.add_argument(
+                "--set",
+                action="append",
+                metavar="KEY=VALUE",
+                help="override a config field, repeatable: --set lr=1e-4 --set model.predictor.depth=4 "
+                "(pipeline keys name their section: train.epochs=2, eval.num_samples=64)",
+            )
+        parents.append(p)
+    return parents
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=2, help="windows in the random batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random batch")
+
+
+def _generate_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="dataset folder to create")
-    p.add_argument("--episodes", type=int, default=10_000, help="episodes to roll out (default: 10000)")
-    p.add_argument(
-        "--policy", choices=("expert", "random"), default="expert", help="data policy (default: expert)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
-    p.add_argument("--max-steps", type=int, default=100, help="actions per episode at most (default: 100)")
+    p.add_argument("--episodes", type=int, default=10_000, help="episodes to roll out")
+    p.add_argument("--policy", choices=("expert", "random"), default="expert", help="data policy")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed")
+    p.add_argument("--max-steps", type=int, default=100, help="actions per episode at most")
     p.add_argument(
         "--frames", action="store_true", help="also store uint8 frames (default: render on demand)"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument(
-        "--batch-episodes", type=int, default=1024, help="episodes rolled out together (default: 1024)"
-    )
-    p.add_argument("--force", action="store_true", help="replace an existing dataset")
-    p.set_defaults(func=generate_data)
+    p.add_argument("--batch-episodes", type=int, default=1024, help="episodes rolled out together")
 
-    p = sub.add_parser("render-frame", help="write a Two-Room frame as a PNG")
+
+def _render_frame_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="PNG file to write")
     p.add_argument("--xy", type=float, nargs=2, metavar=("X", "Y"), help="agent position in pixels")
     p.add_argument("--dataset", help="dataset folder to take the position from")
-    p.add_argument("--row", type=int, default=0, help="dataset row (default: 0)")
-    p.set_defaults(func=render_frame)
+    p.add_argument("--row", type=int, default=0, help="dataset row")
 
-    p = sub.add_parser("import-hdf5", help="convert a published-layout HDF5 file into a dataset folder")
+
+def _import_hdf5_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("h5", help="HDF5 file to read")
     p.add_argument("out", help="dataset folder to create")
     p.add_argument("--keep-pixels", action="store_true", help="copy the frames (default: render from state)")
-    p.add_argument("--force", action="store_true", help="replace an existing dataset")
-    p.set_defaults(func=import_hdf5)
 
-    p = sub.add_parser("export-hdf5", help="write a dataset folder as a published-layout HDF5 file")
+
+def _export_hdf5_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="dataset folder to read")
     p.add_argument("out", help="HDF5 file to write")
     p.add_argument("--no-pixels", action="store_true", help="leave out the pixels column")
-    p.add_argument("--device", default="auto", help="where to render frames: auto, cpu or cuda[:N]")
-    p.add_argument("--force", action="store_true", help="replace an existing file")
-    p.set_defaults(func=export_hdf5)
 
-    p = sub.add_parser("eval", help="the published Two-Room MPC evaluation of a checkpoint")
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    from .plan.config import add_arguments
+
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + weights.pt)")
     p.add_argument("--dataset", required=True, help="dataset folder the start/goal pairs come from")
-    p.add_argument("--episodes", type=int, default=50, help="episodes, planned together (default: 50)")
-    p.add_argument("--goal-offset", type=int, default=25, help="env steps to the goal (default: 25)")
-    p.add_argument("--budget", type=int, default=50, help="env steps per episode (default: 50)")
-    p.add_argument("--seed", type=int, default=42, help="start-row draw and planner seed (default: 42)")
-    p.add_argument("--planner-seed", type=int, default=None, help="planner seed (default: --seed)")
-    p.add_argument("--horizon", type=int, default=5, help="model actions per plan (default: 5)")
-    p.add_argument(
-        "--receding-horizon", type=int, default=5, help="model actions executed per plan (default: 5)"
-    )
-    p.add_argument("--num-samples", type=int, default=300, help="CEM candidates (default: 300)")
-    p.add_argument("--n-steps", type=int, default=30, help="CEM iterations (default: 30)")
-    p.add_argument("--topk", type=int, default=30, help="CEM elites (default: 30)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument(
-        "--autocast", choices=sorted(_AUTOCAST), default="none", help="model precision (default: none)"
-    )
-    p.add_argument("--no-graph", action="store_true", help="plan eagerly, no CUDA graph capture")
-    p.add_argument(
-        "--max-batch",
-        type=_max_batch,
-        default="auto",
-        help="most candidate rows (envs x samples) per predictor rollout: an integer, 'auto' "
-        "(default: chunk only when free GPU memory is short) or 'none'",
-    )
     p.add_argument("--out", help="write the result as JSON here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=evaluate)
-    p = sub.add_parser("probe", help="linear probe, 1-step MSE on fresh rollouts and SIGReg of a checkpoint")
+    add_arguments(p)
+
+
+def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + weights.pt)")
     p.add_argument("--dataset", required=True, help="the dataset folder the model was trained on")
-    p.add_argument("--out", default="probe.json", help="JSON file to write (default: probe.json)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="probe split / SIGReg seed (default: 0)")
-    p.add_argument(
-        "--rollout-seed", type=int, default=None, help="seed of the fresh episodes (default: 1000000 + seed)"
-    )
-    p.add_argument(
-        "--max-frames", type=int, default=20_000, help="dataset frames for the linear probe (default: 20000)"
-    )
-    p.add_argument(
-        "--fresh-episodes", type=int, default=256, help="fresh noisy-expert episodes (default: 256)"
-    )
-    p.add_argument("--batch-size", type=int, default=256, help="frames encoded together (default: 256)")
+    p.add_argument("--out", default="probe.json", help="JSON file to write")
+    p.add_argument("--seed", type=int, default=0, help="probe split / SIGReg seed")
+    p.add_argument("--rollout-seed", type=int, help="seed of the fresh episodes (default: 1000000 + seed)")
+    p.add_argument("--max-frames", type=int, default=20_000, help="dataset frames for the linear probe")
+    p.add_argument("--fresh-episodes", type=int, default=256, help="fresh noisy-expert episodes")
+    p.add_argument("--batch-size", type=int, default=256, help="frames encoded together")
     p.add_argument("--bf16", action="store_true", help="encode and predict under bf16 autocast")
-    p.set_defaults(func=probe)
 
-    # Parsed by the benchmark runner itself (see bench()); listed here for --help.
-    sub.add_parser("bench", help="run the benchmarks on this device (lewm-fast bench --help)", add_help=False)
 
-    p = sub.add_parser(
-        "train",
-        help="train LeWM on a dataset folder",
-        description="Train LeWM with the published recipe (TrainConfig); run under torchrun for "
-        "several GPUs. SIGINT/SIGTERM save a checkpoint; --resume continues it.",
-    )
+def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="dataset folder (lewm-fast generate-data / import-hdf5)")
     p.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, model/")
     p.add_argument("--preset", default="default", help="TrainConfig preset: default, paper, tiny")
-    p.add_argument("--epochs", type=int, help="epochs (default 10; the published config says 100)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
+    p.add_argument("--epochs", type=int, help="epochs (default: 10; the published config says 100)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default: 128)")
     p.add_argument(
-        "--vram-budget", help="VRAM budget such as 8GiB, or auto for the device's free memory (default)"
+        "--vram-budget", help="VRAM budget such as 8GiB, or auto: the device's free memory (default)"
     )
     p.add_argument(
         "--memory-plan",
         choices=("auto", "whole", "checkpoint", "two_pass"),
-        help="memory plan (default auto: the first that fits the budget)",
+        help="memory plan (default: auto, the first that fits the budget)",
     )
     p.add_argument("--chunk-size", type=int, help="windows per encoder chunk of the two_pass plan")
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) at this global step")
-    p.add_argument("--log-every", type=int, help="steps between metric flushes (default 20)")
+    p.add_argument("--log-every", type=int, help="steps between metric flushes (default: 20)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a TrainConfig field, e.g. --set lr=1e-4 --set model.predictor.depth=4",
-    )
-    p.set_defaults(func=train)
-    p = sub.add_parser(
-        "pipeline",
-        help="data -> train -> probe -> eval -> report in one run folder",
-        description="Run the Two-Room pipeline in --out; finished stages are reused, an interrupted "
-        "training resumes. Presets: paper, smoke (CPU, under 10 minutes), gpu-short.",
-    )
+
+
+def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         choices=("paper", "smoke", "gpu-short"),
         help="run preset (default: gpu-short with a CUDA device, smoke otherwise)",
     )
-    p.add_argument("--out", default="runs/lewm", help="run folder (default: runs/lewm)")
+    p.add_argument("--out", default="runs/lewm", help="run folder")
     p.add_argument("--config", help="a JSON (or YAML) run configuration file")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. --set train.epochs=2 --set model.predictor.depth=4",
-    )
     p.add_argument("--device", help="auto, cpu or cuda[:N] (default: the preset's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=pipeline)
+
+
+def _no_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+# name, handler, one-line help, its arguments, shared flags; the description is the
+# handler's docstring
+_COMMANDS = (
+    ("demo", demo, "build the paper-size model and run a forward pass", _demo_arguments, ("device",)),
+    ("info", info, "versions, device and backend availability", _no_arguments, ()),
+    (
+        "generate-data",
+        generate_data,
+        "roll out Two-Room episodes into a dataset folder",
+        _generate_data_arguments,
+        ("device", "force"),
+    ),
+    ("render-frame", render_frame, "write a Two-Room frame as a PNG", _render_frame_arguments, ()),
+    (
+        "import-hdf5",
+        import_hdf5,
+        "convert a published-layout HDF5 file into a dataset folder",
+        _import_hdf5_arguments,
+        ("force",),
+    ),
+    (
+        "export-hdf5",
+        export_hdf5,
+        "write a dataset folder as a published-layout HDF5 file",
+        _export_hdf5_arguments,
+        ("device", "force"),
+    ),
+    (
+        "eval",
+        evaluate,
+        "the published Two-Room MPC evaluation of a checkpoint",
+        _eval_arguments,
+        ("device", "progress"),
+    ),
+    (
+        "probe",
+        probe,
+        "linear probe, 1-step MSE on fresh rollouts and SIGReg of a checkpoint",
+        _probe_arguments,
+        ("device",),
+    ),
+    ("train", train, "train LeWM on a dataset folder", _train_arguments, ("device", "progress", "set")),
+    (
+        "pipeline",
+        pipeline,
+        "data -> train -> probe -> eval -> report in one run folder",
+        _pipeline_arguments,
+        ("progress", "set"),
+    ),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lewm-fast`` argument parser: one subcommand per entry of ``_COMMANDS``."""
+    parser = argparse.ArgumentParser(
+        prog="lewm-fast", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, handler, help, arguments, shared in _COMMANDS:
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=" ".join(handler.__doc__.split()),
+            parents=_shared(*shared),
+            formatter_class=_HelpFormatter,
+        )
+        arguments(p)
+        p.set_defaults(func=handler)
+        if name == "probe":  # bench sits between probe and train in the listing
+            sub.add_parser(
+                "bench", help="run the benchmarks on this device (lewm-fast bench --help)", add_help=False
+            )
     return parser
 
 

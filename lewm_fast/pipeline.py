@@ -29,14 +29,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from . import _checks
 from ._io import write_json_atomic
 from .config import LeWMConfig, parse_value
-from .plan.solver import check_max_batch
+from .plan.config import PlanConfig
 from .sysinfo import environment
 from .train.config import TrainConfig
 
@@ -94,64 +94,25 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """The planning evaluation (see ``lewm_fast.plan.evaluate``); published settings by default.
+class EvalConfig(PlanConfig):
+    """The planning evaluation: a :class:`~lewm_fast.plan.PlanConfig` (every planner and
+    protocol setting, published values by default) with two pipeline switches.
 
-    ``during_training`` > 0 also evaluates on that many episodes after every
-    ``train.eval_every_epochs`` epochs, which feeds the success curve and early stopping.
+    ``enabled`` runs the eval stage. ``during_training`` > 0 also evaluates on that many
+    episodes after every ``train.eval_every_epochs`` epochs, which feeds the success curve
+    and early stopping.
     """
 
+    _prefix: ClassVar[str] = "eval."
+
     enabled: bool = True
-    episodes: int = 50
-    goal_offset: int = 25
-    budget: int = 50
-    seed: int = 42
-    horizon: int = 5
-    receding_horizon: int = 5
-    num_samples: int = 300
-    n_steps: int = 30
-    topk: int = 30
-    precision: str = "fp32"
-    cuda_graph: bool | None = None
-    max_batch: int | str | None = "auto"
     during_training: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.enabled, bool):
             raise ValueError(f"eval.enabled must be true or false, got {self.enabled!r}")
-        for name in (
-            "episodes",
-            "goal_offset",
-            "budget",
-            "horizon",
-            "receding_horizon",
-            "num_samples",
-            "n_steps",
-        ):
-            _checks.integer(getattr(self, name), f"eval.{name}", 1)
-        _checks.integer(self.topk, "eval.topk", 2)
-        _checks.integer(self.seed, "eval.seed", 0)
         _checks.integer(self.during_training, "eval.during_training", 0)
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"eval.precision must be 'fp32' or 'bf16' (autocast), got {self.precision!r}")
-        if self.cuda_graph not in (None, True, False):
-            raise ValueError(f"eval.cuda_graph must be true, false or null, got {self.cuda_graph!r}")
-        check_max_batch(self.max_batch, "eval.max_batch")
-
-    def planner_kwargs(self) -> dict[str, Any]:
-        return dict(
-            goal_offset=self.goal_offset,
-            budget=self.budget,
-            seed=self.seed,
-            horizon=self.horizon,
-            receding_horizon=self.receding_horizon,
-            num_samples=self.num_samples,
-            n_steps=self.n_steps,
-            topk=self.topk,
-            autocast=torch.bfloat16 if self.precision == "bf16" else None,
-            cuda_graph=self.cuda_graph,
-            max_batch=self.max_batch,
-        )
 
 
 _SECTIONS = {"data": DataConfig, "train": TrainConfig, "probe": ProbeConfig, "eval": EvalConfig}
@@ -474,18 +435,10 @@ def run_pipeline(
         train_dir = out / "train"
         evaluator = None
         if config.eval.during_training > 0:
-            kwargs = config.eval.planner_kwargs()
-            ds = dataset()
+            episodes, ds = config.eval.during_training, dataset()
 
             def evaluator(model):
-                return evaluate(
-                    model,
-                    ds,
-                    episodes=config.eval.during_training,
-                    device=run.device,
-                    progress=False,
-                    **kwargs,
-                )
+                return evaluate(model, ds, config.eval, episodes=episodes, device=run.device, progress=False)
 
         resume = latest_checkpoint(train_dir) is not None
         if resume:
@@ -527,11 +480,10 @@ def run_pipeline(
         evaluate(
             _load_model(run),
             dataset(),
-            episodes=config.eval.episodes,
+            config.eval,
             device=run.device,
             progress=progress,
             out=out / "eval.json",
-            **config.eval.planner_kwargs(),
         )
         return {"files": ["eval.json"]}
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from . import _checks
+
 GIT_COMMIT_VAR = "LEWM_FAST_GIT_COMMIT"
 
 
@@ -127,7 +129,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "triton": triton_version(),
     }
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = _checks.with_index(device).index
         props = torch.cuda.get_device_properties(index)
         env.update(
             device_name=props.name,

@@ -12,7 +12,8 @@ from lewm_fast import cli
 from lewm_fast.data import TwoRoomDataset, action_stats, generate_dataset
 from lewm_fast.data.dataset import DatasetWriter
 from lewm_fast.envs import DEFAULT_LAYOUT
-from lewm_fast.plan import CEMSolver, blocks_to_actions, evaluate, plan_seed, select_start_rows
+from lewm_fast.pipeline import EvalConfig
+from lewm_fast.plan import CEMSolver, PlanConfig, blocks_to_actions, evaluate, plan_seed, select_start_rows
 
 SMALL_PLAN = {"num_samples": 16, "n_steps": 2, "topk": 4}
 TIMING_KEYS = ("elapsed_s", "warmup_s", "plan_latency_ms")
@@ -271,9 +272,14 @@ def test_protocol_end_to_end_with_a_random_model(data, model, tmp_path):
 def test_same_seed_same_result(data, model):
     kwargs = {"episodes": 5, "progress": False, **SMALL_PLAN}
     a, b = evaluate(model, data, **kwargs), evaluate(model, data, **kwargs)
-    for key in TIMING_KEYS:
-        a.pop(key), b.pop(key)
-    assert a == b
+    # the same settings as one PlanConfig (and as the pipeline's eval section) plan the same
+    config = PlanConfig(episodes=5, **SMALL_PLAN)
+    d = evaluate(model, data, config, progress=False)
+    e = evaluate(model, data, EvalConfig(**SMALL_PLAN, during_training=3), episodes=5, progress=False)
+    for result in (a, b, d, e):
+        for key in TIMING_KEYS:
+            result.pop(key)
+    assert a == b == d == e
     c = evaluate(model, data, planner_seed=7, **kwargs)
     assert c["per_episode"]["row"] == a["per_episode"]["row"]
     assert c["per_episode"]["final_xy"] != a["per_episode"]["final_xy"]

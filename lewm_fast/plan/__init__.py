@@ -8,6 +8,7 @@
     plan = solver.solve({"pixels": frames, "goal": goals})  # frames, goals: (B, 1, 3, 224, 224)
     plan["actions"]  # (B, 5, 10): the final CEM means
 
+:class:`PlanConfig` holds every planner setting (the published values by default);
 :class:`CEMSolver` plans every env at once; :func:`planning_cost` is its fast cost (the
 numbers of ``JEPA.get_cost``) and :func:`cem_refit` its batched elite refit (csrc op).
 :func:`evaluate` runs the published Two-Room MPC evaluation (50 episodes, all batched)::
@@ -18,6 +19,7 @@ numbers of ``JEPA.get_cost``) and :func:`cem_refit` its batched elite refit (csr
 The plain one-env-at-a-time planner is :mod:`lewm_fast.reference.cem`.
 """
 
+from .config import PlanConfig
 from .cost import (
     LowPrecisionWeights,
     PlanningCost,
@@ -30,6 +32,7 @@ from .refit import Refit, cem_refit, cem_refit_torch
 from .solver import CEMSolver, plan_seed
 
 __all__ = [
+    "PlanConfig",
     "CEMSolver",
     "evaluate",
     "select_start_rows",

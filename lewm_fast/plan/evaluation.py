@@ -39,6 +39,9 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,24 +56,12 @@ from ..data.windows import as_dataset, normalize_frames
 from ..envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, distance, layout_image, render
 from ..envs.two_room import step as env_step
 from ..reference.jepa import action_width_of, device_of
+from .config import PlanConfig
 from .solver import CEMSolver
 
 __all__ = ["evaluate", "eligible_start_rows", "select_start_rows", "blocks_to_actions"]
 
 _COLUMNS = ("episode_idx", "step_idx", "proprio", "action", "ep_len")
-
-# The planner arguments of evaluate; a caller who passes a ready solver must leave them alone.
-_PLANNER_DEFAULTS = {
-    "num_samples": 300,
-    "n_steps": 30,
-    "topk": 30,
-    "var_scale": 1.0,
-    "planner_seed": None,
-    "autocast": None,
-    "cuda_graph": None,
-    "max_batch": "auto",
-}
-
 
 # ----------------------------------------------------------------------- dataset side
 
@@ -239,33 +230,168 @@ def _plan_actions(out, envs: int, horizon: int, width: int) -> torch.Tensor:
 # ----------------------------------------------------------------------- the protocol
 
 
+@dataclass
+class _Episodes:
+    """The drawn episodes: dataset columns, start rows, layout and action width."""
+
+    dataset: Any
+    cols: dict[str, np.ndarray]
+    layout: TwoRoomLayout
+    eligible: np.ndarray
+    rows: np.ndarray
+    width: int
+
+
+@dataclass
+class _Scene:
+    """The episodes on the device: start and goal positions (B, 2), the goal frames, and
+    ``frames(xy)``, positions (B, 2) -> normalised model frames (B, 1, 3, S, S)."""
+
+    frames: Callable[[torch.Tensor], torch.Tensor]
+    image_size: int
+    start_xy: torch.Tensor
+    goal_xy: torch.Tensor
+    goal_frames: torch.Tensor
+
+
+def _scene(drawn: _Episodes, config: PlanConfig, model, device: torch.device) -> _Scene:
+    image_size = _image_size(model, drawn.layout)
+    background = layout_image(drawn.layout, device)
+
+    def frames(xy: torch.Tensor) -> torch.Tensor:
+        return normalize_frames(render(xy, drawn.layout, background=background, check=False), image_size)[
+            :, None
+        ]
+
+    proprio = drawn.cols["proprio"]
+    start_xy = torch.from_numpy(np.array(proprio[drawn.rows], dtype=np.float32)).to(device)
+    goal_xy = torch.from_numpy(np.array(proprio[drawn.rows + config.goal_offset], dtype=np.float32)).to(
+        device
+    )
+    return _Scene(frames, image_size, start_xy, goal_xy, frames(goal_xy))
+
+
+@dataclass
+class _Trace:
+    """What the MPC loop leaves: final positions, success, latencies and plan seeds."""
+
+    xy: torch.Tensor
+    done: torch.Tensor
+    steps_to: torch.Tensor
+    env_steps: int = 0
+    latencies: list[float] = field(default_factory=list)
+    plan_seeds: list[int] = field(default_factory=list)
+
+
+def _plan_config(config: PlanConfig | None, settings: dict, solver) -> PlanConfig:
+    if config is not None and not isinstance(config, PlanConfig):
+        raise ValueError(f"config must be a lewm_fast.plan.PlanConfig, got {type(config).__name__}")
+    if solver is not None:  # checked first: the solver's settings are the solver's business
+        default = PlanConfig()
+        given = {k: v for k, v in settings.items() if k == "autocast" or k in PlanConfig.SOLVER_FIELDS}
+        changed = sorted(k for k, v in given.items() if k != "horizon" and v != getattr(default, k, None))
+        changed += config.solver_settings_changed() if config is not None else []
+        if changed:
+            raise ValueError(f"with solver given, set {sorted(set(changed))} on the solver, not on evaluate")
+    return (config or PlanConfig()).replace(**settings)
+
+
+def _draw_episodes(dataset, config: PlanConfig, model) -> _Episodes:
+    """Step 1: the start rows of the published draw, and the model's action width checked."""
+    if isinstance(dataset, (str, os.PathLike)):
+        dataset = as_dataset(dataset)  # any other object is read through its columns
+    cols = _columns(dataset)
+    eligible = eligible_start_rows(dataset, config.goal_offset)
+    rows = _draw(eligible, config.episodes, config.goal_offset, config.seed)
+    dims = cols["action"].shape[1]
+    width = config.action_block * dims
+    model_width = action_width_of(model)
+    if model_width is not None and model_width != width:
+        raise ValueError(
+            f"the model's action width is {model_width}, but action_block ({config.action_block}) x the "
+            f"dataset's action dimension ({dims}) is {width}"
+        )
+    layout = getattr(dataset, "layout", DEFAULT_LAYOUT)
+    return _Episodes(dataset, cols, layout, eligible, rows, width)
+
+
+def _solver(solver, model, config: PlanConfig, device: torch.device, width: int):
+    """Step 2: a new :class:`CEMSolver` from ``config``, or the given solver checked against it."""
+    if solver is None:
+        return CEMSolver(model, action_dim=width, config=config, device=device)
+    if isinstance(solver, CEMSolver):
+        if solver.model is not model:
+            raise ValueError("the solver plans with a different model than the one given to evaluate")
+        if solver.device != device:
+            raise ValueError(f"the solver plans on {solver.device}, evaluate runs on {device}")
+        if solver.horizon != config.horizon or solver.action_dim != width:
+            raise ValueError(
+                f"the solver plans horizon {solver.horizon} x width {solver.action_dim}, evaluate needs "
+                f"horizon {config.horizon} x width {width}"
+            )
+    elif not callable(getattr(solver, "solve", None)):
+        raise ValueError(f"solver must have solve(info_dict, init_action=None), got {type(solver).__name__}")
+    return solver
+
+
+def _timed_solve(solver, info: dict, init, device: torch.device, trace: _Trace):
+    _sync(device)
+    t0 = time.perf_counter()
+    plan = solver.solve(info, init_action=init)
+    _sync(device)
+    trace.latencies.append((time.perf_counter() - t0) * 1e3)
+    if isinstance(plan, dict) and plan.get("seed") is not None:
+        trace.plan_seeds.append(int(plan["seed"]))
+    return plan
+
+
+def _mpc(solver, scene: _Scene, drawn: _Episodes, config: PlanConfig, stats, progress: bool) -> _Trace:
+    """Step 3: plan, execute ``receding_horizon`` blocks raw action by raw action, replan;
+    until the budget is spent or every episode has succeeded (a finished one stays frozen)."""
+    xy, layout, (mean, std, _) = scene.start_xy, drawn.layout, stats
+    device, episodes = xy.device, xy.shape[0]
+    trace = _Trace(
+        xy=xy.clone(),
+        done=torch.zeros(episodes, dtype=torch.bool, device=device),
+        steps_to=torch.full((episodes,), -1, dtype=torch.int64, device=device),
+    )
+    init, receding, budget = None, config.executed_per_plan, config.budget
+    bar = tqdm(total=budget, unit="step", desc="evaluate", disable=not progress)
+    try:
+        while trace.env_steps < budget and not (trace.latencies and bool(trace.done.all())):
+            info = {"pixels": scene.frames(trace.xy), "goal": scene.goal_frames}
+            plan = _timed_solve(solver, info, init, device, trace)
+            actions = _plan_actions(plan, episodes, config.horizon, drawn.width)
+            init = actions[:, receding:] if config.warm_starts else None
+            raw = blocks_to_actions(actions[:, :receding], mean, std).to(device)
+            for k in range(min(raw.shape[1], budget - trace.env_steps)):
+                moved = env_step(trace.xy, raw[:, k], layout, check=False)
+                trace.xy = torch.where(trace.done[:, None], trace.xy, moved)
+                trace.env_steps += 1
+                hit = (distance(trace.xy, scene.goal_xy) < layout.success_distance) & ~trace.done
+                trace.steps_to = trace.steps_to.masked_fill(hit, trace.env_steps)
+                trace.done = trace.done | hit
+                bar.update(1)
+            bar.set_postfix(success=f"{int(trace.done.sum())}/{episodes}")
+    finally:
+        bar.close()
+    _sync(device)
+    return trace
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     dataset: TwoRoomDataset | str | os.PathLike,
+    config: PlanConfig | None = None,
     *,
-    episodes: int = 50,
-    goal_offset: int = 25,
-    budget: int = 50,
-    seed: int = 42,
-    horizon: int = 5,
-    receding_horizon: int = 5,
-    action_block: int = 5,
-    warm_start: bool = True,
-    num_samples: int = 300,
-    n_steps: int = 30,
-    topk: int = 30,
-    var_scale: float = 1.0,
-    planner_seed: int | None = None,
+    solver=None,
     action_stats=None,
     device: torch.device | str | None = None,
-    autocast: torch.dtype | None = None,
-    cuda_graph: bool | None = None,
-    max_batch: int | str | None = "auto",
-    solver=None,
     warmup: bool = True,
     progress: bool = True,
     out: str | os.PathLike | None = None,
+    **settings,
 ) -> dict:
     """Run the published Two-Room MPC evaluation (see the module docstring) for all episodes at once.
 
@@ -274,33 +400,23 @@ def evaluate(
             a published/loaded checkpoint); any model with ``get_cost`` works through it.
         dataset: a :class:`~lewm_fast.data.TwoRoomDataset` or its folder; start and goal
             states come from its ``proprio`` column, the environment layout from its meta.
-        episodes: B, the number of evaluation episodes (planned together).
-        goal_offset: env steps from a start row to its goal row.
-        budget: env steps per episode.
-        seed: numpy ``default_rng`` seed of the start-row draw (and of the planner, unless
-            ``planner_seed`` is given).
-        horizon, receding_horizon: model actions per plan and executed per plan.
-        action_block: raw env actions per model action (frameskip); the model's action
-            width must be ``action_block`` x the dataset's action dimension.
-        warm_start: with ``receding_horizon < horizon``, start the next plan's mean from
-            the unexecuted blocks (as published).
-        num_samples, n_steps, topk, var_scale: CEM settings (published: 300, 30, 30, 1.0).
-        planner_seed: seed of the :class:`CEMSolver` (plan k draws from
-            ``plan_seed(planner_seed, k)``); default ``seed``.
-        action_stats: (mean, std) of the raw actions, (A,) each; default: the dataset's,
-            computed as :class:`~lewm_fast.data.TrainingWindows` does.
-        device: where the environments and the planner run (default: the model's device).
-        autocast, cuda_graph, max_batch: passed to :class:`CEMSolver` (bf16 autocast; graph
-            capture, default on for CUDA; the most candidate rows per predictor rollout,
-            default "auto": chunks only where the device's free memory is short).
+        config: the protocol and planner settings, a :class:`~lewm_fast.plan.PlanConfig`
+            (default: the published ones: 50 episodes, goal 25 steps away, a 50-step
+            budget, seed 42, horizon 5 executed whole, frameskip 5, CEM 300 x 30, top 30).
         solver: plan with this object instead of a new :class:`CEMSolver`: anything with
             ``solve(info_dict, init_action=None) -> {"actions": (B, horizon, A)}`` (a
             ``CEMSolver`` built on ``model``, or an adapter around the reference planner).
-            The CEM settings above must then be left at their defaults.
+            The solver settings of ``config`` must then be left at their defaults.
+        action_stats: (mean, std) of the raw actions, (A,) each; default: the dataset's,
+            computed as :class:`~lewm_fast.data.TrainingWindows` does.
+        device: where the environments and the planner run (default: the model's device).
         warmup: for a :class:`CEMSolver`, run one untimed plan first (graph capture,
             lazy initialisation) so plan latencies are steady-state; results do not change.
         progress: show a progress bar over env steps.
-        out: also write the result as JSON to this path (atomically).
+        out: also write the result as JSON to this path (atomically; non-finite numbers
+            as null).
+        **settings: :class:`PlanConfig` fields overriding ``config`` (``episodes=20``,
+            ``num_samples=64``, ``autocast=torch.bfloat16``, ...).
 
     Returns a JSON-serialisable dict: ``success_rate`` (fraction), ``successes``,
     ``episodes``, ``final_distance_mean`` (px), ``steps_to_success_mean``; ``per_episode``
@@ -310,184 +426,93 @@ def evaluate(
     ``mean``, ``median_per_env``, ``per_plan``: each call timed with a device sync before
     and after), ``plan_seeds``, ``elapsed_s``, ``warmup_s``, ``protocol``, ``planner``,
     ``action_stats``, ``dataset``, ``model``, ``device`` and ``versions``.
+
+    Raises ValueError for a model in training mode, a bad setting, a dataset without the
+    protocol's columns or too few eligible rows, or a solver that does not fit; RuntimeError
+    when the planner returns non-finite actions.
     """
     start_time = time.perf_counter()
     if getattr(model, "training", False):
         raise ValueError(
             "evaluate needs the model in eval mode (call model.eval()): dropout off, BatchNorm running stats"
         )
-    episodes = _checks.integer(episodes, "episodes", 1, numpy=True)
-    goal_offset = _checks.integer(goal_offset, "goal_offset", 1, numpy=True)
-    budget = _checks.integer(budget, "budget", 1, numpy=True)
-    seed = _checks.integer(seed, "seed", 0, numpy=True)
-    horizon = _checks.integer(horizon, "horizon", 1, numpy=True)
-    receding_horizon = _checks.integer(receding_horizon, "receding_horizon", 1, numpy=True)
-    action_block = _checks.integer(action_block, "action_block", 1, numpy=True)
-    if receding_horizon > horizon:
-        raise ValueError(f"receding_horizon ({receding_horizon}) must not exceed horizon ({horizon})")
-    if planner_seed is not None:
-        planner_seed = _checks.integer(planner_seed, "planner_seed", 0, numpy=True)
-    given = {
-        "num_samples": num_samples,
-        "n_steps": n_steps,
-        "topk": topk,
-        "var_scale": var_scale,
-        "planner_seed": planner_seed,
-        "autocast": autocast,
-        "cuda_graph": cuda_graph,
-        "max_batch": max_batch,
-    }
-    if solver is not None:
-        changed = sorted(k for k, v in given.items() if v != _PLANNER_DEFAULTS[k])
-        if changed:
-            raise ValueError(f"with solver given, set {changed} on the solver, not on evaluate")
+    config = _plan_config(config, settings, solver)
+    drawn = _draw_episodes(dataset, config, model)
+    stats = _action_stats(action_stats, drawn.cols["action"])
+    device = _checks.with_index(device if device is not None else device_of(model) or "cpu")
+    solver = _solver(solver, model, config, device, drawn.width)
+    scene = _scene(drawn, config, model, device)
+    warmup_s = _warm_up(solver, scene.frames(scene.start_xy), scene.goal_frames, device) if warmup else 0.0
+    trace = _mpc(solver, scene, drawn, config, stats, progress)
+    timing = {"elapsed_s": time.perf_counter() - start_time, "warmup_s": warmup_s}
+    result = _result(model, drawn, scene, config, solver, stats, trace, timing)
+    if out is not None:
+        write_json_atomic(out, result)
+    return result
 
-    if isinstance(dataset, (str, os.PathLike)):
-        dataset = as_dataset(dataset)  # any other object is read through its columns
-    cols = _columns(dataset)
-    layout = getattr(dataset, "layout", DEFAULT_LAYOUT)
-    eligible = eligible_start_rows(dataset, goal_offset)
-    rows = _draw(eligible, episodes, goal_offset, seed)
-    dims = cols["action"].shape[1]
-    width = action_block * dims
-    model_width = action_width_of(model)
-    if model_width is not None and model_width != width:
-        raise ValueError(
-            f"the model's action width is {model_width}, but action_block ({action_block}) x the dataset's "
-            f"action dimension ({dims}) is {width}"
-        )
-    mean, std, stats_source = _action_stats(action_stats, cols["action"])
 
-    device = (device_of(model) or torch.device("cpu")) if device is None else torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if solver is None:
-        solver = CEMSolver(
-            model,
-            action_dim=width,
-            horizon=horizon,
-            num_samples=num_samples,
-            n_steps=n_steps,
-            topk=topk,
-            var_scale=var_scale,
-            seed=seed if planner_seed is None else planner_seed,
-            device=device,
-            autocast=autocast,
-            cuda_graph=cuda_graph,
-            max_batch=max_batch,
-        )
-    elif isinstance(solver, CEMSolver):
-        if solver.model is not model:
-            raise ValueError("the solver plans with a different model than the one given to evaluate")
-        if solver.device != device:
-            raise ValueError(f"the solver plans on {solver.device}, evaluate runs on {device}")
-        if solver.horizon != horizon or solver.action_dim != width:
-            raise ValueError(
-                f"the solver plans horizon {solver.horizon} x width {solver.action_dim}, evaluate needs "
-                f"horizon {horizon} x width {width}"
-            )
-    elif not callable(getattr(solver, "solve", None)):
-        raise ValueError(f"solver must have solve(info_dict, init_action=None), got {type(solver).__name__}")
-
-    image_size = _image_size(model, layout)
-    background = layout_image(layout, device)
-
-    def frames(xy: torch.Tensor) -> torch.Tensor:  # (B, 2) -> (B, 1, 3, S, S), normalised
-        return normalize_frames(render(xy, layout, background=background, check=False), image_size)[:, None]
-
-    proprio = cols["proprio"]
-    start_xy = torch.from_numpy(np.array(proprio[rows], dtype=np.float32)).to(device)
-    goal_xy = torch.from_numpy(np.array(proprio[rows + goal_offset], dtype=np.float32)).to(device)
-    goal_frames = frames(goal_xy)
-    xy = start_xy.clone()
-    done = torch.zeros(episodes, dtype=torch.bool, device=device)
-    steps_to = torch.full((episodes,), -1, dtype=torch.int64, device=device)
-
-    warmup_s = 0.0
-    if warmup and isinstance(solver, CEMSolver):
-        t0 = time.perf_counter()
-        # An explicit seed: the solver's own plan sequence (and so the results) is untouched.
-        solver.solve({"pixels": frames(xy), "goal": goal_frames}, seed=0)
-        _sync(device)
-        warmup_s = time.perf_counter() - t0
-
-    latencies: list[float] = []
-    plan_seeds: list[int] = []
-    init = None
-    t = 0
-    bar = tqdm(total=budget, unit="step", desc="evaluate", disable=not progress)
-    try:
-        while t < budget and not (latencies and bool(done.all())):
-            info = {"pixels": frames(xy), "goal": goal_frames}
-            _sync(device)
-            t0 = time.perf_counter()
-            plan = solver.solve(info, init_action=init)
-            _sync(device)
-            latencies.append((time.perf_counter() - t0) * 1e3)
-            if isinstance(plan, dict) and plan.get("seed") is not None:
-                plan_seeds.append(int(plan["seed"]))
-            actions = _plan_actions(plan, episodes, horizon, width)
-            init = actions[:, receding_horizon:] if warm_start and receding_horizon < horizon else None
-            raw = blocks_to_actions(actions[:, :receding_horizon], mean, std).to(device)
-            for k in range(min(raw.shape[1], budget - t)):
-                moved = env_step(xy, raw[:, k], layout, check=False)
-                xy = torch.where(done[:, None], xy, moved)  # a finished episode stays frozen
-                t += 1
-                hit = (distance(xy, goal_xy) < layout.success_distance) & ~done
-                steps_to = steps_to.masked_fill(hit, t)
-                done = done | hit
-                bar.update(1)
-            bar.set_postfix(success=f"{int(done.sum())}/{episodes}")
-    finally:
-        bar.close()
+def _warm_up(solver, pixels: torch.Tensor, goal: torch.Tensor, device: torch.device) -> float:
+    """One untimed plan of a :class:`CEMSolver` (graph capture, lazy set-up); its seconds."""
+    if not isinstance(solver, CEMSolver):
+        return 0.0
+    t0 = time.perf_counter()
+    # An explicit seed: the solver's own plan sequence (and so the results) is untouched.
+    solver.solve({"pixels": pixels, "goal": goal}, seed=0)
     _sync(device)
-    elapsed = time.perf_counter() - start_time
+    return time.perf_counter() - t0
 
-    success = done.cpu().numpy()
-    steps = steps_to.cpu().numpy()
-    final = distance(xy, goal_xy).cpu().numpy().astype(np.float64)
+
+def _latency(latencies: list[float], episodes: int) -> dict:
     ordered = sorted(latencies)
     median = statistics.median(ordered)
+    return {
+        "median": median,
+        "p90": float(np.percentile(ordered, 90)),
+        "mean": statistics.fmean(ordered),
+        "median_per_env": median / episodes,
+        "per_plan": latencies,
+    }
 
-    result = {
+
+def _result(model, drawn: _Episodes, scene: _Scene, config: PlanConfig, solver, stats, trace: _Trace, timing):
+    """Step 4: the JSON-serialisable result of :func:`evaluate`."""
+    success = trace.done.cpu().numpy()
+    steps = trace.steps_to.cpu().numpy()
+    final = distance(trace.xy, scene.goal_xy).cpu().numpy().astype(np.float64)
+    cols, rows = drawn.cols, drawn.rows
+    mean, std, stats_source = stats
+    return {
         "success_rate": float(success.mean()),
         "successes": int(success.sum()),
-        "episodes": episodes,
+        "episodes": config.episodes,
         "final_distance_mean": float(final.mean()),
         "steps_to_success_mean": float(steps[success].mean()) if success.any() else None,
         "per_episode": {
             "row": rows.tolist(),
             "episode_idx": cols["episode_idx"][rows].astype(np.int64).tolist(),
             "start_step": cols["step_idx"][rows].astype(np.int64).tolist(),
-            "start_xy": start_xy.cpu().double().tolist(),
-            "goal_xy": goal_xy.cpu().double().tolist(),
-            "final_xy": xy.cpu().double().tolist(),
+            "start_xy": scene.start_xy.cpu().double().tolist(),
+            "goal_xy": scene.goal_xy.cpu().double().tolist(),
+            "final_xy": trace.xy.cpu().double().tolist(),
             "success": success.tolist(),
             "steps_to_success": [int(s) if s >= 0 else None for s in steps],
             "final_distance": final.tolist(),
         },
-        "plans": len(latencies),
-        "env_steps": t,
-        "plan_latency_ms": {
-            "median": median,
-            "p90": float(np.percentile(ordered, 90)),
-            "mean": statistics.fmean(ordered),
-            "median_per_env": median / episodes,
-            "per_plan": latencies,
-        },
-        "plan_seeds": plan_seeds,
-        "elapsed_s": elapsed,
-        "warmup_s": warmup_s,
+        "plans": len(trace.latencies),
+        "env_steps": trace.env_steps,
+        "plan_latency_ms": _latency(trace.latencies, config.episodes),
+        "plan_seeds": trace.plan_seeds,
+        **timing,
         "protocol": {
-            "episodes": episodes,
-            "goal_offset": goal_offset,
-            "budget": budget,
-            "seed": seed,
-            "horizon": horizon,
-            "receding_horizon": receding_horizon,
-            "action_block": action_block,
-            "warm_start": bool(warm_start and receding_horizon < horizon),
-            "success_distance": float(layout.success_distance),
+            "episodes": config.episodes,
+            "goal_offset": config.goal_offset,
+            "budget": config.budget,
+            "seed": config.seed,
+            "horizon": config.horizon,
+            "receding_horizon": config.executed_per_plan,
+            "action_block": config.action_block,
+            "warm_start": config.warm_starts,
+            "success_distance": float(drawn.layout.success_distance),
         },
         "planner": _planner_record(solver),
         "action_stats": {
@@ -496,22 +521,19 @@ def evaluate(
             "source": stats_source,
         },
         "dataset": {
-            "path": str(dataset.path) if getattr(dataset, "path", None) is not None else None,
-            "rows": int(proprio.shape[0]),
+            "path": str(drawn.dataset.path) if getattr(drawn.dataset, "path", None) is not None else None,
+            "rows": int(cols["proprio"].shape[0]),
             "episodes": int(cols["ep_len"].shape[0]),
-            "eligible_rows": int(len(eligible)),
+            "eligible_rows": int(len(drawn.eligible)),
         },
         "model": {
             "type": type(model).__name__,
-            "image_size": image_size,
-            "action_width": width,
+            "image_size": scene.image_size,
+            "action_width": drawn.width,
             "parameters": (
                 sum(p.numel() for p in model.parameters()) if isinstance(model, nn.Module) else None
             ),
         },
-        "device": str(device),
+        "device": str(trace.xy.device),
         "versions": {"lewm_fast": __version__, "torch": torch.__version__},
     }
-    if out is not None:
-        write_json_atomic(out, result)
-    return result

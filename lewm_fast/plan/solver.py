@@ -8,7 +8,6 @@ kept; the model action width (frameskip x action dim) is given directly.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass
 from itertools import chain
@@ -21,6 +20,7 @@ from .. import _checks
 from .. import backend as _backend
 from ..reference.jepa import JEPA as _ReferenceJEPA
 from ..reference.jepa import action_width_of, device_of
+from .config import PlanConfig
 from .cost import LowPrecisionWeights, PlanningCost, fast_cost_unsupported_reason
 from .refit import cem_refit
 
@@ -37,15 +37,6 @@ def plan_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
-def check_max_batch(value, name: str = "max_batch") -> int | str | None:
-    """A valid ``max_batch``: a positive integer, ``"auto"`` or None (else ValueError)."""
-    if value is None or value == "auto":
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, 'auto' or null (None), got {value!r}")
-    return int(value)
-
-
 @dataclass
 class _CapturedSolve:
     """One captured solve: its static inputs and outputs and the shapes it was captured for."""
@@ -58,6 +49,22 @@ class _CapturedSolve:
     outputs: tuple
 
 
+def _solver_config(config: PlanConfig | None, settings: dict) -> PlanConfig:
+    """``config`` (default: the published settings) with the solver settings given by name."""
+    if config is not None and not isinstance(config, PlanConfig):
+        raise ValueError(f"config must be a lewm_fast.plan.PlanConfig, got {type(config).__name__}")
+    protocol = sorted(set(settings) - set(PlanConfig.SOLVER_FIELDS) - {"seed", "autocast"})
+    if protocol:
+        raise ValueError(
+            f"CEMSolver takes the solver settings {list(PlanConfig.SOLVER_FIELDS)} (seed for "
+            f"planner_seed, autocast for precision), got {protocol}; evaluation settings go to evaluate"
+        )
+    if "seed" in settings:
+        settings = {**settings, "planner_seed": settings["seed"]}
+        del settings["seed"]
+    return (config or PlanConfig()).replace(**settings)
+
+
 class CEMSolver:
     """Cross-entropy-method planner for all envs at once.
 
@@ -67,25 +74,28 @@ class CEMSolver:
             the fast path computes the same costs with far less work (see
             :mod:`lewm_fast.plan.cost`); any other model goes through ``get_cost``.
         action_dim: numbers per model action, frameskip x env action dim (10 for Two-Room).
-        horizon: model actions per plan (T).
-        num_samples: candidates per env and iteration (S).
-        n_steps: CEM iterations.
-        topk: elites per iteration, in [2, num_samples].
-        var_scale: initial standard deviation of every action entry.
-        seed: plan number k draws its candidates from a generator seeded with
-            ``plan_seed(seed, k)`` (or the ``seed`` given to :meth:`solve`).
+        config: the planner settings, a :class:`~lewm_fast.plan.PlanConfig` (default: the
+            published ones). The solver reads its ``horizon`` (T), ``num_samples`` (S),
+            ``n_steps``, ``topk``, ``var_scale``, ``history_size``, ``precision``,
+            ``cuda_graph``, ``max_batch`` and seed (``planner_seed``, else ``seed``); the
+            evaluation protocol's fields are left to :func:`~lewm_fast.plan.evaluate`.
         device: where planning runs (default: the model's device).
-        history_size: predictor context window of the rollout (3 as published).
-        autocast: None (float32) or a low-precision dtype (``torch.bfloat16``) for the model.
-        cuda_graph: capture the whole solve into one CUDA graph (None: on CUDA with the fast
-            path). The graph is re-captured when input shapes or the model's tensors change.
         fast: use the fast path (None: when the model supports it).
         backend: backend of the elite-refit op (``"auto"``, ``"cuda"``, ``"torch"``).
-        max_batch: most candidate rows (envs x samples) one predictor rollout takes; larger
-            batches are scored in chunks of whole envs (or of samples, for one env) with the
-            same results, trading speed for memory. None: one rollout for all rows;
-            ``"auto"``: on CUDA, as many rows as fit in half of the free device memory by
-            :meth:`PlanningCost.bytes_per_row` (a conservative estimate). Fast path only.
+        **settings: solver fields of :class:`PlanConfig` that override ``config``, by the
+            published ``CEMSolver`` names: ``horizon``, ``num_samples``, ``n_steps``,
+            ``topk``, ``var_scale``, ``seed`` (the planner's seed, ``planner_seed``),
+            ``history_size``, ``precision`` or ``autocast`` (None, ``torch.bfloat16``,
+            ``torch.float16``), ``cuda_graph``, ``max_batch``.
+
+    The settings mean: plan number k draws its candidates from a generator seeded with
+    ``plan_seed(seed, k)`` (or the ``seed`` given to :meth:`solve`); ``cuda_graph`` captures
+    the whole solve into one CUDA graph (None: on CUDA with the fast path), re-captured
+    when input shapes or the model's tensors change; ``max_batch`` caps the candidate rows
+    (envs x samples) of one predictor rollout, scoring larger batches in chunks of whole
+    envs (or of samples, for one env) with the same results (``"auto"``: on CUDA, as many
+    rows as fit in half of the free device memory by :meth:`PlanningCost.bytes_per_row`, a
+    conservative estimate; fast path only). ValueError names a bad or unknown setting.
 
     ``solve(info_dict, init_action=None)`` returns ``actions`` (B, horizon, action_dim), the
     final CEM means; ``std`` (B, horizon, action_dim); ``costs`` (B,), the mean elite cost of
@@ -97,82 +107,31 @@ class CEMSolver:
         model: nn.Module,
         *,
         action_dim: int,
-        horizon: int = 5,
-        num_samples: int = 300,
-        n_steps: int = 30,
-        topk: int = 30,
-        var_scale: float = 1.0,
-        seed: int = 0,
+        config: PlanConfig | None = None,
         device: torch.device | str | None = None,
-        history_size: int = 3,
-        autocast: torch.dtype | None = None,
-        cuda_graph: bool | None = None,
         fast: bool | None = None,
         backend: str = "auto",
-        max_batch: int | str | None = None,
+        **settings,
     ):
-        self.horizon = _checks.integer(horizon, "horizon", 1, numpy=True)
+        self.config = _solver_config(config, settings)
         self.action_dim = _checks.integer(action_dim, "action_dim", 1, numpy=True)
-        self.num_samples = _checks.integer(num_samples, "num_samples", 2, numpy=True)
-        self.n_steps = _checks.integer(n_steps, "n_steps", 1, numpy=True)
-        self.topk = _checks.integer(topk, "topk", 2, numpy=True)
-        if self.topk > self.num_samples:
-            raise ValueError(f"topk ({topk}) must not exceed num_samples ({num_samples})")
-        if isinstance(var_scale, bool) or not isinstance(var_scale, (int, float)):
-            raise ValueError(f"var_scale must be a positive number, got {var_scale!r}")
-        if not (math.isfinite(var_scale) and var_scale > 0):
-            raise ValueError(f"var_scale must be a positive finite number, got {var_scale!r}")
-        self.var_scale = float(var_scale)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
-        if autocast not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
-        self.autocast = autocast
+        for name in ("horizon", "num_samples", "n_steps", "topk", "var_scale", "history_size", "max_batch"):
+            setattr(self, name, getattr(self.config, name))
+        self.seed = self.config.solver_seed
+        self.autocast = self.config.autocast
         _backend.requested(backend)  # raises ValueError on an unknown name
         self.backend = backend
-        self.max_batch = check_max_batch(max_batch)
 
-        why_not_fast = fast_cost_unsupported_reason(model)
-        if fast and why_not_fast:
-            raise ValueError(f"fast=True needs a LeWM JEPA model: {why_not_fast}")
-        if fast is None and why_not_fast and isinstance(model, _ReferenceJEPA):
-            warnings.warn(
-                f"CEMSolver: no fast path for this JEPA ({why_not_fast}); planning through get_cost",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self.fast = why_not_fast is None if fast is None else bool(fast)
-        if not self.fast and not callable(getattr(model, "get_cost", None)):
-            raise ValueError(
-                "model must expose get_cost(info_dict, candidates) or be a LeWM JEPA, "
-                f"got {type(model).__name__}"
-            )
-        width = action_width_of(model)
-        if width is not None and width != self.action_dim:
-            raise ValueError(
-                f"action_dim = {action_dim} does not match the model's action width {width} "
-                "(frameskip x env action dim, the action encoder's input size)"
-            )
         self.model = model
-        self._cost = PlanningCost(model, history_size) if self.fast else None
+        self.fast = self._choose_path(model, fast)
+        self._cost = PlanningCost(model, self.history_size) if self.fast else None
         # Under autocast the fast path runs a copy with the Linear/Conv weights already in the
         # low-precision dtype: the same numbers without a cast kernel per layer and call.
-        self._low = LowPrecisionWeights(model, autocast) if self.fast and autocast is not None else None
-        self.history_size = history_size
-
-        model_device = device_of(model)
-        if device is None:
-            device = model_device or torch.device("cpu")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        if self.fast:
-            if model_device is not None and model_device != self.device:
-                raise ValueError(
-                    f"the model is on {model_device} but planning runs on {self.device}; "
-                    "move the model there (model.to(device)) or leave device=None"
-                )
+        self._low = (
+            LowPrecisionWeights(model, self.autocast) if self.fast and self.autocast is not None else None
+        )
+        self.device = self._choose_device(model, device)
+        cuda_graph = self.config.cuda_graph
         if cuda_graph and (self.device.type != "cuda" or not self.fast):
             raise ValueError("cuda_graph=True needs a CUDA device and the fast path (a LeWM JEPA model)")
         self.cuda_graph = (
@@ -183,6 +142,44 @@ class CEMSolver:
         self._captured: _CapturedSolve | None = None
         self._auto_rows: dict[int, int | None] = {}
         self._warned_training = False
+
+    # ----------------------------------------------------------------- set-up
+    def _choose_path(self, model: nn.Module, fast: bool | None) -> bool:
+        """Whether to plan on the fast path; ValueError for a model neither path can plan with."""
+        why_not_fast = fast_cost_unsupported_reason(model)
+        if fast and why_not_fast:
+            raise ValueError(f"fast=True needs a LeWM JEPA model: {why_not_fast}")
+        if fast is None and why_not_fast and isinstance(model, _ReferenceJEPA):
+            warnings.warn(
+                f"CEMSolver: no fast path for this JEPA ({why_not_fast}); planning through get_cost",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        chosen = why_not_fast is None if fast is None else bool(fast)
+        if not chosen and not callable(getattr(model, "get_cost", None)):
+            raise ValueError(
+                "model must expose get_cost(info_dict, candidates) or be a LeWM JEPA, "
+                f"got {type(model).__name__}"
+            )
+        width = action_width_of(model)
+        if width is not None and width != self.action_dim:
+            raise ValueError(
+                f"action_dim = {self.action_dim} does not match the model's action width {width} "
+                "(frameskip x env action dim, the action encoder's input size)"
+            )
+        return chosen
+
+    def _choose_device(self, model: nn.Module, device) -> torch.device:
+        """``device``, or the model's (CPU for a model without tensors); on the fast path the
+        model must already be there."""
+        model_device = device_of(model)
+        chosen = _checks.with_index(device if device is not None else model_device or "cpu")
+        if self.fast and model_device is not None and model_device != chosen:
+            raise ValueError(
+                f"the model is on {model_device} but planning runs on {chosen}; "
+                "move the model there (model.to(device)) or leave device=None"
+            )
+        return chosen
 
     # ----------------------------------------------------------------- helpers
     def _generator(self) -> torch.Generator:
