@@ -356,7 +356,7 @@ class _Run:
         missing = [p for p in record.get("outputs", {}).get("files", []) if not (self.out / p).exists()]
         return None if missing else record
 
-    def run(self, stage: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def run(self, stage: str, fn: Callable[[_Run], dict[str, Any]]) -> dict[str, Any]:
         record = self.finished(stage)
         if record is not None:
             self.log(f"[pipeline] {stage}: reusing the finished stage ({record['seconds']:.1f} s)")
@@ -365,7 +365,7 @@ class _Run:
         self.log(f"[pipeline] {stage} ...")
         start = time.perf_counter()
         try:
-            outputs = fn()
+            outputs = fn(self)
         except (KeyboardInterrupt, PipelineError):
             raise
         except Exception as exc:
@@ -390,6 +390,133 @@ def _load_model(run: _Run):
     return load_pretrained(run.out / outputs["model"], device=run.device).eval()
 
 
+def _dataset(run: _Run):
+    from .data import TwoRoomDataset
+
+    return TwoRoomDataset.open(run.out / "data")
+
+
+def _data_stage(run: _Run) -> dict[str, Any]:
+    from .data import generate_dataset
+
+    data = run.config.data
+    generate_dataset(
+        run.out / "data",
+        episodes=data.episodes,
+        policy=data.policy,
+        seed=data.seed,
+        max_steps=data.max_steps,
+        frames=data.frames,
+        force=True,
+        progress=run.progress,
+    )
+    return {"files": ["data/meta.json"]}
+
+
+def _train_stage(run: _Run) -> dict[str, Any]:
+    from .plan import evaluate
+    from .train import Trainer, latest_checkpoint
+
+    train_dir, plan = run.out / "train", run.config.eval
+    evaluator = None
+    if plan.during_training > 0:
+        episodes, ds = plan.during_training, _dataset(run)
+
+        def evaluator(model):
+            return evaluate(model, ds, plan, episodes=episodes, device=run.device, progress=False)
+
+    resume = latest_checkpoint(train_dir) is not None
+    if resume:
+        run.log(f"[pipeline] train: resuming from {latest_checkpoint(train_dir)}")
+    trainer = Trainer(
+        _dataset(run), train_dir, run.train_config, device=run.device, evaluator=evaluator, resume=resume
+    )
+    result = trainer.fit()
+    if result.status == "interrupted":
+        raise KeyboardInterrupt(f"training interrupted at step {result.step}; rerun to resume")
+    best = train_dir / "best_model"
+    model = str((best if best.is_dir() else train_dir / "model").relative_to(run.out))
+    return {
+        "model": model,
+        "files": [f"{model}/weights.pt", "train/metrics.jsonl"],
+        "status": result.status,
+        "steps": result.step,
+        "epochs": result.epoch,
+    }
+
+
+def _probe_stage(run: _Run) -> dict[str, Any]:
+    from .probe import run_probes
+
+    probe = run.config.probe
+    if not probe.enabled:
+        return {"skipped": "probe.enabled is false"}
+    result = run_probes(
+        _load_model(run),
+        _dataset(run),
+        device=run.device,
+        seed=probe.seed,
+        max_frames=probe.max_frames,
+        fresh_episodes=probe.fresh_episodes,
+        batch_size=probe.batch_size,
+    )
+    write_json_atomic(run.out / "probe.json", result)
+    return {"files": ["probe.json"]}
+
+
+def _eval_stage(run: _Run) -> dict[str, Any]:
+    from .plan import evaluate
+
+    if not run.config.eval.enabled:
+        return {"skipped": "eval.enabled is false"}
+    model, out = _load_model(run), run.out / "eval.json"
+    evaluate(model, _dataset(run), run.config.eval, device=run.device, progress=run.progress, out=out)
+    return {"files": ["eval.json"]}
+
+
+def _report_stage(run: _Run) -> dict[str, Any]:
+    from .report import write_report
+
+    out = run.out
+    metrics: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    probe_file, eval_file = out / "probe.json", out / "eval.json"
+    if probe_file.is_file():
+        probe = json.loads(probe_file.read_text())
+        metrics.update(
+            probe_r2=probe.get("probe_r2"),
+            one_step_mse=probe.get("one_step_mse"),
+            sigreg_heldout=probe.get("sigreg_heldout"),
+        )
+    else:
+        for key in ("probe_r2", "one_step_mse", "sigreg_heldout"):
+            reasons[key] = "the probe stage was disabled"
+    if eval_file.is_file():
+        result = json.loads(eval_file.read_text())
+        metrics.update(
+            success_rate=result.get("success_rate"),
+            final_distance_mean=result.get("final_distance_mean"),
+            plan_ms_median=(result.get("plan_latency_ms") or {}).get("median"),
+        )
+    else:
+        for key in ("success_rate", "final_distance_mean", "plan_ms_median"):
+            reasons[key] = "the eval stage was disabled"
+    seconds = {stage: run.records[stage]["seconds"] for stage in STAGES[:-1] if stage in run.records}
+    write_report(
+        out,
+        metrics,
+        stages_seconds=seconds,
+        device_info=environment(run.device),
+        preset=run.config.preset,
+        metrics_jsonl=out / "train" / "metrics.jsonl",
+        reasons=reasons,
+    )
+    return {"files": ["report.json", "report.md"]}
+
+
+_STAGE_FUNCTIONS = dict(zip(STAGES, (_data_stage, _train_stage, _probe_stage, _eval_stage, _report_stage)))
+
+
 def run_pipeline(
     config: RunConfig | None = None,
     out: str | os.PathLike = "runs/lewm",
@@ -402,127 +529,12 @@ def run_pipeline(
     ``config`` defaults to :func:`default_preset`'s RunConfig. Raises PipelineError naming
     the failing stage; ValueError for a run folder made with a different configuration.
     """
-    from .data import TwoRoomDataset, generate_dataset
-    from .plan import evaluate
-    from .probe import run_probes
-    from .report import write_report
-    from .train import Trainer, latest_checkpoint
-
     config = config or RunConfig.preset_config(default_preset())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run = _Run(config, out, log, progress)
     write_json_atomic(out / "config.json", config.to_dict())
     log(f"[pipeline] preset {config.preset} on {run.device}, run folder {out}")
-
-    def data_stage():
-        generate_dataset(
-            out / "data",
-            episodes=config.data.episodes,
-            policy=config.data.policy,
-            seed=config.data.seed,
-            max_steps=config.data.max_steps,
-            frames=config.data.frames,
-            force=True,
-            progress=progress,
-        )
-        return {"files": ["data/meta.json"]}
-
-    def dataset():
-        return TwoRoomDataset.open(out / "data")
-
-    def train_stage():
-        train_dir = out / "train"
-        evaluator = None
-        if config.eval.during_training > 0:
-            episodes, ds = config.eval.during_training, dataset()
-
-            def evaluator(model):
-                return evaluate(model, ds, config.eval, episodes=episodes, device=run.device, progress=False)
-
-        resume = latest_checkpoint(train_dir) is not None
-        if resume:
-            log(f"[pipeline] train: resuming from {latest_checkpoint(train_dir)}")
-        result = Trainer(
-            dataset(), train_dir, run.train_config, device=run.device, evaluator=evaluator, resume=resume
-        ).fit()
-        if result.status == "interrupted":
-            raise KeyboardInterrupt(f"training interrupted at step {result.step}; rerun to resume")
-        best = train_dir / "best_model"
-        model = best if best.is_dir() else train_dir / "model"
-        model = str(model.relative_to(out))
-        return {
-            "model": model,
-            "files": [f"{model}/weights.pt", "train/metrics.jsonl"],
-            "status": result.status,
-            "steps": result.step,
-            "epochs": result.epoch,
-        }
-
-    def probe_stage():
-        if not config.probe.enabled:
-            return {"skipped": "probe.enabled is false"}
-        result = run_probes(
-            _load_model(run),
-            dataset(),
-            device=run.device,
-            seed=config.probe.seed,
-            max_frames=config.probe.max_frames,
-            fresh_episodes=config.probe.fresh_episodes,
-            batch_size=config.probe.batch_size,
-        )
-        write_json_atomic(out / "probe.json", result)
-        return {"files": ["probe.json"]}
-
-    def eval_stage():
-        if not config.eval.enabled:
-            return {"skipped": "eval.enabled is false"}
-        evaluate(
-            _load_model(run),
-            dataset(),
-            config.eval,
-            device=run.device,
-            progress=progress,
-            out=out / "eval.json",
-        )
-        return {"files": ["eval.json"]}
-
-    def report_stage():
-        metrics: dict[str, Any] = {}
-        reasons: dict[str, str] = {}
-        probe_file, eval_file = out / "probe.json", out / "eval.json"
-        if probe_file.is_file():
-            probe = json.loads(probe_file.read_text())
-            metrics.update(
-                probe_r2=probe.get("probe_r2"),
-                one_step_mse=probe.get("one_step_mse"),
-                sigreg_heldout=probe.get("sigreg_heldout"),
-            )
-        else:
-            for key in ("probe_r2", "one_step_mse", "sigreg_heldout"):
-                reasons[key] = "the probe stage was disabled"
-        if eval_file.is_file():
-            result = json.loads(eval_file.read_text())
-            metrics.update(
-                success_rate=result.get("success_rate"),
-                final_distance_mean=result.get("final_distance_mean"),
-                plan_ms_median=(result.get("plan_latency_ms") or {}).get("median"),
-            )
-        else:
-            for key in ("success_rate", "final_distance_mean", "plan_ms_median"):
-                reasons[key] = "the eval stage was disabled"
-        seconds = {stage: run.records[stage]["seconds"] for stage in STAGES[:-1] if stage in run.records}
-        write_report(
-            out,
-            metrics,
-            stages_seconds=seconds,
-            device_info=environment(run.device),
-            preset=config.preset,
-            metrics_jsonl=out / "train" / "metrics.jsonl",
-            reasons=reasons,
-        )
-        return {"files": ["report.json", "report.md"]}
-
-    for stage, fn in zip(STAGES, (data_stage, train_stage, probe_stage, eval_stage, report_stage)):
-        run.run(stage, fn)
+    for stage in STAGES:
+        run.run(stage, _STAGE_FUNCTIONS[stage])
     return json.loads((out / "report.json").read_text())
