@@ -283,7 +283,12 @@ class _Trace:
     plan_seeds: list[int] = field(default_factory=list)
 
 
-def _plan_config(config: PlanConfig | None, settings: dict, solver) -> PlanConfig:
+def _plan_config(model, config: PlanConfig | None, settings: dict, solver) -> PlanConfig:
+    """The settings of this evaluation, checked (and the model in eval mode)."""
+    if getattr(model, "training", False):
+        raise ValueError(
+            "evaluate needs the model in eval mode (call model.eval()): dropout off, BatchNorm running stats"
+        )
     if config is not None and not isinstance(config, PlanConfig):
         raise ValueError(f"config must be a lewm_fast.plan.PlanConfig, got {type(config).__name__}")
     if solver is not None:  # checked first: the solver's settings are the solver's business
@@ -400,9 +405,7 @@ def evaluate(
             a published/loaded checkpoint); any model with ``get_cost`` works through it.
         dataset: a :class:`~lewm_fast.data.TwoRoomDataset` or its folder; start and goal
             states come from its ``proprio`` column, the environment layout from its meta.
-        config: the protocol and planner settings, a :class:`~lewm_fast.plan.PlanConfig`
-            (default: the published ones: 50 episodes, goal 25 steps away, a 50-step
-            budget, seed 42, horizon 5 executed whole, frameskip 5, CEM 300 x 30, top 30).
+        config: the protocol and planner settings (default: ``PlanConfig()``, the published ones).
         solver: plan with this object instead of a new :class:`CEMSolver`: anything with
             ``solve(info_dict, init_action=None) -> {"actions": (B, horizon, A)}`` (a
             ``CEMSolver`` built on ``model``, or an adapter around the reference planner).
@@ -410,11 +413,9 @@ def evaluate(
         action_stats: (mean, std) of the raw actions, (A,) each; default: the dataset's,
             computed as :class:`~lewm_fast.data.TrainingWindows` does.
         device: where the environments and the planner run (default: the model's device).
-        warmup: for a :class:`CEMSolver`, run one untimed plan first (graph capture,
-            lazy initialisation) so plan latencies are steady-state; results do not change.
+        warmup: for a :class:`CEMSolver`, one untimed plan first (graph capture, lazy set-up).
         progress: show a progress bar over env steps.
-        out: also write the result as JSON to this path (atomically; non-finite numbers
-            as null).
+        out: also write the result as JSON here (atomically; non-finite numbers as null).
         **settings: :class:`PlanConfig` fields overriding ``config`` (``episodes=20``,
             ``num_samples=64``, ``autocast=torch.bfloat16``, ...).
 
@@ -427,16 +428,11 @@ def evaluate(
     and after), ``plan_seeds``, ``elapsed_s``, ``warmup_s``, ``protocol``, ``planner``,
     ``action_stats``, ``dataset``, ``model``, ``device`` and ``versions``.
 
-    Raises ValueError for a model in training mode, a bad setting, a dataset without the
-    protocol's columns or too few eligible rows, or a solver that does not fit; RuntimeError
-    when the planner returns non-finite actions.
+    Raises ValueError for a model in training mode, a bad setting or dataset, or a solver
+    that does not fit; RuntimeError when the planner returns non-finite actions.
     """
     start_time = time.perf_counter()
-    if getattr(model, "training", False):
-        raise ValueError(
-            "evaluate needs the model in eval mode (call model.eval()): dropout off, BatchNorm running stats"
-        )
-    config = _plan_config(config, settings, solver)
+    config = _plan_config(model, config, settings, solver)
     drawn = _draw_episodes(dataset, config, model)
     stats = _action_stats(action_stats, drawn.cols["action"])
     device = _checks.with_index(device if device is not None else device_of(model) or "cpu")
@@ -474,30 +470,34 @@ def _latency(latencies: list[float], episodes: int) -> dict:
     }
 
 
+def _per_episode(drawn: _Episodes, scene: _Scene, trace: _Trace, success, steps, final) -> dict:
+    cols, rows = drawn.cols, drawn.rows
+    return {
+        "row": rows.tolist(),
+        "episode_idx": cols["episode_idx"][rows].astype(np.int64).tolist(),
+        "start_step": cols["step_idx"][rows].astype(np.int64).tolist(),
+        "start_xy": scene.start_xy.cpu().double().tolist(),
+        "goal_xy": scene.goal_xy.cpu().double().tolist(),
+        "final_xy": trace.xy.cpu().double().tolist(),
+        "success": success.tolist(),
+        "steps_to_success": [int(s) if s >= 0 else None for s in steps],
+        "final_distance": final.tolist(),
+    }
+
+
 def _result(model, drawn: _Episodes, scene: _Scene, config: PlanConfig, solver, stats, trace: _Trace, timing):
     """Step 4: the JSON-serialisable result of :func:`evaluate`."""
     success = trace.done.cpu().numpy()
     steps = trace.steps_to.cpu().numpy()
     final = distance(trace.xy, scene.goal_xy).cpu().numpy().astype(np.float64)
-    cols, rows = drawn.cols, drawn.rows
-    mean, std, stats_source = stats
+    cols, (mean, std, stats_source) = drawn.cols, stats
     return {
         "success_rate": float(success.mean()),
         "successes": int(success.sum()),
         "episodes": config.episodes,
         "final_distance_mean": float(final.mean()),
         "steps_to_success_mean": float(steps[success].mean()) if success.any() else None,
-        "per_episode": {
-            "row": rows.tolist(),
-            "episode_idx": cols["episode_idx"][rows].astype(np.int64).tolist(),
-            "start_step": cols["step_idx"][rows].astype(np.int64).tolist(),
-            "start_xy": scene.start_xy.cpu().double().tolist(),
-            "goal_xy": scene.goal_xy.cpu().double().tolist(),
-            "final_xy": trace.xy.cpu().double().tolist(),
-            "success": success.tolist(),
-            "steps_to_success": [int(s) if s >= 0 else None for s in steps],
-            "final_distance": final.tolist(),
-        },
+        "per_episode": _per_episode(drawn, scene, trace, success, steps, final),
         "plans": len(trace.latencies),
         "env_steps": trace.env_steps,
         "plan_latency_ms": _latency(trace.latencies, config.episodes),
