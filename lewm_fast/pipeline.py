@@ -475,32 +475,13 @@ def _eval_stage(run: _Run) -> dict[str, Any]:
 
 
 def _report_stage(run: _Run) -> dict[str, Any]:
-    from .report import write_report
+    from .report import headline, write_report
 
     out = run.out
-    metrics: dict[str, Any] = {}
-    reasons: dict[str, str] = {}
     probe_file, eval_file = out / "probe.json", out / "eval.json"
-    if probe_file.is_file():
-        probe = json.loads(probe_file.read_text())
-        metrics.update(
-            probe_r2=probe.get("probe_r2"),
-            one_step_mse=probe.get("one_step_mse"),
-            sigreg_heldout=probe.get("sigreg_heldout"),
-        )
-    else:
-        for key in ("probe_r2", "one_step_mse", "sigreg_heldout"):
-            reasons[key] = "the probe stage was disabled"
-    if eval_file.is_file():
-        result = json.loads(eval_file.read_text())
-        metrics.update(
-            success_rate=result.get("success_rate"),
-            final_distance_mean=result.get("final_distance_mean"),
-            plan_ms_median=(result.get("plan_latency_ms") or {}).get("median"),
-        )
-    else:
-        for key in ("success_rate", "final_distance_mean", "plan_ms_median"):
-            reasons[key] = "the eval stage was disabled"
+    probes = json.loads(probe_file.read_text()) if probe_file.is_file() else None
+    evaluation = json.loads(eval_file.read_text()) if eval_file.is_file() else None
+    metrics, reasons = headline(probes, evaluation, absent="was disabled")
     seconds = {stage: run.records[stage]["seconds"] for stage in STAGES[:-1] if stage in run.records}
     write_report(
         out,

@@ -301,6 +301,57 @@ def split_episodes(num_episodes: int, test_fraction: float, seed: int) -> tuple[
     return np.sort(order[n_test:]).astype(np.int64), np.sort(order[:n_test]).astype(np.int64)
 
 
+def _sample_rows(
+    row_episode: np.ndarray,
+    splits: tuple[np.ndarray, np.ndarray],
+    caps: tuple[int, int],
+    rng: np.random.Generator,
+    where: object,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The dataset rows of each episode split, at most ``cap`` of them drawn uniformly (sorted).
+
+    ``row_episode`` (R,) is the episode of every row; raises ValueError (naming ``where``)
+    for a split with fewer than 2 rows.
+    """
+    sampled = []
+    for episodes, cap in zip(splits, caps):
+        rows = np.flatnonzero(np.isin(row_episode, episodes))
+        if rows.size > cap:
+            rows = np.sort(rng.choice(rows, size=cap, replace=False))
+        if rows.size < 2:
+            raise ValueError(f"{where}: a probe split has {rows.size} frame(s); need at least 2")
+        sampled.append(rows)
+    return sampled[0], sampled[1]
+
+
+def _fit_and_score(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    groups: np.ndarray,
+    alpha: float | None,
+    alphas: Sequence[float],
+    seed: int,
+) -> dict[str, Any]:
+    """Fit the ridge probe on ``train`` (x (N, D), y (N, 2)) and score it on ``test``.
+
+    alpha is ``alpha`` when given, else :func:`select_alpha` on the train rows grouped by
+    ``groups`` (N,). Returns ``r2`` and ``rmse_px`` {x, y}, ``alpha`` and ``val_mse_by_alpha``.
+    """
+    (x_train, y_train), (x_test, y_test) = train, test
+    scores: dict[str, float] = {}
+    if alpha is None:
+        alpha, scores = select_alpha(x_train, y_train, groups, alphas, seed=seed)
+    pred = ridge_fit(x_train, y_train, alpha).predict(x_test)
+    r2 = r2_score(y_test, pred)
+    rmse = (pred - y_test).square().mean(0).sqrt()
+    return {
+        "r2": {c: float(v) for c, v in zip(COORDS, r2.tolist())},
+        "rmse_px": {c: float(v) for c, v in zip(COORDS, rmse.tolist())},
+        "alpha": float(alpha),
+        "val_mse_by_alpha": scores,
+    }
+
+
 def linear_probe(
     model: nn.Module,
     dataset: TwoRoomDataset | str | os.PathLike,
@@ -321,47 +372,24 @@ def linear_probe(
     and embedded by :func:`encode_positions`; alpha is ``alpha`` when given, else chosen
     by :func:`select_alpha` on the probe-train episodes. Returns ``r2`` {x, y} on the test
     episodes, ``rmse_px`` {x, y}, ``alpha``, ``val_mse_by_alpha`` (empty when alpha was
-    given), frame and episode counts, ``seed`` and ``test_fraction``.
+    given), frame and episode counts, ``seed`` and ``test_fraction``. Raises ValueError
+    for a split with fewer than 2 frames.
     """
     data = as_dataset(dataset)
     seed = _checks.integer(seed, "seed", 0, numpy=True)
     max_frames = _checks.integer(max_frames, "max_frames", 4, numpy=True)
     train_eps, test_eps = split_episodes(data.num_episodes, test_fraction, seed)
-    rng = np.random.default_rng([seed, 1])
     row_episode = np.repeat(np.arange(data.num_episodes), np.asarray(data.ep_len))
     cap_train = max(2, round(max_frames * (1.0 - test_fraction)))
-    cap_test = max(2, max_frames - cap_train)
-    split_rows = []
-    for episodes, cap in ((train_eps, cap_train), (test_eps, cap_test)):
-        rows = np.flatnonzero(np.isin(row_episode, episodes))
-        if rows.size > cap:
-            rows = np.sort(rng.choice(rows, size=cap, replace=False))
-        if rows.size < 2:
-            raise ValueError(f"{data.path}: a probe split has {rows.size} frame(s); need at least 2")
-        split_rows.append(rows)
-    train_rows, test_rows = split_rows
-    xy = torch.from_numpy(np.asarray(data.proprio)[np.concatenate(split_rows)])  # a copy
-    x_all = encode_positions(
-        model,
-        xy,
-        layout=data.layout,
-        batch_size=batch_size,
-        autocast=autocast,
-    ).cpu()
-    x_train, x_test = x_all[: train_rows.size], x_all[train_rows.size :]
-    y_train, y_test = xy[: train_rows.size].double(), xy[train_rows.size :].double()
-    scores: dict[str, float] = {}
-    if alpha is None:
-        alpha, scores = select_alpha(x_train, y_train, row_episode[train_rows], alphas, seed=seed)
-    probe = ridge_fit(x_train, y_train, alpha)
-    pred = probe.predict(x_test)
-    r2 = r2_score(y_test, pred)
-    rmse = (pred - y_test).square().mean(0).sqrt()
+    caps = (cap_train, max(2, max_frames - cap_train))
+    rng = np.random.default_rng([seed, 1])
+    train_rows, test_rows = _sample_rows(row_episode, (train_eps, test_eps), caps, rng, data.path)
+    xy = torch.from_numpy(np.asarray(data.proprio)[np.concatenate([train_rows, test_rows])])  # a copy
+    x = encode_positions(model, xy, layout=data.layout, batch_size=batch_size, autocast=autocast).cpu()
+    y, n = xy.double(), train_rows.size
+    fit = _fit_and_score((x[:n], y[:n]), (x[n:], y[n:]), row_episode[train_rows], alpha, alphas, seed)
     return {
-        "r2": {c: float(v) for c, v in zip(COORDS, r2.tolist())},
-        "rmse_px": {c: float(v) for c, v in zip(COORDS, rmse.tolist())},
-        "alpha": float(alpha),
-        "val_mse_by_alpha": scores,
+        **fit,
         "train_frames": int(train_rows.size),
         "test_frames": int(test_rows.size),
         "train_episodes": int(train_eps.size),
@@ -395,6 +423,24 @@ class FreshWindows:
         return int(self.frame_rows.shape[0])
 
 
+def _episode_rows(
+    positions: torch.Tensor, actions: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rolled-out episodes as dataset rows, episode after episode.
+
+    positions (C, S + 1, 2), actions (C, S, 2) and lengths (C,) as
+    :func:`lewm_fast.data.generate.rollout` returns them -> agent positions (R, 2), raw
+    actions (R, 2) with NaN on each episode's last row (which takes no action), and the
+    rows per episode (C,) = lengths + 1.
+    """
+    c, device = positions.shape[0], positions.device
+    ep_len = lengths + 1
+    keep = torch.arange(positions.shape[1], device=device)[None, :] < ep_len[:, None]  # (C, S + 1)
+    raw = torch.cat([actions, torch.full((c, 1, 2), float("nan"), device=device)], dim=1)
+    raw[torch.arange(c, device=device), lengths] = float("nan")
+    return positions[keep], raw[keep], ep_len
+
+
 @torch.no_grad()
 def fresh_windows(
     action_mean: torch.Tensor | np.ndarray,
@@ -420,7 +466,8 @@ def fresh_windows(
     t .. t + num_frames * frameskip - 1 in one episode; its frame i is row t + frameskip * i
     and its action i the raw actions of rows t + frameskip * i .. + frameskip - 1,
     concatenated and z-scored with ``action_mean`` and ``action_std`` (2,) -- pass the
-    training dataset's statistics.
+    training dataset's statistics. Raises ValueError for statistics that are not (2,) with
+    std > 0, or when no episode is long enough for one window.
     """
     episodes = _checks.integer(episodes, "episodes", 1, numpy=True)
     seed = _checks.integer(seed, "seed", 0, numpy=True)
@@ -435,15 +482,8 @@ def fresh_windows(
     actor = make_policy(policy, layout)
     starts, goals, noise = draw_episodes(seed, range(episodes), actor, max_steps, layout)
     starts, goals, noise = starts.to(device), goals.to(device), noise.to(device)
-    positions, actions, lengths = rollout(starts, goals, noise, actor, layout)
-
-    c = positions.shape[0]
-    ep_len = lengths + 1  # rows per episode: actions taken + 1
-    keep = torch.arange(max_steps + 1, device=device)[None, :] < ep_len[:, None]  # (C, T + 1)
-    raw = torch.cat([actions, torch.full((c, 1, 2), float("nan"), device=device)], dim=1)
-    raw[torch.arange(c, device=device), lengths] = float("nan")  # the last row takes no action
-    row_xy = positions[keep]  # (R, 2)
-    row_action = (raw[keep] - mean) / std  # (R, 2) z-scored, NaN kept
+    row_xy, row_action, ep_len = _episode_rows(*rollout(starts, goals, noise, actor, layout))
+    row_action = (row_action - mean) / std  # z-scored, NaN kept
 
     start, episode = window_starts(ep_len, num_frames * frameskip)  # (W,) each
     if start.numel() == 0:
@@ -524,6 +564,26 @@ def one_step_mse(
     }
 
 
+def _one_window_per_episode(episode: np.ndarray, batch_size: int, batches: int, seed: int) -> list[list[int]]:
+    """``batches`` seeded batches of window indices whose windows come from distinct episodes.
+
+    ``episode`` (W,) names each window's episode. A batch draws B = min(batch_size, number
+    of episodes) episodes without replacement, then one window of each. Raises ValueError
+    for fewer than 2 episodes.
+    """
+    labels, inverse = np.unique(episode, return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(labels.size)]
+    b = min(batch_size, labels.size)
+    if b < 2:
+        raise ValueError(f"SIGReg needs windows from at least 2 episodes, got {labels.size}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(batches):
+        chosen = rng.choice(labels.size, size=b, replace=False)
+        out.append([int(rng.choice(members[k])) for k in chosen])
+    return out
+
+
 @torch.no_grad()
 def sigreg_heldout(
     emb: torch.Tensor,
@@ -542,7 +602,8 @@ def sigreg_heldout(
     shrink the batch to their number), transposes them to (T, B, D) and evaluates
     :func:`lewm_fast.sigreg` with ``num_proj`` unit directions drawn from a generator
     seeded with ``seed``. Returns ``value`` (mean over batches), ``std``, ``batches``,
-    ``batch_size`` (the B used), ``num_proj`` and ``knots``.
+    ``batch_size`` (the B used), ``num_proj`` and ``knots``. Raises ValueError for
+    windows from fewer than 2 episodes.
     """
     _checks.integer(batch_size, "batch_size", 2, numpy=True)
     batches = _checks.integer(batches, "batches", 1, numpy=True)
@@ -554,18 +615,11 @@ def sigreg_heldout(
     episode = np.asarray(episode.cpu() if torch.is_tensor(episode) else episode).reshape(-1)
     if episode.shape[0] != emb.shape[0]:
         raise ValueError(f"episode has {episode.shape[0]} entries, emb has {emb.shape[0]} windows")
-    labels, inverse = np.unique(episode, return_inverse=True)
-    members = [np.flatnonzero(inverse == k) for k in range(labels.size)]
-    b = min(batch_size, labels.size)
-    if b < 2:
-        raise ValueError(f"SIGReg needs windows from at least 2 episodes, got {labels.size}")
-    rng = np.random.default_rng(seed)
+    batch_ids = _one_window_per_episode(episode, batch_size, batches, seed)
     gen = torch.Generator().manual_seed(seed)
     values = []
-    for _ in range(batches):
-        chosen = rng.choice(labels.size, size=b, replace=False)
-        ids = torch.as_tensor([int(rng.choice(members[k])) for k in chosen], device=emb.device)
-        z = emb[ids].float().transpose(0, 1).contiguous()  # (T, B, D)
+    for ids in batch_ids:
+        z = emb[torch.as_tensor(ids, device=emb.device)].float().transpose(0, 1).contiguous()  # (T, B, D)
         directions = torch.randn(z.shape[-1], num_proj, generator=gen)
         directions = directions.div_(directions.norm(dim=0)).to(emb.device)
         values.append(float(_sigreg(z, directions, knots)))
@@ -573,13 +627,122 @@ def sigreg_heldout(
         "value": float(np.mean(values)),
         "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
         "batches": batches,
-        "batch_size": int(b),
+        "batch_size": len(batch_ids[0]),
         "num_proj": num_proj,
         "knots": int(knots),
     }
 
 
 # ------------------------------------------------------------------------ everything
+def _checked_inputs(
+    model: nn.Module,
+    dataset: TwoRoomDataset | str | os.PathLike,
+    seed: int,
+    rollout_seed: int | None,
+    frameskip: int,
+) -> tuple[TwoRoomDataset, int, int]:
+    """(dataset, seed, rollout seed) for :func:`run_probes`, or ValueError naming what is wrong."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module (a LeWM JEPA), got {type(model).__name__}")
+    data = as_dataset(dataset)
+    seed = _checks.integer(seed, "seed", 0, numpy=True)
+    if rollout_seed is None:
+        rollout_seed = FRESH_SEED_OFFSET + seed
+    rollout_seed = _checks.integer(rollout_seed, "rollout_seed", 0, numpy=True)
+    if data.source.get("kind") == "generated" and data.source.get("seed") == rollout_seed:
+        raise ValueError(
+            f"rollout_seed {rollout_seed} is the seed {data.path} was generated with; the fresh rollouts "
+            "would repeat training episodes -- choose another rollout_seed"
+        )
+    width = action_width_of(model)
+    if width is not None and width != 2 * frameskip:
+        raise ValueError(
+            f"the model's action encoder takes {width} numbers per step, but frameskip {frameskip} "
+            f"x 2 = {2 * frameskip}"
+        )
+    return data, seed, rollout_seed
+
+
+class _StepClock:
+    """Wall-clock seconds per named step (``with clock("name"): ...``) and since it was made.
+
+    A step's time includes the device work it queued (CUDA is synchronised at its end).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = time.perf_counter() - start
+
+    def total(self) -> dict[str, float]:
+        """The step times and ``total``, the seconds since the clock was made."""
+        return {**self.seconds, "total": time.perf_counter() - self._start}
+
+
+def _embedded_fresh_windows(
+    model: nn.Module,
+    data: TwoRoomDataset,
+    rollout: dict[str, Any],
+    frameskip: int,
+    num_frames: int,
+    **embedding: Any,
+) -> tuple[FreshWindows, torch.Tensor]:
+    """Fresh windows cut like ``data``'s and their embeddings (W, T, D) on the model's device.
+
+    :func:`fresh_windows` with ``rollout`` (seed, episodes, policy, max_steps), actions
+    z-scored with ``data``'s statistics, on its layout; then :func:`encode_windows` with
+    ``embedding`` (batch_size, autocast).
+    """
+    windows = fresh_windows(
+        *action_stats(np.array(data.action)),
+        frameskip=frameskip,
+        num_frames=num_frames,
+        layout=data.layout,
+        device=_model_device(model),
+        **rollout,
+    )
+    return windows, encode_windows(model, windows, layout=data.layout, **embedding)
+
+
+def _probes_result(
+    probe: dict[str, Any],
+    one_step: dict[str, Any],
+    stat: dict[str, Any],
+    windows: FreshWindows,
+    max_steps: int,
+    seed: int,
+    clock: _StepClock,
+) -> dict[str, Any]:
+    """The dict :func:`run_probes` returns: headline numbers first, then the details."""
+    return {
+        "probe_r2": dict(probe["r2"]),
+        "one_step_mse": one_step["mse"],
+        "sigreg_heldout": stat["value"],
+        "linear_probe": probe,
+        "one_step": one_step,
+        "sigreg": stat,
+        "fresh_rollouts": {
+            "seed": windows.seed,
+            "episodes": windows.episodes,
+            "policy": windows.policy,
+            "max_steps": max_steps,
+            "rows": int(windows.positions.shape[0]),
+            "windows": len(windows),
+        },
+        "seed": seed,
+        "device": str(clock.device),
+        "seconds": clock.total(),
+    }
+
+
 def run_probes(
     model: nn.Module,
     dataset: TwoRoomDataset | str | os.PathLike,
@@ -608,103 +771,31 @@ def run_probes(
     ``rollout_seed`` (default ``FRESH_SEED_OFFSET + seed``) the fresh episodes, and must
     differ from the seed the dataset was generated with. Other arguments: see
     :func:`linear_probe`, :func:`fresh_windows`, :func:`one_step_mse` and
-    :func:`sigreg_heldout`.
+    :func:`sigreg_heldout`. Raises ValueError for a model that is not an nn.Module, a
+    ``rollout_seed`` equal to the dataset's, or an action encoder whose width is not
+    2 x ``frameskip``.
 
     Returns a JSON-serialisable dict: ``probe_r2`` {x, y}, ``one_step_mse``,
     ``sigreg_heldout`` (the headline numbers), the details ``linear_probe``, ``one_step``,
     ``sigreg``, ``fresh_rollouts`` {seed, episodes, policy, max_steps, rows, windows},
     ``seed``, ``device`` and ``seconds`` {linear_probe, fresh_rollouts, one_step, sigreg, total}.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module (a LeWM JEPA), got {type(model).__name__}")
-    data = as_dataset(dataset)
-    seed = _checks.integer(seed, "seed", 0, numpy=True)
-    if rollout_seed is None:
-        rollout_seed = FRESH_SEED_OFFSET + seed
-    rollout_seed = _checks.integer(rollout_seed, "rollout_seed", 0, numpy=True)
-    if data.source.get("kind") == "generated" and data.source.get("seed") == rollout_seed:
-        raise ValueError(
-            f"rollout_seed {rollout_seed} is the seed {data.path} was generated with; the fresh rollouts "
-            "would repeat training episodes -- choose another rollout_seed"
-        )
-    width = action_width_of(model)
-    if width is not None and width != 2 * frameskip:
-        raise ValueError(
-            f"the model's action encoder takes {width} numbers per step, but frameskip {frameskip} "
-            f"x 2 = {2 * frameskip}"
-        )
+    data, seed, rollout_seed = _checked_inputs(model, dataset, seed, rollout_seed, frameskip)
     if device is not None:
         model.to(torch.device(device))
-    device = _model_device(model)
-
-    total_start = time.perf_counter()
-    seconds: dict[str, float] = {}
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    start = time.perf_counter()
-    probe = linear_probe(
-        model,
-        data,
-        seed=seed,
-        test_fraction=test_fraction,
-        max_frames=max_frames,
-        alpha=alpha,
-        batch_size=batch_size,
-        autocast=autocast,
-    )
-    sync()
-    seconds["linear_probe"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    mean, std = action_stats(np.array(data.action))
-    windows = fresh_windows(
-        mean,
-        std,
-        episodes=fresh_episodes,
-        seed=rollout_seed,
-        policy=policy,
-        max_steps=max_steps,
-        frameskip=frameskip,
-        num_frames=history_size + 1,
-        layout=data.layout,
-        device=device,
-    )
-    emb = encode_windows(model, windows, layout=data.layout, batch_size=batch_size, autocast=autocast)
-    sync()
-    seconds["fresh_rollouts"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    one_step = one_step_mse(model, emb, windows.action, history_size=history_size, autocast=autocast)
-    sync()
-    seconds["one_step"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    stat = sigreg_heldout(
-        emb, windows.episode, batch_size=sigreg_batch_size, batches=sigreg_batches, seed=seed
-    )
-    sync()
-    seconds["sigreg"] = time.perf_counter() - start
-    seconds["total"] = time.perf_counter() - total_start
-
-    return {
-        "probe_r2": dict(probe["r2"]),
-        "one_step_mse": one_step["mse"],
-        "sigreg_heldout": stat["value"],
-        "linear_probe": probe,
-        "one_step": one_step,
-        "sigreg": stat,
-        "fresh_rollouts": {
-            "seed": rollout_seed,
-            "episodes": windows.episodes,
-            "policy": windows.policy,
-            "max_steps": max_steps,
-            "rows": int(windows.positions.shape[0]),
-            "windows": len(windows),
-        },
-        "seed": seed,
-        "device": str(device),
-        "seconds": seconds,
-    }
+    clock = _StepClock(_model_device(model))
+    enc = {"batch_size": batch_size, "autocast": autocast}
+    rollout = {"seed": rollout_seed, "episodes": fresh_episodes, "policy": policy, "max_steps": max_steps}
+    with clock("linear_probe"):
+        probe = linear_probe(
+            model, data, seed=seed, test_fraction=test_fraction, max_frames=max_frames, alpha=alpha, **enc
+        )
+    with clock("fresh_rollouts"):
+        windows, emb = _embedded_fresh_windows(model, data, rollout, frameskip, history_size + 1, **enc)
+    with clock("one_step"):
+        one_step = one_step_mse(model, emb, windows.action, history_size=history_size, autocast=autocast)
+    with clock("sigreg"):
+        sig = sigreg_heldout(
+            emb, windows.episode, batch_size=sigreg_batch_size, batches=sigreg_batches, seed=seed
+        )
+    return _probes_result(probe, one_step, sig, windows, max_steps, seed, clock)

@@ -1,7 +1,9 @@
 """The run report (issue 7): ``report.json`` + ``report.md`` + PNG training curves.
 
-:func:`write_report` puts a run's headline metrics next to the reference numbers of spec
-section 8, the wall-clock of every pipeline stage and the device, and plots the training
+:func:`headline` reads a run's headline metrics (:data:`HEADLINE_METRICS`) out of its
+probe and evaluation results; :func:`write_report` puts them next to the reference numbers
+of spec section 8 (:data:`REFERENCE`, from which every reference cell of ``report.md`` is
+made), the wall-clock of every pipeline stage and the device, and plots the training
 curves from the trainer's ``metrics.jsonl``. A metric that is not given (or not a finite
 number) is written as ``null`` with the reason in ``missing`` -- the report never makes
 a number up. Files are written atomically (temporary sibling + ``os.replace``).
@@ -28,6 +30,7 @@ import json
 import os
 import statistics
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +38,12 @@ from ._io import json_number, write_bytes_atomic, write_json_atomic, write_text_
 
 __all__ = [
     "HEADLINE_METRICS",
+    "HeadlineMetric",
     "REFERENCE",
     "PLOTS",
     "read_metrics",
     "training_summary",
+    "headline",
     "write_plots",
     "write_report",
 ]
@@ -46,17 +51,53 @@ __all__ = [
 FORMAT = "lewm_fast/run-report"
 VERSION = 1
 
-# Headline metrics: report.json key -> (label in report.md, unit formatter name).
-HEADLINE_METRICS = {
-    "success_rate": "CEM success rate (Two-Room evaluation)",
-    "final_distance_mean": "mean final distance to the goal (px)",
-    "plan_ms_median": "planning time per plan, median",
-    "probe_r2": "linear probe R^2 for agent (x, y)",
-    "one_step_mse": "1-step predictor MSE on fresh rollouts",
-    "sigreg_heldout": "SIGReg statistic of held-out embeddings",
+
+@dataclass(frozen=True)
+class HeadlineMetric:
+    """A headline number of a run: where :func:`headline` reads it and how report.md shows it.
+
+    ``label``: its row in the report's metrics table (a metric with ``coords`` gets one row
+    per coordinate, "label, x"). ``source``: the stage result it is read from, "probe"
+    (:func:`lewm_fast.probe.run_probes`) or "eval" (:func:`lewm_fast.plan.evaluate`), and
+    ``path`` the keys leading to it in that result. ``unit``: "fraction" (a number in
+    [0, 1], shown as a percentage), "ms", "px" or "" (plain). ``coords``: the entries of a
+    mapping-valued metric, e.g. ("x", "y").
+    """
+
+    label: str
+    source: str
+    path: tuple[str, ...]
+    unit: str = ""
+    coords: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.source not in ("probe", "eval"):
+            raise ValueError(f"HeadlineMetric source must be 'probe' or 'eval', got {self.source!r}")
+        if self.unit not in ("fraction", "ms", "px", ""):
+            raise ValueError(f"HeadlineMetric unit must be 'fraction', 'ms', 'px' or '', got {self.unit!r}")
+
+
+# Headline metrics: report.json key -> where it comes from and how it is shown.
+HEADLINE_METRICS: dict[str, HeadlineMetric] = {
+    "success_rate": HeadlineMetric(
+        "CEM success rate (Two-Room evaluation)", "eval", ("success_rate",), "fraction"
+    ),
+    "final_distance_mean": HeadlineMetric(
+        "mean final distance to the goal (px)", "eval", ("final_distance_mean",), "px"
+    ),
+    "plan_ms_median": HeadlineMetric(
+        "planning time per plan, median", "eval", ("plan_latency_ms", "median"), "ms"
+    ),
+    "probe_r2": HeadlineMetric("linear probe R^2", "probe", ("probe_r2",), coords=("x", "y")),
+    "one_step_mse": HeadlineMetric("1-step predictor MSE on fresh rollouts", "probe", ("one_step_mse",)),
+    "sigreg_heldout": HeadlineMetric("SIGReg statistic of held-out embeddings", "probe", ("sigreg_heldout",)),
 }
 
-# Spec section 8: the published and replicated numbers the report quotes.
+# Spec section 8: the published and replicated numbers the report quotes, as
+# {key: {source: value, ..., "note": context}}; a source ("paper", "replication") holds a
+# number in the unit of its metric, or a mapping of them. report.md's reference cells are
+# made from these entries (headline keys: HEADLINE_METRICS; the others: _TRAINING_ROWS and
+# the wall-clock section), and report.json carries the dict as it is.
 REFERENCE: dict[str, dict[str, Any]] = {
     "success_rate": {
         "paper": 0.87,
@@ -203,13 +244,54 @@ def _matplotlib():
     return (Figure, FigureCanvasAgg), None
 
 
+def _draw(
+    mpl: tuple[type, type], name: str, data: list[tuple], keys: list[str], title: str, log_y: bool
+) -> bytes:
+    """PNG bytes of plot ``name``: its series ``data`` [(kind, key, label, xs, ys)] against step.
+
+    One colour per quantity (index in ``keys``): train solid, val dashed with markers; a
+    long train series is drawn faint with a running mean over 1% of it on top. The success
+    plot gets the published success rates of :data:`REFERENCE` as horizontal lines.
+    """
+    figure_cls, canvas_cls = mpl
+    fig = figure_cls(figsize=(7.0, 4.0), dpi=100)
+    canvas_cls(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for kind, key, label, xs, ys in data:
+        color = f"C{keys.index(key)}"
+        val = kind == "val"
+        if val or len(xs) < 20:
+            ax.plot(xs, ys, "--" if val else "-", color=color, label=label, marker="o", markersize=3)
+        elif len(xs) > 200:
+            ax.plot(xs, ys, color=color, linewidth=0.5, alpha=0.3)
+            ax.plot(xs, _running_mean(ys, max(2, len(ys) // 100)), color=color, linewidth=1.2, label=label)
+        else:
+            ax.plot(xs, ys, color=color, linewidth=1.0, label=label)
+    if log_y and all(y > 0 for *_, ys in data for y in ys):
+        ax.set_yscale("log")
+    if name == "success":
+        ax.set_ylim(-0.02, 1.02)
+        for (who, rate), style in zip(_sourced(REFERENCE["success_rate"]), (":", "-.", "--")):
+            ax.axhline(rate, color="gray", linestyle=style, linewidth=0.8, label=f"{who} {rate:.0%}")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if len(data) > 1 or name == "success":
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def write_plots(
     records: Mapping[str, list[dict[str, Any]]], folder: str | os.PathLike
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Write the PNG curves of :data:`PLOTS` into ``folder``: ({name: file}, {name: why skipped}).
 
-    A plot is skipped (with the reason) when none of its series has a finite value, or
-    for all plots when matplotlib is missing. A series is drawn against ``step``.
+    ``records``: {kind: [record]} as :func:`read_metrics` returns them. A plot is skipped
+    (with the reason) when none of its series has a finite value, or for all plots when
+    matplotlib is missing. A series is drawn against ``step``.
     """
     folder = Path(folder)
     written: dict[str, str] = {}
@@ -225,61 +307,70 @@ def write_plots(
         if mpl is None:
             skipped[name] = why
             continue
-        figure_cls, canvas_cls = mpl
-        fig = figure_cls(figsize=(7.0, 4.0), dpi=100)
-        canvas_cls(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        keys = list(dict.fromkeys(key for _, key, *_ in series))
-        for kind, key, label, xs, ys in data:
-            # one colour per quantity: train solid, val dashed with markers
-            color = f"C{keys.index(key)}"
-            val = kind == "val"
-            if val or len(xs) < 20:
-                ax.plot(xs, ys, "--" if val else "-", color=color, label=label, marker="o", markersize=3)
-            elif len(xs) > 200:  # raw steps faint, a running mean over 1% of the run on top
-                ax.plot(xs, ys, color=color, linewidth=0.5, alpha=0.3)
-                ax.plot(
-                    xs, _running_mean(ys, max(2, len(ys) // 100)), color=color, linewidth=1.2, label=label
-                )
-            else:
-                ax.plot(xs, ys, color=color, linewidth=1.0, label=label)
-        if log_y and all(y > 0 for *_, ys in data for y in ys):
-            ax.set_yscale("log")
-        if name == "success":
-            ax.set_ylim(-0.02, 1.02)
-            for who, rate, style in (("paper", 0.87, ":"), ("replication", 0.84, "-.")):
-                ax.axhline(rate, color="gray", linestyle=style, linewidth=0.8, label=f"{who} {rate:.0%}")
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        if len(data) > 1 or name == "success":
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-        path = write_bytes_atomic(folder / f"{name}.png", buffer.getvalue())
-        written[name] = path.name
+        keys = list(dict.fromkeys(key for _, key, _ in series))
+        png = _draw(mpl, name, data, keys, title, log_y)
+        written[name] = write_bytes_atomic(folder / f"{name}.png", png).name
     return written, skipped
 
 
-# ------------------------------------------------------------------ report
-def _headline(
+# ------------------------------------------------------------------ headline metrics
+def _lookup(result: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """``result[path[0]][path[1]]...``, or None where a key on the way is missing."""
+    value: Any = result
+    for key in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
+def headline(
+    probes: Mapping[str, Any] | None,
+    evaluation: Mapping[str, Any] | None,
+    *,
+    absent: str = "did not run",
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The headline metrics of a run from its stage results: (metrics, reasons) for :func:`write_report`.
+
+    ``probes``: what :func:`lewm_fast.probe.run_probes` returns (the pipeline's
+    ``probe.json``); ``evaluation``: what :func:`lewm_fast.plan.evaluate` returns
+    (``eval.json``); None for a stage whose result does not exist. Each metric of
+    :data:`HEADLINE_METRICS` is read at its ``path`` in its ``source`` result: e.g.
+    ``plan_ms_median`` = ``evaluation["plan_latency_ms"]["median"]`` (ms), ``probe_r2`` =
+    ``probes["probe_r2"]`` ({x, y}). Returns metrics {key: value or None} for every
+    headline key and reasons {key: "the <source> stage <absent>"} for the metrics of a
+    None result. Values are passed on unchecked: :func:`write_report` writes a missing or
+    non-finite one as null with the reason.
+    """
+    results = {"probe": probes, "eval": evaluation}
+    metrics: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    for key, metric in HEADLINE_METRICS.items():
+        result = results[metric.source]
+        if result is None:
+            reasons[key] = f"the {metric.source} stage {absent}"
+        metrics[key] = None if result is None else _lookup(result, metric.path)
+    return metrics, reasons
+
+
+def _headline_values(
     metrics: Mapping[str, Any], reasons: Mapping[str, str]
 ) -> tuple[dict[str, Any], dict[str, str]]:
+    """({headline key: finite number, {coord: number or None} or None}, {key: why missing})."""
     values: dict[str, Any] = {}
     missing: dict[str, str] = {}
-    for key in HEADLINE_METRICS:
+    for key, metric in HEADLINE_METRICS.items():
         if key not in metrics or metrics[key] is None:
             values[key] = None
             missing[key] = reasons.get(key, "not in the metrics given to the report; did its stage run?")
             continue
         raw = metrics[key]
-        if key == "probe_r2":
+        if metric.coords:
             if not isinstance(raw, Mapping):
                 values[key] = None
-                missing[key] = f"expected a mapping {{x, y}}, got {type(raw).__name__}"
+                missing[key] = f"expected a mapping {{{', '.join(metric.coords)}}}, got {type(raw).__name__}"
                 continue
-            coords = {c: json_number(raw.get(c)) for c in ("x", "y")}
+            coords = {c: json_number(raw.get(c)) for c in metric.coords}
             values[key] = coords
             bad = [c for c, v in coords.items() if v is None]
             if bad:
@@ -292,6 +383,7 @@ def _headline(
     return values, missing
 
 
+# ------------------------------------------------------------------ report
 def _plain(value: Any) -> Any:
     """JSON-safe copy: non-finite floats -> None, tuples -> lists, other objects -> str."""
     if isinstance(value, Mapping):
@@ -326,150 +418,45 @@ def _stages(stages_seconds: Mapping[str, Any] | None) -> dict[str, float | None]
     return out
 
 
-def duration(seconds: float | None) -> str:
-    """Human wall-clock: '15 h 12 min', '3 min 05 s', '12.3 s', '-' for None."""
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"
+def _training_part(jsonl: Path, out_dir: Path) -> dict[str, Any]:
+    """The report's training keys, from ``training`` to ``plots_skipped``.
 
-
-def _fmt(value: Any, kind: str = "number") -> str:
-    if value is None:
-        return "-"
-    if kind == "percent":
-        return f"{100 * value:.1f}%"
-    if kind == "ms":
-        return f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
-    return f"{value:.4g}"
-
-
-def _device_name(device_info: Any) -> str:
-    if isinstance(device_info, Mapping):
-        for key in ("device_name", "name", "device"):
-            if device_info.get(key):
-                return str(device_info[key])
-        return "unknown device"
-    return str(device_info) if device_info else "unknown device"
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    values, missing = report, report["missing"]
-
-    def cell(key: str, kind: str = "number", coord: str | None = None) -> str:
-        value = values[key]
-        if coord is not None:
-            value = None if value is None else value.get(coord)
-        if value is None:
-            return f"not measured ({missing.get(key, 'missing')})"
-        return _fmt(value, kind)
-
-    r2 = REFERENCE["probe_r2"]["replication"]
-    rows = [
-        (HEADLINE_METRICS["success_rate"], cell("success_rate", "percent"), "87% (paper); 84% (replication)"),
-        (HEADLINE_METRICS["final_distance_mean"], cell("final_distance_mean"), "-"),
-        (HEADLINE_METRICS["plan_ms_median"], cell("plan_ms_median", "ms"), "about 1 s (paper)"),
-        ("linear probe R^2, x", cell("probe_r2", coord="x"), f"{r2['x']} (replication)"),
-        ("linear probe R^2, y", cell("probe_r2", coord="y"), f"{r2['y']} (replication)"),
-        (HEADLINE_METRICS["one_step_mse"], cell("one_step_mse"), "0.068 (replication)"),
-        (
-            HEADLINE_METRICS["sigreg_heldout"],
-            cell("sigreg_heldout"),
-            "no held-out reference (training: ~13 -> ~1.7 in 5 epochs)",
-        ),
-    ]
-    lines = [
-        "# LeWM Two-Room run report",
-        "",
-        f"Run `{report['run_dir']}`, preset **{report['preset']}**, on **{_device_name(report['device'])}**; "
-        f"written {report['created']} by lewm_fast {report['lewm_fast']}.",
-        "",
-        "## Metrics",
-        "",
-        "| metric | this run | reference (spec section 8) |",
-        "| --- | --- | --- |",
-        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
-        "",
-    ]
-
-    train = report["training"]
-    if train is not None:
-        g = REFERENCE["grad_norm_preclip"]["replication"]
-        f = {k: _fmt(v) for k, v in train.items()}
-        success = {k: _fmt(train[k], "percent") for k in ("success_rate_best", "success_rate_last")}
-        t_rows = [
-            (
-                "train records logged (last step, last epoch)",
-                f"{train['train_records']} ({f['last_step']}, {f['last_epoch']})",
-                "-",
-            ),
-            (
-                "SIGReg, first logged -> final (mean of last 100)",
-                f"{f['sigreg_loss_first']} -> {f['sigreg_loss_final']}",
-                "~13 -> ~1.7 in 5 epochs, then flat",
-            ),
-            ("pred loss, final (mean of last 100)", f["pred_loss_final"], "-"),
-            (
-                "pre-clip grad norm, median / max",
-                f"{f['grad_norm_median']} / {f['grad_norm_max']}",
-                f"{g['median']} / {g['max']} over {g['steps']:,} steps",
-            ),
-            (
-                "validation pred / SIGReg / total, last",
-                f"{f['val_pred_loss_last']} / {f['val_sigreg_loss_last']} / {f['val_loss_last']}",
-                "-",
-            ),
-            (
-                "success during training, best (step) / last",
-                f"{success['success_rate_best']} ({f['success_rate_best_step']}) / "
-                f"{success['success_rate_last']}",
-                "-",
-            ),
-        ]
-        skipped = report["metrics_lines_skipped"]
-        lines += [
-            "## Training",
-            "",
-            f"From `{report['metrics_jsonl']}`"
-            + (f" ({skipped} unreadable line(s) skipped)." if skipped else "."),
-            "",
-            "| quantity | this run | reference (replication) |",
-            "| --- | --- | --- |",
-            *(f"| {a} | {b} | {c} |" for a, b, c in t_rows),
-            "",
-        ]
+    The summary of the trainer's log ``jsonl`` and its plots (written to ``out_dir/plots``),
+    or None and the reason when the file does not exist.
+    """
+    if not jsonl.is_file():
+        why = f"{jsonl} not found"
+        plots: dict[str, str] = {}
+        plots_skipped = {name: f"no metrics ({why})" for name in PLOTS}
+        summary, skipped_lines = None, 0
     else:
-        lines += ["## Training", "", f"No training metrics: {report['training_missing']}.", ""]
+        why = None
+        records, skipped_lines = read_metrics(jsonl)
+        plots, plots_skipped = write_plots(records, out_dir / PLOTS_DIR)
+        plots = {name: f"{PLOTS_DIR}/{file}" for name, file in plots.items()}
+        summary = training_summary(records)
+    return {
+        "training": summary,
+        "training_missing": why,
+        "metrics_jsonl": str(jsonl),
+        "metrics_lines_skipped": skipped_lines,
+        "plots": plots,
+        "plots_skipped": plots_skipped,
+    }
 
-    lines += ["## Wall-clock per stage", "", "| stage | wall-clock |", "| --- | --- |"]
-    for name, seconds in report["stages_seconds"].items():
-        lines.append(f"| {name} | {duration(seconds) if seconds is not None else 'not run'} |")
-    lines += [
-        f"| **total** | **{duration(report['total_seconds'])}** |",
-        "",
-        "Reference: the full published pipeline (train 100 epochs + probe + 50-episode evaluation) "
-        "took 15 h 12 min on one RTX 3060 Ti (public replication).",
-        "",
-        "## Device",
-        "",
-    ]
-    device = report["device"]
-    if isinstance(device, Mapping):
-        lines += [f"- {k}: {v}" for k, v in device.items()]
-    else:
-        lines.append(f"- {device}")
-    lines += ["", "## Plots", ""]
-    for name, file in report["plots"].items():
-        lines.append(f"![{PLOTS[name][0]}]({file})")
-        lines.append("")
-    for name, why in report["plots_skipped"].items():
-        lines.append(f"- {name}: skipped ({why})")
-    return "\n".join(lines).rstrip() + "\n"
+
+def _bookkeeping(run_dir: Path, preset: str | None) -> dict[str, Any]:
+    """The report's first keys: format, version, created (UTC), lewm_fast, run_dir and preset."""
+    from . import __version__
+
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "lewm_fast": __version__,
+        "run_dir": str(run_dir),
+        "preset": preset,
+    }
 
 
 def write_report(
@@ -490,8 +477,8 @@ def write_report(
         metrics: the run's numbers. Headline keys (:data:`HEADLINE_METRICS`):
             ``success_rate`` (fraction in [0, 1]), ``final_distance_mean`` (px),
             ``plan_ms_median`` (ms), ``probe_r2`` ({"x", "y"}), ``one_step_mse``,
-            ``sigreg_heldout`` -- e.g. ``{**run_probes(...), **evaluation_numbers}``. Other
-            keys are kept under ``details``.
+            ``sigreg_heldout`` -- e.g. the first result of :func:`headline`. Other keys
+            are kept under ``details``.
         stages_seconds: wall-clock per stage, e.g. {"generate-data": 12.0, "train": 3600.0,
             "probe": 30.0, "eval": 8.0}; None for a stage that did not run.
         device_info: a description of the device (e.g. ``lewm_fast.sysinfo.environment(device)``)
@@ -505,12 +492,12 @@ def write_report(
 
     Returns the report dict as written to ``report.json``: the headline keys (None when
     missing), ``missing`` {key: reason}, ``stages_seconds``, ``total_seconds``, ``device``,
-    ``preset``, ``reference`` (spec section 8), ``training`` (:func:`training_summary` or
-    None), ``plots`` {name: file relative to ``out``}, ``plots_skipped`` {name: reason},
+    ``preset``, ``reference`` (:data:`REFERENCE`), ``training`` (:func:`training_summary`
+    or None), ``plots`` {name: file relative to ``out``}, ``plots_skipped`` {name: reason},
     ``details`` and bookkeeping (``format``, ``version``, ``created``, ``lewm_fast``, ``run_dir``).
+    Raises ValueError (before writing anything) for ``metrics`` or ``reasons`` that are not
+    mappings and for a stage time that is not a finite number >= 0 or None.
     """
-    from . import __version__
-
     if not isinstance(metrics, Mapping):
         raise ValueError(f"metrics must be a mapping of metric names to values, got {type(metrics).__name__}")
     if reasons is not None and not isinstance(reasons, Mapping):
@@ -518,46 +505,198 @@ def write_report(
     run_dir = Path(run_dir)
     out_dir = Path(out) if out is not None else run_dir
     stages = _stages(stages_seconds)
-    values, missing = _headline(metrics, {str(k): str(v) for k, v in (reasons or {}).items()})
-
+    values, missing = _headline_values(metrics, {str(k): str(v) for k, v in (reasons or {}).items()})
     jsonl = Path(metrics_jsonl) if metrics_jsonl is not None else run_dir / "metrics.jsonl"
-    records: dict[str, list[dict[str, Any]]] = {}
-    skipped_lines = 0
-    training_missing = None
-    if jsonl.is_file():
-        records, skipped_lines = read_metrics(jsonl)
-    else:
-        training_missing = f"{jsonl} not found"
-
-    if training_missing is None:
-        plots, plots_skipped = write_plots(records, out_dir / PLOTS_DIR)
-        plots = {name: f"{PLOTS_DIR}/{file}" for name, file in plots.items()}
-    else:
-        plots, plots_skipped = {}, {name: f"no metrics ({training_missing})" for name in PLOTS}
-
-    total = sum(s for s in stages.values() if s is not None) if stages else None
     report: dict[str, Any] = {
-        "format": FORMAT,
-        "version": VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "lewm_fast": __version__,
-        "run_dir": str(run_dir),
-        "preset": preset,
+        **_bookkeeping(run_dir, preset),
         **values,
         "missing": missing,
         "stages_seconds": stages,
-        "total_seconds": total,
+        "total_seconds": sum(s for s in stages.values() if s is not None) if stages else None,
         "device": _plain(device_info) if device_info is not None else None,
         "reference": REFERENCE,
-        "training": training_summary(records) if training_missing is None else None,
-        "training_missing": training_missing,
-        "metrics_jsonl": str(jsonl),
-        "metrics_lines_skipped": skipped_lines,
-        "plots": plots,
-        "plots_skipped": plots_skipped,
+        **_training_part(jsonl, out_dir),
         "details": _plain({k: v for k, v in metrics.items() if k not in HEADLINE_METRICS}),
     }
     report = _plain(report)
     write_json_atomic(out_dir / "report.json", report)
     write_text_atomic(out_dir / "report.md", _markdown(report))
     return report
+
+
+# ------------------------------------------------------------------ report.md
+def duration(seconds: float | None) -> str:
+    """Human wall-clock: '15 h 12 min', '3 min 05 s', '12.3 s', '-' for None."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _fmt(value: Any, unit: str = "", *, published: bool = False) -> str:
+    """A number in report.md ("-" for None): a "fraction" as a percentage, "ms" in ms or s.
+
+    A measured value gets fixed decimals; a ``published`` one (from :data:`REFERENCE`)
+    up to 4 significant digits and no trailing zeros (87%, 1 s, 0.068).
+    """
+    if value is None:
+        return "-"
+    if published:
+        if unit == "fraction":
+            return f"{100 * value:.4g}%"
+        if unit == "ms":
+            return f"{value:.4g} ms" if value < 1000 else f"{value / 1000:.4g} s"
+        return f"{value:.4g}"
+    if unit == "fraction":
+        return f"{100 * value:.1f}%"
+    if unit == "ms":
+        return f"{value:.1f} ms" if value < 1000 else f"{value / 1000:.2f} s"
+    return f"{value:.4g}"
+
+
+def _sourced(entry: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The (source, value) pairs of a :data:`REFERENCE` entry, in order (its note left out)."""
+    return [(source, value) for source, value in entry.items() if source != "note"]
+
+
+def _reference_cell(entry: Mapping[str, Any], unit: str, coord: str | None) -> str:
+    """A metrics-table reference cell: "87% (paper); 84% (replication)", else the note or "-"."""
+    values = [(s, v if coord is None else v.get(coord)) for s, v in _sourced(entry)]
+    shown = [f"{_fmt(v, unit, published=True)} ({s})" for s, v in values if v is not None]
+    return "; ".join(shown) or entry.get("note", "-")
+
+
+def _device_name(device_info: Any) -> str:
+    if isinstance(device_info, Mapping):
+        for key in ("device_name", "name", "device"):
+            if device_info.get(key):
+                return str(device_info[key])
+        return "unknown device"
+    return str(device_info) if device_info else "unknown device"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """A markdown table's lines."""
+    return [
+        f"| {' | '.join(header)} |",
+        f"| {' | '.join('---' for _ in header)} |",
+        *(f"| {' | '.join(row)} |" for row in rows),
+    ]
+
+
+def _md_metrics(report: Mapping[str, Any]) -> list[str]:
+    """The metrics section: a row per :data:`HEADLINE_METRICS` entry (per coordinate).
+
+    Each row holds this run's value and the reference cell made from its :data:`REFERENCE`
+    entry; the notes of entries whose values are shown follow the table.
+    """
+    rows, notes = [], []
+    for key, metric in HEADLINE_METRICS.items():
+        entry = REFERENCE.get(key, {})
+        for coord in metric.coords or (None,):
+            value = report[key] if coord is None or report[key] is None else report[key].get(coord)
+            if value is None:
+                ours = f"not measured ({report['missing'].get(key, 'missing')})"
+            else:
+                ours = _fmt(value, metric.unit)
+            label = metric.label if coord is None else f"{metric.label}, {coord}"
+            rows.append((label, ours, _reference_cell(entry, metric.unit, coord)))
+        if _sourced(entry) and entry.get("note"):
+            notes.append(f"- {metric.label}: {entry['note']}")
+    lines = ["## Metrics", "", *_table(("metric", "this run", "reference (spec section 8)"), rows), ""]
+    return lines + (["Reference notes:", "", *notes, ""] if notes else [])
+
+
+# report.md's training table: (quantity, this run's cell from the formatted training_summary
+# fields, REFERENCE key or None, that entry's "replication" values in words).
+_TRAINING_ROWS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("train records logged (last step, last epoch)", "{train_records} ({last_step}, {last_epoch})", None, ""),
+    (
+        "SIGReg, first logged -> final (mean of last 100)",
+        "{sigreg_loss_first} -> {sigreg_loss_final}",
+        "sigreg_training",
+        "~{start:g} -> ~{after_5_epochs:g} in 5 epochs, then flat",
+    ),
+    ("pred loss, final (mean of last 100)", "{pred_loss_final}", None, ""),
+    (
+        "pre-clip grad norm, median / max",
+        "{grad_norm_median} / {grad_norm_max}",
+        "grad_norm_preclip",
+        "{median:g} / {max:g} over {steps:,} steps",
+    ),
+    (
+        "validation pred / SIGReg / total, last",
+        "{val_pred_loss_last} / {val_sigreg_loss_last} / {val_loss_last}",
+        None,
+        "",
+    ),
+    (
+        "success during training, best (step) / last",
+        "{success_rate_best} ({success_rate_best_step}) / {success_rate_last}",
+        None,
+        "",
+    ),
+)
+
+
+def _md_training(report: Mapping[str, Any]) -> list[str]:
+    """The training table from ``report["training"]`` (:data:`_TRAINING_ROWS`), or why it is missing."""
+    train = report["training"]
+    if train is None:
+        return ["## Training", "", f"No training metrics: {report['training_missing']}.", ""]
+    shown = {k: _fmt(v) for k, v in train.items()}
+    shown["train_records"] = str(train["train_records"])
+    for k in ("success_rate_best", "success_rate_last"):
+        shown[k] = _fmt(train[k], "fraction")
+    rows = [
+        (label, ours.format(**shown), words.format(**REFERENCE[key]["replication"]) if key else "-")
+        for label, ours, key, words in _TRAINING_ROWS
+    ]
+    skipped = report["metrics_lines_skipped"]
+    source = f"From `{report['metrics_jsonl']}`" + (
+        f" ({skipped} unreadable line(s) skipped)." if skipped else "."
+    )
+    table = _table(("quantity", "this run", "reference (replication)"), rows)
+    return ["## Training", "", source, "", *table, ""]
+
+
+def _md_stages(report: Mapping[str, Any]) -> list[str]:
+    """The wall-clock table and the full-pipeline reference (``REFERENCE["pipeline_seconds"]``)."""
+    rows = [
+        (name, duration(s) if s is not None else "not run") for name, s in report["stages_seconds"].items()
+    ]
+    rows.append(("**total**", f"**{duration(report['total_seconds'])}**"))
+    entry = REFERENCE["pipeline_seconds"]
+    took = "; ".join(f"{duration(seconds)} ({source})" for source, seconds in _sourced(entry))
+    reference = f"Reference: the full published pipeline took {took} -- {entry['note']}."
+    return ["## Wall-clock per stage", "", *_table(("stage", "wall-clock"), rows), "", reference, ""]
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    """report.md from the report dict: header, metrics, training, wall-clock, device, plots."""
+    device = report["device"]
+    lines = [
+        "# LeWM Two-Room run report",
+        "",
+        f"Run `{report['run_dir']}`, preset **{report['preset']}**, on **{_device_name(device)}**; "
+        f"written {report['created']} by lewm_fast {report['lewm_fast']}.",
+        "",
+        *_md_metrics(report),
+        *_md_training(report),
+        *_md_stages(report),
+        "## Device",
+        "",
+        *([f"- {k}: {v}" for k, v in device.items()] if isinstance(device, Mapping) else [f"- {device}"]),
+        "",
+        "## Plots",
+        "",
+    ]
+    for name, file in report["plots"].items():
+        lines += [f"![{PLOTS[name][0]}]({file})", ""]
+    lines += [f"- {name}: skipped ({why})" for name, why in report["plots_skipped"].items()]
+    return "\n".join(lines).rstrip() + "\n"

@@ -174,3 +174,93 @@ def test_duration_format():
     assert rp.duration(185) == "3 min 05 s"
     assert rp.duration(15 * 3600 + 12 * 60) == "15 h 12 min"
     assert rp.duration(None) == "-"
+
+
+# ------------------------------------------------------------------ headline mapping
+PROBES = {"probe_r2": {"x": 0.91, "y": 0.72}, "one_step_mse": 0.071, "sigreg_heldout": 2.4, "seed": 0}
+EVALUATION = {
+    "success_rate": 0.62,
+    "final_distance_mean": 14.5,
+    "plan_latency_ms": {"median": 45.25, "p90": 61.0},
+    "episodes": 50,
+}
+
+
+def test_headline_reads_each_metric_from_its_stage_result(tmp_path):
+    metrics, reasons = rp.headline(PROBES, EVALUATION)
+    assert metrics == {k: METRICS[k] for k in rp.HEADLINE_METRICS} and reasons == {}
+    out = rp.write_report(tmp_path, metrics, stages_seconds=None, device_info="cpu", preset="p")
+    assert out["missing"] == {} and out["details"] == {} and out["plan_ms_median"] == 45.25
+
+    metrics, reasons = rp.headline(PROBES, None, absent="was disabled")
+    eval_keys = {k for k, m in rp.HEADLINE_METRICS.items() if m.source == "eval"}
+    assert eval_keys == {"success_rate", "final_distance_mean", "plan_ms_median"}
+    assert reasons == {k: "the eval stage was disabled" for k in eval_keys}
+    assert all(metrics[k] is None for k in eval_keys) and metrics["one_step_mse"] == 0.071
+    out = rp.write_report(
+        tmp_path, metrics, stages_seconds=None, device_info="cpu", preset="p", reasons=reasons
+    )
+    assert out["missing"] == reasons
+
+    # a result lacking a key (or holding a non-mapping on the way) gives None, not an error
+    metrics, reasons = rp.headline({"seed": 0}, {"plan_latency_ms": None})
+    assert all(v is None for v in metrics.values()) and reasons == {}
+    assert rp.headline(None, None)[1]["probe_r2"] == "the probe stage did not run"
+
+
+def test_headline_metric_refuses_unknown_source_or_unit():
+    with pytest.raises(ValueError, match="source must be 'probe' or 'eval'"):
+        rp.HeadlineMetric("x", "train", ("x",))
+    with pytest.raises(ValueError, match="unit must be"):
+        rp.HeadlineMetric("x", "eval", ("x",), "seconds")
+
+
+# ------------------------------------------------------------------ tables from REFERENCE
+def _body(folder):
+    """report.md without its header line (which names the time it was written)."""
+    return [line for line in (folder / "report.md").read_text().splitlines() if "written" not in line]
+
+
+def _changed(value):
+    if isinstance(value, dict):
+        return {k: _changed(v) for k, v in value.items()}
+    return value + " (changed)" if isinstance(value, str) else 2 * value
+
+
+def test_reference_cells_are_made_from_reference(tmp_path, monkeypatch):
+    _write_jsonl(tmp_path / "metrics.jsonl", steps=50)
+    monkeypatch.setitem(rp.REFERENCE, "one_step_mse", {"paper": 0.05, "replication": 0.07, "note": "made up"})
+    monkeypatch.setitem(
+        rp.REFERENCE, "grad_norm_preclip", {"replication": {"median": 2, "max": 20, "steps": 1000}}
+    )
+    monkeypatch.setitem(rp.REFERENCE, "pipeline_seconds", {"replication": 3600, "note": "one hour"})
+    rp.write_report(tmp_path, METRICS, stages_seconds=STAGES, device_info=DEVICE, preset="smoke")
+    md = (tmp_path / "report.md").read_text()
+    assert "| 1-step predictor MSE on fresh rollouts | 0.071 | 0.05 (paper); 0.07 (replication) |" in md
+    assert "- 1-step predictor MSE on fresh rollouts: made up" in md
+    assert "| 2 / 20 over 1,000 steps |" in md
+    assert "the full published pipeline took 1 h 00 min (replication) -- one hour." in md
+
+
+def test_a_new_headline_metric_with_a_reference_adds_a_row(tmp_path, monkeypatch):
+    metric = rp.HeadlineMetric("planning time per plan, p90", "eval", ("plan_latency_ms", "p90"), "ms")
+    monkeypatch.setitem(rp.HEADLINE_METRICS, "plan_ms_p90", metric)
+    monkeypatch.setitem(rp.REFERENCE, "plan_ms_p90", {"paper": 2200.0})
+    metrics, _ = rp.headline(PROBES, EVALUATION)
+    assert metrics["plan_ms_p90"] == 61.0
+    out = rp.write_report(tmp_path, metrics, stages_seconds=None, device_info="cpu", preset="p")
+    assert out["plan_ms_p90"] == 61.0 and out["reference"]["plan_ms_p90"] == {"paper": 2200.0}
+    assert "| planning time per plan, p90 | 61.0 ms | 2.2 s (paper) |" in (tmp_path / "report.md").read_text()
+
+
+def test_every_reference_entry_shows_in_the_markdown(tmp_path, monkeypatch):
+    """No REFERENCE entry is dead: changing any one of them changes report.md."""
+    _write_jsonl(tmp_path / "metrics.jsonl", steps=50)
+    args = {"stages_seconds": STAGES, "device_info": DEVICE, "preset": "smoke"}
+    rp.write_report(tmp_path, METRICS, **args)
+    before = _body(tmp_path)
+    for key, entry in list(rp.REFERENCE.items()):
+        with monkeypatch.context() as m:
+            m.setitem(rp.REFERENCE, key, _changed(entry))
+            rp.write_report(tmp_path, METRICS, **args)
+            assert _body(tmp_path) != before, key
