@@ -85,13 +85,27 @@ def finite(value: torch.Tensor, name: str, hint: str = "") -> None:
         raise ValueError(f"{name} contains {bad} values{hint}")
 
 
-def pixels(value, name: str, dims: Sequence[str], channels: int, min_size: int) -> torch.Tensor:
-    """Normalised float frames with the channel axis third from the end: (..., C, H, W)."""
+# ImageNet normalisation (spec section 5) maps [0, 1] pixel values into [-2.12, 2.64]. Frames
+# reaching far beyond that were not normalised (e.g. a 0-255 range); the bound sits well
+# above what torch.randn frames reach, so well-formed test inputs pass.
+NORMALISED_LIMIT = 16.0
+
+
+def pixels(
+    value, name: str, dims: Sequence[str], channels: int, min_size: int, *, values: bool = True
+) -> torch.Tensor:
+    """Normalised float frames with the channel axis third from the end: (..., C, H, W).
+
+    ValueError for another layout, dtype, channel count or a frame smaller than one patch.
+    With ``values`` (one device sync) also for NaN/inf entries and for values beyond
+    :data:`NORMALISED_LIMIT` (frames that were not normalised); without it the caller
+    checks the values on the device with :func:`frame_faults`.
+    """
     value = tensor(value, name, dims)
     if not value.is_floating_point():
         raise ValueError(
             f"{name} must be floating-point frames normalised as in spec section 5 "
-            f"(ImageNet mean/std), got dtype {value.dtype}"
+            f"(ImageNet mean/std, e.g. lewm_fast.data.normalize_frames), got dtype {value.dtype}"
         )
     c, h, w = value.shape[-3:]
     if c != channels:
@@ -101,8 +115,37 @@ def pixels(value, name: str, dims: Sequence[str], channels: int, min_size: int) 
         )
     if h < min_size or w < min_size:
         raise ValueError(f"{name} frames ({h}x{w}) are smaller than one {min_size}x{min_size} patch")
-    finite(value, name)
+    if values and value.numel():
+        check_frame_faults(frame_faults(value.reshape(1, -1)).cpu(), name, axis=None)
     return value
+
+
+def frame_faults(frames: torch.Tensor) -> torch.Tensor:
+    """(2, B) float32 on the frames' device: per leading index b, the number of NaN/inf
+    entries of ``frames[b]`` and its largest finite absolute value. No host sync."""
+    x = frames.detach().reshape(frames.shape[0], -1)
+    ok = torch.isfinite(x)
+    bad = (~ok).sum(1).float()
+    peak = torch.where(ok, x.abs(), torch.zeros((), dtype=x.dtype, device=x.device)).amax(1).float()
+    return torch.stack([bad, peak])
+
+
+def check_frame_faults(faults: torch.Tensor, name: str, axis: str | None = "env") -> None:
+    """Raise ValueError for the first index whose :func:`frame_faults` (2, B) show NaN/inf
+    entries or unnormalised values; ``axis`` names the index in the message."""
+    bad, peak = faults[0].tolist(), faults[1].tolist()
+    for b, count in enumerate(bad):
+        if count:
+            where = "" if axis is None else f"[{b}] (the frames of {axis} {b})"
+            raise ValueError(f"{name}{where} contains {int(count)} NaN/inf values")
+    for b, largest in enumerate(peak):
+        if largest > NORMALISED_LIMIT:
+            where = "" if axis is None else f"[{b}] (the frames of {axis} {b})"
+            raise ValueError(
+                f"{name}{where} reaches |value| = {largest:g}, beyond what ImageNet-normalised "
+                f"frames can hold (about -2.1 to 2.6): normalise them first (spec section 5, "
+                "lewm_fast.data.normalize_frames)"
+            )
 
 
 def actions(value, name: str, dims: Sequence[str], width: int | None) -> torch.Tensor:

@@ -156,12 +156,6 @@ class JEPA(_ref_jepa.JEPA):
     """
 
     # ---------------------------------------------------------------- checks
-    def _frame_spec(self) -> tuple[int, int]:
-        config = getattr(self.encoder, "config", None)
-        channels = int(getattr(config, "num_channels", 3))
-        patch = getattr(config, "patch_size", 1)
-        return channels, int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-
     def _num_frames(self) -> int | None:
         pos = getattr(self.predictor, "pos_embedding", None)
         return pos.shape[1] if torch.is_tensor(pos) else None
@@ -169,7 +163,7 @@ class JEPA(_ref_jepa.JEPA):
     def _check_info(self, info, dims: tuple[str, ...]) -> torch.Tensor:
         if not isinstance(info, dict) or "pixels" not in info:
             raise ValueError(f"info must be a dict holding 'pixels' of shape ({', '.join(dims)})")
-        channels, patch = self._frame_spec()
+        channels, patch = _ref_jepa.frame_spec_of(self)
         return _checks.pixels(info["pixels"], "info['pixels']", dims, channels, patch)
 
     # ------------------------------------------------------------ public API
@@ -213,7 +207,7 @@ class JEPA(_ref_jepa.JEPA):
         embedding to the embedding of ``info["goal"]`` (B, S, 1, C, H, W)."""
         if not isinstance(info, dict) or "goal" not in info:
             raise ValueError("info must be a dict holding 'goal' frames of shape (B, S, 1, C, H, W)")
-        channels, patch = self._frame_spec()
+        channels, patch = _ref_jepa.frame_spec_of(self)
         goal = _checks.pixels(info["goal"], "info['goal']", _SAMPLE_PIXELS, channels, patch)
         pixels = self._check_info(info, _SAMPLE_PIXELS)
         _checks.same_leading(pixels, "info['pixels']", goal, "info['goal']", 2)

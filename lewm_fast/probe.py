@@ -54,7 +54,7 @@ from .data.generate import draw_episodes, rollout
 from .data.windows import action_stats, as_dataset, normalize_frames, window_rows, window_starts
 from .envs.policies import make_policy
 from .envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, layout_image, render
-from .reference.jepa import action_width_of, device_of
+from .reference.jepa import action_width_of, device_of, eval_mode
 from .sigreg import sigreg as _sigreg
 from .train.step import loss_head
 
@@ -92,18 +92,6 @@ def _check_fraction(name: str, value: Any) -> float:
 
 
 # ------------------------------------------------------------------------ model helpers
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode; restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _model_device(model: nn.Module) -> torch.device:
     device = device_of(model)
     if device is None:
@@ -150,7 +138,7 @@ def encode_positions(
     positions = positions.to(device=device, dtype=torch.float32)
     background = layout_image(layout, device)
     out = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for i in range(0, positions.shape[0], batch_size):
             frames = render(positions[i : i + batch_size], layout, background=background, check=False)
             pixels = normalize_frames(frames, size)[:, None]  # (n, 1, 3, S, S)
@@ -548,7 +536,7 @@ def one_step_mse(
     device = _model_device(model)
     emb, action = emb.to(device), action.to(device)
     sums = torch.zeros(history_size, dtype=torch.float64, device=device)
-    with _eval_mode(model):
+    with eval_mode(model):
         for i in range(0, emb.shape[0], batch_size):
             e = emb[i : i + batch_size].float()
             with _autocast(device, autocast):

@@ -400,9 +400,10 @@ def test_captured_solve_body_never_waits_for_the_device(autocast):
         assert syncs_of_item.seen, "the detector must see a host read"
         with probe:
             solver._generator().manual_seed(1)
-            mean, std, elite_cost, nan_count = solver._fast_body(pixels, goal, mean0, solver.n_steps)
-    assert probe.seen == []
+            mean, std, elite_cost, nan_count, faults = solver._fast_body(pixels, goal, mean0, solver.n_steps)
+    assert probe.seen == []  # the frame checks included: their counts are read after the solve
     assert mean.shape == std.shape == (2, 5, 10) and torch.isfinite(elite_cost).all()
+    assert faults.shape == (2, 2, 2) and not faults[:, 0].any()  # (pixels/goal, count/peak, env)
 
 
 def test_low_precision_copy_gives_the_autocast_numbers():
@@ -566,16 +567,70 @@ def test_solver_warm_start_and_bf16():
     assert low["actions"].dtype == torch.float32 and torch.isfinite(low["actions"]).all()
 
 
-def test_solver_training_mode_model_warns_and_uses_get_cost():
+def _model_state(model):
+    tensors = {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()}
+    flags = [(name, m.training) for name, m in model.named_modules()]
+    grads = [(name, p.requires_grad) for name, p in model.named_parameters()]
+    return tensors, flags, grads
+
+
+def _assert_same_state(before, after):
+    assert before[1] == after[1] and before[2] == after[2]
+    assert before[0].keys() == after[0].keys()
+    for key, value in before[0].items():
+        assert torch.equal(value, after[0][key]), key
+
+
+@pytest.mark.parametrize("fast", [None, False], ids=["fast", "get_cost"])
+def test_solver_plans_a_training_mode_model_in_eval_mode_and_leaves_it_as_found(fast):
+    """BatchNorm in training mode would rewrite its running statistics and plan on batch
+    statistics; the solver plans in eval mode and restores every flag (issue: field faults)."""
     public, _ = model_pair(small_config(), seed=9)
-    public.train()  # BatchNorm on batch statistics: the fast path would give other numbers
+    randomize_(public)  # running statistics away from their defaults
+    public.train()
+    public.predictor.eval()  # a mixed state must come back as it was, not as a blanket .train()
+    next(public.projector.parameters()).requires_grad_(False)
+    before = _model_state(public)
     info = {"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(2, 1, *PIX)}
-    solver = CEMSolver(public, action_dim=10, num_samples=8, n_steps=1, topk=2)
-    with pytest.warns(RuntimeWarning, match="training mode"):
-        plan = solver.solve(info)
-    slow = CEMSolver(public, action_dim=10, num_samples=8, n_steps=1, topk=2, fast=False).solve(info)
-    assert plan["seed"] == slow["seed"]
-    assert torch.equal(plan["actions"], slow["actions"])  # dropout is off in the small config
+    kwargs = {"action_dim": 10, "num_samples": 8, "n_steps": 2, "topk": 2, "fast": fast}
+    plan = CEMSolver(public, **kwargs).solve(info, seed=5)
+    _assert_same_state(before, _model_state(public))
+    want = CEMSolver(public.eval(), **kwargs).solve(info, seed=5)
+    assert torch.equal(plan["actions"], want["actions"])
+
+
+FRAME_FAULTS = [  # (id, how the frames are spoiled, error match)
+    ("nan-env1", lambda p, g: (p.index_fill(0, torch.tensor([1]), float("nan")), g), r"pixels'\]\[1\].*NaN"),
+    (
+        "inf-goal-env0",
+        lambda p, g: (p, g.index_fill(0, torch.tensor([0]), float("inf"))),
+        r"goal'\]\[0\].*NaN/inf",
+    ),
+    ("0-255", lambda p, g: (p, (g * 50 + 128).clamp(0, 255)), "normalise them first"),
+    ("uint8", lambda p, g: (p.to(torch.uint8), g), "floating-point frames normalised"),
+    ("channels-last", lambda p, g: (p.permute(0, 1, 3, 4, 2).contiguous(), g), "channels-last"),
+]
+
+
+@pytest.mark.parametrize("spoil,match", [c[1:] for c in FRAME_FAULTS], ids=[c[0] for c in FRAME_FAULTS])
+def test_solver_and_planning_cost_check_frames(spoil, match):
+    public, _ = model_pair(small_config(), seed=10)
+    public.eval()
+    pixels, goal = spoil(torch.randn(3, 1, *PIX), torch.randn(3, 1, *PIX))
+    info = {"pixels": pixels, "goal": goal}
+    solver = CEMSolver(public, action_dim=10, num_samples=4, n_steps=1, topk=2)
+    with pytest.raises(ValueError, match=match):
+        solver.solve(info)
+    with pytest.raises(ValueError, match=match.replace(r"\]\[1\]", "").replace(r"\]\[0\]", "")):
+        planning_cost(public, info, torch.randn(3, 4, 5, 10))
+
+
+def test_randn_frames_are_well_formed():
+    """The README plans torch.randn frames: the normalisation check must let them through."""
+    public, _ = model_pair(small_config(), seed=11)
+    big = {"pixels": torch.randn(64, 1, *PIX), "goal": torch.randn(64, 1, *PIX)}
+    plan = CEMSolver(public.eval(), action_dim=10, num_samples=4, n_steps=1, topk=2).solve(big)
+    assert torch.isfinite(plan["actions"]).all()
 
 
 def test_solver_warns_when_a_jepa_has_no_fast_path():

@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks
 from ..reference.attention import scaled_dot_product_attention
 from ..reference.jepa import JEPA as _ReferenceJEPA
+from ..reference.jepa import frame_spec_of
 
 __all__ = [
     "PlanningCost",
@@ -42,6 +44,9 @@ __all__ = [
     "fast_cost_unsupported_reason",
     "planning_cost",
 ]
+
+
+_FRAMES = ("B", "T", "C", "H", "W")
 
 
 def fast_cost_unsupported_reason(model) -> str | None:
@@ -341,13 +346,6 @@ class LowPrecisionWeights:
         return self.copy
 
 
-def _check_frames(value, name: str) -> torch.Tensor:
-    if not torch.is_tensor(value) or value.dim() != 5 or not value.is_floating_point():
-        got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-        raise ValueError(f"{name} must be float frames of shape (B, T, C, H, W), got {got}")
-    return value
-
-
 @torch.no_grad()
 def planning_cost(
     model: nn.Module, info_dict: dict, candidates: torch.Tensor, history_size: int = 3
@@ -356,12 +354,15 @@ def planning_cost(
 
     info_dict: ``pixels`` (B, H, C, h, w) context frames and ``goal`` (B, G, C, h, w) goal
     frames, one entry per env (``get_cost`` takes them repeated per sample, (B, S, ...));
-    candidates (B, S, T, A) with T >= H. The model must be in eval mode.
+    candidates (B, S, T, A) with T >= H. The model must be in eval mode. ValueError for
+    frames of another layout or channel count, or holding NaN/inf or unnormalised values
+    (spec section 5), and for candidates that do not fit.
     """
     if not isinstance(info_dict, dict) or "pixels" not in info_dict or "goal" not in info_dict:
         raise ValueError("info_dict must be a dict with 'pixels' (B, H, C, h, w) and 'goal' (B, G, C, h, w)")
-    pixels = _check_frames(info_dict["pixels"], "info_dict['pixels']")
-    goal = _check_frames(info_dict["goal"], "info_dict['goal']")
+    channels, patch = frame_spec_of(model)
+    pixels = _checks.pixels(info_dict["pixels"], "info_dict['pixels']", _FRAMES, channels, patch)
+    goal = _checks.pixels(info_dict["goal"], "info_dict['goal']", _FRAMES, channels, patch)
     if not torch.is_tensor(candidates) or candidates.dim() != 4:
         got = tuple(candidates.shape) if torch.is_tensor(candidates) else type(candidates).__name__
         raise ValueError(f"candidates must be a (B, S, T, A) tensor, got {got}")

@@ -19,7 +19,7 @@ from torch import nn
 from .. import _checks
 from .. import backend as _backend
 from ..reference.jepa import JEPA as _ReferenceJEPA
-from ..reference.jepa import action_width_of, device_of
+from ..reference.jepa import action_width_of, device_of, eval_mode, frame_spec_of
 from .config import PlanConfig
 from .cost import LowPrecisionWeights, PlanningCost, fast_cost_unsupported_reason
 from .refit import cem_refit
@@ -27,6 +27,7 @@ from .refit import cem_refit
 __all__ = ["CEMSolver"]
 
 _MASK64 = (1 << 64) - 1
+_FRAMES = ("B", "T", "C", "H", "W")
 
 
 def plan_seed(seed: int, index: int) -> int:
@@ -141,7 +142,6 @@ class CEMSolver:
         self._generators: dict[torch.device, torch.Generator] = {}
         self._captured: _CapturedSolve | None = None
         self._auto_rows: dict[int, int | None] = {}
-        self._warned_training = False
 
     # ----------------------------------------------------------------- set-up
     def _choose_path(self, model: nn.Module, fast: bool | None) -> bool:
@@ -224,15 +224,15 @@ class CEMSolver:
         return next(iter(sizes.values()))
 
     def _frames(self, info_dict: dict, key: str) -> torch.Tensor:
+        """Layout, dtype and channels checked here; values on the device (see _fast_body)."""
         value = info_dict.get(key)
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(value)
-        if not torch.is_tensor(value) or value.dim() != 5 or not value.is_floating_point():
-            raise ValueError(
-                f"info_dict[{key!r}] must be float frames of shape (B, T, C, H, W) for the fast path, "
-                f"got {_checks.shape(value)}"
-            )
-        return value.to(self.device, torch.float32)
+        channels, patch = frame_spec_of(self.model)
+        name = f"info_dict[{key!r}]"
+        return _checks.pixels(value, name, _FRAMES, channels, patch, values=False).to(
+            self.device, torch.float32
+        )
 
     # ------------------------------------------------------------------ solve
     def _run(self, score, mean: torch.Tensor, n_steps: int):
@@ -304,6 +304,8 @@ class CEMSolver:
         return [(slice(b, b + 1), slice(s, min(s + rows, samples))) for b in range(envs) for s in starts]
 
     def _fast_body(self, pixels, goal, mean0, n_steps: int, cache_enabled: bool = True, rows=None):
+        """The CEM iterations on the fast path, and the frames' faults per env (no host sync)."""
+        faults = torch.stack([_checks.frame_faults(pixels), _checks.frame_faults(goal)])  # (2, 2, B)
         cost = self._cost
         with self._autocast(cache_enabled):
             emb, goal_emb = cost.encode(pixels, goal)
@@ -317,7 +319,7 @@ class CEMSolver:
             # the chunks cover the (env, sample) rows in order
             return torch.cat([part.flatten() for part in parts]).view(candidates.shape[:2])
 
-        return self._run(score, mean0, n_steps)
+        return (*self._run(score, mean0, n_steps), faults)
 
     def _generic_body(self, info_dict: dict, envs: int, mean0):
         samples = self.num_samples
@@ -366,7 +368,7 @@ class CEMSolver:
         return _CapturedSolve(key, graph, pixels, goal, mean0, outputs)
 
     def _graph_solve(self, pixels, goal, mean0, seed: int, rows):
-        key = (tuple(pixels.shape), tuple(goal.shape), self.model.training, rows, self._model_key())
+        key = (tuple(pixels.shape), tuple(goal.shape), rows, self._model_key())
         if self._captured is None or self._captured.key != key:
             self._captured = None  # free the old graph's memory pool first
             try:
@@ -388,20 +390,25 @@ class CEMSolver:
         captured.graph.replay()
         return captured.outputs
 
-    def _use_fast(self) -> bool:
-        if not self.fast:
-            return False
-        if self.model.training:
-            if not self._warned_training:
-                warnings.warn(
-                    "CEMSolver: the model is in training mode (dropout on, BatchNorm on batch "
-                    "statistics); planning through get_cost without the fast path. Call model.eval().",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self._warned_training = True
-            return False
-        return True
+    def _fast_solve(self, info_dict: dict, envs: int, mean0: torch.Tensor, seed: int):
+        pixels = self._frames(info_dict, "pixels")
+        goal = self._frames(info_dict, "goal")
+        if goal.shape[0] != envs or pixels.shape[2:] != goal.shape[2:]:
+            raise ValueError(
+                f"info_dict['goal'] {tuple(goal.shape)} must hold (B, G, C, H, W) frames like "
+                f"info_dict['pixels'] {tuple(pixels.shape)}"
+            )
+        if pixels.shape[1] > self.horizon:
+            raise ValueError(
+                f"horizon ({self.horizon}) must be at least the number of context frames ({pixels.shape[1]})"
+            )
+        self._sync_cost()
+        rows = self._batch_rows(envs)
+        outputs = self._graph_solve(pixels, goal, mean0, seed, rows) if self.cuda_graph else None
+        if outputs is None:
+            self._generator().manual_seed(seed)
+            outputs = self._fast_body(pixels, goal, mean0, self.n_steps, rows=rows)
+        return outputs
 
     @torch.no_grad()
     def solve(
@@ -416,35 +423,27 @@ class CEMSolver:
         mean (a warm start), or None. seed: this plan's seed (default: the next one of the
         solver's sequence). Returns ``actions`` and ``std`` (B, horizon, action_dim),
         ``costs`` (B,) and ``seed``.
+
+        The model is planned in eval mode (dropout off, BatchNorm on its running statistics)
+        and left as it was found: every module's mode and every parameter, buffer and
+        ``requires_grad`` flag are unchanged. ValueError for frames of another layout, dtype
+        or channel count, and, once the solve is done (no extra host sync), for an env whose
+        frames hold NaN/inf or values no ImageNet-normalised frame reaches (spec section 5).
         """
         envs = self._check_info(info_dict)
         if seed is None:
             seed = plan_seed(self.seed, self._plans)
             self._plans += 1
         mean0 = self._mean0(envs, init_action)
-        if self._use_fast():
-            pixels = self._frames(info_dict, "pixels")
-            goal = self._frames(info_dict, "goal")
-            if goal.shape[0] != envs or pixels.shape[2:] != goal.shape[2:]:
-                raise ValueError(
-                    f"info_dict['goal'] {tuple(goal.shape)} must hold (B, G, C, H, W) frames like "
-                    f"info_dict['pixels'] {tuple(pixels.shape)}"
-                )
-            if pixels.shape[1] > self.horizon:
-                raise ValueError(
-                    f"horizon ({self.horizon}) must be at least the number of context frames "
-                    f"({pixels.shape[1]})"
-                )
-            self._sync_cost()
-            rows = self._batch_rows(envs)
-            outputs = self._graph_solve(pixels, goal, mean0, seed, rows) if self.cuda_graph else None
-            if outputs is None:
+        with eval_mode(self.model):  # planning sees eval mode; the model's own flags come back after
+            if self.fast:
+                outputs = self._fast_solve(info_dict, envs, mean0, seed)
+            else:
                 self._generator().manual_seed(seed)
-                outputs = self._fast_body(pixels, goal, mean0, self.n_steps, rows=rows)
-        else:
-            self._generator().manual_seed(seed)
-            outputs = self._generic_body(info_dict, envs, mean0)
-        mean, std, elite_cost, nan_count = (t.cpu() for t in outputs)
+                outputs = self._generic_body(info_dict, envs, mean0)
+        mean, std, elite_cost, nan_count, *faults = (t.cpu() for t in outputs)
+        for name, found in zip(("info_dict['pixels']", "info_dict['goal']"), faults[0] if faults else ()):
+            _checks.check_frame_faults(found, name)  # after the solve: the copy above is its one sync
         if nan_count.any():
             warnings.warn(
                 f"CEMSolver: {int(nan_count.sum())} NaN candidate costs over {self.n_steps} iterations "

@@ -15,6 +15,8 @@ Spec sections 2 and 6. ``encode`` / ``rollout`` / ``get_cost`` read and write an
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from itertools import chain
 
 import torch
@@ -29,6 +31,40 @@ def action_width_of(model) -> int | None:
     ``model.action_encoder.patch_embed``; None when that is not a Conv1d (not a LeWM model)."""
     patch_embed = getattr(getattr(model, "action_encoder", None), "patch_embed", None)
     return int(patch_embed.in_channels) if isinstance(patch_embed, nn.Conv1d) else None
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator:
+    """Run a block with ``model`` in eval mode and leave it exactly as it was found.
+
+    Every submodule is put in eval mode (dropout off, BatchNorm on its running statistics);
+    afterwards each submodule's ``training`` flag and each parameter's ``requires_grad``
+    are restored to what they were before, whatever the block changed. Parameters and
+    buffers are not touched (an eval-mode forward does not update BatchNorm statistics).
+    Anything that is not an ``nn.Module`` passes through unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        yield model
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def frame_spec_of(model) -> tuple[int, int]:
+    """(channels, patch size) of the frames ``model``'s encoder takes, from its ViT config
+    (``num_channels``, ``patch_size``); (3, 1) when the encoder has no such config."""
+    config = getattr(getattr(model, "encoder", None), "config", None)
+    channels = int(getattr(config, "num_channels", 3))
+    patch = getattr(config, "patch_size", 1)
+    return channels, int(patch[0] if isinstance(patch, (tuple, list)) else patch)
 
 
 def device_of(model) -> torch.device | None:
