@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -21,6 +22,7 @@ from lewm_fast.testing import TOLERANCES, assert_close, assert_grads_close, asse
 from lewm_fast.train import (
     PLANS,
     NonFiniteLossError,
+    RunState,
     TrainConfig,
     Trainer,
     choose_plan,
@@ -628,6 +630,34 @@ def test_incomplete_checkpoint_folder_is_rejected(tmp_path):
     (tmp_path / "step_000000001").mkdir()
     with pytest.raises(ValueError, match="not a complete training checkpoint"):
         load_checkpoint(tmp_path / "step_000000001", small_config().build())
+
+
+def test_run_state_counts_and_round_trips_through_a_checkpoint(tmp_path):
+    run = RunState()
+    for _ in range(3):
+        run.advance()
+    run.next_epoch()
+    run.advance()
+    assert (run.step, run.epoch, run.step_in_epoch) == (4, 1, 1)
+    assert run.record_eval(0.5, 0.01) and run.record_eval(0.52, 0.01)
+    assert not run.record_eval(0.525, 0.01)  # within min_delta of the best
+    assert (run.best_success, run.evals_since_best) == (0.52, 1)
+    run.record_step(True)
+    run.record_step(True)
+    assert run.nonfinite_in_a_row == 2
+    run.record_step(False)
+    run.record_step(True)
+    assert run.nonfinite_in_a_row == 1
+
+    config = small_config()
+    model = randomize_(config.build(), 1)
+    save_checkpoint(tmp_path, run.step, model, config, {**run.to_dict(), "optimizer": {}}, {})
+    state, _ = load_checkpoint(latest_checkpoint(tmp_path), config.build())
+    assert RunState.from_dict(state) == run
+    old = {k: v for k, v in state.items() if k != "nonfinite_in_a_row"}  # saved before it existed
+    assert RunState.from_dict(old) == dataclasses.replace(run, nonfinite_in_a_row=0)
+    with pytest.raises(ValueError, match=r"\['epoch'\]"):
+        RunState.from_dict({k: v for k, v in state.items() if k != "epoch"})
 
 
 # ------------------------------------------------------------------ CLI

@@ -6,7 +6,8 @@
 - :func:`choose_plan` / :func:`estimate_peak` — the plan for a VRAM budget from a
   documented peak-memory model.
 - :class:`Trainer` / :func:`train` with :class:`TrainConfig` — the published recipe,
-  JSONL metrics, atomic resumable checkpoints, non-finite step skipping, torchrun.
+  JSONL metrics, atomic resumable checkpoints, non-finite step skipping, torchrun;
+  :class:`RunState` — where a run stands (step, epoch, ...), saved whole in checkpoints.
 
 Importing this package never touches a GPU.
 """
@@ -14,7 +15,7 @@ Importing this package never touches a GPU.
 from .config import TRAIN_PRESETS, TrainConfig
 from .distributed import GlobalBatchNorm1d, all_reduce_gradients, convert_batchnorm
 from .memory import MemoryEstimate, choose_plan, estimate_peak, free_vram, parse_size
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .step import PLANS, default_chunk_size, forward_backward, loss_head
 from .trainer import METRICS_FILE, NonFiniteLossError, Trainer, TrainResult, lr_factor, train
 
@@ -36,6 +37,7 @@ __all__ = [
     "lr_factor",
     "NonFiniteLossError",
     "METRICS_FILE",
+    "RunState",
     "latest_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
