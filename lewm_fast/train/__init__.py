@@ -7,7 +7,8 @@
   documented peak-memory model.
 - :class:`Trainer` / :func:`train` with :class:`TrainConfig` — the published recipe,
   JSONL metrics, atomic resumable checkpoints, non-finite step skipping, torchrun;
-  :class:`RunState` — where a run stands (step, epoch, ...), saved whole in checkpoints.
+  :class:`RunState` — where a run stands (step, epoch, ...), saved whole in checkpoints;
+  :class:`MetricsBuffer` — per-step device values read with one host sync per flush.
 
 Importing this package never touches a GPU.
 """
@@ -17,7 +18,7 @@ from .distributed import GlobalBatchNorm1d, all_reduce_gradients, convert_batchn
 from .memory import MemoryEstimate, choose_plan, estimate_peak, free_vram, parse_size
 from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .step import PLANS, default_chunk_size, forward_backward, loss_head
-from .trainer import METRICS_FILE, NonFiniteLossError, Trainer, TrainResult, lr_factor, train
+from .trainer import METRICS_FILE, MetricsBuffer, NonFiniteLossError, Trainer, TrainResult, lr_factor, train
 
 __all__ = [
     "forward_backward",
@@ -37,6 +38,7 @@ __all__ = [
     "lr_factor",
     "NonFiniteLossError",
     "METRICS_FILE",
+    "MetricsBuffer",
     "RunState",
     "latest_checkpoint",
     "load_checkpoint",
