@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,7 +23,9 @@ from lewm_fast import reference as ref
 from lewm_fast.testing import TOLERANCES, assert_close, assert_grads_close, assert_low_precision, rel_err
 from lewm_fast.train import (
     PLANS,
+    MetricsBuffer,
     NonFiniteLossError,
+    RunState,
     TrainConfig,
     Trainer,
     choose_plan,
@@ -628,6 +633,79 @@ def test_incomplete_checkpoint_folder_is_rejected(tmp_path):
     (tmp_path / "step_000000001").mkdir()
     with pytest.raises(ValueError, match="not a complete training checkpoint"):
         load_checkpoint(tmp_path / "step_000000001", small_config().build())
+
+
+def test_run_state_counts_and_round_trips_through_a_checkpoint(tmp_path):
+    run = RunState()
+    for _ in range(3):
+        run.advance()
+    run.next_epoch()
+    run.advance()
+    assert (run.step, run.epoch, run.step_in_epoch) == (4, 1, 1)
+    assert run.record_eval(0.5, 0.01) and run.record_eval(0.52, 0.01)
+    assert not run.record_eval(0.525, 0.01)  # within min_delta of the best
+    assert (run.best_success, run.evals_since_best) == (0.52, 1)
+    run.record_step(True)
+    run.record_step(True)
+    assert run.nonfinite_in_a_row == 2
+    run.record_step(False)
+    run.record_step(True)
+    assert run.nonfinite_in_a_row == 1
+
+    config = small_config()
+    model = randomize_(config.build(), 1)
+    save_checkpoint(tmp_path, run.step, model, config, {**run.to_dict(), "optimizer": {}}, {})
+    state, _ = load_checkpoint(latest_checkpoint(tmp_path), config.build())
+    assert RunState.from_dict(state) == run
+    old = {k: v for k, v in state.items() if k != "nonfinite_in_a_row"}  # saved before it existed
+    assert RunState.from_dict(old) == dataclasses.replace(run, nonfinite_in_a_row=0)
+    with pytest.raises(ValueError, match=r"\['epoch'\]"):
+        RunState.from_dict({k: v for k, v in state.items() if k != "epoch"})
+
+
+def test_metrics_buffer_reads_every_tensor_with_one_host_copy(monkeypatch):
+    buffer = MetricsBuffer()
+    assert buffer.flush() == ([], 0.0)
+    losses = [torch.tensor(1.5), torch.tensor(float("nan")), torch.tensor(0.25, dtype=torch.bfloat16)]
+    for step, loss in enumerate(losses, 1):
+        buffer.add(step=step, loss=loss, grad_norm=loss.float() * 2, lr=1e-3)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("a per-value host read"))
+    rows, seconds = buffer.flush()
+    assert reads == [torch.Size([6])] and seconds >= 0.0
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["lr"] == 1e-3 for r in rows)
+    assert rows[0] == {"step": 1, "loss": 1.5, "grad_norm": 3.0, "lr": 1e-3}
+    assert math.isnan(rows[1]["loss"]) and rows[2]["loss"] == 0.25 and rows[2]["grad_norm"] == 0.5
+    assert list(rows[0]) == ["step", "loss", "grad_norm", "lr"]  # the order of add's keywords
+    assert buffer.flush() == ([], 0.0)
+
+
+def test_trainer_walks_each_epochs_seeded_shuffle_and_resumes_mid_epoch(dataset, tmp_path, monkeypatch):
+    """Every step trains on the next batch of TrainingWindows.batches seeded with
+    seed + epoch; a run stopped mid-epoch resumes on the batch it had not taken, and its
+    checkpoint holds the trainer's RunState."""
+    seen = []
+    real = trainer_module.forward_backward
+
+    def recording(model, sigreg, batch, *args, **kwargs):
+        seen.append(batch["ids"].clone())
+        return real(model, sigreg, batch, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "forward_backward", recording)
+    config = _tiny(epoch_steps=3)
+    Trainer(dataset, tmp_path / "run", config.override({"max_steps": 4}), device="cpu").fit()
+    trainer = Trainer(dataset, tmp_path / "run", config, device="cpu", resume=True)
+    trainer.fit()
+    want = []
+    for epoch in range(2):
+        batches = trainer.windows.batches("train", config.batch_size, seed=config.seed + epoch)
+        want += [b["ids"] for b in itertools.islice(batches, 3)]
+    assert len(seen) == 6 and all(torch.equal(a, b) for a, b in zip(seen, want))
+    state, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"), _tiny().model.build())
+    assert RunState.from_dict(state) == trainer.run_state
+    assert (trainer.run_state.step, trainer.run_state.epoch, trainer.run_state.step_in_epoch) == (6, 2, 0)
 
 
 # ------------------------------------------------------------------ CLI

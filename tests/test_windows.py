@@ -179,3 +179,72 @@ def test_action_stats_are_the_published_scaler_statistics():
         action_stats(action[1:3])  # one row left
     with pytest.raises(ValueError, match="zero variance"):
         action_stats(np.ones((4, 2), dtype=np.float32))
+
+
+@pytest.fixture(scope="module")
+def cheap(data):
+    """The windows of ``data`` with blank 8x8 frames: batches cost nothing to build."""
+    return TrainingWindows(
+        data, source=lambda rows: torch.zeros((rows.shape[0], 8, 8, 3), dtype=torch.uint8), image_size=8
+    )
+
+
+def _ids(batches):
+    return [b["ids"] for b in batches]
+
+
+def test_batches_seed_gives_a_fixed_permutation_per_seed(cheap):
+    """seed=s shuffles with torch.randperm from a generator on the device seeded with s."""
+    perm = torch.randperm(len(cheap.train_ids), generator=torch.Generator().manual_seed(7))
+    want = cheap.train_ids[perm][: len(perm) // 8 * 8].view(-1, 8)
+    got = torch.stack(_ids(cheap.batches("train", 8, seed=7)))
+    assert torch.equal(got, want)
+    gen = torch.Generator().manual_seed(7)
+    assert torch.equal(torch.stack(_ids(cheap.batches("train", 8, generator=gen))), want)
+    other = torch.stack(_ids(cheap.batches("train", 8, seed=8)))
+    assert not torch.equal(other, want)
+    assert len(set(other.flatten().tolist())) == other.numel() and set(other.flatten().tolist()) <= set(
+        cheap.train_ids.tolist()
+    )
+
+
+def test_batches_start_resumes_the_epoch_exactly(cheap):
+    whole = _ids(cheap.batches("train", 8, seed=3))
+    for start in (1, 5, len(whole) - 1):
+        rest = _ids(cheap.batches("train", 8, seed=3, start=start))
+        assert len(rest) == len(whole) - start
+        assert all(torch.equal(a, b) for a, b in zip(rest, whole[start:]))
+    assert _ids(cheap.batches("train", 8, seed=3, start=len(whole))) == []
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_batches_rank_slices_are_disjoint_and_cover_each_global_batch(cheap, world_size):
+    whole = _ids(cheap.batches("train", 8, seed=5, start=2))
+    shares = [
+        _ids(cheap.batches("train", 8, seed=5, start=2, rank=r, world_size=world_size))
+        for r in range(world_size)
+    ]
+    assert all(len(s) == len(whole) for s in shares)
+    for i, batch in enumerate(whole):
+        parts = [s[i] for s in shares]
+        assert all(len(p) == 8 // world_size for p in parts)
+        assert torch.equal(torch.cat(parts), batch)  # rank r holds the r-th contiguous slice
+    flat = torch.cat([torch.cat(s) for s in shares]).tolist()
+    assert len(set(flat)) == len(flat)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        pytest.param({"batch_size": 0}, "batch_size must be a positive integer", id="batch-size"),
+        pytest.param({"batch_size": 6, "world_size": 4}, "divisible by world_size", id="indivisible"),
+        pytest.param({"rank": 2, "world_size": 2}, "0 <= rank < world_size", id="rank"),
+        pytest.param({"start": -1}, "start must be an integer >= 0", id="start"),
+        pytest.param({"seed": 1, "generator": torch.Generator()}, "not both", id="seed-and-generator"),
+        pytest.param({"world_size": 2, "drop_last": False}, "drop_last=False", id="drop-last"),
+    ],
+)
+def test_batches_refuses_bad_arguments(cheap, kwargs, match):
+    kwargs = {"batch_size": 8, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        next(cheap.batches("train", **kwargs))

@@ -10,9 +10,9 @@ ImageNet mean/std -> resize to the model's image size (bilinear, antialiased; a 
 ``torch.utils.data.random_split`` seeded with 3072.
 
 Everything a batch needs lives on the device (window starts, z-scored actions,
-positions), so a trainer draws shuffled index tensors and calls :meth:`TrainingWindows.batch`
-with no loader workers. Frames come from one of two interchangeable sources that give
-identical tensors for the same indices:
+positions), so a trainer iterates :meth:`TrainingWindows.batches` (a seeded shuffle per
+epoch, resumable mid-epoch, sliced per process) with no loader workers. Frames come from
+one of two interchangeable sources that give identical tensors for the same indices:
 
 - :class:`RenderedFrames` renders frames from the positions on the device (reads no pixels
   from disk);
@@ -274,20 +274,56 @@ class TrainingWindows:
         shuffle: bool = True,
         drop_last: bool = True,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """One epoch of batches over ``split`` ("train", "val" or "all"), shuffled on the device."""
+        """One epoch of batches (see :meth:`batch`) over ``split`` ("train", "val" or "all").
+
+        The split's window ids are shuffled on the device by ``torch.randperm`` drawn from
+        ``generator``, or from a fresh generator on ``device`` seeded with ``seed`` (the same
+        ``seed`` gives the same order, so pass a new one each epoch; the trainer passes
+        ``TrainConfig.seed + epoch``), or else from the global stream; ``shuffle=False``
+        keeps the split's order. Global batch i holds windows ``[i * batch_size, (i + 1) *
+        batch_size)`` of that order; ``drop_last`` drops a short last batch. Iteration
+        starts at global batch ``start`` (a resumed epoch yields exactly the batches it had
+        left). With ``world_size`` > 1 each process takes the ``rank``-th contiguous
+        ``batch_size // world_size`` windows of every global batch, so ranks get disjoint
+        slices that together cover it.
+
+        Raises ValueError for an unknown split, a batch_size that is not a positive integer
+        or not a multiple of ``world_size``, a negative ``start``, a ``rank`` outside
+        [0, world_size), both ``generator`` and ``seed``, or ``drop_last=False`` with
+        ``world_size`` > 1 (the ranks' last batches would differ in size).
+        """
         ids = {"train": self.train_ids, "val": self.val_ids}.get(split)
         if ids is None:
             if split != "all":
                 raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
             ids = torch.arange(len(self), device=self.device)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _checks.positive(batch_size, "batch_size")
+        _checks.positive(world_size, "world_size")
+        _checks.integer(start, "start", 0)
+        _checks.integer(rank, "rank", 0)
+        if rank >= world_size or batch_size % world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size and batch_size divisible by world_size, got rank {rank}, "
+                f"world_size {world_size}, batch_size {batch_size}"
+            )
+        if world_size > 1 and not drop_last:
+            raise ValueError("drop_last=False needs world_size 1: the ranks' last batches would differ")
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("give a generator or a seed, not both")
+            generator = torch.Generator(device=self.device).manual_seed(seed)
         if shuffle:
             ids = ids[torch.randperm(ids.shape[0], device=self.device, generator=generator)]
+        local = batch_size // world_size
         stop = ids.shape[0] - batch_size + 1 if drop_last else ids.shape[0]
-        for i in range(0, max(stop, 0), batch_size):
-            yield self.batch(ids[i : i + batch_size], check=False)
+        for i in range(start * batch_size, max(stop, 0), batch_size):
+            first = i + rank * local
+            yield self.batch(ids[first : first + local], check=False)
 
 
 def as_dataset(dataset: TwoRoomDataset | TrainingWindows | str | os.PathLike) -> TwoRoomDataset:

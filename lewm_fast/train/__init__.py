@@ -6,7 +6,9 @@
 - :func:`choose_plan` / :func:`estimate_peak` — the plan for a VRAM budget from a
   documented peak-memory model.
 - :class:`Trainer` / :func:`train` with :class:`TrainConfig` — the published recipe,
-  JSONL metrics, atomic resumable checkpoints, non-finite step skipping, torchrun.
+  JSONL metrics, atomic resumable checkpoints, non-finite step skipping, torchrun;
+  :class:`RunState` — where a run stands (step, epoch, ...), saved whole in checkpoints;
+  :class:`MetricsBuffer` — per-step device values read with one host sync per flush.
 
 Importing this package never touches a GPU.
 """
@@ -14,9 +16,9 @@ Importing this package never touches a GPU.
 from .config import TRAIN_PRESETS, TrainConfig
 from .distributed import GlobalBatchNorm1d, all_reduce_gradients, convert_batchnorm
 from .memory import MemoryEstimate, choose_plan, estimate_peak, free_vram, parse_size
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .step import PLANS, default_chunk_size, forward_backward, loss_head
-from .trainer import METRICS_FILE, NonFiniteLossError, Trainer, TrainResult, lr_factor, train
+from .trainer import METRICS_FILE, MetricsBuffer, NonFiniteLossError, Trainer, TrainResult, lr_factor, train
 
 __all__ = [
     "forward_backward",
@@ -36,6 +38,8 @@ __all__ = [
     "lr_factor",
     "NonFiniteLossError",
     "METRICS_FILE",
+    "MetricsBuffer",
+    "RunState",
     "latest_checkpoint",
     "load_checkpoint",
     "save_checkpoint",

@@ -4,7 +4,7 @@ Layout under the run folder::
 
     checkpoints/step_000001234/        one complete checkpoint
         model/config.json, weights.pt  the model in the release format (save_pretrained)
-        trainer.pt                     optimizer, scheduler, RNG states, data position, ...
+        trainer.pt                     the RunState, optimizer, scheduler, RNG states
         train_config.json              the TrainConfig of the run
     checkpoints/latest                 the name of the newest complete checkpoint
 
@@ -16,9 +16,12 @@ at all before the first one); stale temporary folders are removed by the next sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +32,90 @@ from .._io import atomic_file, atomic_folder, remove_stale, write_json_atomic, w
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, convert_encoder_keys, encoder_key_layout, save_pretrained
 from ..config import LeWMConfig
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "CHECKPOINT_DIR", "FORMAT_VERSION"]
+__all__ = [
+    "RunState",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "CHECKPOINT_DIR",
+    "FORMAT_VERSION",
+]
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
 TRAINER_FILE = "trainer.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
 FORMAT_VERSION = 1
+
+
+@dataclass
+class RunState:
+    """Where a training run stands, saved whole in each checkpoint's ``trainer.pt``.
+
+    ``step``: optimiser steps taken (skipped non-finite steps count); ``epoch``: the 0-based
+    epoch in progress; ``step_in_epoch``: steps taken in it, which is the number of global
+    batches of its shuffle consumed (see ``TrainingWindows.batches``' ``start``);
+    ``best_success``: the best evaluation success rate so far (None before the first
+    evaluation); ``evals_since_best``: evaluations since it last improved (early stopping's
+    count); ``nonfinite_in_a_row``: the current streak of skipped non-finite steps. The
+    epoch's shuffle is seeded from the epoch, so these numbers and the RNG states place a
+    resumed run exactly.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_success: float | None = None
+    evals_since_best: int = 0
+    nonfinite_in_a_row: int = 0
+
+    def advance(self) -> None:
+        """Count one optimiser step."""
+        self.step += 1
+        self.step_in_epoch += 1
+
+    def next_epoch(self) -> None:
+        """Move to the start of the next epoch."""
+        self.epoch += 1
+        self.step_in_epoch = 0
+
+    def record_step(self, skipped: bool) -> None:
+        """Extend the streak of skipped non-finite steps (``skipped``) or end it."""
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+
+    def record_eval(self, success: float, min_delta: float) -> bool:
+        """Count an evaluation; True (and a new best) when ``success`` beats the best by more
+        than ``min_delta``, else False and one more evaluation since the best."""
+        if self.best_success is None or success > self.best_success + min_delta:
+            self.best_success = success
+            self.evals_since_best = 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict of numbers (None for no best yet), for ``trainer.pt``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> RunState:
+        """The run state in a trainer-state dict; other keys are ignored. A missing
+        ``nonfinite_in_a_row`` (checkpoints written before it was saved) reads as 0; another
+        missing field is a ValueError."""
+        missing = [
+            f.name for f in dataclasses.fields(cls) if f.name != "nonfinite_in_a_row" and f.name not in state
+        ]
+        if missing:
+            raise ValueError(f"trainer state lacks the run state field(s) {missing}")
+        best = state["best_success"]
+        return cls(
+            step=int(state["step"]),
+            epoch=int(state["epoch"]),
+            step_in_epoch=int(state["step_in_epoch"]),
+            best_success=None if best is None else float(best),
+            evals_since_best=int(state["evals_since_best"]),
+            nonfinite_in_a_row=int(state.get("nonfinite_in_a_row", 0)),
+        )
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

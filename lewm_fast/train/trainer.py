@@ -31,6 +31,7 @@ the other ranks wait.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,15 +52,23 @@ from torch import nn
 from .. import _checks
 from .._io import write_text_atomic
 from ..checkpoint import save_pretrained
-from ..data.windows import as_dataset
+from ..data.windows import TrainingWindows, as_dataset
 from ..sigreg import SIGReg
 from . import distributed as _dist
 from .config import RESUME_FREE_FIELDS, TrainConfig
 from .memory import MemoryEstimate, choose_plan, format_size, free_vram, parse_size
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .step import _encode_frames, forward_backward, loss_head
 
-__all__ = ["Trainer", "train", "TrainResult", "NonFiniteLossError", "lr_factor", "METRICS_FILE"]
+__all__ = [
+    "Trainer",
+    "train",
+    "TrainResult",
+    "NonFiniteLossError",
+    "MetricsBuffer",
+    "lr_factor",
+    "METRICS_FILE",
+]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -91,6 +100,41 @@ class TrainResult:
     signal: int | None = None
 
 
+class MetricsBuffer:
+    """Per-step values held as they come, device tensors unsynchronised, until a flush.
+
+    ``add(**values)`` appends one row of 0-d tensors (left on their device, unread) and
+    plain Python values. ``flush()`` reads every tensor of every row with one
+    device-to-host copy, returns ``(rows, seconds)`` with those tensors as Python floats and
+    ``seconds`` the mean wall time per row since the previous non-empty flush (or since the
+    buffer was made), and empties the buffer. An empty buffer returns ``([], 0.0)`` and
+    leaves the clock running.
+    """
+
+    def __init__(self) -> None:
+        self._rows: list[dict[str, Any]] = []
+        self._since = time.perf_counter()
+
+    def add(self, **values: Any) -> None:
+        """Append one row, e.g. ``add(step=3, loss=loss_tensor)``."""
+        self._rows.append(values)
+
+    def flush(self) -> tuple[list[dict[str, Any]], float]:
+        """The rows since the last flush with their tensors read, and seconds per row."""
+        if not self._rows:
+            return [], 0.0
+        rows, self._rows = self._rows, []
+        slots = [(row, key) for row in rows for key, value in row.items() if torch.is_tensor(value)]
+        if slots:
+            numbers = torch.stack([row[key].reshape(()) for row, key in slots]).tolist()  # the host sync
+            for (row, key), number in zip(slots, numbers):
+                row[key] = number
+        now = time.perf_counter()
+        seconds = (now - self._since) / len(rows)
+        self._since = now
+        return rows, seconds
+
+
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -119,6 +163,12 @@ class Trainer:
             stopping and ``best_model/``.
         resume: continue from the newest checkpoint in ``out_dir`` (it must exist). Without
             it, ``out_dir`` must not hold checkpoints yet.
+
+    Raises ValueError for a bad config or evaluator, or a run folder that does not match
+    ``resume``. :meth:`fit` builds the rest, which stays readable after it returns:
+    ``ctx`` (rank and world size), ``device``, ``windows`` (:class:`TrainingWindows`),
+    ``model``, ``optimizer``, ``scheduler``, ``memory`` (the :class:`MemoryEstimate` in use),
+    ``run_state`` (the :class:`RunState`: step, epoch, best evaluation, ...).
     """
 
     def __init__(
@@ -151,20 +201,50 @@ class Trainer:
         self._stop_signal: int | None = None
         self._capped = False
         self._owns_group = False
+        # Built by fit() (they need the process group and this process's device); see _setup.
+        self.ctx: _dist.DistContext | None = None
+        self.local_batch = 0
+        self.windows: TrainingWindows | None = None
+        self.steps_per_epoch = 0
+        self.total_steps = 0
+        self.warmup_steps = 0
+        self.model: nn.Module | None = None
+        self.params: list[nn.Parameter] = []
+        self.bn_buffers: list[torch.Tensor] = []
+        self.sigreg: SIGReg | None = None
+        self.optimizer: torch.optim.AdamW | None = None
+        self.skip_on_device = False
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.memory: MemoryEstimate | None = None
+        self.run_state = RunState()
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
+        """Join the process group; build windows, model, optimizer and memory plan; load the
+        checkpoint (resume) or seed the random streams; start metrics.jsonl."""
         cfg = self.config
         self.ctx, self.device, self._owns_group = _dist.init_from_env(self.device)
-        ctx = self.ctx
-        if cfg.batch_size % ctx.world_size:
+        if cfg.batch_size % self.ctx.world_size:
             raise ValueError(
-                f"batch_size {cfg.batch_size} must be divisible by the number of processes {ctx.world_size}"
+                f"batch_size {cfg.batch_size} must be divisible by the number of processes "
+                f"{self.ctx.world_size}"
             )
-        self.local_batch = cfg.batch_size // ctx.world_size
+        self.local_batch = cfg.batch_size // self.ctx.world_size
+        self._build_windows()
+        self._build_model()
+        self._build_optimizer()
+        self.memory = self._plan_memory()
+        self.run_state = RunState()
+        if self.resume:
+            self._load()
+        else:
+            torch.manual_seed(cfg.seed + self.ctx.rank)  # dropout and SIGReg draws; rank 0's A is broadcast
+        if self.ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._prepare_metrics()
 
-        from ..data import TrainingWindows
-
+    def _build_windows(self) -> None:
+        cfg = self.config
         self.windows = TrainingWindows(
             self.dataset,
             source=cfg.data_source,
@@ -182,9 +262,11 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.warmup_steps = round(cfg.warmup_fraction * self.total_steps)
 
-        torch.manual_seed(cfg.seed)
+    def _build_model(self) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
         model = cfg.model.build(backend=cfg.backend).to(self.device)
-        if ctx.active:
+        if self.ctx.active:
             _dist.convert_batchnorm(model)
             _dist.broadcast_module(model)
         if cfg.compile:
@@ -195,6 +277,8 @@ class Trainer:
         self.bn_buffers = [b for m in model.modules() if isinstance(m, nn.BatchNorm1d) for b in m.buffers()]
         self.sigreg = SIGReg(cfg.sigreg_knots, cfg.sigreg_num_proj, backend=cfg.backend).to(self.device)
 
+    def _build_optimizer(self) -> None:
+        cfg = self.config
         kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         try:  # the fused update takes a device-side "skip" flag: no host sync per step
             self.optimizer = torch.optim.AdamW(self.params, fused=True, **kwargs)
@@ -206,21 +290,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, warmup, ratio)
         )
-
-        self.memory = self._plan_memory()
-        self.step = 0
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.best_success: float | None = None
-        self.evals_since_best = 0
-        self.bad_in_a_row = 0
-        if self.resume:
-            self._load()
-        else:
-            torch.manual_seed(cfg.seed + ctx.rank)  # dropout and SIGReg draws; rank 0's A is broadcast
-        if ctx.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._prepare_metrics()
 
     def _plan_memory(self) -> MemoryEstimate:
         cfg = self.config
@@ -263,15 +332,12 @@ class Trainer:
         else:
             states = [rng]
         return {
+            **self.run_state.to_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
             "rng": states,
             "world_size": self.ctx.world_size,
             "device_type": self.device.type,
-            "best_success": self.best_success,
-            "evals_since_best": self.evals_since_best,
         }
 
     def _save(self) -> Path | None:
@@ -280,7 +346,7 @@ class Trainer:
         if self.ctx.is_main:
             folder = save_checkpoint(
                 self.out_dir,
-                self.step,
+                self.run_state.step,
                 self.model,
                 self.config.model,
                 state,
@@ -303,12 +369,8 @@ class Trainer:
             )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        self.step_in_epoch = int(state["step_in_epoch"])
-        self.best_success = state["best_success"]
-        self.evals_since_best = int(state["evals_since_best"])
-        states = state["rng"]
+        self.run_state = RunState.from_dict(state)
+        step, states = self.run_state.step, state["rng"]
         if len(states) == self.ctx.world_size and state["device_type"] == self.device.type:
             _set_rng_state(states[self.ctx.rank], self.device)
         else:
@@ -318,9 +380,10 @@ class Trainer:
                 "continuation is not bit-identical",
                 stacklevel=3,
             )
-            torch.manual_seed(self.config.seed + self.ctx.rank + self.step)
+            torch.manual_seed(self.config.seed + self.ctx.rank + step)
         if self.ctx.is_main:
-            print(f"[lewm-fast train] resumed {folder} at step {self.step} (epoch {self.epoch})", flush=True)
+            epoch = self.run_state.epoch
+            print(f"[lewm-fast train] resumed {folder} at step {step} (epoch {epoch})", flush=True)
 
     # ----------------------------------------------------------------- metrics
     def _prepare_metrics(self) -> None:
@@ -336,7 +399,7 @@ class Trainer:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by the crash
-                if record.get("step", 0) <= self.step:
+                if record.get("step", 0) <= self.run_state.step:
                     kept.append(line)
         write_text_atomic(path, "".join(line + "\n" for line in kept))
 
@@ -373,18 +436,22 @@ class Trainer:
         return bool(flag)
 
     # ------------------------------------------------------------------ data
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator(device=self.windows.device)
-        g.manual_seed(self.config.seed + epoch)
-        ids = self.windows.train_ids
-        return ids[torch.randperm(ids.shape[0], device=ids.device, generator=g)]
-
-    def _local_ids(self, perm: torch.Tensor, i: int) -> torch.Tensor:
-        start = i * self.config.batch_size + self.ctx.rank * self.local_batch
-        return perm[start : start + self.local_batch]
+    def _epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This process's share of the rest of the current epoch's batches (seeded by epoch)."""
+        run = self.run_state
+        return self.windows.batches(
+            "train",
+            self.config.batch_size,
+            seed=self.config.seed + run.epoch,
+            start=run.step_in_epoch,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
 
     # ------------------------------------------------------------------ steps
-    def _train_step(self, batch: dict) -> torch.Tensor:
+    def _train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns its losses, pre-clip gradient norm and ``skipped``
+        (1.0 when non-finite, update skipped) as 0-d device tensors, unsynchronised."""
         cfg = self.config
         saved = [b.clone() for b in self.bn_buffers]
         losses = forward_backward(
@@ -419,7 +486,13 @@ class Trainer:
                 buffer.copy_(torch.where(bad, old, buffer))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return torch.stack([loss, pred_loss, sigreg_loss, grad_norm.float(), bad.float()])
+        return {
+            "pred_loss": pred_loss,
+            "sigreg_loss": sigreg_loss,
+            "loss": loss,
+            "grad_norm": grad_norm.float(),
+            "skipped": bad.float(),
+        }
 
     @torch.no_grad()
     def _validate(self) -> dict | None:
@@ -432,7 +505,7 @@ class Trainer:
         n = ids.shape[0] // global_batch
         if cfg.val_max_batches:
             n = min(n, cfg.val_max_batches)
-        local = global_batch // w
+        batches = self.windows.batches("val", global_batch, shuffle=False, rank=self.ctx.rank, world_size=w)
         devices = [self.device] if self.device.type == "cuda" else []
         enabled = cfg.autocast_dtype is not None
         sums = torch.zeros(2, device=self.device)
@@ -440,9 +513,7 @@ class Trainer:
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(cfg.seed)  # the same SIGReg directions at every validation
-                for i in range(n):
-                    start = i * global_batch + self.ctx.rank * local
-                    batch = self.windows.batch(ids[start : start + local], check=False)
+                for batch in itertools.islice(batches, n):
                     pixels = batch["pixels"]
                     b, t = pixels.shape[:2]
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled):
@@ -487,7 +558,13 @@ class Trainer:
 
     # --------------------------------------------------------------------- run
     def fit(self) -> TrainResult:
-        """Train until the epochs are done, early stopping, ``max_steps`` or a signal."""
+        """Train until the epochs are done, early stopping, ``max_steps`` or a signal.
+
+        Returns a :class:`TrainResult`. Raises NonFiniteLossError after
+        ``max_nonfinite_steps`` non-finite steps in a row, ValueError for a training split
+        smaller than one batch, a batch the processes cannot share evenly, or a checkpoint
+        (resume) configured differently.
+        """
         try:
             self._setup()
             return self._fit()
@@ -501,118 +578,29 @@ class Trainer:
     def _fit(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        cfg = self.config
+        cfg, run = self.config, self.run_state
         stop_at = min(self.total_steps, cfg.max_steps or self.total_steps)
-        previous = self._install_signal_handlers()
         bar = tqdm(
             total=stop_at,
-            initial=self.step,
+            initial=run.step,
             desc="train",
             unit="step",
             dynamic_ncols=True,
             disable=not (cfg.progress and self.ctx.is_main),
         )
-        pending: list[tuple[int, int, float, torch.Tensor]] = []
-        clock = [time.perf_counter()]
-        status = "completed"
-        perm = self._permutation(self.epoch)
-
-        def flush() -> None:
-            if not pending:
-                return
-            values = torch.stack([p[3] for p in pending]).tolist()  # the host sync
-            now = time.perf_counter()
-            step_time = (now - clock[0]) / len(pending)
-            clock[0] = now
-            peak = None
-            if self.device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-            records = []
-            for (step, epoch, lr, _), (loss, pred, sig, norm, bad) in zip(pending, values):
-                records.append(
-                    {
-                        "kind": "train",
-                        "step": step,
-                        "epoch": epoch,
-                        "pred_loss": pred,
-                        "sigreg_loss": sig,
-                        "loss": loss,
-                        "grad_norm": norm,
-                        "lr": lr,
-                        "step_time": step_time,
-                        "samples_per_s": cfg.batch_size / step_time,
-                        "peak_vram_bytes": peak,
-                    }
-                )
-                if bad:
-                    self.bad_in_a_row += 1
-                    records.append(
-                        {"kind": "skip", "step": step, "epoch": epoch, "in_a_row": self.bad_in_a_row}
-                    )
-                    if self.ctx.is_main:
-                        warnings.warn(
-                            f"step {step}: non-finite loss or gradient norm (loss {loss}, grad norm "
-                            f"{norm}); update skipped ({self.bad_in_a_row} in a row, abort at "
-                            f"{cfg.max_nonfinite_steps})",
-                            stacklevel=2,
-                        )
-                else:
-                    self.bad_in_a_row = 0
-            pending.clear()
-            self._log(records)
-            last = records[-1] if records[-1]["kind"] == "train" else records[-2]
-            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", refresh=False)
-            if self.bad_in_a_row >= cfg.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient norm (last: "
-                    f"step {records[-1]['step']}); aborting. The newest checkpoint in {self.out_dir} is "
-                    "the last good state"
-                )
-
-        stop = False
+        previous = self._install_signal_handlers()
         try:
-            while True:
-                if self.step_in_epoch == self.steps_per_epoch:
-                    if self._end_epoch():
-                        status = "early_stopped"
-                        break
-                    perm = self._permutation(self.epoch)
-                if stop or self.step >= stop_at:
-                    break
-                lr = self.optimizer.param_groups[0]["lr"]
-                batch = self.windows.batch(self._local_ids(perm, self.step_in_epoch), check=False)
-                metrics = self._train_step(batch)
-                self.step += 1
-                self.step_in_epoch += 1
-                pending.append((self.step, self.epoch, lr, metrics))
-                bar.update(1)
-                if (
-                    self.step % cfg.log_every == 0
-                    or self.step_in_epoch == self.steps_per_epoch
-                    or self.step == stop_at
-                ):
-                    flush()
-                    if self.ctx.active:  # agree on a signal at the same step on every rank
-                        stop = self._stop_requested()
-                if not self.ctx.active and self._stop_signal:
-                    flush()
-                    stop = True
+            status = self._run_steps(stop_at, bar)
         finally:
             bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        if status != "early_stopped":
-            if self._stop_signal:
-                status = "interrupted"
-            elif self.step < self.total_steps:
-                status = "max_steps"
 
         checkpoint = self._save()
         if status == "interrupted" and self.ctx.is_main:
             name = signal.Signals(self._stop_signal).name
             print(
-                f"[lewm-fast train] {name}: stopped at step {self.step}; checkpoint {checkpoint}; "
+                f"[lewm-fast train] {name}: stopped at step {run.step}; checkpoint {checkpoint}; "
                 "continue with --resume",
                 file=sys.stderr,
                 flush=True,
@@ -621,39 +609,112 @@ class Trainer:
             save_pretrained(self.model, self.out_dir / "model", config=cfg.model)
         return TrainResult(
             status,
-            self.step,
-            self.epoch,
+            run.step,
+            run.epoch,
             self.out_dir,
             checkpoint,
             self.memory,
-            self.best_success,
+            run.best_success,
             self._stop_signal,
         )
 
+    def _run_steps(self, stop_at: int, bar) -> str:
+        """Take steps until step ``stop_at``, early stopping or a signal; returns the status."""
+        cfg, run = self.config, self.run_state
+        metrics = MetricsBuffer()
+        batches = self._epoch_batches()
+        stop = False
+        while True:
+            if run.step_in_epoch == self.steps_per_epoch:
+                if self._end_epoch():
+                    return "early_stopped"
+                batches = self._epoch_batches()
+            if stop or run.step >= stop_at:
+                break
+            lr = self.optimizer.param_groups[0]["lr"]
+            values = self._train_step(next(batches))
+            run.advance()
+            metrics.add(step=run.step, epoch=run.epoch, **values, lr=lr)
+            bar.update(1)
+            if (
+                run.step % cfg.log_every == 0
+                or run.step_in_epoch == self.steps_per_epoch
+                or run.step == stop_at
+            ):
+                self._flush(metrics, bar)
+                if self.ctx.active:  # agree on a signal at the same step on every rank
+                    stop = self._stop_requested()
+            if not self.ctx.active and self._stop_signal:
+                self._flush(metrics, bar)
+                stop = True
+        if self._stop_signal:
+            return "interrupted"
+        return "max_steps" if run.step < self.total_steps else "completed"
+
+    def _flush(self, metrics: MetricsBuffer, bar) -> None:
+        """Write the buffered steps' records (the loop's only host sync) and count non-finite
+        steps; ``max_nonfinite_steps`` in a row raise NonFiniteLossError."""
+        cfg, run = self.config, self.run_state
+        rows, step_time = metrics.flush()
+        if not rows:
+            return
+        peak = None
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        timing = {
+            "step_time": step_time,
+            "samples_per_s": cfg.batch_size / step_time,
+            "peak_vram_bytes": peak,
+        }
+        records = []
+        for row in rows:
+            skipped = row.pop("skipped")
+            records.append({"kind": "train", **row, **timing})
+            run.record_step(bool(skipped))
+            if not skipped:
+                continue
+            records.append(
+                {
+                    "kind": "skip",
+                    "step": row["step"],
+                    "epoch": row["epoch"],
+                    "in_a_row": run.nonfinite_in_a_row,
+                }
+            )
+            if self.ctx.is_main:
+                warnings.warn(
+                    f"step {row['step']}: non-finite loss or gradient norm (loss {row['loss']}, grad norm "
+                    f"{row['grad_norm']}); update skipped ({run.nonfinite_in_a_row} in a row, abort at "
+                    f"{cfg.max_nonfinite_steps})",
+                    stacklevel=2,
+                )
+        self._log(records)
+        bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}", lr=f"{rows[-1]['lr']:.2e}", refresh=False)
+        if run.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{run.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm (last: "
+                f"step {rows[-1]['step']}); aborting. The newest checkpoint in {self.out_dir} is "
+                "the last good state"
+            )
+
     def _end_epoch(self) -> bool:
         """Validation, evaluation and the epoch checkpoint; True when early stopping triggers."""
-        cfg = self.config
+        cfg, run = self.config, self.run_state
         val = self._validate()
         if val is not None:
-            self._log([{"kind": "val", "step": self.step, "epoch": self.epoch, **val}])
+            self._log([{"kind": "val", "step": run.step, "epoch": run.epoch, **val}])
         stop = False
-        done = self.epoch + 1
-        if self.evaluator is not None and done % cfg.eval_every_epochs == 0:
+        if self.evaluator is not None and (run.epoch + 1) % cfg.eval_every_epochs == 0:
             result = self._evaluate()
-            self._log([{"kind": "eval", "step": self.step, "epoch": self.epoch, **result}])
-            success = float(result["success_rate"])
-            if self.best_success is None or success > self.best_success + cfg.early_stop_min_delta:
-                self.best_success = success
-                self.evals_since_best = 0
+            self._log([{"kind": "eval", "step": run.step, "epoch": run.epoch, **result}])
+            if run.record_eval(float(result["success_rate"]), cfg.early_stop_min_delta):
                 if self.ctx.is_main:
                     save_pretrained(self.model, self.out_dir / "best_model", config=cfg.model)
             else:
-                self.evals_since_best += 1
-                stop = (
-                    cfg.early_stop_patience is not None and self.evals_since_best >= cfg.early_stop_patience
-                )
-        self.epoch += 1
-        self.step_in_epoch = 0
+                patience = cfg.early_stop_patience
+                stop = patience is not None and run.evals_since_best >= patience
+        run.next_epoch()
         self._save()
         return stop
 
