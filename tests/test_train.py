@@ -564,6 +564,37 @@ def test_evaluator_early_stopping_and_best_model(dataset, tmp_path):
         ).fit()
 
 
+def _flags(model):
+    return [(n, m.training) for n, m in model.named_modules()], [
+        (n, p.requires_grad) for n, p in model.named_parameters()
+    ]
+
+
+@pytest.mark.parametrize("change", ["train", "eval-and-freeze", "mixed"])
+def test_model_comes_out_of_the_evaluator_exactly_as_it_went_in(dataset, tmp_path, change):
+    """Whatever the evaluator does to modes and requires_grad, the trainer gets its model back."""
+    entered = []
+
+    def evaluator(model):
+        entered.append(all(not m.training for m in model.modules()))
+        if change == "train":
+            model.train()
+        elif change == "eval-and-freeze":
+            model.eval().requires_grad_(False)
+        else:
+            model.predictor.train()
+            next(model.encoder.parameters()).requires_grad_(False)
+        return {"success_rate": 0.5}
+
+    trainer = Trainer(dataset, tmp_path / "run", _tiny(epoch_steps=1), device="cpu", evaluator=evaluator)
+    trainer._setup()  # what fit() does first: builds the model, in training mode
+    trainer.model.projector.eval()  # a mixed state (e.g. a frozen part) must survive, not become .train()
+    next(trainer.model.pred_proj.parameters()).requires_grad_(False)
+    before = _flags(trainer.model)
+    assert trainer._evaluate()["success_rate"] == 0.5
+    assert entered == [True] and _flags(trainer.model) == before
+
+
 def test_metrics_records_have_the_documented_keys(dataset, tmp_path):
     Trainer(dataset, tmp_path / "run", _tiny(epochs=1), device="cpu").fit()
     train = _records(tmp_path / "run", "train")

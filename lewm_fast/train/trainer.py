@@ -53,6 +53,7 @@ from .. import _checks
 from .._io import write_text_atomic
 from ..checkpoint import save_pretrained
 from ..data.windows import TrainingWindows, as_dataset
+from ..reference.jepa import eval_mode
 from ..sigreg import SIGReg
 from . import distributed as _dist
 from .config import RESUME_FREE_FIELDS, TrainConfig
@@ -509,23 +510,19 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         enabled = cfg.autocast_dtype is not None
         sums = torch.zeros(2, device=self.device)
-        self.model.eval()
-        try:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(cfg.seed)  # the same SIGReg directions at every validation
-                for batch in itertools.islice(batches, n):
-                    pixels = batch["pixels"]
-                    b, t = pixels.shape[:2]
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled):
-                        cls = _encode_frames(self.model.encoder, pixels.float().flatten(0, 1))
-                        emb = self.model.projector(cls).view(b, t, -1)
-                        losses = loss_head(
-                            self.model, emb, batch["action"], sigreg=self.sigreg, lambd=cfg.sigreg_weight
-                        )
-                    # pred_loss is this rank's mean, SIGReg already the global batch's value
-                    sums += torch.stack([losses["pred_loss"].float(), losses["sigreg_loss"].float()]) / w
-        finally:
-            self.model.train()
+        with eval_mode(self.model), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.seed)  # the same SIGReg directions at every validation
+            for batch in itertools.islice(batches, n):
+                pixels = batch["pixels"]
+                b, t = pixels.shape[:2]
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled):
+                    cls = _encode_frames(self.model.encoder, pixels.float().flatten(0, 1))
+                    emb = self.model.projector(cls).view(b, t, -1)
+                    losses = loss_head(
+                        self.model, emb, batch["action"], sigreg=self.sigreg, lambd=cfg.sigreg_weight
+                    )
+                # pred_loss is this rank's mean, SIGReg already the global batch's value
+                sums += torch.stack([losses["pred_loss"].float(), losses["sigreg_loss"].float()]) / w
         if self.ctx.active:
             dist.all_reduce(sums)
         pred, sig = (sums / n).tolist()
@@ -536,12 +533,10 @@ class Trainer:
         result = None
         if self.ctx.is_main:
             devices = [self.device] if self.device.type == "cuda" else []
-            self.model.eval()
-            try:
-                with torch.random.fork_rng(devices=devices):
-                    result = self.evaluator(self.model)
-            finally:
-                self.model.train()
+            # the model goes in in eval mode and comes out exactly as it went in, whatever the
+            # evaluator changed about modes or requires_grad flags
+            with eval_mode(self.model), torch.random.fork_rng(devices=devices):
+                result = self.evaluator(self.model)
             if not isinstance(result, dict) or "success_rate" not in result:
                 raise ValueError(
                     "evaluator must return a dict with 'success_rate', "
