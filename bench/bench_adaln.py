@@ -34,9 +34,9 @@ def _impls(device: torch.device):
         from lewm_fast.kernels import adaln
 
         impls["triton"] = (
-            lambda x, s, c, w, b: adaln.AdalnFunction.apply(x, s, c, w, b, 1e-6, 1e-5),
-            adaln.GatedResidualFunction.apply,
-            lambda x, g, r, s, c, w, b: adaln.GatedAdalnFunction.apply(x, g, r, s, c, w, b, 1e-6, 1e-5),
+            lambda x, s, c, w, b: adaln.adaln_op(x, s, c, w, b, 1e-6, 1e-5)[0],
+            adaln.gated_residual_op,
+            lambda x, g, r, s, c, w, b: adaln.gated_adaln_op(x, g, r, s, c, w, b, 1e-6, 1e-5)[:2],
         )
     return impls
 

@@ -91,7 +91,7 @@ class ConditionalBlock(_ref.ConditionalBlock):
         if kernels is None:
             return super().attn_input(x, shift, scale)
         norm = self.attn.norm
-        return kernels.AdalnFunction.apply(x, shift, scale, norm.weight, norm.bias, self.norm1.eps, norm.eps)
+        return kernels.adaln_op(x, shift, scale, norm.weight, norm.bias, self.norm1.eps, norm.eps)[0]
 
     def mlp_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``mlp.net[0](modulate(norm2(x), shift, scale))`` for x (B, T, D); one fused kernel."""
@@ -99,14 +99,14 @@ class ConditionalBlock(_ref.ConditionalBlock):
         if kernels is None:
             return super().mlp_input(x, shift, scale)
         norm = self.mlp.net[0]
-        return kernels.AdalnFunction.apply(x, shift, scale, norm.weight, norm.bias, self.norm2.eps, norm.eps)
+        return kernels.adaln_op(x, shift, scale, norm.weight, norm.bias, self.norm2.eps, norm.eps)[0]
 
     def gated(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The gated residual ``x + gate * y`` (all (B, T, D)); one fused kernel."""
         kernels = self._adaln(x)
         if kernels is None:
             return super().gated(x, gate, y)
-        return kernels.GatedResidualFunction.apply(x, gate, y)
+        return kernels.gated_residual_op(x, gate, y)
 
     def gated_mlp_input(self, x, gate, y, shift, scale):
         """``x' = x + gate * y`` and ``mlp_input(x', shift, scale)`` (all (B, T, D)); one fused kernel."""
@@ -114,9 +114,10 @@ class ConditionalBlock(_ref.ConditionalBlock):
         if kernels is None:
             return super().gated_mlp_input(x, gate, y, shift, scale)
         norm = self.mlp.net[0]
-        return kernels.GatedAdalnFunction.apply(
+        out, h, _ = kernels.gated_adaln_op(
             x, gate, y, shift, scale, norm.weight, norm.bias, self.norm2.eps, norm.eps
         )
+        return out, h
 
     def gated_attn_input(self, x, gate, y, shift, scale):
         """``x' = x + gate * y`` and ``attn_input(x', shift, scale)`` (all (B, T, D)); one fused kernel."""
@@ -124,9 +125,10 @@ class ConditionalBlock(_ref.ConditionalBlock):
         if kernels is None:
             return super().gated_attn_input(x, gate, y, shift, scale)
         norm = self.attn.norm
-        return kernels.GatedAdalnFunction.apply(
+        out, h, _ = kernels.gated_adaln_op(
             x, gate, y, shift, scale, norm.weight, norm.bias, self.norm1.eps, norm.eps
         )
+        return out, h
 
 
 class ARPredictor(_ref.ARPredictor):
