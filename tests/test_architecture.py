@@ -24,7 +24,10 @@ LAYERS = (
     ),
     ("reference", ("lewm_fast.reference",)),
     ("kernels/csrc", ("lewm_fast.kernels", "lewm_fast.csrc", "lewm_fast._csrc")),
-    ("model", ("lewm_fast.model", "lewm_fast.sigreg", "lewm_fast.config", "lewm_fast.checkpoint")),
+    (
+        "model",
+        ("lewm_fast.model", "lewm_fast.sigreg", "lewm_fast.adaln", "lewm_fast.config", "lewm_fast.checkpoint"),
+    ),
     ("data/envs", ("lewm_fast.data", "lewm_fast.envs")),
     ("train/plan", ("lewm_fast.train", "lewm_fast.plan")),
     ("probe/report", ("lewm_fast.probe", "lewm_fast.report")),
