@@ -104,6 +104,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lewm_fast.reference.jepa import action_width_of
+
 __all__ = [
     "CUSTOM_KERNELS",
     "ATEN_KERNELS",
@@ -567,11 +569,11 @@ def plan_counts(model: nn.Module, envs: int, autocast: torch.dtype | None, plan:
     plan = {**PUBLISHED, **(plan or {})}
     require_cuda_guard()
     _csrc.define_ops()  # the lewm_fast::cem_refit schema and its fake implementation
+    width = action_width_of(model)
     model = copy.deepcopy(model).eval()
     if autocast is not None:
         model = LowPrecisionWeights(model, autocast).sync()
     size = model.encoder.config.image_size
-    width = model.action_encoder.patch_embed.in_channels
     horizon, samples = plan["horizon"], plan["num_samples"]
     with FakeTensorMode(), torch.no_grad(), _counting_patches():
         fake_cuda(model)
@@ -624,7 +626,7 @@ def train_counts(
     model = copy.deepcopy(model).train()
     sigreg = SIGReg(knots=17, num_proj=1024)
     size = model.encoder.config.image_size
-    width = model.action_encoder.patch_embed.in_channels
+    width = action_width_of(model)
     with FakeTensorMode():
         fake_cuda(model)
         fake_cuda(sigreg)
