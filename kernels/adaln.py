@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from ..backend import triton_interpreter
 from ._interpreter import patch_scalar_index
 
@@ -333,7 +334,7 @@ def _check(x: torch.Tensor, *others: torch.Tensor) -> int:
     D = x.shape[-1]
     for other in others:
         if other.shape != x.shape:
-            raise ValueError(f"expected tensors of shape {tuple(x.shape)}, got {tuple(other.shape)}")
+            raise ValueError(f"expected tensors of shape {_checks.shape(x)}, got {_checks.shape(other)}")
         if other.device != x.device:
             raise ValueError(f"expected tensors on {x.device}, got one on {other.device}")
     return D
@@ -344,7 +345,7 @@ def adaln_fwd(x, shift, scale, weight, bias, eps1: float, eps2: float):
     D = _check(x, shift, scale)
     if weight.shape != (D,) or bias.shape != (D,):
         raise ValueError(
-            f"weight and bias must have shape ({D},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
+            f"weight and bias must have shape ({D}), got {_checks.shape(weight)} and {_checks.shape(bias)}"
         )
     x2, s2, c2 = _rows(x, D), _rows(shift, D), _rows(scale, D)
     N = x2.shape[0]
@@ -450,7 +451,7 @@ def gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, eps1: float, eps2:
     D = _check(x, gate, res, shift, scale)
     if weight.shape != (D,) or bias.shape != (D,):
         raise ValueError(
-            f"weight and bias must have shape ({D},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
+            f"weight and bias must have shape ({D}), got {_checks.shape(weight)} and {_checks.shape(bias)}"
         )
     x2, g2, r2, s2, c2 = (_rows(t, D) for t in (x, gate, res, shift, scale))
     N = x2.shape[0]

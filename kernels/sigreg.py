@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from ..backend import triton_interpreter
 from ._interpreter import patch_scalar_index
 
@@ -401,7 +402,7 @@ def _compile_case(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype)
 def _check(z: torch.Tensor, A: torch.Tensor, knots: int) -> None:
     if z.dim() != 3 or A.dim() != 2 or A.shape[0] != z.shape[2]:
         raise ValueError(
-            f"sigreg kernel expects z (T, B, D) and A (D, P), got {tuple(z.shape)} and {tuple(A.shape)}"
+            f"sigreg kernel expects z (T, B, D) and A (D, P), got {_checks.shape(z)} and {_checks.shape(A)}"
         )
     if z.device != A.device:
         raise ValueError(f"z ({z.device}) and A ({A.device}) must be on the same device")
