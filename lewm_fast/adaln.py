@@ -50,7 +50,7 @@ def _check(x, broadcast: dict, weight=None, bias=None) -> dict:
     D = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (not torch.is_tensor(t) or t.shape != (D,) or t.device != x.device):
-            raise ValueError(f"{name} must be None or a ({D},) tensor on {x.device}, got {_checks.shape(t)}")
+            raise ValueError(f"{name} must be None or a ({D}) tensor on {x.device}, got {_checks.shape(t)}")
     return out
 
 
