@@ -18,7 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
+from lewm_fast import _checks
 
 from .harness import Report, measure_peaks
 from .projection import project
@@ -34,7 +34,7 @@ def available() -> list[str]:
 def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     names = available()
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--only", nargs="+", choices=names, metavar="NAME", help=f"subset of {names}")
     parser.add_argument(
         "--quick",
@@ -111,15 +111,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     if args.update_readme:
         return _update_readme(parser, args)
 
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = args.device or "auto"
     try:
-        device = torch.device(name)
+        device = _checks.resolve_device(name)
     except RuntimeError as exc:
         parser.error(f"--device {name!r} is not a device: {exc}")
+    except ValueError as exc:
+        parser.error(f"--device: {exc}")
     if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device must be cpu or cuda[:N], got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
+        parser.error(f"--device must be auto, cpu or cuda[:N], got {name!r}")
     report = Report(device)
     if not args.no_peaks:
         print(f"[bench] measuring peak matmul and copy rates on {report.env['device_name']}", flush=True)

@@ -11,6 +11,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from lewm_fast import adaln_modulate, gated_adaln_modulate, gated_residual
 from lewm_fast.reference import modulate
 
 from .harness import Report, peak_extra_memory, time_fn, triton_runs_on
@@ -31,12 +32,10 @@ def _eager_gated_norm(x, g, r, shift, scale, w, b):
 def _impls(device: torch.device):
     impls = {"reference": (_eager_norm, lambda x, g, y: x + g * y, _eager_gated_norm)}
     if triton_runs_on(device):
-        from lewm_fast.kernels import adaln
-
         impls["triton"] = (
-            lambda x, s, c, w, b: adaln.AdalnFunction.apply(x, s, c, w, b, 1e-6, 1e-5),
-            adaln.GatedResidualFunction.apply,
-            lambda x, g, r, s, c, w, b: adaln.GatedAdalnFunction.apply(x, g, r, s, c, w, b, 1e-6, 1e-5),
+            partial(adaln_modulate, backend="triton"),
+            partial(gated_residual, backend="triton"),
+            partial(gated_adaln_modulate, backend="triton"),
         )
     return impls
 

@@ -86,7 +86,7 @@ def run(report: Report, quick: bool) -> None:
     device = report.device
     cuda = device.type == "cuda"
     fast_model, ref_model, config = _models(device)
-    width = config.action_encoder.input_dim
+    width = fast_model.action_width
     settings = PUBLISHED if cuda else QUICK_CPU if quick else CPU
     episodes = settings["episodes"]
     plan = {k: settings[k] for k in ("num_samples", "n_steps", "topk")}

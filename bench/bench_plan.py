@@ -67,7 +67,7 @@ def run(report: Report, quick: bool) -> None:
     device = report.device
     fast_model, ref_model, config = _models(device)
     size = config.encoder.image_size
-    width = config.action_encoder.input_dim
+    width = fast_model.action_width
     cuda = device.type == "cuda"
     plan = PUBLISHED if cuda or not quick else QUICK_CPU
     precisions = [("fast-fp32", None)] + ([("fast-bf16", torch.bfloat16)] if cuda else [])

@@ -59,8 +59,8 @@ Ops are counted at the ATen level by a ``TorchDispatchMode`` under the fake mode
   ``new_empty``, ``empty_like``);
 - ``lewm_fast::*`` custom ops: the kernels their launchers issue (:data:`CUSTOM_KERNELS`,
   read from ``kernels/adaln.py``, ``kernels/sigreg.py`` and ``csrc/cem_refit_cuda.cu``),
-  e.g. ``adaln_modulate_norm_bwd`` = the backward kernel + the two partial-row sums of
-  dweight/dbias, ``sigreg_fused`` = the fused kernel + ``partial.sum()`` + the division,
+  e.g. ``adaln_bwd`` = the backward kernel + the two partial-row sums of
+  dweight/dbias, ``sigreg`` = the fused kernel + ``partial.sum()`` + the division,
   ``cem_refit`` = one ``cem_refit_kernel`` launch;
 - ATen ops that launch more than one kernel on CUDA (:data:`ATEN_KERNELS`): layer-norm
   backward with affine gradients (the dX kernel + the gamma/beta kernel), batch norm in
@@ -104,6 +104,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lewm_fast.reference.jepa import action_width_of
+
 __all__ = [
     "CUSTOM_KERNELS",
     "ATEN_KERNELS",
@@ -126,13 +128,13 @@ __all__ = [
 
 # Kernels each lewm_fast custom op launches (read from its launcher).
 CUSTOM_KERNELS = {
-    "adaln_modulate_norm": 1,  # _adaln_fwd_kernel
-    "adaln_modulate_norm_bwd": 3,  # _adaln_bwd_kernel + dw_part.sum(0) + db_part.sum(0)
+    "adaln": 1,  # _adaln_fwd_kernel
+    "adaln_bwd": 3,  # _adaln_bwd_kernel + dw_part.sum(0) + db_part.sum(0)
     "gated_residual": 1,  # _gated_residual_fwd_kernel
     "gated_residual_bwd": 1,  # _gated_residual_bwd_kernel
     "gated_adaln": 1,  # _gated_adaln_fwd_kernel
-    "sigreg_fused": 3,  # _sigreg_fwd_kernel + partial.sum() + / (T P)
-    "sigreg_fused_bwd": 1,  # _sigreg_bwd_kernel (A needs no gradient: no einsum)
+    "sigreg": 3,  # _sigreg_fwd_kernel + partial.sum() + / (T P)
+    "sigreg_bwd": 1,  # _sigreg_bwd_kernel (A needs no gradient: no einsum)
     "sigreg_trig_sums": 1,  # _sigreg_fwd_kernel
     "sigreg_trig_sums_bwd": 1,  # _sigreg_bwd_kernel
     "cem_refit": 1,  # cem_refit_kernel<<<envs, ...>>> (csrc/cem_refit_cuda.cu)
@@ -169,7 +171,7 @@ FREE = {
 
 
 def _gemm_flops_sigreg(name: str, args) -> int:
-    if name not in ("sigreg_fused", "sigreg_trig_sums", "sigreg_fused_bwd", "sigreg_trig_sums_bwd"):
+    if name not in ("sigreg", "sigreg_trig_sums", "sigreg_bwd", "sigreg_trig_sums_bwd"):
         return 0
     z, A = (args[1], args[2]) if name.endswith("_bwd") else (args[0], args[1])
     t, b, d = z.shape
@@ -567,11 +569,11 @@ def plan_counts(model: nn.Module, envs: int, autocast: torch.dtype | None, plan:
     plan = {**PUBLISHED, **(plan or {})}
     require_cuda_guard()
     _csrc.define_ops()  # the lewm_fast::cem_refit schema and its fake implementation
+    width = action_width_of(model)
     model = copy.deepcopy(model).eval()
     if autocast is not None:
         model = LowPrecisionWeights(model, autocast).sync()
     size = model.encoder.config.image_size
-    width = model.action_encoder.patch_embed.in_channels
     horizon, samples = plan["horizon"], plan["num_samples"]
     with FakeTensorMode(), torch.no_grad(), _counting_patches():
         fake_cuda(model)
@@ -624,7 +626,7 @@ def train_counts(
     model = copy.deepcopy(model).train()
     sigreg = SIGReg(knots=17, num_proj=1024)
     size = model.encoder.config.image_size
-    width = model.action_encoder.patch_embed.in_channels
+    width = action_width_of(model)
     with FakeTensorMode():
         fake_cuda(model)
         fake_cuda(sigreg)

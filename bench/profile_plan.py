@@ -21,6 +21,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from lewm_fast import _checks
 from lewm_fast.plan import CEMSolver
 
 from .bench_plan import PUBLISHED, _info, _models
@@ -53,7 +54,7 @@ def profile_solve(
 ) -> str:
     """Markdown for one case: wall times, kernel count and the top kernels/operators."""
     fast_model, _, config = _models(device)
-    width = config.action_encoder.input_dim
+    width = fast_model.action_width
     plan = {**PUBLISHED, "n_steps": n_steps}
     info = _info(envs, config.encoder.image_size, device)
     cuda = device.type == "cuda"
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lewm_fast.bench.profile_plan", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--envs", type=int, nargs="+", default=[1, 50], help="env counts (default: 1 50)")
     parser.add_argument(
         "--precision",
@@ -131,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=15, help="rows per case (default: 15)")
     parser.add_argument("--out", default=None, help="also write the markdown to this file")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
+    try:
+        device = _checks.resolve_device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        parser.error(f"--device: {exc}")
     if args.steps < 1 or args.top < 1 or min(args.envs) < 1:
         parser.error("--steps, --top and --envs must be positive")
     precisions = args.precision or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])

@@ -1,8 +1,9 @@
 """Fused AdaLN-Zero modulation (spec section 1, ConditionalBlock).
 
-Three ops, each one pass over the tokens:
+Three ops (``lewm_fast::<op>``, each one pass over the tokens; the public functional forms
+are ``lewm_fast.adaln_modulate``, ``gated_residual`` and ``gated_adaln_modulate``):
 
-``adaln_modulate_norm``: the branch input of a ConditionalBlock,
+``adaln``: the branch input of a ConditionalBlock,
     h = LayerNorm(x, eps1)                      (no affine; eps1 = 1e-6)
     m = h * (1 + scale) + shift
     y = LayerNorm(m, eps2) * weight + bias      (the branch's own affine norm; eps2 = 1e-5)
@@ -11,7 +12,7 @@ from x and the saved per-row statistics instead of storing them.
 
 ``gated_residual``: ``x + gate * y`` with gradients for all three.
 
-``gated_adaln``: ``out = x + gate * res`` then ``y = adaln_modulate_norm(out, ...)``, both
+``gated_adaln``: ``out = x + gate * res`` then ``y = adaln(out, ...)``, both
 returned: a block's residual and the next branch's input (the MLP's within a block, the
 next block's attention when blocks run back to back) in one kernel. ``y`` is computed
 from ``out`` as stored, so the pair equals the two ops above one after the other; the
@@ -30,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from ..backend import triton_interpreter
 from ._interpreter import patch_scalar_index
 
@@ -297,7 +299,7 @@ def compile_cases():
     edges.append((5, MAX_D))
     runs += [(f"fp32,N={n},D={d}", (n, d), dtypes["fp32"]) for n, d in edges]
     for label, shape, types in runs:
-        for op in ("adaln_fwd", "adaln_bwd", "gated_fwd", "gated_adaln_fwd", "gated_bwd"):
+        for op in ("adaln_fwd", "adaln_bwd", "gated_residual_fwd", "gated_adaln_fwd", "gated_residual_bwd"):
             yield f"{op}[{label}]", functools.partial(_compile_case, op, shape, types)
 
 
@@ -314,7 +316,7 @@ def _compile_case(op: str, shape: tuple[int, int], types: tuple[torch.dtype, ...
         adaln_fwd(x, shift, scale, weight, bias, 1e-6, 1e-5)
     elif op == "adaln_bwd":
         adaln_bwd(grad, x, shift, scale, weight, torch.empty(N, 4))
-    elif op == "gated_fwd":
+    elif op == "gated_residual_fwd":
         gated_residual_fwd(x, gate, res)
     elif op == "gated_adaln_fwd":
         gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, 1e-6, 1e-5)
@@ -332,7 +334,7 @@ def _check(x: torch.Tensor, *others: torch.Tensor) -> int:
     D = x.shape[-1]
     for other in others:
         if other.shape != x.shape:
-            raise ValueError(f"expected tensors of shape {tuple(x.shape)}, got {tuple(other.shape)}")
+            raise ValueError(f"expected tensors of shape {_checks.shape(x)}, got {_checks.shape(other)}")
         if other.device != x.device:
             raise ValueError(f"expected tensors on {x.device}, got one on {other.device}")
     return D
@@ -343,7 +345,7 @@ def adaln_fwd(x, shift, scale, weight, bias, eps1: float, eps2: float):
     D = _check(x, shift, scale)
     if weight.shape != (D,) or bias.shape != (D,):
         raise ValueError(
-            f"weight and bias must have shape ({D},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
+            f"weight and bias must have shape ({D}), got {_checks.shape(weight)} and {_checks.shape(bias)}"
         )
     x2, s2, c2 = _rows(x, D), _rows(shift, D), _rows(scale, D)
     N = x2.shape[0]
@@ -449,7 +451,7 @@ def gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, eps1: float, eps2:
     D = _check(x, gate, res, shift, scale)
     if weight.shape != (D,) or bias.shape != (D,):
         raise ValueError(
-            f"weight and bias must have shape ({D},), got {tuple(weight.shape)} and {tuple(bias.shape)}"
+            f"weight and bias must have shape ({D}), got {_checks.shape(weight)} and {_checks.shape(bias)}"
         )
     x2, g2, r2, s2, c2 = (_rows(t, D) for t in (x, gate, res, shift, scale))
     N = x2.shape[0]
@@ -508,10 +510,13 @@ def gated_residual_bwd(dout, gate, y):
 
 
 # ------------------------------------------------------------------ torch.library ops
+# lewm_fast::adaln / adaln_bwd, lewm_fast::gated_residual / gated_residual_bwd and
+# lewm_fast::gated_adaln (its backward runs adaln_bwd then gated_residual_bwd); the Python
+# objects are ``<op>_op``, beside the launchers ``<op>_fwd`` / ``<op>_bwd`` they call.
 
 
-@torch.library.custom_op("lewm_fast::adaln_modulate_norm", mutates_args=())
-def adaln_modulate_norm_op(
+@torch.library.custom_op("lewm_fast::adaln", mutates_args=())
+def adaln_op(
     x: torch.Tensor,
     shift: torch.Tensor,
     scale: torch.Tensor,
@@ -523,14 +528,14 @@ def adaln_modulate_norm_op(
     return adaln_fwd(x, shift, scale, weight, bias, eps1, eps2)
 
 
-@adaln_modulate_norm_op.register_fake
+@adaln_op.register_fake
 def _(x, shift, scale, weight, bias, eps1, eps2):
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return torch.empty(x.shape, device=x.device, dtype=x.dtype), x.new_empty((n, 4), dtype=torch.float32)
 
 
-@torch.library.custom_op("lewm_fast::adaln_modulate_norm_bwd", mutates_args=())
-def adaln_modulate_norm_bwd_op(
+@torch.library.custom_op("lewm_fast::adaln_bwd", mutates_args=())
+def adaln_bwd_op(
     dy: torch.Tensor,
     x: torch.Tensor,
     shift: torch.Tensor,
@@ -541,7 +546,7 @@ def adaln_modulate_norm_bwd_op(
     return adaln_bwd(dy, x, shift, scale, weight, stats)
 
 
-@adaln_modulate_norm_bwd_op.register_fake
+@adaln_bwd_op.register_fake
 def _(dy, x, shift, scale, weight, stats):
     return (
         torch.empty(x.shape, device=x.device, dtype=x.dtype),
@@ -559,11 +564,11 @@ def _adaln_setup(ctx, inputs, output):
 
 def _adaln_backward(ctx, dy, dstats):
     x, shift, scale, weight, stats = ctx.saved_tensors
-    dx, dshift, dscale, dw, db = adaln_modulate_norm_bwd_op(dy.contiguous(), x, shift, scale, weight, stats)
+    dx, dshift, dscale, dw, db = adaln_bwd_op(dy.contiguous(), x, shift, scale, weight, stats)
     return dx, dshift, dscale, dw, db, None, None
 
 
-adaln_modulate_norm_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
+adaln_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
 
 
 @torch.library.custom_op("lewm_fast::gated_residual", mutates_args=())
@@ -639,7 +644,7 @@ def _gated_adaln_setup(ctx, inputs, output):
 
 def _gated_adaln_backward(ctx, dout, dy, dstats):
     gate, res, shift, scale, weight, out, stats = ctx.saved_tensors
-    grads = adaln_modulate_norm_bwd_op(dy.contiguous(), out, shift, scale, weight, stats)
+    grads = adaln_bwd_op(dy.contiguous(), out, shift, scale, weight, stats)
     dnorm, dshift, dscale, dw, db = grads
     dtotal = (dnorm + dout).contiguous()  # out feeds the norm and the caller's residual stream
     dgate, dres = gated_residual_bwd_op(dtotal, gate, res)
@@ -647,33 +652,3 @@ def _gated_adaln_backward(ctx, dout, dy, dstats):
 
 
 gated_adaln_op.register_autograd(_gated_adaln_backward, setup_context=_gated_adaln_setup)
-
-
-class AdalnFunction:
-    """Autograd entry point: ``AdalnFunction.apply(x, shift, scale, weight, bias, eps1, eps2) -> y``.
-
-    The autograd formula is registered on the ``lewm_fast::adaln_modulate_norm``
-    torch.library op; this class only names it.
-    """
-
-    @staticmethod
-    def apply(x, shift, scale, weight, bias, eps1=1e-6, eps2=1e-5):
-        return adaln_modulate_norm_op(x, shift, scale, weight, bias, eps1, eps2)[0]
-
-
-class GatedResidualFunction:
-    """Autograd entry point: ``GatedResidualFunction.apply(x, gate, y) -> x + gate * y``."""
-
-    apply = staticmethod(gated_residual_op)
-
-
-class GatedAdalnFunction:
-    """Autograd entry point: ``GatedAdalnFunction.apply(x, gate, res, shift, scale, weight,
-    bias, eps1, eps2) -> (out, y)`` with ``out = x + gate * res`` and ``y`` the modulate-norm
-    of ``out`` (``AdalnFunction``): a gated residual and the next branch's input in one kernel.
-    """
-
-    @staticmethod
-    def apply(x, gate, res, shift, scale, weight, bias, eps1=1e-6, eps2=1e-5):
-        out, y, _ = gated_adaln_op(x, gate, res, shift, scale, weight, bias, eps1, eps2)
-        return out, y

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from ..backend import triton_interpreter
 from ._interpreter import patch_scalar_index
 
@@ -395,13 +396,13 @@ def _compile_case(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype)
     elif op.startswith("bwd"):
         sigreg_bwd(torch.ones(()), z, A, sums, phi, weights, dt, need_grad_A)
     else:
-        trig_sums_bwd(torch.empty(2, T, knots, P), z, A, dt, need_grad_A)
+        sigreg_trig_sums_bwd(torch.empty(2, T, knots, P), z, A, dt, need_grad_A)
 
 
 def _check(z: torch.Tensor, A: torch.Tensor, knots: int) -> None:
     if z.dim() != 3 or A.dim() != 2 or A.shape[0] != z.shape[2]:
         raise ValueError(
-            f"sigreg kernel expects z (T, B, D) and A (D, P), got {tuple(z.shape)} and {tuple(A.shape)}"
+            f"sigreg kernel expects z (T, B, D) and A (D, P), got {_checks.shape(z)} and {_checks.shape(A)}"
         )
     if z.device != A.device:
         raise ValueError(f"z ({z.device}) and A ({A.device}) must be on the same device")
@@ -514,7 +515,7 @@ def sigreg_bwd(
     )
 
 
-def trig_sums_bwd(
+def sigreg_trig_sums_bwd(
     grad_sums: torch.Tensor, z: torch.Tensor, A: torch.Tensor, dt: float, need_grad_A: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad_z, grad_A or None) for d loss / d sums (2, T, K, P)."""
@@ -523,11 +524,14 @@ def trig_sums_bwd(
     )
 
 
-# ------------------------------------------------------------------ torch.library op
+# ------------------------------------------------------------------ torch.library ops
+# lewm_fast::sigreg / sigreg_bwd (the statistic) and lewm_fast::sigreg_trig_sums /
+# sigreg_trig_sums_bwd (the moment sums alone, for multi-process use); the Python objects
+# are ``<op>_op``, beside the launchers ``<op>_fwd`` / ``<op>_bwd`` they call.
 
 
-@torch.library.custom_op("lewm_fast::sigreg_fused", mutates_args=())
-def sigreg_fused(
+@torch.library.custom_op("lewm_fast::sigreg", mutates_args=())
+def sigreg_op(
     z: torch.Tensor, A: torch.Tensor, phi: torch.Tensor, weights: torch.Tensor, dt: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SIGReg value (0-dim float32) and the moment sums (2, T, K, P) it was computed from."""
@@ -535,7 +539,7 @@ def sigreg_fused(
     return stat, sums
 
 
-@sigreg_fused.register_fake
+@sigreg_op.register_fake
 def _(z, A, phi, weights, dt):
     return (
         z.new_empty((), dtype=torch.float32),
@@ -543,8 +547,8 @@ def _(z, A, phi, weights, dt):
     )
 
 
-@torch.library.custom_op("lewm_fast::sigreg_fused_bwd", mutates_args=())
-def sigreg_fused_bwd(
+@torch.library.custom_op("lewm_fast::sigreg_bwd", mutates_args=())
+def sigreg_bwd_op(
     grad: torch.Tensor,
     z: torch.Tensor,
     A: torch.Tensor,
@@ -558,32 +562,33 @@ def sigreg_fused_bwd(
     return gz, ga if ga is not None else A.new_empty(0)
 
 
-@sigreg_fused_bwd.register_fake
+@sigreg_bwd_op.register_fake
 def _(grad, z, A, sums, phi, weights, dt, need_grad_A):
     return torch.empty_like(z), (torch.empty_like(A) if need_grad_A else A.new_empty(0))
 
 
-def _setup(ctx, inputs, output):
+def _sigreg_setup(ctx, inputs, output):
     z, A, phi, weights, dt = inputs
     ctx.save_for_backward(z, A, output[1], phi, weights)
     ctx.dt = dt
     ctx.need_grad_A = bool(A.requires_grad)
 
 
-def _backward(ctx, grad_stat, grad_sums):
+def _sigreg_backward(ctx, grad_stat, grad_sums):
     z, A, sums, phi, weights = ctx.saved_tensors
-    gz, ga = sigreg_fused_bwd(grad_stat, z, A, sums, phi, weights, ctx.dt, ctx.need_grad_A)
+    gz, ga = sigreg_bwd_op(grad_stat, z, A, sums, phi, weights, ctx.dt, ctx.need_grad_A)
     return gz, (ga if ctx.need_grad_A else None), None, None, None
 
 
-sigreg_fused.register_autograd(_backward, setup_context=_setup)
+sigreg_op.register_autograd(_sigreg_backward, setup_context=_sigreg_setup)
 
 
 @torch.library.custom_op("lewm_fast::sigreg_trig_sums", mutates_args=())
 def sigreg_trig_sums_op(
     z: torch.Tensor, A: torch.Tensor, phi: torch.Tensor, weights: torch.Tensor, dt: float
 ) -> torch.Tensor:
-    """Moment sums (2, T, K, P): sum_b cos(t_k x) and sum_b sin(t_k x) (for multi-process use)."""
+    """Moment sums (2, T, K, P) float32 of z (T, B, D) projected on A (D, P): sum_b cos(t_k x)
+    and sum_b sin(t_k x) (for multi-process use)."""
     return sigreg_fwd(z, A, phi, weights, dt, compute_stat=False)[0]
 
 
@@ -596,7 +601,7 @@ def _(z, A, phi, weights, dt):
 def sigreg_trig_sums_bwd_op(
     grad_sums: torch.Tensor, z: torch.Tensor, A: torch.Tensor, dt: float, need_grad_A: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    gz, ga = trig_sums_bwd(grad_sums, z, A, dt, need_grad_A)
+    gz, ga = sigreg_trig_sums_bwd(grad_sums, z, A, dt, need_grad_A)
     return gz, ga if ga is not None else A.new_empty(0)
 
 
@@ -619,18 +624,3 @@ def _sums_backward(ctx, grad_sums):
 
 
 sigreg_trig_sums_op.register_autograd(_sums_backward, setup_context=_sums_setup)
-
-
-def sigreg_trig_sums(z, A, phi, weights, dt):
-    """Differentiable moment sums (2, T, K, P) float32 of z (T, B, D) projected on A (D, P)."""
-    return sigreg_trig_sums_op(z, A, phi, weights, dt)
-
-
-class SigregFunction:
-    """Autograd entry point: ``SigregFunction.apply(z, A, phi, weights, dt) -> (value, sums)``.
-
-    The autograd formula is registered on the ``lewm_fast::sigreg_fused`` torch.library op
-    (so torch.compile and CUDA graph capture see one opaque op); this class only names it.
-    """
-
-    apply = staticmethod(sigreg_fused)

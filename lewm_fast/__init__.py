@@ -7,12 +7,15 @@ Drop-in replacements for the published classes (switching is an import change)::
     sigreg = lewm_fast.SIGReg(knots=17, num_proj=1024)
     model = lewm_fast.load_pretrained("path/to/checkpoint")    # config.json + weights.pt
 
+``lewm_fast.sigreg`` and ``lewm_fast.adaln_modulate`` / ``gated_residual`` /
+``gated_adaln_modulate`` are the functional forms of the fused ops.
 ``lewm_fast.reference`` holds the plain PyTorch semantics every fast path is tested
 against; ``lewm_fast.envs`` the Two-Room environment, ``lewm_fast.data`` its datasets
 and training windows, and ``lewm_fast.train`` the memory-aware trainer. Importing this
 package never touches a GPU.
 """
 
+from .adaln import adaln_modulate, gated_adaln_modulate, gated_residual
 from .checkpoint import convert_encoder_keys, load_pretrained, save_pretrained
 from .config import LeWMConfig
 from .model import JEPA, MLP, ARPredictor, ConditionalBlock, Embedder, vit_encoder
@@ -28,6 +31,9 @@ __all__ = [
     "MLP",
     "SIGReg",
     "sigreg",
+    "adaln_modulate",
+    "gated_residual",
+    "gated_adaln_modulate",
     "vit_encoder",
     "LeWMConfig",
     "load_pretrained",

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import _checks
 from ._io import atomic_file, atomic_folder, write_json_atomic
 from .config import LeWMConfig
 
@@ -85,7 +86,7 @@ def _check_state_dict(
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     mismatched = [
-        f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{k}: checkpoint {_checks.shape(got[k])} vs model {_checks.shape(expected[k])}"
         for k in sorted(set(expected) & set(got))
         if tuple(got[k].shape) != tuple(expected[k].shape)
     ]

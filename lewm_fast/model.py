@@ -13,6 +13,7 @@ import torch
 
 from . import _checks
 from . import backend as _backend
+from .adaln import adaln_modulate, gated_adaln_modulate, gated_residual
 from .reference import jepa as _ref_jepa
 from .reference import modules as _ref
 from .reference.modules import MLP, Embedder
@@ -53,8 +54,9 @@ class ConditionalBlock(_ref.ConditionalBlock):
 
     ``backend="auto" | "triton" | "torch"``: with Triton, each branch input
     (``norm1``/``norm2`` -> modulate -> the branch's affine LayerNorm) is one fused kernel
-    and each gated residual ``x + gate * branch`` another (see ``lewm_fast.kernels.adaln``);
-    "auto" uses them for CUDA tensors. ``$LEWM_FAST_BACKEND`` overrides "auto".
+    and each gated residual ``x + gate * branch`` another (the functional forms of
+    :mod:`lewm_fast.adaln`); "auto" uses them for CUDA tensors. ``$LEWM_FAST_BACKEND``
+    overrides "auto".
     """
 
     def __init__(
@@ -70,62 +72,38 @@ class ConditionalBlock(_ref.ConditionalBlock):
         super().__init__(dim, heads, dim_head, mlp_dim, dropout)
         self.backend = _backend.check_name(backend)
 
-    def _adaln(self, x: torch.Tensor):
-        """The fused-kernel module when this block's backend runs Triton for ``x``, else None."""
-        if _backend.resolve(self.backend, x, "ConditionalBlock") == "torch":
-            return None
-        from .kernels import adaln
-
-        if x.shape[-1] > adaln.MAX_D:
-            if _backend.requested(self.backend) == "triton":
-                raise _backend.BackendUnavailableError(
-                    f"ConditionalBlock: the fused AdaLN kernels take at most {adaln.MAX_D} features, "
-                    f"got {x.shape[-1]}"
-                )
-            return None
-        return adaln
-
     def attn_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``attn.norm(modulate(norm1(x), shift, scale))`` for x (B, T, D); one fused kernel."""
-        kernels = self._adaln(x)
-        if kernels is None:
-            return super().attn_input(x, shift, scale)
+        """``attn.norm(modulate(norm1(x), shift, scale))`` for x (B, T, D): :func:`adaln_modulate`."""
         norm = self.attn.norm
-        return kernels.AdalnFunction.apply(x, shift, scale, norm.weight, norm.bias, self.norm1.eps, norm.eps)
+        return adaln_modulate(
+            x, shift, scale, norm.weight, norm.bias, eps1=self.norm1.eps, eps2=norm.eps, backend=self.backend
+        )
 
     def mlp_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``mlp.net[0](modulate(norm2(x), shift, scale))`` for x (B, T, D); one fused kernel."""
-        kernels = self._adaln(x)
-        if kernels is None:
-            return super().mlp_input(x, shift, scale)
+        """``mlp.net[0](modulate(norm2(x), shift, scale))`` for x (B, T, D): :func:`adaln_modulate`."""
         norm = self.mlp.net[0]
-        return kernels.AdalnFunction.apply(x, shift, scale, norm.weight, norm.bias, self.norm2.eps, norm.eps)
+        return adaln_modulate(
+            x, shift, scale, norm.weight, norm.bias, eps1=self.norm2.eps, eps2=norm.eps, backend=self.backend
+        )
 
     def gated(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The gated residual ``x + gate * y`` (all (B, T, D)); one fused kernel."""
-        kernels = self._adaln(x)
-        if kernels is None:
-            return super().gated(x, gate, y)
-        return kernels.GatedResidualFunction.apply(x, gate, y)
+        """The gated residual ``x + gate * y`` (all (B, T, D)): :func:`gated_residual`."""
+        return gated_residual(x, gate, y, backend=self.backend)
 
     def gated_mlp_input(self, x, gate, y, shift, scale):
-        """``x' = x + gate * y`` and ``mlp_input(x', shift, scale)`` (all (B, T, D)); one fused kernel."""
-        kernels = self._adaln(x)
-        if kernels is None:
-            return super().gated_mlp_input(x, gate, y, shift, scale)
-        norm = self.mlp.net[0]
-        return kernels.GatedAdalnFunction.apply(
-            x, gate, y, shift, scale, norm.weight, norm.bias, self.norm2.eps, norm.eps
+        """``x' = x + gate * y`` and ``mlp_input(x', shift, scale)`` (all (B, T, D)):
+        :func:`gated_adaln_modulate`."""
+        norm, eps1 = self.mlp.net[0], self.norm2.eps
+        return gated_adaln_modulate(
+            x, gate, y, shift, scale, norm.weight, norm.bias, eps1=eps1, eps2=norm.eps, backend=self.backend
         )
 
     def gated_attn_input(self, x, gate, y, shift, scale):
-        """``x' = x + gate * y`` and ``attn_input(x', shift, scale)`` (all (B, T, D)); one fused kernel."""
-        kernels = self._adaln(x)
-        if kernels is None:
-            return super().gated_attn_input(x, gate, y, shift, scale)
-        norm = self.attn.norm
-        return kernels.GatedAdalnFunction.apply(
-            x, gate, y, shift, scale, norm.weight, norm.bias, self.norm1.eps, norm.eps
+        """``x' = x + gate * y`` and ``attn_input(x', shift, scale)`` (all (B, T, D)):
+        :func:`gated_adaln_modulate`."""
+        norm, eps1 = self.attn.norm, self.norm1.eps
+        return gated_adaln_modulate(
+            x, gate, y, shift, scale, norm.weight, norm.bias, eps1=eps1, eps2=norm.eps, backend=self.backend
         )
 
 

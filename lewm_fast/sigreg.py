@@ -40,13 +40,13 @@ def _check(z: torch.Tensor, A: torch.Tensor | None = None) -> None:
     if not z.is_floating_point():
         raise ValueError(f"z must be floating point, got {z.dtype}")
     if z.shape[1] < 1 or z.shape[2] < 1:
-        raise ValueError(f"z must have a non-empty batch and embedding axis, got shape {tuple(z.shape)}")
+        raise ValueError(f"z must have a non-empty batch and embedding axis, got shape {_checks.shape(z)}")
     if A is not None:
         _checks.tensor(A, "A", ("D", "P"))
         if A.shape[0] != z.shape[-1]:
             raise ValueError(
-                f"A must have D = {z.shape[-1]} rows to project z {tuple(z.shape)}, "
-                f"got A of shape {tuple(A.shape)}"
+                f"A must have D = {z.shape[-1]} rows to project z {_checks.shape(z)}, "
+                f"got A of shape {_checks.shape(A)}"
             )
 
 
@@ -92,8 +92,8 @@ def _dispatch(z, A, t, phi, weights, backend, distributed) -> torch.Tensor:
         from .kernels import sigreg as kernel
 
         if not global_batch:
-            return kernel.SigregFunction.apply(z, A, phi, weights, dt)[0]
-        sums = kernel.sigreg_trig_sums(z, A, phi, weights, dt)
+            return kernel.sigreg_op(z, A, phi, weights, dt)[0]
+        sums = kernel.sigreg_trig_sums_op(z, A, phi, weights, dt)
     else:
         if not global_batch:
             return _ref.sigreg_statistic(z, A, t, phi, weights)

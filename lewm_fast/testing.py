@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _checks
+
 __all__ = ["TOLERANCES", "rel_err", "assert_close", "assert_low_precision", "assert_grads_close"]
 
 # ||out - ref|| / ||ref||, fast path vs reference on the same inputs and weights.
@@ -35,7 +37,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """
     out, ref = out.detach().double(), ref.detach().double()
     if out.shape != ref.shape:
-        raise AssertionError(f"shape mismatch: {tuple(out.shape)} vs {tuple(ref.shape)}")
+        raise AssertionError(f"shape mismatch: {_checks.shape(out)} vs {_checks.shape(ref)}")
     if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
         return float("inf")
     denom = ref.norm()

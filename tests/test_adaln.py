@@ -30,7 +30,7 @@ def _eager(x, shift, scale, weight, bias):
 
 
 def _fused(x, shift, scale, weight, bias):
-    return adaln.AdalnFunction.apply(x, shift, scale, weight, bias, 1e-6, 1e-5)
+    return adaln.adaln_op(x, shift, scale, weight, bias, 1e-6, 1e-5)[0]
 
 
 def _inputs(shape, x_dtype, mod_dtype, device, seed=0):
@@ -114,7 +114,7 @@ def _check_gated_residual(shape, dtypes) -> float:
         return [out.detach(), x.grad, gate.grad, y.grad]
 
     names = ("out", "dx", "dgate", "dy")
-    fused = run(adaln.GatedResidualFunction.apply, (x_dtype, mod_dtype))
+    fused = run(adaln.gated_residual_op, (x_dtype, mod_dtype))
     ref32 = run(lambda x, g, y: x + g * y, (torch.float32, torch.float32))
     low = None if dtypes == "fp32" else run(lambda x, g, y: x + g * y, (x_dtype, mod_dtype))
     err = _compare(names, fused, ref32, low)
@@ -149,7 +149,7 @@ def _check_gated_adaln(shape, dtypes) -> float:
         lx, lres, lmod, lw, lb = leaves
         gate, shift, scale = lmod.chunk(3, dim=-1)  # strided chunks, as the modulation arrives
         if fused:
-            out, y = adaln.GatedAdalnFunction.apply(lx, gate, lres, shift, scale, lw, lb, 1e-6, 1e-5)
+            out, y, _ = adaln.gated_adaln_op(lx, gate, lres, shift, scale, lw, lb, 1e-6, 1e-5)
         else:
             out = lx + gate * lres
             y = _eager(out, shift, scale, lw, lb)
@@ -252,7 +252,7 @@ def test_jepa_with_fused_blocks_matches_reference():
 def test_forced_triton_without_cuda_or_interpreter_raises(monkeypatch):
     fast, _ = _block_pair()
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(backend.BackendUnavailableError, match="ConditionalBlock"):
+    with pytest.raises(backend.BackendUnavailableError, match="adaln_modulate"):
         fast.cpu()(torch.randn(1, 2, 48), torch.randn(1, 2, 48))
 
 
@@ -285,9 +285,92 @@ def test_torch_library_registration():
     shift, scale = mod.chunk(2, dim=-1)
     args = (x.requires_grad_(), shift.contiguous().requires_grad_(), scale.contiguous(), w, b, 1e-6, 1e-5)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(adaln.adaln_modulate_norm_op, args, test_utils=utils)
+    torch.library.opcheck(adaln.adaln_op, args, test_utils=utils)
     others = (torch.randn(2, 3, 24, device=device), torch.randn(2, 3, 24, device=device))
     torch.library.opcheck(adaln.gated_residual_op, (x, *others), test_utils=utils)
+
+
+# ------------------------------------------------------------------ the public functional form
+
+FUNCTIONAL_CASES = [  # (id, x shape, shape of shift/scale/gate, affine weight and bias)
+    ("B2-T3-D33", (2, 3, 33), (2, 3, 33), True),
+    ("N5-D17-no-affine", (5, 17), (5, 17), False),
+    ("B2-T3-D24-per-sequence", (2, 3, 24), (2, 1, 24), True),  # DiT's (B, 1, D) modulation
+]
+
+
+def _functional(name, x, shift, scale, gate, res, weight, bias):
+    """Every functional form on the same leaves, with the given backend."""
+    y = lewm_fast.adaln_modulate(x, shift, scale, weight, bias, backend=name)
+    r = lewm_fast.gated_residual(x, gate, res, backend=name)
+    out, y2 = lewm_fast.gated_adaln_modulate(x, gate, res, shift, scale, weight, bias, backend=name)
+    return y, r, out, y2
+
+
+@pytest.mark.parametrize(
+    "x_shape,mod_shape,affine", [c[1:] for c in FUNCTIONAL_CASES], ids=[c[0] for c in FUNCTIONAL_CASES]
+)
+def test_functional_backends_agree(x_shape, mod_shape, affine):
+    """lewm_fast.adaln_modulate, gated_residual and gated_adaln_modulate: the fused ops and
+    the PyTorch formula agree on every output and every gradient, broadcast modulation and
+    no affine included."""
+    gen = torch.Generator().manual_seed(8)
+    D = x_shape[-1]
+    shapes = (x_shape, mod_shape, mod_shape, mod_shape, x_shape) + (((D,), (D,)) if affine else ())
+    base = [torch.randn(shape, generator=gen).to(_device()) for shape in shapes]
+    grads = [torch.randn(x_shape, generator=gen).to(_device()) for _ in range(4)]
+    results = {}
+    for name in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in base]
+        weight, bias = leaves[5:] if affine else (None, None)
+        outputs = _functional(name, *leaves[:5], weight, bias)
+        torch.autograd.backward(outputs, grads)
+        results[name] = [o.detach() for o in outputs] + [t.grad for t in leaves]
+    names = ("y", "gated", "out", "y after gated", "dx", "dshift", "dscale", "dgate", "dres", "dw", "db")
+    for name, fast, slow in zip(names, results["triton"], results["torch"]):
+        assert_close(fast, slow, "fp32_elementwise", name)
+    assert results["torch"][0].shape == x_shape
+
+
+def test_functional_torch_backend_is_the_reference_chain():
+    x, mod, weight, bias, _ = _inputs((2, 3, 24), torch.float32, torch.float32, "cpu")
+    shift, scale = mod.chunk(2, dim=-1)
+    y = lewm_fast.adaln_modulate(x, shift, scale, weight, bias, backend="torch")
+    assert torch.equal(y, _eager(x, shift, scale, weight, bias))
+
+
+BAD_CALLS = [  # (id, call, error, message)
+    ("shift-shape", lambda x: lewm_fast.adaln_modulate(x, x[..., :15], x), ValueError, "shift .* broadcast"),
+    ("integer-x", lambda x: lewm_fast.adaln_modulate(x.long(), x, x), ValueError, "floating point"),
+    ("weight-shape", lambda x: lewm_fast.adaln_modulate(x, x, x, x[0, 0, :15]), ValueError, "weight must"),
+    ("y-not-a-tensor", lambda x: lewm_fast.gated_residual(x, x, 1.0), ValueError, "y must be a torch.Tensor"),
+    ("res-shape", lambda x: lewm_fast.gated_adaln_modulate(x, x, x[:1, :2], x, x), ValueError, "res "),
+    (
+        "no-cuda-backend",
+        lambda x: lewm_fast.gated_residual(x, x, x, backend="cuda"),
+        backend.BackendUnavailableError,
+        "no 'cuda'",
+    ),
+    (
+        "unknown-backend",
+        lambda x: lewm_fast.adaln_modulate(x, x, x, backend="fast"),
+        ValueError,
+        "backend must be",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,error,message", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_functional_rejects_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call(torch.randn(2, 3, 16))
+
+
+def test_functional_forced_triton_on_too_wide_rows_raises():
+    x = torch.randn(1, 2, adaln.MAX_D + 1, device=_device())
+    with pytest.raises(backend.BackendUnavailableError, match="gated_residual: .* at most 2048"):
+        lewm_fast.gated_residual(x, x, x, backend="triton")
+    assert torch.equal(lewm_fast.gated_residual(x, x, x, backend="torch"), x + x * x)
 
 
 PLANNING, TRAINING = (15000, 3, 192), (128, 3, 192)  # 300 samples x 50 envs; batch 128

@@ -1,12 +1,18 @@
-"""docs/architecture.md's layering rule: imports only point down the layers.
+"""docs/architecture.md's rules: imports only point down the layers, every environment
+variable is in its table, and kernel ops are named ``lewm_fast::<op>`` / ``<op>_bwd``.
 
 Every import in the package, top-level or inside a function, is checked; the known
 exceptions are listed here and in docs/architecture.md, so a new upward import fails.
 """
 
 import ast
+import importlib
+import inspect
 import re
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {
@@ -24,7 +30,16 @@ LAYERS = (
     ),
     ("reference", ("lewm_fast.reference",)),
     ("kernels/csrc", ("lewm_fast.kernels", "lewm_fast.csrc", "lewm_fast._csrc")),
-    ("model", ("lewm_fast.model", "lewm_fast.sigreg", "lewm_fast.config", "lewm_fast.checkpoint")),
+    (
+        "model",
+        (
+            "lewm_fast.model",
+            "lewm_fast.sigreg",
+            "lewm_fast.adaln",
+            "lewm_fast.config",
+            "lewm_fast.checkpoint",
+        ),
+    ),
     ("data/envs", ("lewm_fast.data", "lewm_fast.envs")),
     ("train/plan", ("lewm_fast.train", "lewm_fast.plan")),
     ("probe/report", ("lewm_fast.probe", "lewm_fast.report")),
@@ -109,3 +124,44 @@ def test_the_architecture_doc_lists_every_environment_variable():
     for script in (ROOT / ".ci").iterdir():
         read |= set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*):-", script.read_text()))
     assert read and read <= table, sorted(read - table)
+
+
+def _kernel_modules(private: bool = False) -> dict:
+    """The modules of kernels/ (with ``_aot`` and ``_interpreter`` when ``private``)."""
+    pytest.importorskip("triton")
+    names = sorted(p.stem for p in (ROOT / "kernels").glob("*.py") if p.stem != "__init__")
+    names = [n for n in names if private or not n.startswith("_")]
+    return {name: importlib.import_module(f"lewm_fast.kernels.{name}") for name in names}
+
+
+def test_ops_are_named_op_and_op_bwd():
+    """Every ``lewm_fast::`` op is a plain snake_case name, every ``X_bwd`` has its ``X``,
+    and a kernel module holds op ``lewm_fast::X`` as the Python object ``X_op``."""
+    from torch._library.custom_ops import CustomOpDef
+
+    from lewm_fast import _csrc
+
+    modules = _kernel_modules()
+    _csrc.define_ops()
+    ops = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("lewm_fast::")}
+    assert {"sigreg", "sigreg_bwd", "adaln", "adaln_bwd", "cem_refit"} <= ops
+    for op in ops:
+        assert re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", op), op
+        assert not op.endswith(("_fused", "_op", "_fwd")), f"lewm_fast::{op}: name the op, not its form"
+        if op.endswith("_bwd"):
+            assert op.removesuffix("_bwd") in ops, f"lewm_fast::{op} has no forward op"
+    for module in modules.values():
+        defs = {name: v for name, v in vars(module).items() if isinstance(v, CustomOpDef)}
+        assert defs, module.__name__
+        for name, op in defs.items():
+            assert op._qualname == "lewm_fast::" + name.removesuffix("_op"), (module.__name__, name)
+
+
+def test_no_kernel_class_only_carries_a_name():
+    """No ``<Op>Function`` classes in kernels/: the torch.library op carries the autograd."""
+    for module in _kernel_modules(private=True).values():
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ != module.__name__:
+                continue
+            own = {k for k in vars(cls) if not (k.startswith("__") and k.endswith("__"))}
+            assert not name.endswith("Function") and not own <= {"apply"}, f"{module.__name__}.{name}"

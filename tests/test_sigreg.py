@@ -95,7 +95,7 @@ def test_moment_sums_and_their_backward():
     A = ref.draw_projections(30, 40, device=device)
     t, phi, w = ref.sigreg_quadrature(17, device=device)
     grad = torch.randn(2, 3, 17, 40, device=device)
-    sums = kernel.sigreg_trig_sums(z, A, phi, w, 3 / 16)
+    sums = kernel.sigreg_trig_sums_op(z, A, phi, w, 3 / 16)
     (sums * grad).sum().backward()
     g_fast = z.grad.clone()
     z.grad = None
@@ -159,7 +159,7 @@ def test_torch_library_registration():
     A = ref.draw_projections(20, 24, device=_device())
     _, phi, w = ref.sigreg_quadrature(17, device=_device())
     torch.library.opcheck(
-        kernel.sigreg_fused,
+        kernel.sigreg_op,
         (z, A, phi, w, 3 / 16),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )

@@ -320,10 +320,8 @@ class DatasetWriter:
                 raise FileExistsError(f"{path} exists and is not a lewm_fast dataset; refusing to replace it")
             if not force:
                 raise FileExistsError(f"{path} already exists; pass force=True (--force) to replace it")
-        if not isinstance(shard_rows, int) or shard_rows < 1:
-            raise ValueError(f"shard_rows must be a positive integer, got {shard_rows!r}")
         self.path = path
-        self.shard_rows = shard_rows
+        self.shard_rows = _checks.positive(shard_rows, "shard_rows")
         self._folder = AtomicFolder(path, overwrite=True)
         self.tmp = self._folder.tmp
         self._pending: list[np.ndarray] = []

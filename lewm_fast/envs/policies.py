@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _checks
 from .two_room import DEFAULT_LAYOUT, TwoRoomLayout
 
 __all__ = ["NoisyExpert", "UniformRandom", "POLICIES", "make_policy"]
@@ -37,8 +38,8 @@ class _Policy:
         """Actions (N, 2) for agents (N, 2) heading to goals (N, 2), randomness from ``generator``."""
         if agent_xy.dim() != 2 or agent_xy.shape[1] != 2 or goal_xy.shape != agent_xy.shape:
             raise ValueError(
-                f"agent_xy and goal_xy must both have shape (N, 2), got {tuple(agent_xy.shape)} "
-                f"and {tuple(goal_xy.shape)}"
+                f"agent_xy and goal_xy must both have shape (N, 2), got {_checks.shape(agent_xy)} "
+                f"and {_checks.shape(goal_xy)}"
             )
         noise = self.draw(agent_xy.shape[0], generator).to(agent_xy.device)
         return self(agent_xy, goal_xy, noise)

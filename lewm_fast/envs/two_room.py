@@ -229,7 +229,7 @@ def check_positions(xy, name: str, layout: TwoRoomLayout = DEFAULT_LAYOUT) -> to
     """
     xy = _checks.tensor(xy, name, ("N", "2"))
     if xy.shape[1] != 2:
-        raise ValueError(f"{name} must have shape (N, 2) holding (x, y) per row, got {tuple(xy.shape)}")
+        raise ValueError(f"{name} must have shape (N, 2) holding (x, y) per row, got {_checks.shape(xy)}")
     if not xy.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor of (x, y) pixel positions, got {xy.dtype}")
     xy = xy.to(torch.float32)
@@ -248,7 +248,7 @@ def _check_actions(action, name: str, n: int) -> torch.Tensor:
     action = _checks.tensor(action, name, ("N", "2"))
     if action.shape != (n, 2):
         raise ValueError(
-            f"{name} must have shape ({n}, 2), one (dx, dy) per environment, got {tuple(action.shape)}"
+            f"{name} must have shape ({n}, 2), one (dx, dy) per environment, got {_checks.shape(action)}"
         )
     if not action.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {action.dtype}")
@@ -327,7 +327,7 @@ def render(
     ):
         raise ValueError(
             f"background must be uint8 ({s}, {s}, 3) on {device} (see layout_image), got "
-            f"{background.dtype} {tuple(background.shape)} on {background.device}"
+            f"{background.dtype} {_checks.shape(background)} on {background.device}"
         )
     frames = background.expand(n, s, s, 3).clone()
     if n == 0:
@@ -491,7 +491,7 @@ class TwoRoom:
                 continue
             value = check_positions(value, name, self.layout)
             if value.shape[0] != self.num_envs:
-                raise ValueError(f"{name} must have shape ({self.num_envs}, 2), got {tuple(value.shape)}")
+                raise ValueError(f"{name} must have shape ({self.num_envs}, 2), got {_checks.shape(value)}")
             if name == "agent_xy":
                 starts = value.to(self.device)
             else:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks
 from .attention import scaled_dot_product_attention
 
 # Named sizes of the published ``vit_hf(size=...)`` helper:
@@ -52,9 +53,7 @@ class ViTConfig:
             "patch_size",
             "num_channels",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ViTConfig.{name} must be a positive int, got {value!r}")
+            _checks.positive(getattr(self, name), f"ViTConfig.{name}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"ViTConfig.hidden_size ({self.hidden_size}) must be divisible by "
