@@ -12,7 +12,7 @@ import torch
 from lewm_fast.data import TwoRoomDataset, export_hdf5, generate_dataset, import_hdf5
 from lewm_fast.data.dataset import DatasetWriter
 from lewm_fast.envs import NoisyExpert, distance, render, step
-from lewm_fast.envs.two_room import episode_generator, sample_start_goal
+from lewm_fast.envs.two_room import TwoRoomLayout, episode_generator, sample_start_goal
 
 COLUMNS = ("episode_idx", "step_idx", "proprio", "goal", "action", "ep_len", "ep_offset")
 
@@ -364,3 +364,21 @@ def test_generation_is_identical_on_cpu_and_cuda(tmp_path, small):
     assert _same(gpu, small)
     rows = np.arange(0, gpu.num_rows, 11)
     assert np.array_equal(gpu.read_frames(rows), render(torch.from_numpy(small.proprio[rows].copy())).numpy())
+
+
+def test_hdf5_layout_from_file(tmp_path, h5py):
+    layout = TwoRoomLayout(speed=4.0)
+    data = generate_dataset(tmp_path / "slow", episodes=3, seed=2, layout=layout, progress=False)
+    path = export_hdf5(data, tmp_path / "slow.h5", pixels=False)
+    back = import_hdf5(path, tmp_path / "back")
+    assert back.layout == layout and back.source["layout_from"] == "file"
+    given = import_hdf5(path, tmp_path / "given", layout=layout)
+    assert given.source["layout_from"] == "argument"
+    with h5py.File(path, "r+") as f:
+        del f.attrs["layout"]
+    plain = import_hdf5(path, tmp_path / "plain")
+    assert plain.layout == TwoRoomLayout() and plain.source["layout_from"] == "default"
+    with h5py.File(path, "r+") as f:
+        f.attrs["layout"] = json.dumps({"speed": 4.0, "doors": 2})
+    with pytest.raises(ValueError, match=r"slow\.h5: attribute 'layout'.*doors"):
+        import_hdf5(path, tmp_path / "never")

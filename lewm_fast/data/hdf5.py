@@ -11,6 +11,9 @@ The published Two-Room files hold one HDF5 dataset per column::
     ep_offset    int (E,)
     goal         float (R, 2)       optional; written by :func:`export_hdf5`
 
+and optionally a file attribute ``layout``, the :class:`TwoRoomLayout` as JSON (written by
+:func:`export_hdf5`; the published files have none and use the published layout).
+
 :func:`import_hdf5` turns such a file into a lewm_fast dataset folder. Frames are a pure
 function of ``proprio``, so by default it drops the stored pixels (they would be 139 GB
 uncompressed for the published 920,809 frames) after checking a sample of them against
@@ -91,7 +94,7 @@ def import_hdf5(
     *,
     pixels: str = "drop",
     verify_frames: int = 16,
-    layout: TwoRoomLayout = DEFAULT_LAYOUT,
+    layout: TwoRoomLayout | None = None,
     device: str | torch.device = "cpu",
     force: bool = False,
     shard_frames: int = 512,
@@ -103,8 +106,12 @@ def import_hdf5(
     ``pixels="drop"`` stores no frames; when the file has them, ``verify_frames`` sampled
     rows are compared with frames rendered from their ``proprio`` and the import fails
     if they disagree by more than one grey level on average (not this Two-Room layout).
-    ``pixels="keep"`` copies the frames into shards. Errors name the file and column.
-    Returns the opened dataset; ``force=True`` replaces an existing one.
+    ``pixels="keep"`` copies the frames into shards. ``layout=None`` takes the layout from
+    the file's ``layout`` attribute (which :func:`export_hdf5` writes) or, when the file
+    records none (the published files), the published :data:`DEFAULT_LAYOUT`; which one
+    was used is recorded as ``source["layout_from"]`` ("file", "default" or "argument").
+    Errors name the file and column. Returns the opened dataset; ``force=True`` replaces
+    an existing one.
     """
     h5py = _h5py()
     if pixels not in ("drop", "keep"):
@@ -117,6 +124,7 @@ def import_hdf5(
     except Exception as exc:
         raise ValueError(f"{path}: cannot open as an HDF5 file ({type(exc).__name__}: {exc})") from exc
     with f:
+        layout, layout_from = _layout(f, path, layout)
         columns = {}
         for name, col in COLUMNS.items():
             kind = "float" if col.dtype.startswith("float") else "int"
@@ -130,7 +138,7 @@ def import_hdf5(
         rows, _ = validate_columns(columns, lambda name: str(path), layout)
 
         node = f.get("pixels")
-        source = {"kind": "hdf5", "file": str(path.resolve()), "pixels": pixels}
+        source = {"kind": "hdf5", "file": str(path.resolve()), "pixels": pixels, "layout_from": layout_from}
         if node is None and pixels == "keep":
             raise ValueError(
                 f"{path}: column 'pixels' is missing; use pixels='drop' to render frames from proprio"
@@ -150,6 +158,21 @@ def import_hdf5(
                 )
             writer.commit(columns, layout, source)
     return TwoRoomDataset.open(out)
+
+
+def _layout(f, path: Path, layout: TwoRoomLayout | None) -> tuple[TwoRoomLayout, str]:
+    """The layout to import with and where it came from: "argument", "file" or "default"."""
+    if layout is not None:
+        if not isinstance(layout, TwoRoomLayout):
+            raise ValueError(f"layout must be a TwoRoomLayout or None, got {type(layout).__name__}")
+        return layout, "argument"
+    text = f.attrs.get("layout")
+    if text is None:
+        return DEFAULT_LAYOUT, "default"
+    try:
+        return TwoRoomLayout.from_dict(json.loads(text)), "file"
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: attribute 'layout' is not a TwoRoomLayout as JSON ({exc})") from exc
 
 
 def _verify(node, path, proprio, layout, device, count, channels_last) -> dict:
