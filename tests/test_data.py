@@ -458,3 +458,15 @@ def test_hdf5_few_bad_transitions_import_with_their_count(small, tmp_path, h5py)
     assert dynamics["max_error_px"] > 1e-3 and dynamics["tolerance_px"] == 1e-3
     with pytest.raises(ValueError, match="on_bad_dynamics must be"):
         import_hdf5(good, tmp_path / "x", on_bad_dynamics="ignore")
+
+
+def test_hdf5_pixel_differences_are_counted(framed, tmp_path, h5py):
+    """One grey level off on one pixel per frame (two channels): counted as 1 pixel, 2 bytes per frame."""
+    path = export_hdf5(framed, tmp_path / "off.h5", compression=None)
+    with h5py.File(path, "r+") as f:
+        f["pixels"][:, 100, 50, 1:] ^= np.uint8(1)
+    data = import_hdf5(path, tmp_path / "off", verify_frames=10)
+    verify = data.source["verify"]
+    assert verify["frames"] == 10 and verify["max_abs_diff"] == 1
+    assert verify["mismatched_pixels"] == 10 and verify["mismatched_bytes"] == 20
+    assert verify["mismatched_pixel_fraction"] == pytest.approx(1 / 224**2)
