@@ -178,16 +178,36 @@ def render_frame(args: argparse.Namespace) -> int:
 
 
 def import_hdf5(args: argparse.Namespace) -> int:
-    """Convert a published-layout HDF5 file into a dataset folder."""
+    """Convert a published-layout HDF5 file into a dataset folder; print what its checks found."""
     from .data import import_hdf5 as run
 
     try:
         dataset = run(
-            args.h5, args.out, pixels="keep" if args.keep_pixels else "drop", force=args.force, progress=True
+            args.h5,
+            args.out,
+            pixels="keep" if args.keep_pixels else "drop",
+            on_bad_dynamics="record" if args.allow_bad_dynamics else "raise",
+            force=args.force,
+            progress=True,
         )
     except (FileExistsError, FileNotFoundError, ValueError, ImportError) as exc:
         raise SystemExit(f"lewm-fast import-hdf5: {exc}") from None
     print(f"wrote {dataset!r}")
+    dyn = dataset.source["dynamics"]
+    first = "" if dyn["first_row"] is None else f", the first at row {dyn['first_row']}"
+    largest = "" if dyn["max_error_px"] is None else f"; largest error {dyn['max_error_px']:.3g} px"
+    print(
+        f"dynamics: {dyn['mismatched']} of {dyn['transitions']} transitions ({100 * dyn['fraction']:.2f}%) "
+        f"miss step() by more than {dyn['tolerance_px']:g} px{first}{largest} "
+        f"(layout: {dataset.source['layout_from']})"
+    )
+    verify = dataset.source.get("verify")
+    if verify is not None:
+        print(
+            f"pixels: {verify['frames']} sampled frames against the render: "
+            f"{100 * verify['mismatched_pixel_fraction']:.3f}% of pixels differ, "
+            f"by at most {verify['max_abs_diff']} grey level(s)"
+        )
     return 0
 
 
@@ -436,6 +456,11 @@ def _import_hdf5_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("h5", help="HDF5 file to read")
     p.add_argument("out", help="dataset folder to create")
     p.add_argument("--keep-pixels", action="store_true", help="copy the frames (default: render from state)")
+    p.add_argument(
+        "--allow-bad-dynamics",
+        action="store_true",
+        help="import even if over 1%% of transitions disagree with the dynamics (count kept in meta.json)",
+    )
 
 
 def _export_hdf5_arguments(p: argparse.ArgumentParser) -> None:

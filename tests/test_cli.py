@@ -92,16 +92,27 @@ def test_generate_data_and_render_frame(tmp_path, capsys):
 
 
 def test_hdf5_commands(tmp_path, capsys):
-    pytest.importorskip("h5py")
+    h5py = pytest.importorskip("h5py")
     from lewm_fast.data import TwoRoomDataset
 
     ds = tmp_path / "ds"
     cli.main(["generate-data", str(ds), "--episodes", "3", "--device", "cpu"])
     h5 = tmp_path / "ds.h5"
     assert cli.main(["export-hdf5", str(ds), str(h5), "--device", "cpu"]) == 0
+    capsys.readouterr()
     assert cli.main(["import-hdf5", str(h5), str(tmp_path / "back")]) == 0
     back = TwoRoomDataset.open(tmp_path / "back")
     assert back.num_rows == TwoRoomDataset.open(ds).num_rows
+    out = capsys.readouterr().out
+    transitions = back.num_rows - back.num_episodes
+    assert f"dynamics: 0 of {transitions} transitions (0.00%) miss step() by more than 0.001 px" in out
+    assert "16 sampled frames against the render: 0.000% of pixels differ, by at most 0 grey level(s)" in out
+    with h5py.File(h5, "r+") as f:
+        f["action"][1:] = f["action"][:-1]  # each row holds the previous row's action
+    with pytest.raises(SystemExit, match=r"ds\.h5: column 'action' .* first bad row 1 "):
+        cli.main(["import-hdf5", str(h5), str(tmp_path / "shifted")])
+    assert cli.main(["import-hdf5", str(h5), str(tmp_path / "shifted"), "--allow-bad-dynamics"]) == 0
+    assert ", the first at row 1;" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="already exists"):
         cli.main(["export-hdf5", str(ds), str(h5)])
     with pytest.raises(SystemExit, match="not found"):

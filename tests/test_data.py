@@ -12,7 +12,7 @@ import torch
 from lewm_fast.data import TwoRoomDataset, export_hdf5, generate_dataset, import_hdf5
 from lewm_fast.data.dataset import DatasetWriter
 from lewm_fast.envs import NoisyExpert, distance, render, step
-from lewm_fast.envs.two_room import episode_generator, sample_start_goal
+from lewm_fast.envs.two_room import TwoRoomLayout, episode_generator, sample_start_goal
 
 COLUMNS = ("episode_idx", "step_idx", "proprio", "goal", "action", "ep_len", "ep_offset")
 
@@ -256,6 +256,9 @@ def test_hdf5_round_trip(framed, tmp_path, h5py):
     dropped = import_hdf5(path, tmp_path / "dropped")
     assert _same(dropped, small) and not dropped.has_frames
     assert dropped.source["verify"]["mismatched_bytes"] == 0
+    dynamics = dropped.source["dynamics"]
+    assert dynamics["transitions"] == small.num_rows - small.num_episodes
+    assert dynamics["mismatched"] == 0 and dynamics["first_row"] is None and dynamics["max_error_px"] == 0
     kept = import_hdf5(path, tmp_path / "kept", pixels="keep", shard_frames=150)
     assert _same(kept, small) and kept.has_frames
     rows = np.arange(0, small.num_rows, 37)
@@ -364,3 +367,106 @@ def test_generation_is_identical_on_cpu_and_cuda(tmp_path, small):
     assert _same(gpu, small)
     rows = np.arange(0, gpu.num_rows, 11)
     assert np.array_equal(gpu.read_frames(rows), render(torch.from_numpy(small.proprio[rows].copy())).numpy())
+
+
+def test_hdf5_layout_from_file(tmp_path, h5py):
+    layout = TwoRoomLayout(speed=4.0)
+    data = generate_dataset(tmp_path / "slow", episodes=3, seed=2, layout=layout, progress=False)
+    path = export_hdf5(data, tmp_path / "slow.h5", pixels=False)
+    back = import_hdf5(path, tmp_path / "back")
+    assert back.layout == layout and back.source["layout_from"] == "file"
+    given = import_hdf5(path, tmp_path / "given", layout=layout)
+    assert given.source["layout_from"] == "argument"
+    with h5py.File(path, "r+") as f:
+        del f.attrs["layout"]
+    with pytest.raises(
+        ValueError, match=r"slow\.h5: column 'action'.*the published layout \(the file records none"
+    ):
+        import_hdf5(path, tmp_path / "plain")
+    plain = import_hdf5(path, tmp_path / "plain", on_bad_dynamics="record")
+    assert plain.layout == TwoRoomLayout() and plain.source["layout_from"] == "default"
+    assert plain.source["dynamics"]["fraction"] > 0.5
+    with h5py.File(path, "r+") as f:
+        f.attrs["layout"] = json.dumps({"speed": 4.0, "doors": 2})
+    with pytest.raises(ValueError, match=r"slow\.h5: attribute 'layout'.*doors"):
+        import_hdf5(path, tmp_path / "never")
+
+
+def _with_action(good, path, action, h5py):
+    shutil.copy(good, path)
+    with h5py.File(path, "r+") as f:
+        f["action"][...] = action
+    return path
+
+
+def _disagrees(data, row, action):
+    """The transition of ``row`` under ``action`` misses the next stored position by more than 1e-3 px."""
+    p = torch.from_numpy(np.array(data.proprio[row : row + 2]))
+    moved = step(p[:1], torch.from_numpy(np.array(action[row : row + 1])))
+    return bool((moved - p[1:]).abs().max() > 1e-3)
+
+
+def test_hdf5_shifted_action_is_refused(small, tmp_path, h5py):
+    good = export_hdf5(small, tmp_path / "good.h5", pixels=False)
+    action = np.array(small.action)
+    late = np.vstack([np.full((1, 2), np.nan, np.float32), action[:-1]])  # the action that led to the row
+    with pytest.raises(ValueError) as info:
+        import_hdf5(_with_action(good, tmp_path / "late.h5", late, h5py), tmp_path / "never")
+    for piece in ("late.h5", "column 'action'", "first bad row 0 (episode 0, step 0)", "action[0] is NaN"):
+        assert piece in str(info.value), str(info.value)
+
+    k = int(small.ep_offset[5]) + 5  # from row k + 1 on, every row holds the previous row's action
+    shifted = action.copy()
+    shifted[k + 1 :] = action[k:-1]
+    assert int(small.ep_len[5]) > 7 and _disagrees(small, k + 1, shifted)
+    path = _with_action(good, tmp_path / "shifted.h5", shifted, h5py)
+    with pytest.raises(ValueError) as info:
+        import_hdf5(path, tmp_path / "never")
+    for piece in (
+        "shifted.h5",
+        "column 'action'",
+        f"first bad row {k + 1} (episode 5, step 6)",
+        f"proprio[{k + 2}]",
+    ):
+        assert piece in str(info.value), str(info.value)
+    assert not (tmp_path / "never").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    kept = import_hdf5(path, tmp_path / "kept", on_bad_dynamics="record")
+    dynamics = json.loads((tmp_path / "kept" / "meta.json").read_text())["source"]["dynamics"]
+    inner = np.setdiff1d(np.arange(small.num_rows), small.ep_offset + small.ep_len - 1)
+    p = torch.from_numpy(np.array(small.proprio))
+    a = torch.from_numpy(shifted[inner])
+    nan = torch.isnan(a).any(dim=1)
+    miss = (step(p[inner], torch.nan_to_num(a)) - p[inner + 1]).abs().amax(dim=1) > 1e-3
+    want = int((nan | miss).sum())
+    assert dynamics["mismatched"] == want and dynamics["first_row"] == k + 1
+    assert dynamics["transitions"] == inner.size and dynamics["fraction"] == pytest.approx(want / inner.size)
+    assert dynamics["fraction"] > 0.01 and _same(kept, TwoRoomDataset.open(tmp_path / "kept"))
+    assert np.array_equal(kept.action, shifted, equal_nan=True)
+
+
+def test_hdf5_few_bad_transitions_import_with_their_count(small, tmp_path, h5py):
+    good = export_hdf5(small, tmp_path / "good.h5", pixels=False)
+    action = np.array(small.action)
+    rows = [int(small.ep_offset[e]) + 2 for e in (4, 9, 30)]
+    action[rows] = -action[rows]
+    assert all(small.ep_len[e] > 3 for e in (4, 9, 30)) and all(_disagrees(small, r, action) for r in rows)
+    assert len(rows) < 0.01 * (small.num_rows - small.num_episodes)
+    data = import_hdf5(_with_action(good, tmp_path / "few.h5", action, h5py), tmp_path / "few")
+    dynamics = data.source["dynamics"]
+    assert dynamics["mismatched"] == 3 and dynamics["first_row"] == rows[0]
+    assert dynamics["max_error_px"] > 1e-3 and dynamics["tolerance_px"] == 1e-3
+    with pytest.raises(ValueError, match="on_bad_dynamics must be"):
+        import_hdf5(good, tmp_path / "x", on_bad_dynamics="ignore")
+
+
+def test_hdf5_pixel_differences_are_counted(framed, tmp_path, h5py):
+    """One grey level off on one pixel per frame (two channels): counted as 1 pixel, 2 bytes per frame."""
+    path = export_hdf5(framed, tmp_path / "off.h5", compression=None)
+    with h5py.File(path, "r+") as f:
+        f["pixels"][:, 100, 50, 1:] ^= np.uint8(1)
+    data = import_hdf5(path, tmp_path / "off", verify_frames=10)
+    verify = data.source["verify"]
+    assert verify["frames"] == 10 and verify["max_abs_diff"] == 1
+    assert verify["mismatched_pixels"] == 10 and verify["mismatched_bytes"] == 20
+    assert verify["mismatched_pixel_fraction"] == pytest.approx(1 / 224**2)
