@@ -134,10 +134,6 @@ class JEPA(_ref_jepa.JEPA):
     """
 
     # ---------------------------------------------------------------- checks
-    def _num_frames(self) -> int | None:
-        pos = getattr(self.predictor, "pos_embedding", None)
-        return pos.shape[1] if torch.is_tensor(pos) else None
-
     def _check_info(self, info, dims: tuple[str, ...]) -> torch.Tensor:
         if not isinstance(info, dict) or "pixels" not in info:
             raise ValueError(f"info must be a dict holding 'pixels' of shape ({', '.join(dims)})")
@@ -159,14 +155,15 @@ class JEPA(_ref_jepa.JEPA):
         _checks.tensor(emb, "emb", ("B", "T", "D"))
         _checks.tensor(act_emb, "act_emb", ("B", "T", "D"))
         _checks.same_leading(emb, "emb", act_emb, "act_emb", 2)
-        frames = self._num_frames()
+        frames = _ref_jepa.num_frames_of(self)
         if frames is not None and emb.shape[1] > frames:
             raise ValueError(f"predict takes at most num_frames = {frames} time steps, got {emb.shape[1]}")
         return super().predict(emb, act_emb)
 
-    def rollout(self, info: dict, action_sequence: torch.Tensor, history_size: int = 3) -> dict:
+    def rollout(self, info: dict, action_sequence: torch.Tensor, history_size: int | None = None) -> dict:
         """Roll out candidates (B, S, T, A) from ``info["pixels"]`` (B, S, H, C, H, W);
-        writes ``info["predicted_emb"]`` (B, S, T + 1, D)."""
+        writes ``info["predicted_emb"]`` (B, S, T + 1, D). Each predictor call sees the last
+        ``history_size`` embeddings (default: the predictor's ``num_frames``, spec section 6)."""
         pixels = self._check_info(info, _SAMPLE_PIXELS)
         actions = _checks.actions(action_sequence, "action_sequence", ("B", "S", "T", "A"), self.action_width)
         _checks.same_leading(pixels, "info['pixels']", actions, "action_sequence", 2)
@@ -175,8 +172,8 @@ class JEPA(_ref_jepa.JEPA):
                 f"action_sequence has {actions.shape[2]} steps, fewer than the "
                 f"{pixels.shape[2]} context frames of info['pixels']"
             )
-        frames = self._num_frames()
-        if not 1 <= history_size <= (frames or history_size):
+        frames = _ref_jepa.num_frames_of(self)
+        if history_size is not None and not 1 <= history_size <= (frames or history_size):
             raise ValueError(f"history_size must be in [1, {frames}], got {history_size}")
         return super().rollout(info, action_sequence, history_size)
 

@@ -54,7 +54,7 @@ from .data.generate import draw_episodes, rollout
 from .data.windows import action_stats, as_dataset, normalize_frames, window_rows, window_starts
 from .envs.policies import make_policy
 from .envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, layout_image, render
-from .reference.jepa import action_width_of, device_of, eval_mode
+from .reference.jepa import action_width_of, device_of, eval_mode, window_of
 from .sigreg import sigreg as _sigreg
 from .train.step import loss_head
 
@@ -509,7 +509,7 @@ def one_step_mse(
     emb: torch.Tensor,
     action: torch.Tensor,
     *,
-    history_size: int = 3,
+    history_size: int | None = None,
     batch_size: int = 1024,
     autocast: torch.dtype | None = None,
 ) -> dict[str, Any]:
@@ -517,11 +517,12 @@ def one_step_mse(
 
     The training ``pred_loss`` (:func:`lewm_fast.train.step.loss_head`, eval mode): pred =
     model.predict(emb[:, :H], action_encoder(action)[:, :H]) with H = ``history_size``
-    (NaN actions -> 0, as in training), target = emb[:, 1:H+1]; ``mse`` = mean over
-    windows, positions and dims of (pred - target)^2. ``mse_by_position``[i] is the mean at position i,
-    predicting frame i + 1 from frames 0..i. Also returns ``windows``.
+    (default: the predictor's ``num_frames``; NaN actions -> 0, as in training), target =
+    emb[:, 1:H+1]; ``mse`` = mean over windows, positions and dims of (pred - target)^2.
+    ``mse_by_position``[i] is the mean at position i, predicting frame i + 1 from frames
+    0..i. Also returns ``windows``.
     """
-    history_size = _checks.integer(history_size, "history_size", 1, numpy=True)
+    history_size = _checks.integer(window_of(model, history_size), "history_size", 1, numpy=True)
     _checks.integer(batch_size, "batch_size", 1, numpy=True)
     if not torch.is_tensor(emb) or emb.dim() != 3 or emb.shape[1] < history_size + 1:
         shape = tuple(emb.shape) if torch.is_tensor(emb) else type(emb).__name__
@@ -627,7 +628,6 @@ def _checked_inputs(
     dataset: TwoRoomDataset | str | os.PathLike,
     seed: int,
     rollout_seed: int | None,
-    frameskip: int,
 ) -> tuple[TwoRoomDataset, int, int]:
     """(dataset, seed, rollout seed) for :func:`run_probes`, or ValueError naming what is wrong."""
     if not isinstance(model, nn.Module):
@@ -642,13 +642,29 @@ def _checked_inputs(
             f"rollout_seed {rollout_seed} is the seed {data.path} was generated with; the fresh rollouts "
             "would repeat training episodes -- choose another rollout_seed"
         )
+    return data, seed, rollout_seed
+
+
+def _model_windows(
+    model: nn.Module, data, frameskip: int | None, history_size: int | None
+) -> tuple[int, int]:
+    """(frameskip, history_size) of the probes' windows, read from the model where not given."""
+    dims = int(np.asarray(data.action).shape[1])
     width = action_width_of(model)
-    if width is not None and width != 2 * frameskip:
+    if frameskip is None:
+        if width is None or width % dims:
+            raise ValueError(
+                f"cannot read frameskip from the model (action width {width}, dataset action dimension "
+                f"{dims}); pass frameskip="
+            )
+        frameskip = width // dims
+    frameskip = _checks.integer(frameskip, "frameskip", 1, numpy=True)
+    if width is not None and width != dims * frameskip:
         raise ValueError(
             f"the model's action encoder takes {width} numbers per step, but frameskip {frameskip} "
-            f"x 2 = {2 * frameskip}"
+            f"x {dims} = {dims * frameskip}"
         )
-    return data, seed, rollout_seed
+    return frameskip, window_of(model, history_size)
 
 
 class _StepClock:
@@ -744,8 +760,8 @@ def run_probes(
     rollout_seed: int | None = None,
     policy: str = "expert",
     max_steps: int = 100,
-    frameskip: int = 5,
-    history_size: int = 3,
+    frameskip: int | None = None,
+    history_size: int | None = None,
     sigreg_batch_size: int = 128,
     sigreg_batches: int = 16,
     batch_size: int = 256,
@@ -759,16 +775,19 @@ def run_probes(
     ``rollout_seed`` (default ``FRESH_SEED_OFFSET + seed``) the fresh episodes, and must
     differ from the seed the dataset was generated with. Other arguments: see
     :func:`linear_probe`, :func:`fresh_windows`, :func:`one_step_mse` and
-    :func:`sigreg_heldout`. Raises ValueError for a model that is not an nn.Module, a
-    ``rollout_seed`` equal to the dataset's, or an action encoder whose width is not
-    2 x ``frameskip``.
+    :func:`sigreg_heldout`. ``frameskip`` defaults to the model's action width over the
+    dataset's action dimension (5 for the published model), ``history_size`` to the
+    predictor's ``num_frames`` (3). Raises ValueError for a model that is not an nn.Module,
+    a ``rollout_seed`` equal to the dataset's, or an action encoder whose width is not the
+    dataset's action dimension x ``frameskip``.
 
     Returns a JSON-serialisable dict: ``probe_r2`` {x, y}, ``one_step_mse``,
     ``sigreg_heldout`` (the headline numbers), the details ``linear_probe``, ``one_step``,
     ``sigreg``, ``fresh_rollouts`` {seed, episodes, policy, max_steps, rows, windows},
     ``seed``, ``device`` and ``seconds`` {linear_probe, fresh_rollouts, one_step, sigreg, total}.
     """
-    data, seed, rollout_seed = _checked_inputs(model, dataset, seed, rollout_seed, frameskip)
+    data, seed, rollout_seed = _checked_inputs(model, dataset, seed, rollout_seed)
+    frameskip, history_size = _model_windows(model, data, frameskip, history_size)
     if device is not None:
         model.to(torch.device(device))
     clock = _StepClock(_model_device(model))

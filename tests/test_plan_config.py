@@ -25,7 +25,6 @@ PUBLISHED = {
     "n_steps": 30,
     "topk": 30,
     "var_scale": 1.0,
-    "history_size": 3,
 }
 
 
@@ -34,6 +33,7 @@ def test_defaults_are_the_published_settings():
     assert {k: getattr(config, k) for k in PUBLISHED} == PUBLISHED
     assert config.executed_per_plan == 5 and not config.warm_starts  # 5 of 5 executed: no warm start
     assert config.solver_seed == 42 and config.autocast is None
+    assert config.history_size is None  # the predictor's num_frames (3 in the published model)
     assert PlanConfig(receding_horizon=2).warm_starts
     assert not PlanConfig(receding_horizon=2, warm_start=False).warm_starts
     assert PlanConfig(planner_seed=7).solver_seed == 7

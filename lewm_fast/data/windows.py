@@ -63,8 +63,7 @@ def normalize_frames(frames: torch.Tensor, image_size: int | None = None) -> tor
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
     if image_size is not None and (image_size, image_size) != (h, w):
-        if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        _checks.positive(image_size, "image_size")
         x = F.interpolate(
             x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
         )

@@ -52,7 +52,6 @@ _INTEGERS = {
     "num_samples": 2,
     "n_steps": 1,
     "topk": 2,
-    "history_size": 1,
 }
 
 
@@ -82,7 +81,8 @@ class PlanConfig:
         topk: elites per iteration, in [2, num_samples]. var_scale: initial standard
         deviation of every action entry. planner_seed: the solver's seed (plan k draws
         from ``plan_seed(planner_seed, k)``); None: ``seed``. history_size: the
-        predictor's context window during a rollout (3 as published).
+        predictor's context window during a rollout; None: the predictor's ``num_frames``
+        (3 in the published model; spec section 6).
 
     Execution (lewm_fast's; results do not depend on them beyond floating point):
         precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` autocast of the model.
@@ -113,7 +113,9 @@ class PlanConfig:
     topk: int = _setting(30, "solver", "CEM elites per iteration")
     var_scale: float = _setting(1.0, "solver", "initial standard deviation of the CEM")
     planner_seed: int | None = _setting(None, "solver", "planner seed (default: the seed)")
-    history_size: int = _setting(3, "solver", "predictor context window of a rollout")
+    history_size: int | None = _setting(
+        None, "solver", "predictor context window of a rollout (default: the predictor's num_frames)"
+    )
     precision: str = _setting("fp32", "execution", "model precision: fp32, or bf16/fp16 autocast")
     cuda_graph: bool | None = _setting(
         None, "execution", "capture each solve in a CUDA graph (default: on CUDA with the fast path)"
@@ -142,9 +144,9 @@ class PlanConfig:
     def __post_init__(self) -> None:
         for name, minimum in _INTEGERS.items():
             self._integer(name, minimum)
-        for name in ("receding_horizon", "planner_seed"):
+        for name, minimum in (("receding_horizon", 1), ("planner_seed", 0), ("history_size", 1)):
             if getattr(self, name) is not None:
-                self._integer(name, 1 if name == "receding_horizon" else 0)
+                self._integer(name, minimum)
         p = self._prefix
         if self.executed_per_plan > self.horizon:
             raise ValueError(

@@ -173,13 +173,15 @@ class PlanningCost:
     ``rollout_cost(emb, goal_emb, candidates (B, S, T, A))`` -> costs (B, S), with T >= H.
     """
 
-    def __init__(self, model: nn.Module, history_size: int = 3):
+    def __init__(self, model: nn.Module, history_size: int | None = None):
         reason = fast_cost_unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"PlanningCost needs a LeWM JEPA with the published structure: {reason}")
         frames = model.predictor.pos_embedding.shape[1]
+        if history_size is None:
+            history_size = frames  # the predictor's num_frames, as the reference rollout (spec section 6)
         if isinstance(history_size, bool) or not isinstance(history_size, int):
-            raise ValueError(f"history_size must be an int, got {history_size!r}")
+            raise ValueError(f"history_size must be an int or None, got {history_size!r}")
         if not 1 <= history_size <= frames:
             raise ValueError(f"history_size must be in [1, num_frames = {frames}], got {history_size}")
         self.model = model
@@ -348,13 +350,14 @@ class LowPrecisionWeights:
 
 @torch.no_grad()
 def planning_cost(
-    model: nn.Module, info_dict: dict, candidates: torch.Tensor, history_size: int = 3
+    model: nn.Module, info_dict: dict, candidates: torch.Tensor, history_size: int | None = None
 ) -> torch.Tensor:
     """The planning cost (B, S) with the fast path: the numbers of ``model.get_cost``.
 
     info_dict: ``pixels`` (B, H, C, h, w) context frames and ``goal`` (B, G, C, h, w) goal
     frames, one entry per env (``get_cost`` takes them repeated per sample, (B, S, ...));
-    candidates (B, S, T, A) with T >= H. The model must be in eval mode. ValueError for
+    candidates (B, S, T, A) with T >= H. The predictor sees the last ``history_size``
+    embeddings (default: its ``num_frames``). The model must be in eval mode. ValueError for
     frames of another layout or channel count, or holding NaN/inf or unnormalised values
     (spec section 5), and for candidates that do not fit.
     """

@@ -19,7 +19,7 @@ from torch import nn
 from .. import _checks
 from .. import backend as _backend
 from ..reference.jepa import JEPA as _ReferenceJEPA
-from ..reference.jepa import action_width_of, device_of, eval_mode, frame_spec_of
+from ..reference.jepa import action_width_of, device_of, eval_mode, frame_spec_of, window_of
 from .config import PlanConfig
 from .cost import LowPrecisionWeights, PlanningCost, fast_cost_unsupported_reason
 from .refit import cem_refit
@@ -126,6 +126,9 @@ class CEMSolver:
         self.model = model
         self.fast = self._choose_path(model, fast)
         self._cost = PlanningCost(model, self.history_size) if self.fast else None
+        # the window planned with: the given one, else the predictor's num_frames (a model planned
+        # through get_cost uses its own rollout's window)
+        self.history_size = self._cost.history_size if self.fast else window_of(model, self.history_size)
         # Under autocast the fast path runs a copy with the Linear/Conv weights already in the
         # low-precision dtype: the same numbers without a cast kernel per layer and call.
         self._low = (

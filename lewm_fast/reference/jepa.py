@@ -67,6 +67,23 @@ def frame_spec_of(model) -> tuple[int, int]:
     return channels, int(patch[0] if isinstance(patch, (tuple, list)) else patch)
 
 
+def num_frames_of(model) -> int | None:
+    """The predictor's context window ``num_frames`` (the length of its positional
+    embedding); None when ``model`` has no such predictor."""
+    pos = getattr(getattr(model, "predictor", None), "pos_embedding", None)
+    return int(pos.shape[1]) if torch.is_tensor(pos) and pos.dim() == 3 else None
+
+
+def window_of(model, history_size: int | None = None) -> int:
+    """The planning window: ``history_size`` when given, else the predictor's ``num_frames``
+    (spec section 6; stable-worldmodel takes it from ``predictor.num_frames``), else 3 (the
+    published Two-Room value) for a model without a positional embedding to read."""
+    if history_size is not None:
+        return history_size
+    frames = num_frames_of(model)
+    return 3 if frames is None else frames
+
+
 def device_of(model) -> torch.device | None:
     """Device of ``model``'s first parameter or buffer; None for a module without either or a
     non-module."""
@@ -127,8 +144,12 @@ class JEPA(nn.Module):
         preds = self.predictor(emb, act_emb)
         return self.pred_proj(preds.flatten(0, 1)).view(b, t, -1)
 
-    def rollout(self, info: dict, action_sequence: torch.Tensor, history_size: int = 3) -> dict:
-        """Autoregressive rollout of every candidate; writes ``info["predicted_emb"]``."""
+    def rollout(self, info: dict, action_sequence: torch.Tensor, history_size: int | None = None) -> dict:
+        """Autoregressive rollout of every candidate; writes ``info["predicted_emb"]``.
+
+        Each predictor call sees the last ``history_size`` embeddings (default: the
+        predictor's ``num_frames``, spec section 6)."""
+        history_size = window_of(self, history_size)
         h = info["pixels"].size(2)
         b, s, t = action_sequence.shape[:3]
         act_0, act_future = torch.split(action_sequence, [h, t - h], dim=2)
@@ -178,13 +199,17 @@ class JEPA(nn.Module):
         return self.criterion(self.rollout(info, action_candidates))
 
 
-def jepa_loss(model: JEPA, sigreg: SIGReg, batch: dict, lambd: float = 0.09, history_size: int = 3) -> dict:
+def jepa_loss(
+    model: JEPA, sigreg: SIGReg, batch: dict, lambd: float = 0.09, history_size: int | None = None
+) -> dict:
     """Training loss on a window batch (spec section 2).
 
-    batch: ``pixels`` (B, T, C, H, W) with T = history_size + 1, ``action`` (B, T, A);
-    NaN actions (window edges) are replaced by 0. Returns ``loss``, ``pred_loss`` and
-    ``sigreg_loss`` (graph attached).
+    batch: ``pixels`` (B, T, C, H, W) with T = history_size + 1 (default history_size:
+    T - 1, the whole window), ``action`` (B, T, A); NaN actions (window edges) are replaced
+    by 0. Returns ``loss``, ``pred_loss`` and ``sigreg_loss`` (graph attached).
     """
+    if history_size is None:
+        history_size = batch["pixels"].shape[1] - 1
     info = {"pixels": batch["pixels"], "action": torch.nan_to_num(batch["action"], 0.0)}
     info = model.encode(info)
     emb, act_emb = info["emb"], info["act_emb"]

@@ -271,8 +271,8 @@ def choose_plan(
     """
     if plan != "auto" and plan not in PLANS:
         raise ValueError(f"memory plan must be 'auto' or one of {PLANS}, got {plan!r}")
-    if budget_bytes is not None and (not isinstance(budget_bytes, int) or budget_bytes <= 0):
-        raise ValueError(f"budget_bytes must be a positive integer or None, got {budget_bytes!r}")
+    if budget_bytes is not None:
+        _checks.positive(budget_bytes, "budget_bytes")
     if plan != "auto":
         return estimate_peak(config, batch_size, plan, chunk_size if plan == "two_pass" else None, precision)
     if budget_bytes is None:
