@@ -167,6 +167,8 @@ FREE = {
     "lift_fresh",
     "_unsafe_view",  # a view whose result autograd treats as a fresh tensor
     "_reshape_alias",
+    "promote_types",  # dtype arithmetic on the host: no tensor, no kernel
+    "result_type",
 }
 
 

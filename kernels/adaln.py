@@ -288,11 +288,13 @@ def compile_cases():
     -- in every dtype combination the model uses at the planning (45,000 x 192) and training
     (384 x 192) sizes, and in float32 at edge sizes: one row, D = 1 and a width in each tile
     of ``row_config`` (multiples and non-multiples of 16, up to ``MAX_D``)."""
-    dtypes = {  # (x, modulation, affine weight/bias)
-        "fp32": (torch.float32, torch.float32, torch.float32),
-        "fp32+bf16": (torch.float32, torch.bfloat16, torch.float32),  # bf16 autocast training
-        "bf16": (torch.bfloat16, torch.bfloat16, torch.float32),  # bf16 planning
-        "fp16": (torch.float16, torch.float16, torch.float16),
+    dtypes = {  # (x, modulation, affine weight/bias, branch input y)
+        "fp32": (torch.float32, torch.float32, torch.float32, torch.float32),
+        # bf16 autocast (training and planning): an fp32 residual stream, bf16 modulation,
+        # the branch input written in bf16 for the GEMM that reads it
+        "fp32+bf16": (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16),
+        "bf16": (torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16),
+        "fp16": (torch.float16, torch.float16, torch.float16, torch.float16),
     }
     runs = [(f"{name},{size}", shape, dtypes[name]) for name in dtypes for size, shape in _REAL_ROWS.items()]
     edges = [(1, 192), (7, 1), (16, 16), (100, 191), (33, 17), (33, 48), (33, 100), (33, 320), (9, 1000)]
@@ -308,18 +310,18 @@ _REAL_ROWS = {"plan": (45_000, 192), "train": (384, 192)}
 
 def _compile_case(op: str, shape: tuple[int, int], types: tuple[torch.dtype, ...]) -> None:
     # Nothing runs, so the values do not matter: uninitialised tensors of the right layout.
-    (N, D), (dtype, mod_dtype, w_dtype) = shape, types
+    (N, D), (dtype, mod_dtype, w_dtype, y_dtype) = shape, types
     x, res, grad = (torch.empty(N, D, dtype=dtype) for _ in range(3))
     shift, scale, gate = torch.empty(N, 6 * D, dtype=mod_dtype).chunk(6, dim=-1)[:3]
     weight, bias = torch.empty(D, dtype=w_dtype), torch.empty(D, dtype=w_dtype)
     if op == "adaln_fwd":
-        adaln_fwd(x, shift, scale, weight, bias, 1e-6, 1e-5)
+        adaln_fwd(x, shift, scale, weight, bias, 1e-6, 1e-5, y_dtype)
     elif op == "adaln_bwd":
-        adaln_bwd(grad, x, shift, scale, weight, torch.empty(N, 4))
+        adaln_bwd(grad.to(y_dtype), x, shift, scale, weight, torch.empty(N, 4))
     elif op == "gated_residual_fwd":
         gated_residual_fwd(x, gate, res)
     elif op == "gated_adaln_fwd":
-        gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, 1e-6, 1e-5)
+        gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, 1e-6, 1e-5, y_dtype)
     else:
         gated_residual_bwd(grad, gate, res)
 
@@ -340,8 +342,10 @@ def _check(x: torch.Tensor, *others: torch.Tensor) -> int:
     return D
 
 
-def adaln_fwd(x, shift, scale, weight, bias, eps1: float, eps2: float):
-    """y (x's shape and dtype) and per-row statistics (N, 4) float32: mean1, rstd1, mean2, rstd2."""
+def adaln_fwd(x, shift, scale, weight, bias, eps1: float, eps2: float, out_dtype: torch.dtype | None = None):
+    """y (x's shape, dtype ``out_dtype`` or x's) and per-row statistics (N, 4) float32: mean1,
+    rstd1, mean2, rstd2. ``out_dtype`` is the dtype the next GEMM reads (bf16 under autocast):
+    the kernel rounds once on store, so no cast kernel follows."""
     D = _check(x, shift, scale)
     if weight.shape != (D,) or bias.shape != (D,):
         raise ValueError(
@@ -349,7 +353,7 @@ def adaln_fwd(x, shift, scale, weight, bias, eps1: float, eps2: float):
         )
     x2, s2, c2 = _rows(x, D), _rows(shift, D), _rows(scale, D)
     N = x2.shape[0]
-    y = torch.empty((N, D), device=x.device, dtype=x.dtype)
+    y = torch.empty((N, D), device=x.device, dtype=out_dtype or x.dtype)
     stats = torch.empty((N, 4), device=x.device, dtype=torch.float32)
     cfg = row_config(D)
     _adaln_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
@@ -444,10 +448,12 @@ def gated_residual_fwd(x, gate, y):
     return out.view(x.shape)
 
 
-def gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, eps1: float, eps2: float):
-    """out = x + gate * res (promoted dtype) and y = the modulate-norm of out (out's dtype),
-    with out's per-row statistics (N, 4) float32: one kernel for gated_residual_fwd then
-    adaln_fwd."""
+def gated_adaln_fwd(
+    x, gate, res, shift, scale, weight, bias, eps1: float, eps2: float, out_dtype: torch.dtype | None = None
+):
+    """out = x + gate * res (promoted dtype) and y = the modulate-norm of out (``out_dtype``,
+    default out's dtype), with out's per-row statistics (N, 4) float32: one kernel for
+    gated_residual_fwd then adaln_fwd."""
     D = _check(x, gate, res, shift, scale)
     if weight.shape != (D,) or bias.shape != (D,):
         raise ValueError(
@@ -457,7 +463,7 @@ def gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, eps1: float, eps2:
     N = x2.shape[0]
     dtype = _result_dtype(x, gate, res)
     out = torch.empty((N, D), device=x.device, dtype=dtype)
-    y = torch.empty((N, D), device=x.device, dtype=dtype)
+    y = torch.empty((N, D), device=x.device, dtype=out_dtype or dtype)
     stats = torch.empty((N, 4), device=x.device, dtype=torch.float32)
     cfg = row_config(D)
     _gated_adaln_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
@@ -524,14 +530,15 @@ def adaln_op(
     bias: torch.Tensor,
     eps1: float,
     eps2: float,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return adaln_fwd(x, shift, scale, weight, bias, eps1, eps2)
+    return adaln_fwd(x, shift, scale, weight, bias, eps1, eps2, out_dtype)
 
 
 @adaln_op.register_fake
-def _(x, shift, scale, weight, bias, eps1, eps2):
+def _(x, shift, scale, weight, bias, eps1, eps2, out_dtype):
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return torch.empty(x.shape, device=x.device, dtype=x.dtype), x.new_empty((n, 4), dtype=torch.float32)
+    return torch.empty(x.shape, device=x.device, dtype=out_dtype), x.new_empty((n, 4), dtype=torch.float32)
 
 
 @torch.library.custom_op("lewm_fast::adaln_bwd", mutates_args=())
@@ -558,14 +565,14 @@ def _(dy, x, shift, scale, weight, stats):
 
 
 def _adaln_setup(ctx, inputs, output):
-    x, shift, scale, weight, bias, eps1, eps2 = inputs
+    x, shift, scale, weight, bias, eps1, eps2, out_dtype = inputs
     ctx.save_for_backward(x, shift, scale, weight, output[1])
 
 
 def _adaln_backward(ctx, dy, dstats):
     x, shift, scale, weight, stats = ctx.saved_tensors
     dx, dshift, dscale, dw, db = adaln_bwd_op(dy.contiguous(), x, shift, scale, weight, stats)
-    return dx, dshift, dscale, dw, db, None, None
+    return dx, dshift, dscale, dw, db, None, None, None
 
 
 adaln_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
@@ -621,23 +628,24 @@ def gated_adaln_op(
     bias: torch.Tensor,
     eps1: float,
     eps2: float,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, eps1, eps2)
+    return gated_adaln_fwd(x, gate, res, shift, scale, weight, bias, eps1, eps2, out_dtype)
 
 
 @gated_adaln_op.register_fake
-def _(x, gate, res, shift, scale, weight, bias, eps1, eps2):
+def _(x, gate, res, shift, scale, weight, bias, eps1, eps2, out_dtype):
     n = x.numel() // x.shape[-1] if x.shape[-1] else 0
     dtype = _result_dtype(x, gate, res)
     return (
         torch.empty(x.shape, device=x.device, dtype=dtype),
-        torch.empty(x.shape, device=x.device, dtype=dtype),
+        torch.empty(x.shape, device=x.device, dtype=out_dtype),
         x.new_empty((n, 4), dtype=torch.float32),
     )
 
 
 def _gated_adaln_setup(ctx, inputs, output):
-    x, gate, res, shift, scale, weight, bias, eps1, eps2 = inputs
+    x, gate, res, shift, scale, weight, bias, eps1, eps2, out_dtype = inputs
     ctx.save_for_backward(gate, res, shift, scale, weight, output[0], output[2])
     ctx.x_dtype = x.dtype
 
@@ -648,7 +656,7 @@ def _gated_adaln_backward(ctx, dout, dy, dstats):
     dnorm, dshift, dscale, dw, db = grads
     dtotal = (dnorm + dout).contiguous()  # out feeds the norm and the caller's residual stream
     dgate, dres = gated_residual_bwd_op(dtotal, gate, res)
-    return dtotal.to(ctx.x_dtype), dgate, dres, dshift, dscale, dw, db, None, None
+    return dtotal.to(ctx.x_dtype), dgate, dres, dshift, dscale, dw, db, None, None, None
 
 
 gated_adaln_op.register_autograd(_gated_adaln_backward, setup_context=_gated_adaln_setup)

@@ -18,7 +18,7 @@ from . import _checks
 from . import backend as _backend
 from .reference.modules import modulate
 
-__all__ = ["adaln_modulate", "gated_residual", "gated_adaln_modulate"]
+__all__ = ["adaln_modulate", "gated_residual", "gated_adaln_modulate", "autocast_dtype"]
 
 EPS1 = 1e-6  # the block's norm1 / norm2: LayerNorm without affine (DiT's eps)
 EPS2 = 1e-5  # the branch's own affine LayerNorm (nn.LayerNorm's default)
@@ -79,11 +79,27 @@ def _affine(x: torch.Tensor, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, (x.new_zeros(D) if bias is None else bias)
 
 
-def _modulate_norm(x, shift, scale, weight, bias, eps1: float, eps2: float) -> torch.Tensor:
+def _modulate_norm(x, shift, scale, weight, bias, eps1: float, eps2: float, out_dtype=None) -> torch.Tensor:
     """The formula in PyTorch: LayerNorm(modulate(LayerNorm(x, eps1), shift, scale), eps2)."""
     D = x.shape[-1]
     h = F.layer_norm(x, (D,), eps=eps1)
-    return F.layer_norm(modulate(h, shift, scale), (D,), weight, bias, eps=eps2)
+    y = F.layer_norm(modulate(h, shift, scale), (D,), weight, bias, eps=eps2)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives GEMMs on x's device (None when autocast is off there): what
+    a branch input that feeds a Linear should be written in."""
+    kind = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(kind)
+    except TypeError:  # torch < 2.4 takes no device argument (CUDA only)
+        enabled = kind == "cuda" and torch.is_autocast_enabled()
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(kind)
+    return torch.get_autocast_gpu_dtype() if kind == "cuda" else torch.get_autocast_cpu_dtype()
 
 
 def adaln_modulate(
@@ -95,6 +111,7 @@ def adaln_modulate(
     *,
     eps1: float = EPS1,
     eps2: float = EPS2,
+    out_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The input of an AdaLN-Zero branch, for tokens x (N, D) or (B, T, D) (any (..., D)).
@@ -102,7 +119,9 @@ def adaln_modulate(
     ``h = LayerNorm(x, eps1)`` (no affine), ``m = h * (1 + scale) + shift`` (DiT's
     ``modulate``), ``y = LayerNorm(m, eps2) * weight + bias`` (the branch's own norm; no
     affine where weight/bias are None). shift and scale have x's shape or broadcast to it
-    (e.g. (B, 1, D)); weight and bias are (D,). Returns y of x's shape, differentiable in
+    (e.g. (B, 1, D)); weight and bias are (D,). Returns y of x's shape, in ``out_dtype``
+    (default x's dtype; give the dtype the next GEMM reads, e.g. :func:`autocast_dtype`, and
+    the fused kernel rounds on store instead of a cast kernel after it), differentiable in
     every tensor argument.
 
     ``backend``: "auto", "triton" or "torch" (see :mod:`lewm_fast.backend`); "triton" is
@@ -118,8 +137,9 @@ def adaln_modulate(
     t = _check(x, {"shift": shift, "scale": scale}, weight, bias)
     kernels = _kernels(backend, x, "adaln_modulate")
     if kernels is None:
-        return _modulate_norm(x, t["shift"], t["scale"], weight, bias, eps1, eps2)
-    return kernels.adaln_op(x, t["shift"], t["scale"], *_affine(x, weight, bias), eps1, eps2)[0]
+        return _modulate_norm(x, t["shift"], t["scale"], weight, bias, eps1, eps2, out_dtype)
+    dtype = out_dtype or x.dtype
+    return kernels.adaln_op(x, t["shift"], t["scale"], *_affine(x, weight, bias), eps1, eps2, dtype)[0]
 
 
 def gated_residual(
@@ -149,13 +169,15 @@ def gated_adaln_modulate(
     *,
     eps1: float = EPS1,
     eps2: float = EPS2,
+    out_dtype: torch.dtype | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out = gated_residual(x, gate, res)`` and ``y = adaln_modulate(out, shift, scale,
     weight, bias)`` together: a block's residual and the next branch's input, for x (N, D) or
     (B, T, D) (any (..., D)); gate, res, shift and scale have x's shape or broadcast to it.
 
-    Returns (out, y), both of x's shape, differentiable in every tensor argument; "triton"
+    Returns (out, y), both of x's shape (out in the promoted dtype of x, gate and res; y in
+    ``out_dtype``, default out's), differentiable in every tensor argument; "triton"
     computes both in one fused kernel. ``backend`` and the errors raised as in
     :func:`adaln_modulate`.
     """
@@ -163,8 +185,17 @@ def gated_adaln_modulate(
     kernels = _kernels(backend, x, "gated_adaln_modulate")
     if kernels is None:
         out = x + t["gate"] * t["res"]
-        return out, _modulate_norm(out, t["shift"], t["scale"], weight, bias, eps1, eps2)
+        return out, _modulate_norm(out, t["shift"], t["scale"], weight, bias, eps1, eps2, out_dtype)
+    promoted = torch.promote_types(torch.promote_types(x.dtype, t["gate"].dtype), t["res"].dtype)
     out, y, _ = kernels.gated_adaln_op(
-        x, t["gate"], t["res"], t["shift"], t["scale"], *_affine(x, weight, bias), eps1, eps2
+        x,
+        t["gate"],
+        t["res"],
+        t["shift"],
+        t["scale"],
+        *_affine(x, weight, bias),
+        eps1,
+        eps2,
+        out_dtype or promoted,
     )
     return out, y

@@ -13,7 +13,7 @@ import torch
 
 from . import _checks
 from . import backend as _backend
-from .adaln import adaln_modulate, gated_adaln_modulate, gated_residual
+from .adaln import adaln_modulate, autocast_dtype, gated_adaln_modulate, gated_residual
 from .reference import jepa as _ref_jepa
 from .reference import modules as _ref
 from .reference.modules import MLP, Embedder
@@ -74,16 +74,32 @@ class ConditionalBlock(_ref.ConditionalBlock):
 
     def attn_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``attn.norm(modulate(norm1(x), shift, scale))`` for x (B, T, D): :func:`adaln_modulate`."""
-        norm = self.attn.norm
+        norm, out = self.attn.norm, autocast_dtype(x)  # written in the dtype to_qkv reads
         return adaln_modulate(
-            x, shift, scale, norm.weight, norm.bias, eps1=self.norm1.eps, eps2=norm.eps, backend=self.backend
+            x,
+            shift,
+            scale,
+            norm.weight,
+            norm.bias,
+            eps1=self.norm1.eps,
+            eps2=norm.eps,
+            out_dtype=out,
+            backend=self.backend,
         )
 
     def mlp_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``mlp.net[0](modulate(norm2(x), shift, scale))`` for x (B, T, D): :func:`adaln_modulate`."""
-        norm = self.mlp.net[0]
+        norm, out = self.mlp.net[0], autocast_dtype(x)  # written in the dtype the MLP's Linear reads
         return adaln_modulate(
-            x, shift, scale, norm.weight, norm.bias, eps1=self.norm2.eps, eps2=norm.eps, backend=self.backend
+            x,
+            shift,
+            scale,
+            norm.weight,
+            norm.bias,
+            eps1=self.norm2.eps,
+            eps2=norm.eps,
+            out_dtype=out,
+            backend=self.backend,
         )
 
     def gated(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -93,17 +109,37 @@ class ConditionalBlock(_ref.ConditionalBlock):
     def gated_mlp_input(self, x, gate, y, shift, scale):
         """``x' = x + gate * y`` and ``mlp_input(x', shift, scale)`` (all (B, T, D)):
         :func:`gated_adaln_modulate`."""
-        norm, eps1 = self.mlp.net[0], self.norm2.eps
+        norm, eps1, out = self.mlp.net[0], self.norm2.eps, autocast_dtype(x)
         return gated_adaln_modulate(
-            x, gate, y, shift, scale, norm.weight, norm.bias, eps1=eps1, eps2=norm.eps, backend=self.backend
+            x,
+            gate,
+            y,
+            shift,
+            scale,
+            norm.weight,
+            norm.bias,
+            eps1=eps1,
+            eps2=norm.eps,
+            out_dtype=out,
+            backend=self.backend,
         )
 
     def gated_attn_input(self, x, gate, y, shift, scale):
         """``x' = x + gate * y`` and ``attn_input(x', shift, scale)`` (all (B, T, D)):
         :func:`gated_adaln_modulate`."""
-        norm, eps1 = self.attn.norm, self.norm1.eps
+        norm, eps1, out = self.attn.norm, self.norm1.eps, autocast_dtype(x)
         return gated_adaln_modulate(
-            x, gate, y, shift, scale, norm.weight, norm.bias, eps1=eps1, eps2=norm.eps, backend=self.backend
+            x,
+            gate,
+            y,
+            shift,
+            scale,
+            norm.weight,
+            norm.bias,
+            eps1=eps1,
+            eps2=norm.eps,
+            out_dtype=out,
+            backend=self.backend,
         )
 
 

@@ -30,7 +30,7 @@ def _eager(x, shift, scale, weight, bias):
 
 
 def _fused(x, shift, scale, weight, bias):
-    return adaln.adaln_op(x, shift, scale, weight, bias, 1e-6, 1e-5)[0]
+    return adaln.adaln_op(x, shift, scale, weight, bias, 1e-6, 1e-5, x.dtype)[0]
 
 
 def _inputs(shape, x_dtype, mod_dtype, device, seed=0):
@@ -149,7 +149,8 @@ def _check_gated_adaln(shape, dtypes) -> float:
         lx, lres, lmod, lw, lb = leaves
         gate, shift, scale = lmod.chunk(3, dim=-1)  # strided chunks, as the modulation arrives
         if fused:
-            out, y, _ = adaln.gated_adaln_op(lx, gate, lres, shift, scale, lw, lb, 1e-6, 1e-5)
+            promoted = torch.promote_types(torch.promote_types(lx.dtype, gate.dtype), lres.dtype)
+            out, y, _ = adaln.gated_adaln_op(lx, gate, lres, shift, scale, lw, lb, 1e-6, 1e-5, promoted)
         else:
             out = lx + gate * lres
             y = _eager(out, shift, scale, lw, lb)
@@ -174,7 +175,8 @@ def test_gated_adaln_op_registration():
     weight, bias = torch.randn(24, generator=gen).to(_device()), torch.randn(24, generator=gen).to(_device())
     args = [t.requires_grad_() for t in (x, gate, res, shift, scale, weight, bias)]
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(adaln.gated_adaln_op, (*args, 1e-6, 1e-5), test_utils=utils)
+    torch.library.opcheck(adaln.gated_adaln_op, (*args, 1e-6, 1e-5, torch.float32), test_utils=utils)
+    torch.library.opcheck(adaln.gated_adaln_op, (*args, 1e-6, 1e-5, torch.bfloat16), test_utils=utils)
 
 
 def _block_pair(dim=48, heads=4, dim_head=12, mlp_dim=80, dropout=0.0):
@@ -285,7 +287,8 @@ def test_torch_library_registration():
     shift, scale = mod.chunk(2, dim=-1)
     args = (x.requires_grad_(), shift.contiguous().requires_grad_(), scale.contiguous(), w, b, 1e-6, 1e-5)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(adaln.adaln_op, args, test_utils=utils)
+    for out_dtype in (torch.float32, torch.bfloat16):  # the branch input's dtype: x's, or the GEMM's
+        torch.library.opcheck(adaln.adaln_op, (*args, out_dtype), test_utils=utils)
     others = (torch.randn(2, 3, 24, device=device), torch.randn(2, 3, 24, device=device))
     torch.library.opcheck(adaln.gated_residual_op, (x, *others), test_utils=utils)
 
@@ -330,6 +333,41 @@ def test_functional_backends_agree(x_shape, mod_shape, affine):
     for name, fast, slow in zip(names, results["triton"], results["torch"]):
         assert_close(fast, slow, "fp32_elementwise", name)
     assert results["torch"][0].shape == x_shape
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_branch_input_written_in_the_dtype_the_gemm_reads(backend_name):
+    """out_dtype=bf16 from an fp32 residual stream: y is the fp32 result rounded once (what the
+    next Linear under autocast would cast it to), so bf16 planning has no cast kernel; the
+    gradients reach x, shift and scale in their own dtypes."""
+    x, mod, weight, bias, dy = _inputs((3, 5, 40), torch.float32, torch.float32, _device(), seed=3)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, mod, weight, bias)]
+    shift, scale = leaves[1].chunk(2, dim=-1)
+    y = lewm_fast.adaln_modulate(
+        leaves[0], shift, scale, leaves[2], leaves[3], out_dtype=torch.bfloat16, backend=backend_name
+    )
+    out, y2 = lewm_fast.gated_adaln_modulate(
+        leaves[0], shift, shift, shift, scale, out_dtype=torch.bfloat16, backend=backend_name
+    )
+    assert y.dtype == y2.dtype == torch.bfloat16 and out.dtype == torch.float32
+    want = _eager(x, *mod.chunk(2, dim=-1), weight, bias)
+    # the same fp32 value rounded to bf16: at most one bf16 step apart where fp32 noise flips it
+    torch.testing.assert_close(y.float(), want.to(torch.bfloat16).float(), atol=1e-2, rtol=2**-7)
+    torch.autograd.backward((y, y2), (dy.to(torch.bfloat16), dy.to(torch.bfloat16)))
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
+    with torch.autocast(_device(), dtype=torch.bfloat16):
+        assert lewm_fast.adaln.autocast_dtype(x) is torch.bfloat16
+    assert lewm_fast.adaln.autocast_dtype(x) is None
+
+
+def test_conditional_block_feeds_its_gemms_in_the_autocast_dtype():
+    fast, _ = _block_pair()
+    x = torch.randn(2, 3, 48, device=_device())
+    shift, scale = torch.randn(2, 2, 3, 48, device=_device()).unbind(0)
+    with torch.autocast(_device(), dtype=torch.bfloat16):
+        assert fast.attn_input(x, shift, scale).dtype == torch.bfloat16
+        assert fast.gated_mlp_input(x, shift, x, shift, scale)[1].dtype == torch.bfloat16
+    assert fast.attn_input(x, shift, scale).dtype == torch.float32
 
 
 def test_functional_torch_backend_is_the_reference_chain():
