@@ -153,20 +153,9 @@ def import_hdf5(
         raise ValueError(f"{path}: cannot open as an HDF5 file ({type(exc).__name__}: {exc})") from exc
     with f:
         layout, layout_from = _layout(f, path, layout)
-        columns = {}
-        for name, col in COLUMNS.items():
-            kind = "float" if col.dtype.startswith("float") else "int"
-            data = _read_column(f, path, name, kind)
-            if data is None:
-                if col.required:
-                    aliases = " or ".join(repr(k) for k in _ALIASES.get(name, (name,)))
-                    raise ValueError(f"{path}: column {aliases} is missing")
-                continue
-            columns[name] = data.astype(col.dtype, copy=False)
+        columns = _read_columns(f, path)
         rows, _ = validate_columns(columns, lambda name: str(path), layout)
         dynamics = _check_dynamics(columns, path, layout, layout_from, device, on_bad_dynamics)
-
-        node = f.get("pixels")
         source = {
             "kind": "hdf5",
             "file": str(path.resolve()),
@@ -174,6 +163,7 @@ def import_hdf5(
             "layout_from": layout_from,
             "dynamics": dynamics,
         }
+        node = f.get("pixels")
         if node is None and pixels == "keep":
             raise ValueError(
                 f"{path}: column 'pixels' is missing; use pixels='drop' to render frames from proprio"
@@ -181,18 +171,38 @@ def import_hdf5(
         channels_last = _pixels_layout(node, path, rows, layout.size) if node is not None else True
         with DatasetWriter(out, force=force, shard_rows=shard_frames) as writer:
             if node is not None and pixels == "keep":
-                bar = tqdm(total=rows, unit="frame", desc="import pixels", disable=not progress)
-                for start in range(0, rows, chunk_rows):
-                    stop = min(start + chunk_rows, rows)
-                    writer.add_frames(_read_frames(node, path, start, stop, channels_last))
-                    bar.update(stop - start)
-                bar.close()
+                _copy_frames(writer, node, path, rows, chunk_rows, channels_last, progress)
             elif node is not None and verify_frames > 0:
                 source["verify"] = _verify(
                     node, path, columns["proprio"], layout, device, verify_frames, channels_last
                 )
             writer.commit(columns, layout, source)
     return TwoRoomDataset.open(out)
+
+
+def _read_columns(f, path: Path) -> dict[str, np.ndarray]:
+    """Every column of :data:`COLUMNS` the file holds, in its dtype; ValueError for a
+    missing required one (named with its accepted aliases)."""
+    columns = {}
+    for name, col in COLUMNS.items():
+        kind = "float" if col.dtype.startswith("float") else "int"
+        data = _read_column(f, path, name, kind)
+        if data is None:
+            if col.required:
+                aliases = " or ".join(repr(k) for k in _ALIASES.get(name, (name,)))
+                raise ValueError(f"{path}: column {aliases} is missing")
+            continue
+        columns[name] = data.astype(col.dtype, copy=False)
+    return columns
+
+
+def _copy_frames(writer, node, path: Path, rows: int, chunk_rows: int, channels_last: bool, progress: bool):
+    bar = tqdm(total=rows, unit="frame", desc="import pixels", disable=not progress)
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        writer.add_frames(_read_frames(node, path, start, stop, channels_last))
+        bar.update(stop - start)
+    bar.close()
 
 
 def _layout(f, path: Path, layout: TwoRoomLayout | None) -> tuple[TwoRoomLayout, str]:
