@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from helpers import model_pair, randomize_, small_config
+from helpers import model_pair, published_grads, randomize_, small_config
 
 import lewm_fast
 from lewm_fast import reference as ref
@@ -54,10 +54,6 @@ def _batch(b=6, t=4, size=56, seed=0):
     batch["action"][0, -1] = float("nan")  # a window edge
     batch["action"][b - 1, -1] = float("nan")
     return batch
-
-
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +110,7 @@ def test_memory_plans_equal_the_reference_step(plan, chunk):
     want = ref.train_step(reference, ref.SIGReg(num_proj=64), batch)
     torch.manual_seed(11)
     got = forward_backward(model, lewm_fast.SIGReg(num_proj=64), batch, plan, chunk)
-    assert_grads_close(_grads(model), _grads(reference), "fp32_elementwise")
+    assert_grads_close(published_grads(model), published_grads(reference), "fp32_elementwise")
     for key in ("loss", "pred_loss", "sigreg_loss"):
         assert not got[key].requires_grad
         assert_close(got[key], want[key], "fp32_elementwise", key)
@@ -873,7 +869,8 @@ def test_convert_batchnorm_keeps_keys_and_single_process_behaviour():
     for m in (model, plain):
         torch.manual_seed(0)
         forward_backward(m, lewm_fast.SIGReg(num_proj=16), _batch())
-    assert_grads_close(_grads(model), _grads(plain), "fp32_elementwise")  # no process group: BatchNorm1d
+    # no process group: BatchNorm1d
+    assert_grads_close(published_grads(model), published_grads(plain), "fp32_elementwise")
 
 
 # ------------------------------------------------------------ two processes
@@ -899,7 +896,7 @@ def _rank_main(rank, world, init_file, out_dir, data_path):
         losses = forward_backward(model, lewm_fast.SIGReg(num_proj=64), half, world_size=world)
         pred = all_reduce_gradients(list(model.parameters()), extra=losses["pred_loss"].reshape(1) / world)
         out[name] = {
-            "grads": _grads(model),
+            "grads": published_grads(model),
             "pred_loss": pred[0],
             "sigreg_loss": losses["sigreg_loss"],
             "buffers": {k: v.clone() for k, v in model.named_buffers()},
@@ -928,7 +925,7 @@ def test_two_gloo_processes_equal_one_process(dataset, tmp_path):
     model, _ = model_pair(small_config(), seed=5)
     torch.manual_seed(21)
     want = forward_backward(model, lewm_fast.SIGReg(num_proj=64), _batch(b=8))
-    want_grads = _grads(model)
+    want_grads = published_grads(model)
     for r in ranks:
         got = r["global_bn"]
         assert_grads_close(got["grads"], want_grads, "fp32_elementwise")
