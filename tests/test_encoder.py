@@ -129,9 +129,9 @@ def _tokens_and_grads(model, pixels, autocast=False):
     random projection of them."""
     model.zero_grad(set_to_none=True)
     x = pixels.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(x, interpolate_pos_encoding=True).last_hidden_state
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out.float() * probe).sum().backward()
     return out.detach().float(), {"pixels": x.grad, **published_grads(model)}
 
@@ -168,6 +168,25 @@ def test_fused_qkv_matches_reference_bf16_autocast(b, h, w, hidden, heads, layer
         if name.endswith("k_proj.bias"):  # zero in exact arithmetic (softmax is shift-invariant)
             continue
         assert_low_precision(grads_f[name], grads_r[name], grads_32[name], f"grad {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
+def test_fused_qkv_matches_reference_on_gpu():
+    """On CUDA, where SDPA picks a fused kernel for the strided q/k/v views of the fused GEMM
+    output, the paper encoder at 224 px still matches the reference (fp32 and bf16)."""
+    fused, reference = (m.cuda() for m in _encoder_pair(_vit_config()))
+    pixels = torch.randn(4, 3, 224, 224, device="cuda")
+    out_f, grads_f = _tokens_and_grads(fused, pixels)
+    out_32, grads_32 = _tokens_and_grads(reference, pixels)
+    assert_close(out_f, out_32, "fp32_gemm", "tokens")
+    assert_grads_close(grads_f, grads_32, "fp32_gemm")
+    out_f, grads_f = _tokens_and_grads(fused, pixels, autocast=True)
+    out_r, grads_r = _tokens_and_grads(reference, pixels, autocast=True)
+    assert_low_precision(out_f, out_r, out_32, "bf16 tokens")
+    for name in grads_32:
+        if not name.endswith("k_proj.bias"):  # zero in exact arithmetic
+            assert_low_precision(grads_f[name], grads_r[name], grads_32[name], f"bf16 grad {name}")
 
 
 def test_state_dict_keeps_the_published_keys():
