@@ -3,8 +3,9 @@
 Same names, constructor arguments and parameter names as the published code, so
 switching is an import change. ``JEPA`` adds input checks (bad input raises
 ``ValueError`` saying what was expected) on top of the reference semantics;
-``ConditionalBlock`` (and so ``ARPredictor``) runs the fused AdaLN-Zero kernels on CUDA.
-``Embedder``, ``MLP`` and the ViT encoder are the reference classes.
+``ConditionalBlock`` (and so ``ARPredictor``) runs the fused AdaLN-Zero kernels on CUDA;
+the ViT encoder (:mod:`lewm_fast.encoder`) computes query, key and value with one GEMM.
+``Embedder`` and ``MLP`` are the reference classes.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import torch
 from . import _checks
 from . import backend as _backend
 from .adaln import adaln_modulate, autocast_dtype, gated_adaln_modulate, gated_residual
+from .encoder import ViTModel
 from .reference import jepa as _ref_jepa
 from .reference import modules as _ref
 from .reference.modules import MLP, Embedder
-from .reference.vit import ViTConfig, ViTModel
+from .reference.vit import ViTConfig
 
 __all__ = ["JEPA", "ARPredictor", "ConditionalBlock", "Embedder", "MLP", "vit_encoder"]
 

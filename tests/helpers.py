@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import lewm_fast
+from lewm_fast.encoder import split_qkv
 
 
 # The "tiny" LeWM (2-layer ViT on 56 px frames, 2 predictor blocks), with dropout off so
@@ -43,6 +44,13 @@ def model_pair(config: lewm_fast.LeWMConfig, seed: int = 0):
     reference = config.build(reference=True)
     reference.load_state_dict(public.state_dict())
     return public, reference
+
+
+def published_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the gradients by published parameter name: the public encoder's fused q/k/v
+    gradient is split (``lewm_fast.encoder.split_qkv``), so a public model's gradients and
+    the reference's compare name for name."""
+    return split_qkv({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
 def frames(*shape, generator=None) -> torch.Tensor:

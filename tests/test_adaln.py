@@ -8,7 +8,7 @@ kernels run under TRITON_INTERPRET=1 (set in conftest).
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import model_pair, randomize_, small_config
+from helpers import model_pair, published_grads, randomize_, small_config
 
 import lewm_fast
 from lewm_fast import backend
@@ -245,8 +245,8 @@ def test_jepa_with_fused_blocks_matches_reference():
     for key in ("pred_loss", "sigreg_loss", "loss"):
         assert_close(losses[0][key], losses[1][key], "fp32_gemm", key)
     assert_grads_close(
-        {n: p.grad for n, p in public.named_parameters()},
-        {n: p.grad for n, p in reference.named_parameters()},
+        published_grads(public),
+        published_grads(reference),
         "fp32_gemm",
     )
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from helpers import model_pair, randomize_, small_config
+from helpers import model_pair, published_grads, randomize_, small_config
 
 import lewm_fast
 from lewm_fast import reference as ref
-from lewm_fast.testing import assert_close, assert_low_precision
+from lewm_fast.testing import assert_close, assert_grads_close, assert_low_precision
 
 B, S = 2, 3
 PIX = (3, 56, 56)
@@ -17,15 +17,8 @@ def _train_pair(seed=0):
     return public.train(), reference.train()
 
 
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def _compare_grads(public, reference, kind):
-    gp, gr = _grads(public), _grads(reference)
-    assert gp.keys() == gr.keys() and gp
-    for name in gp:
-        assert_close(gp[name], gr[name], kind, f"grad {name}")
+    assert_grads_close(published_grads(public), published_grads(reference), kind)
 
 
 def _encode_loss(model, pixels, action):
@@ -114,8 +107,8 @@ def test_model_parity_bf16_autocast():
     lp, lr, l32 = loss(public, True), loss(reference, True), loss(fp32, False)
     for key in ("pred_loss", "sigreg_loss", "loss"):
         assert_low_precision(lp[key], lr[key], l32[key], key)
-    g32 = _grads(fp32)
-    gp, gr = _grads(public), _grads(reference)
+    g32 = published_grads(fp32)
+    gp, gr = published_grads(public), published_grads(reference)
     for name in (
         "encoder.embeddings.patch_embeddings.projection.weight",
         "predictor.transformer.layers.1.adaLN_modulation.1.weight",

@@ -34,6 +34,7 @@ LAYERS = (
         "model",
         (
             "lewm_fast.model",
+            "lewm_fast.encoder",
             "lewm_fast.sigreg",
             "lewm_fast.adaln",
             "lewm_fast.config",

@@ -16,10 +16,11 @@ import time
 
 import pytest
 import torch
-from helpers import model_pair, randomize_, small_config
+from helpers import model_pair, published_grads, randomize_, small_config
 
 import lewm_fast
 from lewm_fast import reference as ref
+from lewm_fast.encoder import split_qkv
 from lewm_fast.testing import TOLERANCES, assert_close, assert_grads_close, assert_low_precision, rel_err
 from lewm_fast.train import (
     PLANS,
@@ -54,10 +55,6 @@ def _batch(b=6, t=4, size=56, seed=0):
     batch["action"][0, -1] = float("nan")  # a window edge
     batch["action"][b - 1, -1] = float("nan")
     return batch
-
-
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +111,7 @@ def test_memory_plans_equal_the_reference_step(plan, chunk):
     want = ref.train_step(reference, ref.SIGReg(num_proj=64), batch)
     torch.manual_seed(11)
     got = forward_backward(model, lewm_fast.SIGReg(num_proj=64), batch, plan, chunk)
-    assert_grads_close(_grads(model), _grads(reference), "fp32_elementwise")
+    assert_grads_close(published_grads(model), published_grads(reference), "fp32_elementwise")
     for key in ("loss", "pred_loss", "sigreg_loss"):
         assert not got[key].requires_grad
         assert_close(got[key], want[key], "fp32_elementwise", key)
@@ -486,6 +483,59 @@ def test_resume_continues_bit_for_bit(dataset, tmp_path):
     )
     assert other.fit().status == "completed" and other.memory.plan == "two_pass"
     _assert_same_state(_state(other.model), _state(straight.model), exact=False, lr=config.lr, steps=2)
+
+
+def test_resume_from_a_checkpoint_of_the_unfused_encoder(dataset, tmp_path, monkeypatch):
+    """A run checkpointed while the encoder had separate q/k/v parameters (its trainer.pt
+    holds AdamW moments per q, k and v, in the published order) resumes with the fused
+    encoder: the moments it loads are the saved ones, stacked as the weights are."""
+    config = _tiny(epoch_steps=3)
+    with monkeypatch.context() as old:  # the encoder as it was: three q/k/v Linears per layer
+        old.setattr(lewm_fast.encoder.ViTModel, "attention_class", ref.vit.ViTSelfAttention)
+        first = Trainer(dataset, tmp_path / "run", config.override({"max_steps": 4}), device="cpu")
+        assert first.fit().status == "max_steps"
+    saved = torch.load(latest_checkpoint(tmp_path / "run") / "trainer.pt", weights_only=True)
+    assert len(saved["optimizer"]["param_groups"][0]["params"]) == len(list(first.model.parameters()))
+
+    second = Trainer(dataset, tmp_path / "run", config, device="cpu", resume=True)
+    second._setup()  # what fit() does first: build the model, load the checkpoint
+    assert len(second.optimizer.state) < len(first.optimizer.state)
+    for key in ("exp_avg", "exp_avg_sq"):
+        got = split_qkv({n: second.optimizer.state[p][key] for n, p in second.model.named_parameters()})
+        want = {n: first.optimizer.state[p][key] for n, p in first.model.named_parameters()}
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[n], want[n]) for n in want), key
+    assert second._fit().status == "completed" and second.run_state.step == 6
+
+
+def test_fuse_qkv_optimizer_state_stacks_the_moments():
+    """AdamW state over the unfused encoder (the reference's parameters, in the published
+    order) mapped onto the fused parameters: each moment stacked as the weights are."""
+    fuse = state_module.fuse_qkv_optimizer_state
+    public, reference = model_pair(small_config(), seed=2)
+
+    def stepped(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        torch.manual_seed(0)
+        ref.train_step(model, ref.SIGReg(num_proj=16), _batch())
+        opt.step()
+        return opt
+
+    unfused = stepped(reference)
+    fused = torch.optim.AdamW(public.parameters(), lr=1e-3)
+    fused.load_state_dict(fuse(unfused.state_dict(), public))
+    for key in ("exp_avg", "exp_avg_sq"):
+        got = split_qkv({n: fused.state[p][key] for n, p in public.named_parameters()})
+        want = {n: unfused.state[p][key] for n, p in reference.named_parameters()}
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[n], want[n]) for n in want), key
+    assert all(float(s["step"]) == 1 for s in fused.state.values())
+
+    state = fused.state_dict()
+    assert fuse(state, public)["state"] is state["state"]  # already fused: as it is
+    other = stepped(small_config(encoder__intermediate_size=64).build(reference=True))
+    with pytest.raises(ValueError, match="belongs to another model"):
+        fuse(other.state_dict(), public)
 
 
 def test_resume_refuses_a_different_recipe_and_fresh_runs_refuse_old_checkpoints(dataset, tmp_path):
@@ -873,7 +923,8 @@ def test_convert_batchnorm_keeps_keys_and_single_process_behaviour():
     for m in (model, plain):
         torch.manual_seed(0)
         forward_backward(m, lewm_fast.SIGReg(num_proj=16), _batch())
-    assert_grads_close(_grads(model), _grads(plain), "fp32_elementwise")  # no process group: BatchNorm1d
+    # no process group: BatchNorm1d
+    assert_grads_close(published_grads(model), published_grads(plain), "fp32_elementwise")
 
 
 # ------------------------------------------------------------ two processes
@@ -899,7 +950,7 @@ def _rank_main(rank, world, init_file, out_dir, data_path):
         losses = forward_backward(model, lewm_fast.SIGReg(num_proj=64), half, world_size=world)
         pred = all_reduce_gradients(list(model.parameters()), extra=losses["pred_loss"].reshape(1) / world)
         out[name] = {
-            "grads": _grads(model),
+            "grads": published_grads(model),
             "pred_loss": pred[0],
             "sigreg_loss": losses["sigreg_loss"],
             "buffers": {k: v.clone() for k, v in model.named_buffers()},
@@ -928,7 +979,7 @@ def test_two_gloo_processes_equal_one_process(dataset, tmp_path):
     model, _ = model_pair(small_config(), seed=5)
     torch.manual_seed(21)
     want = forward_backward(model, lewm_fast.SIGReg(num_proj=64), _batch(b=8))
-    want_grads = _grads(model)
+    want_grads = published_grads(model)
     for r in ranks:
         got = r["global_bn"]
         assert_grads_close(got["grads"], want_grads, "fp32_elementwise")

@@ -168,11 +168,11 @@ class ViTMLP(nn.Module):
 
 
 class ViTLayer(nn.Module):
-    def __init__(self, config: ViTConfig):
+    def __init__(self, config: ViTConfig, attention_class: type[nn.Module] = ViTSelfAttention):
         super().__init__()
         eps = config.layer_norm_eps
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.attention = ViTSelfAttention(config)
+        self.attention = attention_class(config)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=eps)
         self.mlp = ViTMLP(config)
 
@@ -187,13 +187,19 @@ class ViTModel(nn.Module):
     Initialisation follows transformers (truncated normal, std ``initializer_range``, for
     linear/conv weights, CLS token and position embeddings; zero biases; unit LayerNorms),
     so a model trained from scratch starts from the same distribution as the published one.
+    ``attention_class`` builds each layer's attention from the config (lewm_fast's public
+    encoder swaps in one with a fused q/k/v projection).
     """
+
+    attention_class: type[nn.Module] = ViTSelfAttention
 
     def __init__(self, config: ViTConfig | None = None):
         super().__init__()
         self.config = config or ViTConfig()
         self.embeddings = ViTEmbeddings(self.config)
-        self.layers = nn.ModuleList(ViTLayer(self.config) for _ in range(self.config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            ViTLayer(self.config, self.attention_class) for _ in range(self.config.num_hidden_layers)
+        )
         self.layernorm = nn.LayerNorm(self.config.hidden_size, eps=self.config.layer_norm_eps)
         self.reset_parameters()
 

@@ -11,9 +11,9 @@ built by counting the tensors autograd saves, not a measurement:
 - **batch**: the normalised pixels (B, T, 3, S, S) float32 held for the whole step.
 - **encoder phase** (N = B*T frames of L = 1 + (S/p)^2 tokens, hidden D, MLP F, n layers):
   each ViT layer saves ``layer_bytes(D, F)`` per token: with bfloat16 autocast, the
-  float32 residual input of both LayerNorms (2 x 4D), the three bfloat16 casts of the
-  attention input (3 x 2D), q, k, v and the attention output (4 x 2D), the cast MLP
-  input (2D), the fc1 output and the GELU output (2 x 2F): ``24 D + 4 F`` bytes
+  float32 residual input of both LayerNorms (2 x 4D), the bfloat16 cast of the attention
+  input (2D; q, k and v are one GEMM), q, k, v and the attention output (4 x 2D), the cast
+  MLP input (2D), the fc1 output and the GELU output (2 x 2F): ``20 D + 4 F`` bytes
   (float32: both LayerNorms' inputs and outputs, q, k, v, output, fc1 and GELU outputs,
   ``32 D + 8 F``). Attention is assumed to run a fused kernel (flash / memory-efficient /
   CPU flash) that saves no L x L matrix and returns its output in a layout the output
@@ -141,8 +141,9 @@ def layer_bytes(dim: int, mlp: int, precision: str, attn_width: int | None = Non
     """Bytes a pre-norm transformer layer saves per token for its backward pass (see module doc)."""
     inner = dim if attn_width is None else attn_width
     if precision == "bf16":
-        # LN inputs (f32), 3 casts of the attention input, q/k/v + output, MLP cast, fc1 + GELU out
-        return 2 * 4 * dim + 3 * 2 * dim + 4 * 2 * inner + 2 * dim + 2 * 2 * mlp
+        # LN inputs (f32), the attention input's cast (one qkv GEMM), q/k/v + output, MLP cast,
+        # fc1 + GELU out
+        return 2 * 4 * dim + 2 * dim + 4 * 2 * inner + 2 * dim + 2 * 2 * mlp
     # LN inputs and outputs, q/k/v + output, fc1 + GELU out
     return 4 * 4 * dim + 4 * 4 * inner + 2 * 4 * mlp
 

@@ -31,12 +31,14 @@ from torch import nn
 from .._io import atomic_file, atomic_folder, remove_stale, write_json_atomic, write_text_atomic
 from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, convert_encoder_keys, encoder_key_layout, save_pretrained
 from ..config import LeWMConfig
+from ..encoder import published_parts, split_qkv
 
 __all__ = [
     "RunState",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "fuse_qkv_optimizer_state",
     "CHECKPOINT_DIR",
     "FORMAT_VERSION",
 ]
@@ -167,7 +169,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(folder: str | os.PathLike, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load a checkpoint's weights into ``model`` (strict) and return (trainer state, train config dict)."""
+    """Load a checkpoint's weights into ``model`` (strict) and return (trainer state, train config dict).
+
+    An optimizer state saved while the encoder had separate q/k/v parameters is returned
+    re-keyed to ``model``'s fused ones (:func:`fuse_qkv_optimizer_state`).
+    """
     folder = Path(folder)
     for required in (
         Path("model") / CONFIG_FILE,
@@ -186,5 +192,53 @@ def load_checkpoint(folder: str | os.PathLike, model: nn.Module) -> tuple[dict[s
             f"{folder / TRAINER_FILE} has format version {state.get('format_version')!r}; "
             f"this lewm_fast reads version {FORMAT_VERSION}"
         )
+    if isinstance(state.get("optimizer"), Mapping):
+        state["optimizer"] = fuse_qkv_optimizer_state(state["optimizer"], model)
     config = json.loads((folder / TRAIN_CONFIG_FILE).read_text(encoding="utf-8"))
     return state, config
+
+
+def fuse_qkv_optimizer_state(optimizer_state: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:
+    """An optimizer ``state_dict()`` saved for the unfused encoder, re-keyed to ``model``.
+
+    Before the encoder computed q, k and v with one GEMM, the trainer's parameter list
+    (``model.parameters()`` with ``requires_grad``) held them apart, in the published order
+    of :func:`lewm_fast.encoder.split_qkv`. A state with one parameter group of that many
+    entries is mapped onto the fused parameters: per-parameter tensors (AdamW's moments,
+    (D, ...) each) are stacked as the weights are into (3D, ...), scalars (``step``) are
+    q's. Any other state is returned as it is: one that fits ``model`` already, or one
+    ``Optimizer.load_state_dict`` refuses. ValueError when a saved moment does not have its
+    parameter's shape (the state belongs to another model).
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    published = list(split_qkv(dict(named)))
+    groups = optimizer_state.get("param_groups", [])
+    if len(published) == len(named) or len(groups) != 1 or len(groups[0]["params"]) != len(published):
+        return dict(optimizer_state)
+    saved = optimizer_state["state"]
+    by_name = {name: saved[i] for name, i in zip(published, groups[0]["params"]) if i in saved}
+    state = {}
+    for index, (name, param) in enumerate(named):
+        keys = published_parts(name) or (name,)
+        parts = [by_name[key] for key in keys if key in by_name]
+        if not parts:  # never stepped
+            continue
+        if len(parts) != len(keys):
+            raise ValueError(f"the saved optimizer state has some but not all of {keys}")
+        merged = {
+            key: torch.cat([part[key] for part in parts]) if _per_element(value) and len(parts) > 1 else value
+            for key, value in parts[0].items()
+        }
+        for key, value in merged.items():
+            if _per_element(value) and value.shape != param.shape:
+                raise ValueError(
+                    f"the saved optimizer state's {key} for {name} has shape {tuple(value.shape)}, the "
+                    f"parameter {tuple(param.shape)}: the state belongs to another model"
+                )
+        state[index] = merged
+    group = {**groups[0], "params": list(range(len(named)))}
+    return {**optimizer_state, "state": state, "param_groups": [group]}
+
+
+def _per_element(value: Any) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0
