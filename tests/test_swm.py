@@ -6,6 +6,8 @@ The protocol tests need only lewm_fast; the rest run against the real package
 """
 
 import copy
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -403,3 +405,21 @@ def test_world_evaluate_with_lewm_fast_solver(swm, jepa, published_file):
     # an untrained model: success is mostly chance; the two must agree within binomial noise
     a, b = (results[k]["success_rate"] / 100 for k in ("lewm_fast", "published"))
     assert abs(a - b) <= 0.5, results
+
+
+def test_readme_push_t_example_runs(swm):
+    """The README's Push-T recipe through World, with a smaller planner and shorter episodes."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "swm/PushT-v1" in c)
+    for old, new in (
+        ("num_samples=300, n_steps=30, topk=30", "num_samples=16, n_steps=2, topk=4"),
+        ("max_episode_steps=50", "max_episode_steps=10"),
+    ):
+        assert old in code
+        code = code.replace(old, new)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    solver, result = namespace["solver"], namespace["result"]
+    assert (solver.n_envs, solver.action_dim, solver.horizon) == (2, 10, 5)
+    assert result["episode_successes"].shape == (2,) and 0 <= result["success_rate"] <= 100
+    namespace["world"].close()
