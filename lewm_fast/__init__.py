@@ -11,8 +11,10 @@ Drop-in replacements for the published classes (switching is an import change)::
 ``gated_adaln_modulate`` are the functional forms of the fused ops.
 ``lewm_fast.reference`` holds the plain PyTorch semantics every fast path is tested
 against; ``lewm_fast.envs`` the Two-Room environment, ``lewm_fast.data`` its datasets
-and training windows, and ``lewm_fast.train`` the memory-aware trainer. Importing this
-package never touches a GPU.
+and training windows, and ``lewm_fast.train`` the memory-aware trainer.
+``lewm_fast.accelerate(model)`` / ``from_published(model)`` / ``accelerate_sigreg()`` put
+stable-worldmodel's LeWM and SIGReg on lewm_fast's modules (:mod:`lewm_fast.swm`). Importing
+this package never touches a GPU.
 """
 
 from .adaln import adaln_modulate, gated_adaln_modulate, gated_residual
@@ -20,6 +22,7 @@ from .checkpoint import convert_encoder_keys, load_pretrained, save_pretrained
 from .config import LeWMConfig
 from .model import JEPA, MLP, ARPredictor, ConditionalBlock, Embedder, vit_encoder
 from .sigreg import SIGReg, sigreg
+from .swm import accelerate, accelerate_sigreg, from_published
 
 __version__ = "0.1.0"
 
@@ -39,5 +42,8 @@ __all__ = [
     "load_pretrained",
     "save_pretrained",
     "convert_encoder_keys",
+    "accelerate",
+    "accelerate_sigreg",
+    "from_published",
     "__version__",
 ]

@@ -39,6 +39,7 @@ LAYERS = (
             "lewm_fast.adaln",
             "lewm_fast.config",
             "lewm_fast.checkpoint",
+            "lewm_fast.swm",
         ),
     ),
     ("data/envs", ("lewm_fast.data", "lewm_fast.envs")),

@@ -16,7 +16,9 @@ numbers of ``JEPA.get_cost``) and :func:`cem_refit` its batched elite refit (csr
     result = evaluate(model.eval(), "data/two_room")  # or a TwoRoomDataset
     result["success_rate"], result["final_distance_mean"], result["plan_latency_ms"]["median"]
 
-The plain one-env-at-a-time planner is :mod:`lewm_fast.reference.cem`.
+:func:`evaluate_world` runs the same protocol through stable-worldmodel's ``World`` with any
+stable-worldmodel ``Solver`` (``lewm-fast[swm]``). The plain one-env-at-a-time planner is
+:mod:`lewm_fast.reference.cem`.
 """
 
 from .config import PlanConfig
@@ -30,11 +32,13 @@ from .cost import (
 from .evaluation import blocks_to_actions, eligible_start_rows, evaluate, select_start_rows
 from .refit import Refit, cem_refit, cem_refit_torch
 from .solver import CEMSolver, plan_seed
+from .world import evaluate_world
 
 __all__ = [
     "PlanConfig",
     "CEMSolver",
     "evaluate",
+    "evaluate_world",
     "select_start_rows",
     "eligible_start_rows",
     "blocks_to_actions",

@@ -1,8 +1,10 @@
 """Batched CEM planner with a CUDA-graph-captured solve (spec section 6).
 
 ``CEMSolver(model, action_dim=10).solve(info_dict)`` plans every env of ``info_dict`` at
-once. The published solver's arguments and ``solve(info_dict, init_action)`` contract are
-kept; the model action width (frameskip x action dim) is given directly.
+once. It is a stable-worldmodel ``Solver``: the published ``CEMSolver``'s constructor
+arguments, ``configure(action_space=..., n_envs=..., config=...)`` (which sets the model
+action width, frameskip x action dim, unless ``action_dim`` is given), the ``horizon`` /
+``n_envs`` / ``action_dim`` properties and ``solve(info_dict, init_action)``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .. import _checks
 from .. import backend as _backend
 from ..reference.jepa import JEPA as _ReferenceJEPA
 from ..reference.jepa import action_width_of, device_of, eval_mode, frame_spec_of, window_of
+from ..swm import from_published, is_published_lewm
 from .config import PlanConfig
 from .cost import LowPrecisionWeights, PlanningCost, fast_cost_unsupported_reason
 from .refit import cem_refit
@@ -67,56 +70,99 @@ def _solver_config(config: PlanConfig | None, settings: dict) -> PlanConfig:
 
 
 class CEMSolver:
-    """Cross-entropy-method planner for all envs at once.
+    """Cross-entropy-method planner for all envs at once; a stable-worldmodel ``Solver``.
 
-    Args:
+    Args (the published ``stable_worldmodel.solver.CEMSolver`` ones first, in its order, so
+    a Hydra config whose ``_target_`` is ``lewm_fast.plan.CEMSolver`` works unchanged):
         model: a world model with the published ``get_cost(info, candidates (B, S, T, A)) ->
-            (B, S)``. For a LeWM JEPA (``lewm_fast.JEPA`` or the reference one) in eval mode
-            the fast path computes the same costs with far less work (see
-            :mod:`lewm_fast.plan.cost`); any other model goes through ``get_cost``.
-        action_dim: numbers per model action, frameskip x env action dim (10 for Two-Room).
+            (B, S)``. For a LeWM JEPA (``lewm_fast.JEPA``, the reference one, or
+            stable-worldmodel's ``LeWM``, planned through :func:`lewm_fast.from_published`
+            on its own tensors) in eval mode the fast path computes the same costs with far
+            less work (see :mod:`lewm_fast.plan.cost`); any other model goes through
+            ``get_cost``.
+        batch_size: envs scored per predictor rollout, a memory cap: the published solver
+            plans its envs in chunks of ``batch_size``; here it is ``max_batch =
+            batch_size x num_samples`` candidate rows, scored in chunks with the same
+            results. None (default): ``max_batch`` of the config ("auto").
+        num_samples, var_scale, n_steps, topk: the CEM settings of :class:`PlanConfig`
+            (None: the config's; published defaults 300, 1.0, 30, 30).
+        device: where planning runs (default: the model's device).
+        seed: the planner's seed (``planner_seed``); None: the config's. Plan k draws from
+            ``plan_seed(seed, k)``, not from the published solver's one generator stream,
+            so plans agree with the published solver's in distribution, not draw for draw.
+        callbacks: None or empty. The published per-iteration callbacks need every
+            iteration's candidates on the host, which a captured solve never hands out; a
+            non-empty list raises ValueError (use the published solver to record them).
+        action_dim: numbers per model action, frameskip x env action dim (10 for Two-Room);
+            None: the model's action width, else set by :meth:`configure` from the action
+            space and ``config.action_block``.
         config: the planner settings, a :class:`~lewm_fast.plan.PlanConfig` (default: the
             published ones). The solver reads its ``horizon`` (T), ``num_samples`` (S),
             ``n_steps``, ``topk``, ``var_scale``, ``history_size``, ``precision``,
             ``cuda_graph``, ``max_batch`` and seed (``planner_seed``, else ``seed``); the
             evaluation protocol's fields are left to :func:`~lewm_fast.plan.evaluate`.
-        device: where planning runs (default: the model's device).
         fast: use the fast path (None: when the model supports it).
         backend: backend of the elite-refit op (``"auto"``, ``"cuda"``, ``"torch"``).
-        **settings: solver fields of :class:`PlanConfig` that override ``config``, by the
-            published ``CEMSolver`` names: ``horizon``, ``num_samples``, ``n_steps``,
-            ``topk``, ``var_scale``, ``seed`` (the planner's seed, ``planner_seed``),
-            ``history_size``, ``precision`` or ``autocast`` (None, ``torch.bfloat16``,
-            ``torch.float16``), ``cuda_graph``, ``max_batch``.
+        **settings: other solver fields of :class:`PlanConfig` that override ``config``:
+            ``horizon``, ``history_size``, ``precision`` or ``autocast`` (None,
+            ``torch.bfloat16``, ``torch.float16``), ``cuda_graph``, ``max_batch``.
 
-    The settings mean: plan number k draws its candidates from a generator seeded with
-    ``plan_seed(seed, k)`` (or the ``seed`` given to :meth:`solve`); ``cuda_graph`` captures
-    the whole solve into one CUDA graph (None: on CUDA with the fast path), re-captured
-    when input shapes or the model's tensors change; ``max_batch`` caps the candidate rows
-    (envs x samples) of one predictor rollout, scoring larger batches in chunks of whole
-    envs (or of samples, for one env) with the same results (``"auto"``: on CUDA, as many
-    rows as fit in half of the free device memory by :meth:`PlanningCost.bytes_per_row`, a
-    conservative estimate; fast path only). ValueError names a bad or unknown setting.
+    The settings mean: ``cuda_graph`` captures the whole solve into one CUDA graph (None: on
+    CUDA with the fast path), re-captured when input shapes or the model's tensors change;
+    after :meth:`configure` a solve for fewer than ``n_envs`` envs (stable-worldmodel's
+    ``WorldModelPolicy`` replans only the envs whose action buffer ran out) is padded to
+    ``n_envs`` rows on the device, so one graph serves every batch size; ``max_batch`` caps
+    the candidate rows (envs x samples) of one predictor rollout, scoring larger batches in
+    chunks of whole envs (or of samples, for one env) with the same results (``"auto"``: on
+    CUDA, as many rows as fit in half of the free device memory by
+    :meth:`PlanningCost.bytes_per_row`, a conservative estimate; fast path only).
+    ValueError names a bad or unknown setting.
 
-    ``solve(info_dict, init_action=None)`` returns ``actions`` (B, horizon, action_dim), the
-    final CEM means; ``std`` (B, horizon, action_dim); ``costs`` (B,), the mean elite cost of
-    the last iteration (as published), all on the CPU; and ``seed``, the plan's seed.
+    ``configure(action_space=..., n_envs=..., config=...)`` (stable-worldmodel's protocol)
+    sets ``action_dim``, ``n_envs`` and ``horizon``. ``solve(info_dict, init_action=None)``
+    returns ``actions`` (B, horizon, action_dim), the final CEM means; ``std`` (B, horizon,
+    action_dim); ``costs`` (B,), the mean elite cost of the last iteration (as published),
+    all on the CPU; and ``seed``, the plan's seed.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        *,
-        action_dim: int,
-        config: PlanConfig | None = None,
+        batch_size: int | None = None,
+        num_samples: int | None = None,
+        var_scale: float | None = None,
+        n_steps: int | None = None,
+        topk: int | None = None,
         device: torch.device | str | None = None,
+        seed: int | None = None,
+        callbacks: list | None = None,
+        *,
+        action_dim: int | None = None,
+        config: PlanConfig | None = None,
         fast: bool | None = None,
         backend: str = "auto",
         **settings,
     ):
+        if callbacks:
+            raise ValueError(
+                "lewm_fast's CEMSolver takes no callbacks: a captured solve never hands each "
+                "iteration's candidates to the host; use stable_worldmodel.solver.CEMSolver to record them"
+            )
+        published = {"num_samples": num_samples, "var_scale": var_scale, "n_steps": n_steps, "topk": topk}
+        settings = {**settings, **{k: v for k, v in published.items() if v is not None}}
+        if seed is not None:
+            settings["seed"] = seed
         self.config = _solver_config(config, settings)
-        self.action_dim = _checks.integer(action_dim, "action_dim", 1, numpy=True)
-        for name in ("horizon", "num_samples", "n_steps", "topk", "var_scale", "history_size", "max_batch"):
+        if batch_size is not None:
+            if "max_batch" in settings:
+                raise ValueError(
+                    "give batch_size (envs per rollout) or max_batch (candidate rows per rollout), not both"
+                )
+            self.batch_size = _checks.integer(batch_size, "batch_size", 1, numpy=True)
+            self.config = self.config.replace(max_batch=self.batch_size * self.config.num_samples)
+        else:
+            self.batch_size = None
+        for name in ("num_samples", "n_steps", "topk", "var_scale", "history_size", "max_batch"):
             setattr(self, name, getattr(self.config, name))
         self.seed = self.config.solver_seed
         self.autocast = self.config.autocast
@@ -124,17 +170,22 @@ class CEMSolver:
         self.backend = backend
 
         self.model = model
-        self.fast = self._choose_path(model, fast)
-        self._cost = PlanningCost(model, self.history_size) if self.fast else None
+        self._net = self._planned_model(model, fast)  # what is planned: model, or a view of it
+        if action_dim is not None:
+            action_dim = _checks.integer(action_dim, "action_dim", 1, numpy=True)
+        self._action_dim = action_width_of(self._net) if action_dim is None else action_dim
+        self._n_envs: int | None = None
+        self.fast = self._choose_path(self._net, fast)
+        self._cost = PlanningCost(self._net, self.history_size) if self.fast else None
         # the window planned with: the given one, else the predictor's num_frames (a model planned
         # through get_cost uses its own rollout's window)
-        self.history_size = self._cost.history_size if self.fast else window_of(model, self.history_size)
+        self.history_size = self._cost.history_size if self.fast else window_of(self._net, self.history_size)
         # Under autocast the fast path runs a copy with the Linear/Conv weights already in the
         # low-precision dtype: the same numbers without a cast kernel per layer and call.
         self._low = (
-            LowPrecisionWeights(model, self.autocast) if self.fast and self.autocast is not None else None
+            LowPrecisionWeights(self._net, self.autocast) if self.fast and self.autocast is not None else None
         )
-        self.device = self._choose_device(model, device)
+        self.device = self._choose_device(self._net, device)
         cuda_graph = self.config.cuda_graph
         if cuda_graph and (self.device.type != "cuda" or not self.fast):
             raise ValueError("cuda_graph=True needs a CUDA device and the fast path (a LeWM JEPA model)")
@@ -146,7 +197,72 @@ class CEMSolver:
         self._captured: _CapturedSolve | None = None
         self._auto_rows: dict[int, int | None] = {}
 
+    # ------------------------------------------------------ the Solver protocol
+    @property
+    def horizon(self) -> int:
+        """Model actions per plan (T): the config's ``horizon``, set by :meth:`configure`."""
+        return self.config.horizon
+
+    @property
+    def action_dim(self) -> int | None:
+        """Numbers per model action, env action dim x ``action_block`` (None until known)."""
+        return self._action_dim
+
+    @property
+    def n_envs(self) -> int | None:
+        """Envs of the world planned for, set by :meth:`configure` (None before)."""
+        return self._n_envs
+
+    def configure(self, *, action_space, n_envs: int, config) -> None:
+        """stable-worldmodel's ``Solver.configure``: plan for ``n_envs`` envs of ``action_space``.
+
+        action_space: the vectorised env's (n_envs, ...) Box; config: stable-worldmodel's
+        ``PlanConfig`` or lewm_fast's (``horizon``, ``action_block``). Sets ``action_dim =
+        prod(action_space.shape[1:]) x action_block``, ``n_envs`` and ``horizon``. ValueError
+        for a non-continuous space or an action width the model does not take.
+        """
+        shape = getattr(action_space, "shape", None)
+        dtype = getattr(action_space, "dtype", None)
+        if shape is None or len(shape) < 2 or dtype is None or not np.issubdtype(dtype, np.floating):
+            raise ValueError(
+                "action_space must be the vectorised env's continuous (Box) space of shape "
+                f"(n_envs, ...), got {action_space!r}"
+            )
+        n_envs = _checks.integer(n_envs, "n_envs", 1, numpy=True)
+        block = _checks.integer(getattr(config, "action_block", 1), "config.action_block", 1, numpy=True)
+        horizon = _checks.integer(getattr(config, "horizon", None), "config.horizon", 1, numpy=True)
+        action_dim = int(np.prod(shape[1:])) * block
+        width = action_width_of(self._net)
+        if width is not None and width != action_dim:
+            raise ValueError(
+                f"the env's action dim {int(np.prod(shape[1:]))} x action_block {block} = {action_dim} "
+                f"does not match the model's action width {width} (the action encoder's input size)"
+            )
+        self.config = self.config.replace(horizon=horizon, action_block=block)
+        self._action_dim = action_dim
+        self._n_envs = n_envs
+        self._captured = None
+        self._auto_rows.clear()
+
     # ----------------------------------------------------------------- set-up
+    @staticmethod
+    def _planned_model(model: nn.Module, fast: bool | None) -> nn.Module:
+        """The model the solver plans: ``model``, or for stable-worldmodel's LeWM (unless
+        ``fast=False``) a lewm_fast JEPA on its tensors, which the fast path can plan."""
+        if fast is False or not is_published_lewm(model):
+            return model
+        try:
+            return from_published(model)
+        except ValueError as exc:
+            if fast:
+                raise ValueError(f"fast=True needs a LeWM JEPA model: {exc}") from None
+            warnings.warn(
+                f"CEMSolver: no fast path for this {type(model).__name__} ({exc}); planning through get_cost",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return model
+
     def _choose_path(self, model: nn.Module, fast: bool | None) -> bool:
         """Whether to plan on the fast path; ValueError for a model neither path can plan with."""
         why_not_fast = fast_cost_unsupported_reason(model)
@@ -165,7 +281,7 @@ class CEMSolver:
                 f"got {type(model).__name__}"
             )
         width = action_width_of(model)
-        if width is not None and width != self.action_dim:
+        if width is not None and self.action_dim is not None and width != self.action_dim:
             raise ValueError(
                 f"action_dim = {self.action_dim} does not match the model's action width {width} "
                 "(frameskip x env action dim, the action encoder's input size)"
@@ -219,7 +335,8 @@ class CEMSolver:
             raise ValueError(
                 f"info_dict must be a dict of per-env arrays (B, ...), got {type(info_dict).__name__}"
             )
-        sizes = {k: len(v) for k, v in info_dict.items() if torch.is_tensor(v) or isinstance(v, np.ndarray)}
+        arrays = {k: v for k, v in info_dict.items() if torch.is_tensor(v) or isinstance(v, np.ndarray)}
+        sizes = {k: len(v) for k, v in arrays.items() if v.ndim}
         if not sizes:
             raise ValueError("info_dict holds no tensor or array with a leading env axis B")
         if len(set(sizes.values())) != 1:
@@ -231,7 +348,7 @@ class CEMSolver:
         value = info_dict.get(key)
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(value)
-        channels, patch = frame_spec_of(self.model)
+        channels, patch = frame_spec_of(self._net)
         name = f"info_dict[{key!r}]"
         return _checks.pixels(value, name, _FRAMES, channels, patch, values=False).to(
             self.device, torch.float32
@@ -335,7 +452,7 @@ class CEMSolver:
             expanded[key] = value
 
         def score(candidates):
-            costs = self.model.get_cost(dict(expanded), candidates)
+            costs = self._net.get_cost(dict(expanded), candidates)
             if not torch.is_tensor(costs) or tuple(costs.shape) != (envs, samples):
                 raise ValueError(
                     f"get_cost must return a tensor of shape (B, S) = ({envs}, {samples}), "
@@ -406,12 +523,19 @@ class CEMSolver:
                 f"horizon ({self.horizon}) must be at least the number of context frames ({pixels.shape[1]})"
             )
         self._sync_cost()
-        rows = self._batch_rows(envs)
+        if self.cuda_graph and self._n_envs is not None and envs < self._n_envs:
+            # one graph for every batch size: pad to n_envs rows with copies of env 0, on the device
+            pad = self._n_envs - envs
+            pixels, goal, mean0 = (
+                torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) for t in (pixels, goal, mean0)
+            )
+        rows = self._batch_rows(pixels.shape[0])
         outputs = self._graph_solve(pixels, goal, mean0, seed, rows) if self.cuda_graph else None
         if outputs is None:
             self._generator().manual_seed(seed)
             outputs = self._fast_body(pixels, goal, mean0, self.n_steps, rows=rows)
-        return outputs
+        *per_env, faults = outputs
+        return (*(t[:envs] for t in per_env), faults[..., :envs])
 
     @torch.no_grad()
     def solve(
@@ -434,11 +558,16 @@ class CEMSolver:
         frames hold NaN/inf or values no ImageNet-normalised frame reaches (spec section 5).
         """
         envs = self._check_info(info_dict)
+        if self.action_dim is None:
+            raise ValueError(
+                "CEMSolver: the action width is unknown; pass action_dim= or call "
+                "configure(action_space=..., n_envs=..., config=...) first"
+            )
         if seed is None:
             seed = plan_seed(self.seed, self._plans)
             self._plans += 1
         mean0 = self._mean0(envs, init_action)
-        with eval_mode(self.model):  # planning sees eval mode; the model's own flags come back after
+        with eval_mode(self._net):  # planning sees eval mode; the model's own flags come back after
             if self.fast:
                 outputs = self._fast_solve(info_dict, envs, mean0, seed)
             else:
