@@ -188,6 +188,22 @@ def _loss(model, sigreg, batch, seed):
     return (pred - emb[:, 1:]).pow(2).mean() + 0.09 * sigreg(emb.transpose(0, 1)), pred
 
 
+@pytest.mark.parametrize("frames", [1, 2, 3, 4])
+def test_planning_window_matches_the_published_get_cost(swm, frames):
+    """Spec section 6 (issue 12): the window is predictor.num_frames, as stable-worldmodel's
+    rollout takes it; lewm_fast's get_cost and fast cost equal the published get_cost of the
+    same weights for num_frames 1 to 4 (one env: the published criterion takes one per call)."""
+    from lewm_fast.plan import planning_cost
+
+    model = randomize_(small_config(**{"predictor.num_frames": frames}).build(), seed=5).eval()
+    published = published_twin(swm, model).eval()
+    info = _info(1, seed=frames)
+    want = _cost(published, info)
+    assert_close(_cost(model, info), want, "fp32_gemm", f"get_cost, num_frames {frames}")
+    cand = torch.randn(1, 6, 5, 10, generator=torch.Generator().manual_seed(0))  # _cost's candidates
+    assert_close(planning_cost(model, info, cand), want, "fp32_gemm", f"fast cost, num_frames {frames}")
+
+
 def test_accelerate_swaps_blocks_in_place_with_the_same_numbers(swm, jepa):
     published = published_twin(swm, jepa).train()
     patched = copy.deepcopy(published)
