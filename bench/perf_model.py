@@ -43,10 +43,12 @@ handled explicitly:
    accelerator, so ``Tensor.backward`` is replaced *while counting only* by
    :func:`_walk_backward`, which calls the autograd graph's nodes in topological order
    in this thread, reduces and casts each gradient to the shape and dtype its node
-   takes (as the engine's ``validate_outputs``) and adds gradients that meet (``a + b``,
-   one kernel each, as the engine's input buffer does); the walk is used on every machine so the counts do not
-   depend on it. ``torch.autocast("cuda")`` switches itself off when no GPU is present;
-   while counting, its two availability checks are made to answer yes.
+   takes (as the engine's ``validate_outputs``), adds gradients that meet (``a + b``,
+   one kernel each, as the engine's input buffer does) and hands a parameter its
+   gradient as AccumulateGrad does (the buffer itself, no copy, when the strides match);
+   the walk is used on every machine so the counts do not depend on it.
+   ``torch.autocast("cuda")`` switches itself off when no GPU is present; while
+   counting, its two availability checks are made to answer yes.
 
 The counting rule (what becomes a kernel)
 -----------------------------------------
@@ -467,6 +469,9 @@ def _run_graph(roots, grads) -> None:
         if inputs is None or all(g is None for g in inputs):
             continue
         inputs += [None] * (len(getattr(node, "_input_metadata", ())) - len(inputs))
+        if type(node).__name__ == "AccumulateGrad":
+            _accumulate(node.variable, inputs[0])
+            continue
         outputs = node.apply(*inputs) if hasattr(node, "_forward_cls") else node(*inputs)
         if not isinstance(outputs, (tuple, list)):
             outputs = (outputs,)
@@ -477,6 +482,18 @@ def _run_graph(roots, grads) -> None:
             buffer = pending.setdefault(child, [])
             buffer.extend([None] * (slot + 1 - len(buffer)))
             buffer[slot] = grad if buffer[slot] is None else buffer[slot] + grad
+
+
+def _accumulate(variable: torch.Tensor, grad: torch.Tensor) -> None:
+    """What the engine's AccumulateGrad does with ``grad``: the first gradient of a step is
+    stolen (no kernel) when its strides match the variable's, else copied into a tensor that
+    matches (one kernel); a later one is added in place (one kernel). Calling the node from
+    Python would copy every time: the walk's own references make the buffer look shared."""
+    if variable.grad is None:
+        dense = grad.stride() == variable.stride() or grad.numel() <= 1
+        variable.grad = grad if dense else torch.empty_like(variable).copy_(grad)
+    else:
+        variable.grad.add_(grad)
 
 
 @contextlib.contextmanager

@@ -56,6 +56,21 @@ def test_lone_linear_bytes_are_input_output_weight():
         assert tally.flops == 2 * 37 * 192 * 2048
 
 
+def test_linear_training_step_launches_equal_a_hand_count():
+    # layer(x).sum().backward(), x (37, 192) without grad, Linear(192, 2048):
+    #   forward: addmm 1, sum 1; backward: the seed ones_like 1, SumBackward expands (free),
+    #   AddmmBackward: weight grad mm 1, bias grad sum 1; AccumulateGrad takes both gradients
+    #   as they are (their strides match the parameters'): no copy
+    layer = nn.Linear(192, 2048)
+    with FakeTensorMode(), perf_model._counting_patches():
+        perf_model.fake_cuda(layer)
+        x = torch.empty(37, 192, device="cuda")
+        with perf_model.count() as counter:
+            layer(x).sum().backward()
+        assert layer.weight.grad.shape == (2048, 192) and layer.bias.grad.shape == (2048,)
+    assert counter.tally.by_op() == {"aten::sum": 2, "aten::addmm": 1, "aten::ones_like": 1, "aten::mm": 1}
+
+
 def _linear_flops(rows: int, *dims: int) -> int:
     """2 rows d_in d_out for a chain of Linear layers dims[0] -> dims[1] -> ..."""
     return sum(2 * rows * a * b for a, b in zip(dims, dims[1:]))
