@@ -122,6 +122,10 @@ recomputing cheap ops in the backward instead of saving them, horizontal fusion 
 independent ops (e.g. the weight casts), epilogue fusion into matmuls (max-autotune);
 and low: split reductions (one large reduction as two kernels).
 
+A kernel's dtype, which picks the peak its FLOPs run at, is that of its first
+floating-point input (mm: ``mat1``, attention: ``q`` or ``grad_out``), else of its first
+floating-point output.
+
 Projected time of a kernel on a device = ``max(flops / peak_flops(dtype), bytes /
 bandwidth)``, summed over kernels, plus ``launches x per-launch cost`` (one value for a
 CUDA-graph replay, one for eager launch). The peak table :data:`DEVICES` names a source
@@ -335,7 +339,7 @@ class Kernel:
     launches: int
     flops: int
     bytes: int
-    dtype: str  # the widest floating dtype among its tensors
+    dtype: str  # its first floating-point input's (else output's) dtype: the peak it runs at
     # For the compiled projection (see "torch.compile" in the module docstring):
     segment: int | None = None  # the compiled graph it would belong to (None: runs eagerly)
     extern: bool = True  # kept as its own kernel by inductor (GEMM, attention, custom op)
@@ -421,8 +425,11 @@ class KernelCounter(TorchDispatchMode):
         for t in _tensors(out):
             writes.setdefault(_key(t), t)
         tensors = [*reads.values(), *writes.values()]
-        floats = [t.dtype for t in tensors if t.is_floating_point()]
-        dtype = max(floats, key=lambda d: d.itemsize) if floats else torch.float32
+        # the rate a kernel runs at is its operands': the first floating-point input (an
+        # attention kernel's float32 log-sum-exp output does not make it a float32 kernel)
+        floats = [t.dtype for t in reads.values() if t.is_floating_point()]
+        floats = floats or [t.dtype for t in writes.values() if t.is_floating_point()]
+        dtype = floats[0] if floats else torch.float32
         nbytes = sum(tensor_bytes(t) for t in tensors)
         index = len(self.tally.kernels)
         signature = None
