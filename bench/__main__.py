@@ -40,7 +40,7 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="headline cases only, fewer repetitions: no sweeps (plan: 1 env and 50 envs; "
-        "sigreg: the training size; train: batch 128 without the torch.compile variant); "
+        "sigreg: the training size; train: batch 128 without the torch.compile variants); "
         "smaller settings on a CPU",
     )
     parser.add_argument(

@@ -9,8 +9,9 @@ normalised windows (data loading is measured by ``bench_data``).
   logs the loss every step).
 - fast-<plan>: the public model (fused AdaLN-Zero kernels on CUDA), the fused SIGReg,
   :func:`lewm_fast.train.forward_backward` under the plan, fused AdamW, no host sync.
-- fast-whole-compile (CUDA): fast-whole with each encoder layer under ``torch.compile``
-  (``TrainConfig.compile``).
+- fast-<plan>-compile (CUDA): fast-<plan> with ``TrainConfig.compile``'s step
+  (:func:`lewm_fast.train.compile_step`, inductor: the plan's forward and backward compiled,
+  "whole" replaying CUDA graphs) and the encoder's attention backend the trainer picks.
 - fast-8GiB-<plan>: the plan :func:`lewm_fast.train.choose_plan` picks for an 8 GiB budget,
   run with the CUDA caching allocator capped at 8 GiB
   (``torch.cuda.set_per_process_memory_fraction``); ``grad_rel_err`` is its gradients'
@@ -18,9 +19,11 @@ normalised windows (data loading is measured by ``bench_data``).
 
 On CUDA: the paper model in bf16 autocast at batch 128, then a batch-size sweep of the fast
 step (and the reference). On CPU: the ``tiny`` training preset's model in float32 at batch 8.
-``--quick`` runs batch 128 (CPU: 8) alone, without fast-whole-compile and the sweep. Rows
-carry samples/s, achieved TFLOP/s (model FLOPs: recomputation is not counted) and the
-absolute allocator peak (``peak_GiB``, CUDA only).
+``--quick`` runs batch 128 (CPU: 8) alone, without the compiled steps and the sweep. Rows
+carry samples/s, achieved TFLOP/s (model FLOPs: recomputation is not counted), the
+absolute allocator peak (``peak_GiB``, CUDA only) and, on CUDA, ``launches/step``: the CUDA
+kernels ``torch.profiler`` sees in one step (kernels replayed from a CUDA graph count as the
+profiler reports them), to set beside the performance model's projected counts.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import torch
 
 from lewm_fast import LeWMConfig, SIGReg
 from lewm_fast import reference as ref
-from lewm_fast.train import TrainConfig, choose_plan, forward_backward, parse_size
+from lewm_fast.backend import choose_sdpa
+from lewm_fast.train import TrainConfig, choose_plan, compile_step, forward_backward, parse_size
 
 from .harness import Report, peak_extra_memory, time_fn
 
@@ -84,11 +88,15 @@ class _Step:
     ):
         torch.manual_seed(cfg.seed)
         self.model = cfg.model.build(reference=reference).to(device).train()
-        if compile:
-            for layer in self.model.encoder.layers:
-                layer.compile()
         self.params = list(self.model.parameters())
         self.dtype = cfg.autocast_dtype if device.type == "cuda" else None
+        self.functions = compile_step(plan, device) if compile else None
+        self.sdpa = None
+        if compile:  # as the trainer does: the encoder's attention backend, chosen and enabled
+            vit = cfg.model.encoder.vit_config()
+            heads = vit.num_attention_heads
+            shape = (heads, 1 + vit.num_patches, vit.hidden_size // heads)
+            self.sdpa = choose_sdpa(device, self.dtype or torch.float32, shape).backend
         self.device, self.plan, self.chunk, self.reference = device, plan, chunk, reference
         kwargs = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         if reference:
@@ -107,7 +115,14 @@ class _Step:
             losses["loss"].backward()
             return losses["loss"]
         return forward_backward(
-            self.model, self.sigreg, batch, self.plan, self.chunk, autocast_dtype=self.dtype
+            self.model,
+            self.sigreg,
+            batch,
+            self.plan,
+            self.chunk,
+            autocast_dtype=self.dtype,
+            functions=self.functions,
+            sdpa_backend=self.sdpa,
         )["loss"]
 
     def __call__(self, batch: dict) -> None:
@@ -131,6 +146,24 @@ def _absolute_peak(fn, device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def _launches(fn, device: torch.device) -> int | None:
+    """CUDA kernels ``torch.profiler`` records during one call of ``fn`` (None off CUDA or
+    when the profiler fails)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        torch.cuda.synchronize(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception as exc:  # a profiler that cannot start (CUPTI missing) loses one metric
+        print(f"[bench train] launches/step not counted: {type(exc).__name__}: {exc}")
+        return None
+
+
 def _measure(report, case, impl, step: _Step, batch, flops, reps, **extra) -> None:
     device = report.device
     # No L2 flush: a step moves gigabytes, far more than any L2, and a flush buffer would
@@ -138,6 +171,9 @@ def _measure(report, case, impl, step: _Step, batch, flops, reps, **extra) -> No
     timing = time_fn(lambda: step(batch), device, warmup=2, reps=reps, max_seconds=15.0, flush_l2=False)
     peak = _absolute_peak(lambda: step(batch), device)
     extra_bytes = peak_extra_memory(lambda: step(batch), device)
+    launches = _launches(lambda: step(batch), device)
+    if launches is not None:
+        extra = {**extra, "launches/step": launches}
     metrics = {
         "samples/s": batch["pixels"].shape[0] / (timing.median_ms / 1e3),
         "TFLOP/s": flops / (timing.median_ms * 1e9),
@@ -174,11 +210,10 @@ def run(report: Report, quick: bool = False) -> None:
         flops = step_flops(cfg.model, b, cfg.sigreg_num_proj)
         impls = [("reference", dict(reference=True))]
         if b == batch_size:
-            impls += [
-                (f"fast-{p}", dict(reference=False, plan=p)) for p in ("whole", "checkpoint", "two_pass")
-            ]
+            plans = ("whole", "checkpoint", "two_pass")
+            impls += [(f"fast-{p}", dict(reference=False, plan=p)) for p in plans]
             if device.type == "cuda" and not quick:
-                impls += [("fast-whole-compile", dict(reference=False, plan="whole", compile=True))]
+                impls += [(f"fast-{p}-compile", dict(reference=False, plan=p, compile=True)) for p in plans]
         else:
             impls += [("fast-whole", dict(reference=False, plan="whole"))]
         for impl, kwargs in impls:

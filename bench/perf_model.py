@@ -10,7 +10,8 @@ and projected times on named GPUs. Every number here is a PROJECTION, never a me
   autocast), paper-size model (``LeWMConfig.preset("paper")``);
 - one training step at batch 128, 4 frames of 224 px, under each memory plan (``whole``,
   ``checkpoint``, ``two_pass``), fp32 and bf16 autocast: :func:`lewm_fast.train.forward_backward`
-  (forward and backward; the optimizer step and gradient clipping are NOT included).
+  (forward and backward; the optimizer step and gradient clipping are NOT included), eager,
+  and as projected under ``TrainConfig.compile`` (below, "torch.compile").
 
 How it runs without a GPU
 -------------------------
@@ -33,7 +34,9 @@ handled explicitly:
    CUDA build picks for these shapes instead: ``aten._scaled_dot_product_flash_attention``
    for bf16/fp16 and ``aten._scaled_dot_product_efficient_attention`` for fp32 (head dim
    64; the priority order of ``torch.backends.cuda.sdp_kernel``: flash, then
-   memory-efficient). Their backward ops come from autograd.
+   memory-efficient; also what :func:`lewm_fast.backend.choose_sdpa` picks for the encoder
+   on sm80+ unless torch itself prefers cuDNN, which is not modelled). Their backward ops
+   come from autograd.
 3. *Device guard and autograd*: integer indexing of a CUDA tensor and recording its
    gradient need a CUDA device guard, which a torch built without CUDA lacks. There a
    10-line C++ file registering c10's no-op device guard for CUDA is compiled once
@@ -43,10 +46,12 @@ handled explicitly:
    accelerator, so ``Tensor.backward`` is replaced *while counting only* by
    :func:`_walk_backward`, which calls the autograd graph's nodes in topological order
    in this thread, reduces and casts each gradient to the shape and dtype its node
-   takes (as the engine's ``validate_outputs``) and adds gradients that meet (``a + b``,
-   one kernel each, as the engine's input buffer does); the walk is used on every machine so the counts do not
-   depend on it. ``torch.autocast("cuda")`` switches itself off when no GPU is present;
-   while counting, its two availability checks are made to answer yes.
+   takes (as the engine's ``validate_outputs``), adds gradients that meet (``a + b``,
+   one kernel each, as the engine's input buffer does) and hands a parameter its
+   gradient as AccumulateGrad does (the buffer itself, no copy, when the strides match);
+   the walk is used on every machine so the counts do not depend on it.
+   ``torch.autocast("cuda")`` switches itself off when no GPU is present; while
+   counting, its two availability checks are made to answer yes.
 
 The counting rule (what becomes a kernel)
 -----------------------------------------
@@ -81,6 +86,46 @@ dimension counts once; an argument the op writes in place counts as written, not
 A custom op's bytes are its op-level inputs and outputs (what its kernels must read and
 write at least once), not its internal re-reads.
 
+torch.compile (a projection of a projection)
+--------------------------------------------
+Inductor was not run: compiling for CUDA needs a GPU. The compiled step's kernels are
+projected from the eager step's, counted once with each compiled graph marked: the
+forward of each piece :func:`lewm_fast.train.compile_step` compiles for the plan
+(``whole_objective``; two_pass: ``encode_frames`` per chunk, ``head_objective``) and each
+``backward`` call is one graph ("segment"); what runs between the pieces (two_pass's
+``torch.cat`` and loop, the returned losses) stays eager. Every counted kernel records
+which storages it reads (and which kernel wrote each) and writes. Then, per graph:
+
+1. *Extern kernels stay as counted*: matmuls (``mm``/``addmm``/``bmm``), convolutions,
+   attention (:data:`EXTERN`) and every ``lewm_fast::*`` custom op; inductor's default
+   mode calls them as library kernels, without fusing neighbours into them.
+2. *Common subexpressions merge*: an op repeating an earlier one of the same graph on the
+   same input versions (autocast casts an activation once per Linear reading it) is
+   dropped and its readers read the first one's output (AOTAutograd's CSE). Random ops
+   never merge.
+3. *Fusion*: the remaining (pointwise, reduction, normalisation, copy, random) kernels,
+   split into runs between two extern kernels in program order, are joined along
+   producer -> consumer edges inside a run; each joined group is one kernel per reduction
+   it holds (:data:`REDUCTIONS`; a row-statistics LayerNorm is one, its backward with
+   affine gradients two, a training BatchNorm one, ...), at least one.
+4. *Bytes of a fused kernel* = the distinct tensors it reads from outside the group + the
+   tensors it writes that something outside the group reads later (another kernel, the
+   backward pass) or that outlive the step (gradients, BatchNorm statistics, the
+   returned losses); intermediates stay in registers, and a group whose results nothing
+   uses is dropped.
+5. With CUDA graphs (the ``whole`` plan, as ``compile_step`` asks on CUDA), graph trees copy
+   each fresh batch tensor into their static inputs (one copy kernel each, read + write)
+   and the step clones its two losses.
+
+Not modelled, so the projection errs high on bytes and kernels: the min-cut partitioner
+recomputing cheap ops in the backward instead of saving them, horizontal fusion of
+independent ops (e.g. the weight casts), epilogue fusion into matmuls (max-autotune);
+and low: split reductions (one large reduction as two kernels).
+
+A kernel's dtype, which picks the peak its FLOPs run at, is that of its first
+floating-point input (mm: ``mat1``, attention: ``q`` or ``grad_out``), else of its first
+floating-point output.
+
 Projected time of a kernel on a device = ``max(flops / peak_flops(dtype), bytes /
 bandwidth)``, summed over kernels, plus ``launches x per-launch cost`` (one value for a
 CUDA-graph replay, one for eager launch). The peak table :data:`DEVICES` names a source
@@ -90,6 +135,7 @@ for every figure; the per-launch costs are assumptions (see :data:`LAUNCH_US`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -109,6 +155,9 @@ from lewm_fast.reference.jepa import action_width_of
 __all__ = [
     "CUSTOM_KERNELS",
     "ATEN_KERNELS",
+    "EXTERN",
+    "REDUCTIONS",
+    "compiled_kernels",
     "DEVICES",
     "LAUNCH_US",
     "KernelCounter",
@@ -152,6 +201,65 @@ ATEN_KERNELS = {
     "_scaled_dot_product_flash_attention_backward": lambda args, kwargs: 3,  # dO.O, main, dQ convert
 }
 
+# torch.compile projection: ATen ops inductor leaves as library calls of their own ("extern
+# kernels"); every lewm_fast custom op is one as well. All other ops are fusible.
+EXTERN = {
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "convolution",
+    "convolution_backward",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_cudnn_attention_backward",
+    "_flash_attention_forward",
+    "_flash_attention_backward",
+    "_efficient_attention_forward",
+    "_efficient_attention_backward",
+}
+
+# Reductions a fusible op brings into its fused kernel group: one kernel each (a group of
+# pointwise ops only is one kernel). A callable gets (args, kwargs).
+REDUCTIONS = {
+    "sum": 1,
+    "mean": 1,
+    "amax": 1,
+    "amin": 1,
+    "max": 1,
+    "min": 1,
+    "var": 1,
+    "var_mean": 1,
+    "std": 1,
+    "norm": 1,
+    "linalg_vector_norm": 1,
+    "any": 1,
+    "all": 1,
+    "_softmax": 1,
+    "_log_softmax": 1,
+    "_softmax_backward_data": 1,
+    "_log_softmax_backward_data": 1,
+    "native_layer_norm": 1,  # the row statistics; normalising fuses into the same kernel
+    "native_layer_norm_backward": ATEN_KERNELS["native_layer_norm_backward"],  # rows, then gamma/beta
+    "native_batch_norm": lambda args, kwargs: int(bool(args[5])),  # training: the batch statistics
+    "_native_batch_norm_legit": lambda args, kwargs: int(bool(args[5])),
+    "_native_batch_norm_legit_functional": lambda args, kwargs: int(bool(args[5])),
+    "native_batch_norm_backward": 1,  # the sums over the batch; dX fuses into its consumers
+}
+
+
+# ops that draw random numbers: two of them never compute the same value
+_RANDOM = ("rand", "bernoulli", "dropout", "normal", "uniform", "exponential", "multinomial")
+
+
+def _reductions(name: str, args, kwargs) -> int:
+    rule = REDUCTIONS.get(name, 0)
+    return rule(args, kwargs) if callable(rule) else rule
+
+
 FREE = {
     "empty",
     "empty_strided",
@@ -191,6 +299,16 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
+def _storage(t: torch.Tensor) -> int:
+    """An id of the storage ``t`` views (a freed storage's id may be reused by a later
+    allocation; the dataflow is still right because every allocation is written before
+    it is read, which makes its writer the producer)."""
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return id(t)
+
+
 def _key(t: torch.Tensor) -> tuple:
     try:
         storage = t.untyped_storage()._cdata
@@ -223,7 +341,14 @@ class Kernel:
     launches: int
     flops: int
     bytes: int
-    dtype: str  # the widest floating dtype among its tensors
+    dtype: str  # its first floating-point input's (else output's) dtype: the peak it runs at
+    # For the compiled projection (see "torch.compile" in the module docstring):
+    segment: int | None = None  # the compiled graph it would belong to (None: runs eagerly)
+    extern: bool = True  # kept as its own kernel by inductor (GEMM, attention, custom op)
+    reductions: int = 0  # reduction kernels it needs when fused
+    reads: tuple = ()  # (storage, bytes, index of the kernel that wrote it or -1)
+    writes: tuple = ()  # (storage, bytes)
+    signature: tuple | None = None  # equal for ops computing equal values (None: never merged)
 
 
 @dataclass
@@ -263,6 +388,8 @@ class KernelCounter(TorchDispatchMode):
 
         self._flop_registry = FlopCounterMode().flop_registry
         self.tally = Tally()
+        self.segment: int | None = None  # set by _graph_segments while a compiled piece runs
+        self.last_writer: dict[int, int] = {}  # storage -> index of the kernel that wrote it last
 
     def _flops(self, func, args, kwargs, out) -> int:
         formula = self._flop_registry.get(func._overloadpacket)
@@ -300,11 +427,164 @@ class KernelCounter(TorchDispatchMode):
         for t in _tensors(out):
             writes.setdefault(_key(t), t)
         tensors = [*reads.values(), *writes.values()]
-        floats = [t.dtype for t in tensors if t.is_floating_point()]
-        dtype = max(floats, key=lambda d: d.itemsize) if floats else torch.float32
+        # the rate a kernel runs at is its operands': the first floating-point input (an
+        # attention kernel's float32 log-sum-exp output does not make it a float32 kernel)
+        floats = [t.dtype for t in reads.values() if t.is_floating_point()]
+        floats = floats or [t.dtype for t in writes.values() if t.is_floating_point()]
+        dtype = floats[0] if floats else torch.float32
         nbytes = sum(tensor_bytes(t) for t in tensors)
-        self.tally.kernels.append(Kernel(f"{func.namespace}::{name}", launches, flops, nbytes, str(dtype)))
+        index = len(self.tally.kernels)
+        signature = None
+        if not written and not any(word in name for word in _RANDOM):
+            signature = (name, self._signature(positional), self._signature(sorted(kwargs.items())))
+        read_flow = tuple(
+            (_storage(t), tensor_bytes(t), self.last_writer.get(_storage(t), -1)) for t in reads.values()
+        )
+        write_flow = tuple((_storage(t), tensor_bytes(t)) for t in writes.values())
+        for storage, _ in write_flow:
+            self.last_writer[storage] = index
+        extern = func.namespace != "aten" or name in EXTERN
+        self.tally.kernels.append(
+            Kernel(
+                f"{func.namespace}::{name}",
+                launches,
+                flops,
+                nbytes,
+                str(dtype),
+                segment=self.segment,
+                extern=extern,
+                reductions=0 if extern else _reductions(name, args, kwargs),
+                reads=read_flow,
+                writes=write_flow,
+                signature=signature,
+            )
+        )
         return out
+
+    def _signature(self, value):
+        """A hashable description of an op argument; a tensor by its storage's version (the
+        kernel that wrote it last) and its view, so equal signatures compute equal values."""
+        if isinstance(value, torch.Tensor):
+            storage = _storage(value)
+            return ("tensor", storage, self.last_writer.get(storage, -1), _key(value)[1:])
+        if isinstance(value, (list, tuple)):
+            return tuple(self._signature(v) for v in value)
+        return repr(value)
+
+
+def compiled_kernels(kernels: list[Kernel], final: set[tuple[int, int]]) -> list[Kernel]:
+    """The kernels of ``kernels`` (one counted step, in program order) as the torch.compile
+    projection sees them (the rule is in the module docstring, "torch.compile").
+
+    ``final``: the (kernel index, storage) writes that outlive the step (gradients,
+    BatchNorm statistics, returned losses); other writes no later kernel reads are dead and
+    a compiled graph drops them.
+    """
+    kernels, final, merged = _common_subexpressions(kernels, final)
+    readers: dict[tuple[int, int], set[int]] = {}
+    for i, k in enumerate(kernels):
+        for storage, _, producer in k.reads:
+            if producer >= 0:
+                readers.setdefault((producer, storage), set()).add(i)
+    out: list[Kernel] = []
+    run: list[int] = []
+
+    def flush() -> None:
+        if run:
+            out.extend(_fuse(run, kernels, readers, final))
+            run.clear()
+
+    for i, k in enumerate(kernels):
+        if i in merged:
+            continue
+        if k.segment is None or k.extern:
+            flush()
+            out.append(k)
+        else:
+            if run and kernels[run[-1]].segment != k.segment:
+                flush()
+            run.append(i)
+    flush()
+    return out
+
+
+def _common_subexpressions(kernels: list[Kernel], final: set[tuple[int, int]]):
+    """Merge, inside each compiled graph, an op that repeats an earlier one on the same input
+    versions (autocast casts one activation once per Linear that reads it; AOTAutograd's CSE
+    keeps one cast). Returns the kernels with their reads pointing at the kept op's outputs,
+    ``final`` likewise, and the indices of the merged (dropped) kernels."""
+    first: dict[tuple, int] = {}
+    alias: dict[tuple[int, int], tuple[int, int]] = {}
+    merged: set[int] = set()
+    out = []
+    for i, k in enumerate(kernels):
+        reads = []
+        for storage, nbytes, producer in k.reads:
+            producer, storage = alias.get((producer, storage), (producer, storage))
+            reads.append((storage, nbytes, producer))
+        k = dataclasses.replace(k, reads=tuple(reads))
+        out.append(k)
+        if k.segment is None or k.extern or k.signature is None:
+            continue
+        key = (k.segment, k.signature)
+        if key in first:
+            kept = out[first[key]]
+            merged.add(i)
+            for (s, _), (s_kept, _) in zip(k.writes, kept.writes):
+                alias[(i, s)] = (first[key], s_kept)
+        else:
+            first[key] = i
+    final = {alias.get(w, w) for w in final}
+    return out, final, merged
+
+
+def _fuse(run: list[int], kernels: list[Kernel], readers, final) -> list[Kernel]:
+    """Fused kernels of a run of fusible kernels: one group per set of kernels connected by
+    producer -> consumer edges inside the run."""
+    parent = {i: i for i in run}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in run:
+        for _, _, producer in kernels[i].reads:
+            if producer in parent:
+                parent[root(i)] = root(producer)
+    groups: dict[int, list[int]] = {}
+    for i in run:
+        groups.setdefault(root(i), []).append(i)
+    fused = []
+    for members in groups.values():
+        inside = set(members)
+        inputs: dict[tuple[int, int], int] = {}
+        outputs: dict[tuple[int, int], int] = {}
+        for i in members:
+            for storage, nbytes, producer in kernels[i].reads:
+                if producer not in inside:
+                    key = (producer, storage)
+                    inputs[key] = max(inputs.get(key, 0), nbytes)
+            for storage, nbytes in kernels[i].writes:
+                key = (i, storage)
+                if (readers.get(key, set()) - inside) or key in final:
+                    outputs[key] = max(outputs.get(key, 0), nbytes)
+        if not outputs:
+            continue  # nothing it computes is used: a compiled graph drops it
+        dtypes = [kernels[i].dtype for i in members]
+        fused.append(
+            Kernel(
+                "inductor::fused",
+                max(1, sum(kernels[i].reductions for i in members)),
+                sum(kernels[i].flops for i in members),
+                sum(inputs.values()) + sum(outputs.values()),
+                max(dtypes, key=lambda d: getattr(torch, d.removeprefix("torch.")).itemsize),
+                segment=kernels[members[0]].segment,
+                extern=False,
+            )
+        )
+    return fused
 
 
 class CudaAttention(TorchFunctionMode):
@@ -469,6 +749,9 @@ def _run_graph(roots, grads) -> None:
         if inputs is None or all(g is None for g in inputs):
             continue
         inputs += [None] * (len(getattr(node, "_input_metadata", ())) - len(inputs))
+        if type(node).__name__ == "AccumulateGrad":
+            _accumulate(node.variable, inputs[0])
+            continue
         outputs = node.apply(*inputs) if hasattr(node, "_forward_cls") else node(*inputs)
         if not isinstance(outputs, (tuple, list)):
             outputs = (outputs,)
@@ -479,6 +762,18 @@ def _run_graph(roots, grads) -> None:
             buffer = pending.setdefault(child, [])
             buffer.extend([None] * (slot + 1 - len(buffer)))
             buffer[slot] = grad if buffer[slot] is None else buffer[slot] + grad
+
+
+def _accumulate(variable: torch.Tensor, grad: torch.Tensor) -> None:
+    """What the engine's AccumulateGrad does with ``grad``: the first gradient of a step is
+    stolen (no kernel) when its strides match the variable's, else copied into a tensor that
+    matches (one kernel); a later one is added in place (one kernel). Calling the node from
+    Python would copy every time: the walk's own references make the buffer look shared."""
+    if variable.grad is None:
+        dense = grad.stride() == variable.stride() or grad.numel() <= 1
+        variable.grad = grad if dense else torch.empty_like(variable).copy_(grad)
+    else:
+        variable.grad.add_(grad)
 
 
 @contextlib.contextmanager
@@ -523,6 +818,31 @@ def fake_cuda(module: nn.Module) -> nn.Module:
             if b is not None:
                 m._buffers[name] = _fake_like(b)
     return module
+
+
+@contextlib.contextmanager
+def _graph_segments(counter: KernelCounter):
+    """Inside this block ``Tensor.backward`` (the walk of :func:`_counting_patches`) counts
+    its kernels as one compiled graph (a new ``counter.segment``); yields ``piece(fn)``,
+    which wraps a step piece so that its forward is one too."""
+    segments = iter(range(1 << 62))
+    walk = torch.Tensor.backward
+
+    def within(fn):
+        def run(*args, **kwargs):
+            counter.segment = next(segments)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter.segment = None
+
+        return run
+
+    torch.Tensor.backward = within(walk)
+    try:
+        yield within
+    finally:
+        torch.Tensor.backward = walk
 
 
 @contextlib.contextmanager
@@ -616,19 +936,23 @@ def plan_counts(model: nn.Module, envs: int, autocast: torch.dtype | None, plan:
 def train_counts(
     model: nn.Module, memory_plan: str, autocast: torch.dtype | None, batch: int = TRAIN_BATCH
 ) -> dict:
-    """Kernels/FLOPs/bytes of one ``forward_backward`` at ``batch`` windows (module docstring, point 3)."""
+    """Kernels/FLOPs/bytes of one ``forward_backward`` at ``batch`` windows (module docstring,
+    point 3), eagerly, and under ``TrainConfig.compile`` as projected ("torch.compile" in the
+    module docstring) under ``"compiled"``."""
     import copy
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lewm_fast import SIGReg
-    from lewm_fast.train import forward_backward
+    from lewm_fast.train import StepFunctions, compile_step, forward_backward
+    from lewm_fast.train.step import encode_frames, head_objective, whole_objective
 
     require_cuda_guard()
     model = copy.deepcopy(model).train()
     sigreg = SIGReg(knots=17, num_proj=1024)
     size = model.encoder.config.image_size
     width = action_width_of(model)
+    cudagraphs = compile_step(memory_plan, "cuda").cudagraphs  # what TrainConfig.compile asks for
     with FakeTensorMode():
         fake_cuda(model)
         fake_cuda(sigreg)
@@ -636,9 +960,21 @@ def train_counts(
             "pixels": torch.empty(batch, TRAIN_FRAMES, 3, size, size, device="cuda"),
             "action": torch.empty(batch, TRAIN_FRAMES, width, device="cuda"),
         }
-        with _counting_patches(), count() as counter:
-            forward_backward(model, sigreg, data, memory_plan=memory_plan, autocast_dtype=autocast)
+        with _counting_patches(), count() as counter, _graph_segments(counter) as piece:
+            pieces = StepFunctions(piece(whole_objective), piece(head_objective), piece(encode_frames))
+            out = forward_backward(
+                model, sigreg, data, memory_plan=memory_plan, autocast_dtype=autocast, functions=pieces
+            )
+        lasting = [p.grad for m in (model, sigreg) for p in m.parameters() if p.grad is not None]
+        lasting += [*model.buffers(), *out.values()]
+        final = {(counter.last_writer[s], s) for s in map(_storage, lasting) if s in counter.last_writer}
+        extra = []
+        if cudagraphs:  # graph trees copy the fresh batch into their static inputs, clone the losses
+            for t in data.values():
+                extra.append(Kernel("cudagraph::input_copy", 1, 0, 2 * tensor_bytes(t), str(t.dtype)))
+            extra += [Kernel("aten::clone", 1, 0, 8, "torch.float32") for _ in range(2)]
     tally = counter.tally
+    compiled = Tally(compiled_kernels(tally.kernels, final) + extra)
     return {
         "settings": {
             "batch": batch,
@@ -651,6 +987,14 @@ def train_counts(
         **tally.summary(),
         "ops": tally.by_op(),
         "_kernels": tally.kernels,
+        "compiled": {
+            "what": "PROJECTION of TrainConfig.compile's step (inductor) by the fusion rule of the "
+            "module docstring; inductor was not run",
+            "cudagraphs": cudagraphs,
+            **compiled.summary(),
+            "ops": compiled.by_op(),
+            "_kernels": compiled.kernels,
+        },
     }
 
 
@@ -750,7 +1094,8 @@ def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None) -> dict:
     steps' memory plans (None: every plan of ``lewm_fast.train.step.PLANS``; ``()``: none).
     A plan's headline counts (``launches_per_iter``, ``flops``, ...) are fp32, the solver's
     default; ``train_step``'s are ``whole`` in bf16, the recipe's (the first plan given
-    otherwise). Each entry names its headline under ``"headline"``.
+    otherwise), eager, with ``launches_compiled`` / ``bytes_compiled`` the projection under
+    ``TrainConfig.compile``. Each entry names its headline under ``"headline"``.
     """
     model = build_model(preset)
     out: dict[str, Any] = {
@@ -787,9 +1132,15 @@ def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None) -> dict:
                 counts = train_counts(model, plan, dtype)
                 kernels = counts.pop("_kernels")
                 counts["projection"] = project(kernels, counts["launches"])
+                compiled = counts["compiled"]
+                compiled["projection"] = project(compiled.pop("_kernels"), compiled["launches"])
                 entry[f"{plan}_{precision}"] = counts
         headline = "whole_bf16" if "whole" in memory_plans else f"{memory_plans[0]}_bf16"
         entry.update({k: entry[headline][k] for k in ("launches", "flops", "bytes")}, headline=headline)
+        entry.update(
+            launches_compiled=entry[headline]["compiled"]["launches"],
+            bytes_compiled=entry[headline]["compiled"]["bytes"],
+        )
         out["train_step"] = entry
     return out
 
@@ -797,8 +1148,12 @@ def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None) -> dict:
 def workloads(result: dict) -> list[dict[str, Any]]:
     """The projected workloads of a :func:`run_model` result, in table order: one dict per
     workload and precision with ``label``, ``kind`` ("plan" or "train"), ``settings``,
-    ``launches``, ``flops``, ``bytes``, ``per_iter_launches`` (plans) and ``projection``
-    (device -> ``work_ms``/``graph_ms``/``eager_ms``; plans: per plan)."""
+    ``launches``, ``flops``, ``bytes``, ``per_iter_launches`` (plans), ``projection``
+    (device -> ``work_ms``/``graph_ms``/``eager_ms``; plans: per plan) and ``times``: the
+    projected times that apply, ``("graph", "eager")`` for plans (both are run), and for a
+    training step ``("eager",)``, or ``("graph",)`` when its compiled step replays CUDA graphs.
+    A training step's compiled projection follows its eager row, with ``settings["compile"]``
+    True and "compiled" in its label."""
     out = []
     for key, entry in result.items():
         if not (key.startswith("plan_") and isinstance(entry, dict)):
@@ -815,20 +1170,30 @@ def workloads(result: dict) -> list[dict[str, Any]]:
                     **c["per_plan"],
                     "per_iter_launches": c["per_iter"]["launches"],
                     "projection": c["projection_per_plan"],
+                    "times": ("graph", "eager"),
                 }
             )
     for c in (result.get("train_step") or {}).values():
         if isinstance(c, dict) and "projection" in c:
             s = c["settings"]
-            out.append(
-                {
-                    "label": f"training step, batch {s['batch']}, {s['memory_plan']}",
-                    "kind": "train",
-                    "settings": s,
-                    **{k: c[k] for k in ("launches", "flops", "bytes")},
-                    "projection": c["projection"],
-                }
-            )
+            label = f"training step, batch {s['batch']}, {s['memory_plan']}"
+            steps = [(c, {**s, "compile": False}, label, ("eager",))]
+            if "compiled" in c:
+                graphs = c["compiled"]["cudagraphs"]
+                name = f"{label}, compiled" + (" (CUDA graphs)" if graphs else "")
+                times = ("graph",) if graphs else ("eager",)
+                steps.append((c["compiled"], {**s, "compile": True}, name, times))
+            for counts, settings, name, times in steps:
+                out.append(
+                    {
+                        "label": name,
+                        "kind": "train",
+                        "settings": settings,
+                        **{k: counts[k] for k in ("launches", "flops", "bytes")},
+                        "projection": counts["projection"],
+                        "times": times,
+                    }
+                )
     return out
 
 
@@ -851,7 +1216,7 @@ def model_markdown(result: dict) -> str:
         "kernel counts, FLOPs and bytes of the CUDA fast path counted on fake tensors, priced "
         "with device peaks and assumed per-launch costs. Not measured.",
         "",
-        "| workload | precision | kernels | FLOP | bytes | "
+        "| workload | precision | kernels (launches per plan or step) | FLOP | bytes | "
         + " | ".join(f"{d} graph / eager" for d in devices)
         + " |",
         "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in devices) + " |",
@@ -860,10 +1225,12 @@ def model_markdown(result: dict) -> str:
         proj = w["projection"]
         if w["kind"] == "plan":
             kernels = f"{w['launches']:,} ({w['per_iter_launches']} per iteration)"
-            cells = [f"{format_ms(proj[d]['graph_ms'])} / {format_ms(proj[d]['eager_ms'])}" for d in devices]
         else:
             kernels = f"{w['launches']:,}"
-            cells = [f"— / {format_ms(proj[d]['eager_ms'])}" for d in devices]
+        cells = [
+            " / ".join(format_ms(proj[d][f"{t}_ms"]) if t in w["times"] else "—" for t in ("graph", "eager"))
+            for d in devices
+        ]
         lines.append(
             f"| {w['label']} | {w['settings']['precision']} | {kernels} | {format_count(w['flops'])} "
             f"| {format_count(w['bytes'])}B | " + " | ".join(cells) + " |"
@@ -872,7 +1239,10 @@ def model_markdown(result: dict) -> str:
         "",
         "Time per kernel = max(FLOP / peak, bytes / bandwidth), summed, plus kernels x "
         f"{LAUNCH_US['graph']:g} us (CUDA-graph replay) or {LAUNCH_US['eager']:g} us (eager launch); "
-        "the per-launch costs are assumptions. Training steps run eagerly (no graph). Peaks: "
+        "the per-launch costs are assumptions. Training steps run eagerly, except the compiled "
+        "whole-batch step, which replays CUDA graphs; a compiled row is a projection of "
+        "TrainConfig.compile's step by the fusion rule of bench/perf_model.py (inductor was not "
+        "run). Peaks: "
         + "; ".join(
             f"{d} {v['bf16_tflops']:g} TFLOP/s bf16, {v['fp32_tflops']:g} fp32, {v['bandwidth_gbps']:g} GB/s"
             for d, v in DEVICES.items()

@@ -233,7 +233,7 @@ def _measured_row(workload: dict[str, Any], model: str, rows: list[dict[str, Any
         match = [r for r in rows if (r.get("bench"), r.get("phase"), r.get("case")) == ("plan", "plan", case)]
     else:
         case = f"{model}-B{s['batch']}-{s['precision']}"
-        impls = (f"fast-{s['memory_plan']}",)
+        impls = (f"fast-{s['memory_plan']}" + ("-compile" if s.get("compile") else ""),)
         match = [
             r for r in rows if (r.get("bench"), r.get("phase"), r.get("case")) == ("train", "step", case)
         ]
@@ -264,7 +264,7 @@ def model_section(
         f"Counted by the performance model (model `{model.get('model')}`, torch {model.get('torch')}) "
         "on fake CUDA tensors: kernels, FLOP and bytes of the CUDA fast path.",
         "",
-        "| workload | precision | kernels | FLOP | bytes |",
+        "| workload | precision | kernels (launches per plan or step) | FLOP | bytes |",
         "| --- | --- | --- | --- | --- |",
     ]
     for w in items:
@@ -278,8 +278,9 @@ def model_section(
     by_name = {data["env"].get("device_name"): (path, data) for path, data in results}
     lines += [
         "",
-        "Projected time (plans: CUDA-graph replay / eager launch; training steps: eager) next to "
-        "the measured median of the same workload on the same device:",
+        "Projected time (plans: CUDA-graph replay / eager launch; training steps: eager launch, "
+        "the compiled whole-batch step: CUDA-graph replay) next to the measured median of the same "
+        "workload on the same device (its bench row, the date it was measured):",
         "",
         "| workload | precision | device | projected (model) | measured |",
         "| --- | --- | --- | --- | --- |",
@@ -287,10 +288,7 @@ def model_section(
     for w in items:
         for device, spec in model["devices"].items():
             proj = w["projection"][device]
-            if w["kind"] == "plan":
-                projected = f"{format_ms(proj['graph_ms'])} / {format_ms(proj['eager_ms'])}"
-            else:
-                projected = format_ms(proj["eager_ms"])
+            projected = " / ".join(format_ms(proj[f"{t}_ms"]) for t in w.get("times", ("eager",)))
             measured = NOT_MEASURED
             if spec.get("nvml_name") in by_name:
                 path, data = by_name[spec["nvml_name"]]
@@ -313,7 +311,9 @@ def model_section(
         f"per-launch costs assumed. Peaks: {peaks} (sources in model.json: the H200's bf16 and "
         "bandwidth are rates measured on an H200 as reported in issue 11, not by lewm_fast; the rest "
         "datasheet or derived). The model's training step "
-        "is forward and backward only; the measured one also runs AdamW and gradient clipping.",
+        "is forward and backward only; the measured one also runs AdamW and gradient clipping. "
+        "A compiled row is itself a projection: TrainConfig.compile's step counted by the fusion "
+        "rule of bench/perf_model.py, not by running inductor.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -18,6 +18,11 @@ CUDA matmuls (cuBLAS) and cuDNN convolutions may run in TF32, through
 where the installed torch has them (>= 2.9) and the legacy ``allow_tf32`` flags otherwise.
 Read TF32 state only through them: on recent torch, reading a legacy ``allow_tf32`` after
 an ``fp32_precision`` was set raises (seen on torch 2.13).
+
+Attention kernels: :func:`choose_sdpa` picks the scaled-dot-product-attention backend for an
+attention shape by documented capability rules (the rules are in its docstring), and
+:func:`sdpa_context` enables it, with the math backend as the fallback for calls it cannot
+run; the trainer applies both around its training step and records the choice.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -196,3 +202,148 @@ def tf32(enabled: bool) -> Iterator[None]:
         yield
     finally:
         set_tf32(**previous)
+
+
+# ------------------------------------------------------------------ attention backends
+
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+# torch.nn.attention.SDPBackend member of each name
+_SDPA_MEMBERS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+
+
+@dataclass(frozen=True)
+class SdpaChoice:
+    """The attention backend a shape runs with: ``backend`` (one of :data:`SDPA_BACKENDS`)
+    and the rule, in words, that chose it (``reason``)."""
+
+    backend: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"sdpa_backend": self.backend, "sdpa_reason": self.reason}
+
+
+def _sdpa_name(value: int) -> str | None:
+    """Our name of a ``torch.nn.attention.SDPBackend`` value (None for ERROR or unknown)."""
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:
+        return None
+    for name, member in _SDPA_MEMBERS.items():
+        if getattr(SDPBackend, member, None) is not None and int(getattr(SDPBackend, member)) == int(value):
+            return name
+    return None
+
+
+def _torch_pick(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int]) -> str | None:
+    """The backend torch itself would run for q = k = v of (1, heads, length, head_dim) under
+    the current flags, or None when this torch cannot say (``torch._fused_sdp_choice``)."""
+    choice = getattr(torch, "_fused_sdp_choice", None)
+    if choice is None:
+        return None
+    q = torch.empty((1, *shape), device=device, dtype=dtype)
+    try:
+        return _sdpa_name(choice(q, q, q))
+    except RuntimeError:
+        return None
+
+
+def choose_sdpa(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    shape: tuple[int, int, int],
+    *,
+    capability: tuple[int, int] | None = None,
+    torch_default: str | None = None,
+) -> SdpaChoice:
+    """The fastest SDPA backend for attention over ``shape = (heads, length, head_dim)`` in
+    ``dtype`` on ``device``, without dropout or mask (the LeWM encoder's attention).
+
+    Rules, first match wins:
+
+    - not CUDA: ``"flash"``, PyTorch's CPU flash-attention kernel (any floating dtype,
+      no dropout, no mask).
+    - CUDA, and torch's own pick for this shape (``torch_default``) is ``"cudnn"``: cuDNN
+      attention. Torch enables it by default only where it vetted it (sm90/sm100 with a
+      recent cuDNN: cuDNN before 9.15.1 gave wrong results for sequence lengths that are not
+      a multiple of 128, pytorch/pytorch#169849, and the encoder's is 257); there it is the
+      fastest half-precision kernel. This library never forces it where torch does not.
+    - CUDA, bfloat16/float16, compute capability >= 8.0, head_dim a multiple of 8 and at
+      most 256: ``"flash"`` (FlashAttention-2).
+    - CUDA, compute capability >= 5.0 (8.0 for bfloat16), head_dim a multiple of 8 (half)
+      or 4 (float32): ``"efficient"`` (memory-efficient attention, the only fused kernel
+      for float32).
+    - otherwise ``"math"``.
+
+    ``capability`` (major, minor) and ``torch_default`` (a name of :data:`SDPA_BACKENDS`)
+    replace the device queries, so the rules can be checked without a GPU. When neither is
+    given the choice is then checked on the device: if torch cannot run the chosen kernel
+    for this shape under :func:`sdpa_context`, the backend it does run is returned, with
+    the reason saying so. Raises ValueError for a bad shape or a non-float dtype.
+    """
+    device = torch.device(device)
+    if len(shape) != 3 or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise ValueError(f"shape must be (heads, length, head_dim) of positive ints, got {shape!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"attention runs in a floating dtype, got {dtype}")
+    head_dim = shape[2]
+    half = dtype in (torch.bfloat16, torch.float16)
+    probe = capability is None and torch_default is None
+    if device.type != "cuda":
+        choice = SdpaChoice("flash", f"{device.type}: the CPU flash-attention kernel (no dropout or mask)")
+    else:
+        if capability is None:
+            capability = tuple(torch.cuda.get_device_capability(device))
+        if torch_default is None and probe:
+            torch_default = _torch_pick(device, dtype, shape)
+        sm = f"sm{capability[0]}{capability[1]}"
+        if torch_default == "cudnn":
+            choice = SdpaChoice("cudnn", f"{sm}: torch's own default for this shape is cuDNN attention")
+        elif half and tuple(capability) >= (8, 0) and head_dim % 8 == 0 and head_dim <= 256:
+            choice = SdpaChoice("flash", f"{sm}, {_dtype_name(dtype)}, head_dim {head_dim}: FlashAttention-2")
+        elif (
+            tuple(capability) >= ((8, 0) if dtype == torch.bfloat16 else (5, 0))
+            and head_dim % (8 if half else 4) == 0
+        ):
+            choice = SdpaChoice(
+                "efficient", f"{sm}, {_dtype_name(dtype)}, head_dim {head_dim}: memory-efficient attention"
+            )
+        else:
+            choice = SdpaChoice("math", f"{sm}, {_dtype_name(dtype)}, head_dim {head_dim}: no fused kernel")
+    if probe:
+        with sdpa_context(choice.backend):
+            runs = _torch_pick(device, dtype, shape)
+        if runs is not None and runs != choice.backend:
+            choice = SdpaChoice(runs, f"{choice.reason}; torch cannot run {choice.backend} here, runs {runs}")
+    return choice
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def sdpa_context(backend: str | None):
+    """Context manager enabling the SDPA ``backend`` and, for calls it cannot run (e.g.
+    attention with dropout on the CPU), the math fallback; ``None`` changes nothing.
+
+    Uses ``torch.nn.attention.sdpa_kernel`` (torch >= 2.3), else the older
+    ``torch.backends.cuda.sdp_kernel`` flags (no cuDNN there). Raises ValueError for an
+    unknown name.
+    """
+    if backend is None:
+        return contextlib.nullcontext()
+    if backend not in SDPA_BACKENDS:
+        raise ValueError(f"SDPA backend must be one of {SDPA_BACKENDS}, got {backend!r}")
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return torch.backends.cuda.sdp_kernel(
+            enable_flash=backend == "flash", enable_math=True, enable_mem_efficient=backend == "efficient"
+        )
+    members = [getattr(SDPBackend, _SDPA_MEMBERS[name], None) for name in dict.fromkeys((backend, "math"))]
+    return sdpa_kernel([m for m in members if m is not None])

@@ -177,3 +177,56 @@ def test_tf32_round_trips_on_the_installed_torch():
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         assert torch.backends.cuda.matmul.fp32_precision == "none"  # torch's default, untouched
         assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+# ------------------------------------------------------------------ attention backends
+
+ENCODER = (3, 257, 64)  # the paper encoder's attention: heads, tokens, head_dim
+
+# (device, dtype, shape, capability, torch's own pick, expected backend)
+SDPA_RULES = [
+    pytest.param("cuda", torch.bfloat16, ENCODER, (9, 0), "flash", "flash", id="sm90-bf16"),
+    pytest.param("cuda", torch.bfloat16, ENCODER, (9, 0), "cudnn", "cudnn", id="sm90-torch-cudnn"),
+    pytest.param("cuda", torch.float16, ENCODER, (8, 6), "flash", "flash", id="sm86-fp16"),
+    pytest.param("cuda", torch.float32, ENCODER, (8, 9), "efficient", "efficient", id="sm89-fp32"),
+    pytest.param("cuda", torch.bfloat16, ENCODER, (7, 5), "math", "math", id="sm75-bf16"),
+    pytest.param("cuda", torch.float16, ENCODER, (7, 5), "efficient", "efficient", id="sm75-fp16"),
+    pytest.param("cuda", torch.bfloat16, (3, 257, 320), (9, 0), "math", "efficient", id="head-dim-320"),
+    pytest.param("cuda", torch.float16, (3, 257, 62), (8, 0), "math", "math", id="head-dim-62"),
+    pytest.param("cpu", torch.float32, ENCODER, None, None, "flash", id="cpu-fp32"),
+]
+
+
+@pytest.mark.parametrize("device,dtype,shape,capability,default,expected", SDPA_RULES)
+def test_sdpa_choice_rules(device, dtype, shape, capability, default, expected):
+    """The documented rules of backend.choose_sdpa, with the device's capability and torch's
+    own pick injected (no GPU needed); the reason names what decided."""
+    choice = backend.choose_sdpa(device, dtype, shape, capability=capability, torch_default=default)
+    assert choice.backend == expected
+    assert choice.reason and choice.to_dict() == {"sdpa_backend": expected, "sdpa_reason": choice.reason}
+
+
+def test_sdpa_choice_is_checked_against_what_torch_runs(monkeypatch):
+    """Without injected facts the choice is checked on the device: torch's flash kernel on the
+    CPU for the encoder; where torch would run something else, that is what is recorded."""
+    assert backend.choose_sdpa("cpu", torch.float32, ENCODER).backend == "flash"
+    monkeypatch.setattr(backend, "_torch_pick", lambda device, dtype, shape: "math")
+    choice = backend.choose_sdpa("cpu", torch.float32, ENCODER)
+    assert choice.backend == "math" and "cannot run flash" in choice.reason
+
+
+def test_sdpa_context_keeps_the_math_fallback():
+    """Under the encoder's backend, attention that backend cannot run (dropout on the CPU, as
+    in the predictor) still runs, on the math kernel; None changes nothing; bad names raise."""
+    q = torch.randn(2, 3, 5, 8)
+    with backend.sdpa_context("flash"):
+        assert torch.nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.5).shape == q.shape
+        if hasattr(torch, "_fused_sdp_choice"):
+            assert backend._sdpa_name(torch._fused_sdp_choice(q, q, q)) == "flash"
+            assert backend._sdpa_name(torch._fused_sdp_choice(q, q, q, dropout_p=0.5)) == "math"
+    with backend.sdpa_context(None):
+        pass
+    with pytest.raises(ValueError, match="SDPA backend"):
+        backend.sdpa_context("flash3")
+    with pytest.raises(ValueError, match="heads, length, head_dim"):
+        backend.choose_sdpa("cpu", torch.float32, (3, 257))

@@ -56,6 +56,21 @@ def test_lone_linear_bytes_are_input_output_weight():
         assert tally.flops == 2 * 37 * 192 * 2048
 
 
+def test_linear_training_step_launches_equal_a_hand_count():
+    # layer(x).sum().backward(), x (37, 192) without grad, Linear(192, 2048):
+    #   forward: addmm 1, sum 1; backward: the seed ones_like 1, SumBackward expands (free),
+    #   AddmmBackward: weight grad mm 1, bias grad sum 1; AccumulateGrad takes both gradients
+    #   as they are (their strides match the parameters'): no copy
+    layer = nn.Linear(192, 2048)
+    with FakeTensorMode(), perf_model._counting_patches():
+        perf_model.fake_cuda(layer)
+        x = torch.empty(37, 192, device="cuda")
+        with perf_model.count() as counter:
+            layer(x).sum().backward()
+        assert layer.weight.grad.shape == (2048, 192) and layer.bias.grad.shape == (2048,)
+    assert counter.tally.by_op() == {"aten::sum": 2, "aten::addmm": 1, "aten::ones_like": 1, "aten::mm": 1}
+
+
 def _linear_flops(rows: int, *dims: int) -> int:
     """2 rows d_in d_out for a chain of Linear layers dims[0] -> dims[1] -> ..."""
     return sum(2 * rows * a * b for a, b in zip(dims, dims[1:]))
@@ -124,6 +139,14 @@ def test_model_json_has_the_required_keys(tiny_result, tmp_path):
         assert all(data["devices"][name]["sources"].values())
     assert data["plan_50env"]["fp32"]["per_iter"]["flops"] > data["plan_1env"]["fp32"]["per_iter"]["flops"]
     assert "not measured" in md_path.read_text().lower()
+    # TrainConfig.compile's projection: fewer launches and bytes than the eager step, the
+    # same FLOPs, CUDA graphs for the whole-batch plan
+    step = data["train_step"]["whole_bf16"]
+    assert step["compiled"]["cudagraphs"] is True and step["compiled"]["flops"] == step["flops"]
+    assert 0 < step["compiled"]["launches"] < step["launches"]
+    assert 0 < step["compiled"]["bytes"] < step["bytes"]
+    assert data["train_step"]["launches_compiled"] == step["compiled"]["launches"]
+    assert "| training step, batch 128, whole, compiled (CUDA graphs) | bf16 |" in md_path.read_text()
 
 
 def test_readme_projections_sit_next_to_measured_rows(tiny_result, tmp_path):
@@ -166,3 +189,53 @@ def test_readme_projections_sit_next_to_measured_rows(tiny_result, tmp_path):
     )
     assert text.endswith(f"{readme.MODEL_END}\ntail\n")
     assert readme.update_readme(path, results, tracked_only=False, model_json=model_json) is False
+
+
+def _compiled_count(fn, *shapes, dtype=torch.float32):
+    """Eager tally of ``fn(*inputs)`` on fake CUDA tensors, and the torch.compile projection
+    of it as one compiled graph whose output outlives it."""
+    with FakeTensorMode(), torch.no_grad(), perf_model._counting_patches():
+        inputs = [torch.empty(s, device="cuda", dtype=dtype) for s in shapes]
+        with perf_model.count() as counter, perf_model._graph_segments(counter) as piece:
+            out = piece(fn)(*inputs)
+        storage = perf_model._storage(out)
+        final = {(counter.last_writer[storage], storage)}
+    return counter.tally, perf_model.Tally(perf_model.compiled_kernels(counter.tally.kernels, final))
+
+
+def test_compiled_projection_fuses_a_pointwise_chain_into_one_kernel():
+    # gelu(x * 2 + 1): eager mul, add, gelu each read and write (64, 192) fp32; fused: one
+    # kernel reading x and writing the result
+    size = 64 * 192 * 4
+    eager, compiled = _compiled_count(lambda x: torch.nn.functional.gelu(x * 2 + 1), (64, 192))
+    assert (eager.launches, eager.bytes) == (3, 6 * size)
+    assert (compiled.launches, compiled.bytes) == (1, 2 * size)
+    assert compiled.by_op() == {"inductor::fused": 1}
+
+
+def test_compiled_projection_counts_one_kernel_per_reduction_and_drops_dead_work():
+    # sum((x - mean(x))^2): mean, sub, pow, sum eagerly; fused: two reductions (the mean, the
+    # sum), reading x once and writing the scalar. x.sin() is never used: dropped.
+    def fn(x):
+        x.sin()
+        return ((x - x.mean(-1, keepdim=True)) ** 2).sum()
+
+    eager, compiled = _compiled_count(fn, (64, 192))
+    assert eager.launches == 5
+    assert (compiled.launches, compiled.bytes) == (2, 64 * 192 * 4 + 4)
+
+
+def test_compiled_projection_keeps_matmuls_and_merges_repeated_casts():
+    # autocast-style: x cast to bf16 once per matmul that reads it. Eagerly 4 casts, 2 mm,
+    # 1 add; compiled: the second cast of x merges into the first (CSE), the matmuls stay
+    # extern kernels, and the casts on either side of a matmul cannot fuse across it:
+    # [cast x, cast w1] (2 unconnected groups) mm [cast w2] mm [add] = 6.
+    def fn(x, w1, w2):
+        b = torch.bfloat16
+        return x.to(b) @ w1.to(b) + x.to(b) @ w2.to(b)
+
+    eager, compiled = _compiled_count(fn, (64, 192), (192, 192), (192, 192))
+    assert eager.launches == 7 and eager.by_op()["aten::_to_copy"] == 4
+    assert compiled.launches == 6
+    assert compiled.by_op() == {"inductor::fused": 4, "aten::mm": 2}
+    assert compiled.flops == eager.flops == 2 * 2 * 64 * 192 * 192

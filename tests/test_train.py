@@ -20,6 +20,7 @@ from helpers import model_pair, published_grads, randomize_, small_config
 
 import lewm_fast
 from lewm_fast import reference as ref
+from lewm_fast.backend import choose_sdpa
 from lewm_fast.encoder import split_qkv
 from lewm_fast.testing import TOLERANCES, assert_close, assert_grads_close, assert_low_precision, rel_err
 from lewm_fast.train import (
@@ -30,6 +31,7 @@ from lewm_fast.train import (
     TrainConfig,
     Trainer,
     choose_plan,
+    compile_step,
     estimate_peak,
     forward_backward,
     latest_checkpoint,
@@ -149,33 +151,130 @@ def _consume(reference, batch):
     return torch.get_rng_state()
 
 
-def _compiled_vs_eager(device, dtype, plans=PLANS):
-    """Loss and gradients of forward_backward with ``TrainConfig.compile``'s per-layer
-    torch.compile of the encoder, against the same model eager."""
-    for plan in plans:
-        eager, _ = model_pair(small_config(), seed=3)
-        compiled, _ = model_pair(small_config(), seed=3)
-        eager, compiled = eager.to(device).train(), compiled.to(device).train()
-        for layer in compiled.encoder.layers:
-            layer.compile()
-        batch = {k: v.to(device) for k, v in _batch().items()}
-        out = {}
-        for name, model in (("eager", eager), ("compiled", compiled)):
-            torch.manual_seed(11)
-            out[name] = forward_backward(
-                model, lewm_fast.SIGReg(num_proj=64).to(device), batch, plan, autocast_dtype=dtype
-            )
-        kind = "fp32_gemm" if dtype is None else "bf16"
-        grads = {n: p.grad.float().cpu() for n, p in compiled.named_parameters()}
-        assert_grads_close(grads, {n: p.grad.float().cpu() for n, p in eager.named_parameters()}, kind)
+def _counting(backend, graphs):
+    """A torch.compile backend that records each graph it compiles, then runs ``backend``."""
+
+    def compiler(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+    return compiler
+
+
+def _compiled_vs_reference(
+    plan, chunk, backend, graphs, device="cpu", dtype=None, b=6, against="reference", steps=1
+):
+    """One step of forward_backward with ``compile_step(plan, backend)``'s pieces and the
+    chosen attention backend, against the reference step (``against="reference"``) or the
+    eager fast step (``"eager"``) on the same weights and seed, dropout 0.1 on; ``steps``
+    steps in a row, gradients cleared before each."""
+    config = small_config(predictor__dropout=0.1)
+    model, reference = model_pair(config, seed=3)
+    if against == "eager":
+        reference, _ = model_pair(config, seed=3)
+    model, reference = model.to(device).train(), reference.to(device).train()
+    batch = {k: v.to(device) for k, v in _batch(b=b).items()}
+    functions = compile_step(plan, device, backend, compiler=_counting(backend, graphs))
+    vit = config.encoder.vit_config()
+    heads = vit.num_attention_heads
+    shape = (heads, 1 + vit.num_patches, vit.hidden_size // heads)
+    sdpa = choose_sdpa(device, dtype or torch.float32, shape)
+    sigreg = lewm_fast.SIGReg(num_proj=64).to(device)
+    kind = "fp32_gemm" if dtype is None else "bf16"
+    for step in range(steps):  # a second step replays what the first compiled (and captured)
+        for p in (*model.parameters(), *reference.parameters()):
+            p.grad = None
+        torch.manual_seed(11 + step)
+        if against == "eager":
+            want = forward_backward(reference, sigreg, batch, plan, chunk, autocast_dtype=dtype)
+        else:
+            with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                want = ref.train_step(reference, ref.SIGReg(num_proj=64).to(device), batch)
+        want_rng = torch.get_rng_state()
+        torch.manual_seed(11 + step)
+        got = forward_backward(
+            model,
+            sigreg,
+            batch,
+            plan,
+            chunk,
+            autocast_dtype=dtype,
+            functions=functions,
+            sdpa_backend=sdpa.backend,
+        )
+        grads = {n: p.grad.float().cpu() for n, p in model.named_parameters()}
+        assert_grads_close(grads, {n: p.grad.float().cpu() for n, p in reference.named_parameters()}, kind)
         for key in ("loss", "pred_loss", "sigreg_loss"):
-            assert_close(out["compiled"][key].cpu(), out["eager"][key].cpu(), kind, f"{plan} {key}")
+            assert not got[key].requires_grad
+            assert_close(got[key].cpu(), want[key].float().cpu(), kind, f"{plan} {key}")
+        for (name, b_got), b_ref in zip(model.named_buffers(), reference.buffers()):
+            if b_got.is_floating_point():
+                assert_close(b_got.cpu(), b_ref.cpu(), kind, name)
+        # the same dropout masks and SIGReg directions: the generator was consumed identically
+        assert device != "cpu" or torch.equal(torch.get_rng_state(), want_rng)
 
 
-def test_compiled_encoder_layers_give_the_eager_gradients():
-    """TrainConfig.compile (torch.compile per encoder layer, inductor on the CPU here) keeps
-    every memory plan's loss and gradients."""
-    _compiled_vs_eager("cpu", None)
+# plan, chunk, graphs compiled: whole/checkpoint one (forward and backward traced together);
+# two_pass: the head, and the encoder chunk without grad (pass 1) and with grad (pass 2),
+# each for the 4-window chunks and the uneven 2-window last chunk of a 6-window batch
+COMPILE_CASES = [
+    pytest.param("whole", None, 1, id="whole"),
+    pytest.param("checkpoint", None, 1, id="checkpoint"),
+    pytest.param("two_pass", 4, 5, id="two_pass-uneven-chunks"),
+]
+
+
+@pytest.mark.parametrize("plan,chunk,graphs", COMPILE_CASES)
+def test_compiled_step_equals_the_reference_step(plan, chunk, graphs):
+    """TrainConfig.compile's step (aot_eager: the traced forward and backward graphs run
+    eagerly) gives the reference step's losses, gradients, BatchNorm statistics and random
+    draws under every plan, two steps in a row, and compiles each piece into one graph (no
+    graph breaks) once."""
+    compiled = []
+    _compiled_vs_reference(plan, chunk, "aot_eager", compiled, steps=2)
+    assert len(compiled) == graphs  # and the second step recompiled nothing
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler"
+)
+def test_inductor_compiled_step_equals_the_reference_step():
+    """The inductor-compiled "whole" step on the CPU (generated C++ kernels, fused forward
+    and backward graphs) keeps the reference's losses and gradients. ``fallback_random``
+    makes inductor draw dropout masks with the eager ops, so they equal the reference's."""
+    import torch._inductor.config as inductor_config
+
+    compiled = []
+    with inductor_config.patch(fallback_random=True):
+        _compiled_vs_reference("whole", None, "inductor", compiled)
+    assert len(compiled) == 1
+
+
+def test_compile_step_requests_cuda_graphs_only_for_whole_on_cuda_with_inductor():
+    """Which pieces each plan compiles and where CUDA graphs are requested (nothing is
+    compiled until a piece is called, so this runs without a GPU)."""
+    cases = [
+        ("whole", "cuda", True, ("whole",), True),
+        ("whole", "cuda", "inductor-no-cudagraphs", ("whole",), False),
+        ("whole", "cuda", "aot_eager", ("whole",), False),
+        ("whole", "cpu", True, ("whole",), False),
+        ("checkpoint", "cuda", True, ("whole",), False),
+        ("two_pass", "cuda", "inductor", ("encode", "head"), False),
+    ]
+    for plan, device, backend, pieces, graphs in cases:
+        step = compile_step(plan, device, backend)
+        assert (step.pieces, step.cudagraphs) == (pieces, graphs), (plan, device, backend)
+        assert step.mode == ("reduce-overhead" if graphs else None)
+        assert step.describe()["dynamic"] is False
+    a, b = compile_step("whole", "cpu", "aot_eager"), compile_step("whole", "cpu", "aot_eager")
+    assert a.whole is not b.whole  # each step compiles (and counts recompiles) on its own
+    for plan, backend, message in (
+        ("lazy", True, "memory_plan"),
+        ("whole", "tvm", "compile"),
+        ("whole", False, "eager"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            compile_step(plan, "cpu", backend)
 
 
 def test_dropout_is_live_so_the_seed_matters():
@@ -383,6 +482,7 @@ BAD_CONFIGS = [
     ({"warmup_fraction": 2.0}, "warmup_fraction"),
     ({"data_source": "hdf5"}, "data_source"),
     ({"backend": "cuda-graphs"}, "backend"),
+    ({"compile": "tvm"}, "compile"),
 ]
 
 
@@ -656,6 +756,42 @@ def test_metrics_records_have_the_documented_keys(dataset, tmp_path):
         assert r["grad_norm"] > 0 and r["samples_per_s"] > 0 and r["peak_vram_bytes"] is None
     (val,) = _records(tmp_path / "run", "val")
     assert set(val) == {"kind", "step", "epoch", "pred_loss", "sigreg_loss", "loss"} and val["step"] == 4
+    (setup,) = _records(tmp_path / "run", "setup")
+    assert setup == {
+        "kind": "setup",
+        "step": 0,
+        "epoch": 0,
+        "device": "cpu",
+        "memory_plan": "whole",
+        "chunk_size": None,
+        "predicted_peak_bytes": setup["predicted_peak_bytes"],
+        "compile": None,
+        "sdpa_backend": "flash",
+        "sdpa_reason": setup["sdpa_reason"],
+    }
+
+
+def test_trainer_compiled_step_trains_like_the_eager_one(dataset, tmp_path):
+    """TrainConfig.compile runs the plan's compiled pieces (aot_eager here: the same random
+    draws as eager), records them in the setup record, and trains to the eager run's losses."""
+    runs = {}
+    for name, compile in (("eager", False), ("compiled", "aot_eager")):
+        config = _tiny(epochs=1, epoch_steps=2, val_max_batches=1, compile=compile)
+        trainer = Trainer(dataset, tmp_path / name, config, device="cpu")
+        trainer.fit()
+        runs[name] = _records(tmp_path / name, "train")
+    (setup,) = _records(tmp_path / "compiled", "setup")
+    assert setup["compile"] == {
+        "backend": "aot_eager",
+        "mode": None,
+        "pieces": ["whole"],
+        "cudagraphs": False,
+        "dynamic": False,
+    }
+    assert trainer.step_functions.backend == "aot_eager"
+    for got, want in zip(runs["compiled"], runs["eager"], strict=True):
+        for key in ("loss", "pred_loss", "sigreg_loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=TOLERANCES["fp32_gemm"]), key
 
 
 # ------------------------------------------------------------ checkpoints
@@ -1061,9 +1197,14 @@ def test_memory_plans_on_gpu(dtype):
 @pytest.mark.gpu
 @pytest.mark.usefixtures("no_tf32")
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_compiled_encoder_layers_on_gpu(dtype):
-    """TrainConfig.compile on CUDA (inductor's Triton kernels) keeps loss and gradients."""
-    _compiled_vs_eager("cuda", dtype, plans=("whole", "two_pass"))
+@pytest.mark.parametrize("plan,chunk", [("whole", None), ("two_pass", 3)], ids=["whole", "two_pass"])
+def test_compiled_step_on_gpu(plan, chunk, dtype):
+    """TrainConfig.compile on CUDA (inductor's Triton kernels; "whole" replays CUDA graphs)
+    keeps the eager fast step's loss and gradients, twice in a row (the second replays)."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fallback_random=True):
+        _compiled_vs_reference(plan, chunk, "inductor", [], "cuda", dtype, b=8, against="eager", steps=2)
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@
 
 - :func:`forward_backward` — the training loss's forward and backward on a window batch
   under a memory plan ("whole", "checkpoint", "two_pass"), exact to the whole-batch step;
+  :func:`compile_step` — the same step's pieces under ``torch.compile`` (``TrainConfig.compile``);
   :func:`loss_head` — the loss formula on embeddings, shared by validation and probes.
 - :func:`choose_plan` / :func:`estimate_peak` — the plan for a VRAM budget from a
   documented peak-memory model.
@@ -13,11 +14,12 @@
 Importing this package never touches a GPU.
 """
 
+from .compiled import COMPILE_BACKENDS, CompiledStep, compile_step
 from .config import TRAIN_PRESETS, TrainConfig
 from .distributed import GlobalBatchNorm1d, all_reduce_gradients, convert_batchnorm
 from .memory import MemoryEstimate, choose_plan, estimate_peak, free_vram, parse_size
 from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
-from .step import PLANS, default_chunk_size, forward_backward, loss_head
+from .step import EAGER, PLANS, StepFunctions, default_chunk_size, forward_backward, loss_head
 from .trainer import METRICS_FILE, MetricsBuffer, NonFiniteLossError, Trainer, TrainResult, lr_factor, train
 
 __all__ = [
@@ -25,6 +27,11 @@ __all__ = [
     "loss_head",
     "PLANS",
     "default_chunk_size",
+    "StepFunctions",
+    "EAGER",
+    "compile_step",
+    "CompiledStep",
+    "COMPILE_BACKENDS",
     "choose_plan",
     "estimate_peak",
     "MemoryEstimate",

@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import _checks
 from ..config import LeWMConfig, parse_value
+from .compiled import compile_backend
 from .memory import parse_size
 from .step import PLANS
 
@@ -74,9 +75,13 @@ class TrainConfig:
     when an evaluator is given; ``max_nonfinite_steps`` non-finite steps in a row abort
     the run; ``keep_checkpoints`` most recent checkpoints are kept.
 
-    Speed: ``backend`` selects the fused kernels ("auto": on CUDA); ``compile`` wraps each
-    encoder layer in ``torch.compile`` (same weights and state-dict keys, same plans; the
-    first steps compile for a minute or so).
+    Speed: ``backend`` selects the fused kernels ("auto": on CUDA). ``compile`` runs the
+    training step's forward and backward under ``torch.compile`` with static shapes, every
+    piece the memory plan runs (:mod:`lewm_fast.train.compiled`): False (eager, the
+    default), True or "inductor" (generated kernels; on CUDA the "whole" plan replays CUDA
+    graphs), "inductor-no-cudagraphs", or "aot_eager" (traced graphs run eagerly: for
+    checking). Same weights, state-dict keys and checkpoints; the first steps compile for a
+    minute or so.
     """
 
     model: LeWMConfig = field(default_factory=LeWMConfig)
@@ -109,7 +114,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 20
     keep_checkpoints: int = 2
     backend: str = "auto"
-    compile: bool = False
+    compile: bool | str = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -162,7 +167,11 @@ class TrainConfig:
         from ..backend import check_name
 
         check_name(self.backend)
-        for name in ("enforce_vram_budget", "progress", "compile"):
+        try:
+            compile_backend(self.compile)
+        except ValueError as exc:
+            raise ValueError(f"TrainConfig.{exc}") from None
+        for name in ("enforce_vram_budget", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -20,11 +20,19 @@ loss formula in the fast code, also used by the trainer's validation and the pro
 Random numbers are drawn in the same order in every plan (predictor dropout, then the
 SIGReg projection; the LeWM encoder draws none), so a seeded step gives the same
 gradients whatever the plan.
+
+A step is made of named pieces, :class:`StepFunctions`: ``whole`` (pixels to the training
+objective: the "whole" and "checkpoint" plans), ``encode`` (frames to CLS features: the
+chunks of "two_pass") and ``head`` (CLS features to the objective: the rest of
+"two_pass"). :func:`forward_backward` runs the eager ones unless given others, e.g. the
+``torch.compile``-d ones of :func:`lewm_fast.train.compiled.compile_step`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,9 +40,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import _checks
+from ..backend import sdpa_context
 from ..reference.jepa import action_width_of
 
-__all__ = ["PLANS", "forward_backward", "loss_head", "default_chunk_size"]
+__all__ = [
+    "PLANS",
+    "forward_backward",
+    "loss_head",
+    "default_chunk_size",
+    "StepFunctions",
+    "EAGER",
+    "whole_objective",
+    "head_objective",
+    "encode_frames",
+]
 
 PLANS = ("whole", "checkpoint", "two_pass")
 
@@ -128,6 +147,85 @@ def loss_head(
     return out
 
 
+def _autocast(device_type: str, dtype: torch.dtype | None):
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def _objective(model, sigreg, emb, action, lambd, pred_scale):
+    losses = loss_head(model, emb, action, sigreg=sigreg, lambd=lambd)
+    # loss_head's loss, with the prediction term scaled by 1 / W for data parallelism
+    objective = pred_scale * losses["pred_loss"] + lambd * losses["sigreg_loss"]
+    return objective, losses["pred_loss"], losses["sigreg_loss"]
+
+
+def whole_objective(
+    model: nn.Module,
+    sigreg: nn.Module,
+    pixels: torch.Tensor,
+    action: torch.Tensor,
+    lambd: float,
+    pred_scale: float,
+    autocast_dtype: torch.dtype | None,
+    checkpoint: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "whole" / "checkpoint" plans' forward: pixels (B, T, C, H, W), action (B, T, A)
+    -> ``(objective, pred_loss, sigreg_loss)``, 0-dim, graph attached, where
+    ``objective = pred_scale * pred_loss + lambd * sigreg_loss`` (see :func:`forward_backward`);
+    ``checkpoint`` recomputes each encoder layer in the backward pass."""
+    b, t = pixels.shape[:2]
+    with _autocast(pixels.device.type, autocast_dtype):
+        cls = _encode_frames(model.encoder, pixels.float().flatten(0, 1), checkpoint)  # (B*T, hidden)
+        emb = model.projector(cls).view(b, t, -1)  # (B, T, D)
+        return _objective(model, sigreg, emb, action, lambd, pred_scale)
+
+
+def head_objective(
+    model: nn.Module,
+    sigreg: nn.Module,
+    cls: torch.Tensor,
+    action: torch.Tensor,
+    lambd: float,
+    pred_scale: float,
+    autocast_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The "two_pass" plan's head: CLS features (B*T, hidden), action (B, T, A) ->
+    ``(objective, pred_loss, sigreg_loss)`` as :func:`whole_objective`."""
+    b, t = action.shape[:2]
+    with _autocast(cls.device.type, autocast_dtype):
+        emb = model.projector(cls).view(b, t, -1)  # (B, T, D)
+        return _objective(model, sigreg, emb, action, lambd, pred_scale)
+
+
+def encode_frames(
+    encoder: nn.Module, frames: torch.Tensor, autocast_dtype: torch.dtype | None
+) -> torch.Tensor:
+    """The "two_pass" plan's encoder chunk: frames (N, C, H, W) -> CLS features (N, hidden)."""
+    with _autocast(frames.device.type, autocast_dtype):
+        return _encode_frames(encoder, frames)
+
+
+@dataclass(frozen=True)
+class StepFunctions:
+    """The pieces of a training step (see the module docstring), with their signatures:
+
+    - ``whole(model, sigreg, pixels, action, lambd, pred_scale, autocast_dtype, checkpoint)``
+      -> (objective, pred_loss, sigreg_loss): :func:`whole_objective`;
+    - ``head(model, sigreg, cls, action, lambd, pred_scale, autocast_dtype)``: :func:`head_objective`;
+    - ``encode(encoder, frames, autocast_dtype)`` -> cls: :func:`encode_frames`.
+
+    ``cudagraphs``: the pieces replay CUDA graphs, whose outputs the next replay overwrites,
+    so :func:`forward_backward` marks each step's start and copies the losses it returns.
+    """
+
+    whole: Callable = whole_objective
+    head: Callable = head_objective
+    encode: Callable = encode_frames
+    cudagraphs: bool = False
+
+
+EAGER = StepFunctions()
+
+
 def _check_deterministic_encoder(encoder: nn.Module) -> None:
     for name, m in encoder.named_modules():
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training:
@@ -153,6 +251,8 @@ def forward_backward(
     *,
     autocast_dtype: torch.dtype | None = None,
     world_size: int | None = None,
+    functions: StepFunctions | None = None,
+    sdpa_backend: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward and backward of the LeWM training loss; gradients accumulate into ``.grad``.
 
@@ -171,6 +271,10 @@ def forward_backward(
             ``pred_loss / W + lambd * sigreg_loss``: SIGReg all-reduces its moments (global
             batch), so *summing* ``.grad`` over the ranks gives the gradient of the global
             batch's loss.
+        functions: the step's pieces (default :data:`EAGER`); the trainer passes
+            :func:`lewm_fast.train.compiled.compile_step`'s when ``TrainConfig.compile`` is set.
+        sdpa_backend: the attention backend to enable around the step
+            (:func:`lewm_fast.backend.sdpa_context`; None: torch's own choice).
 
     Returns ``{"loss", "pred_loss", "sigreg_loss"}``, detached 0-dim float32 tensors
     (``pred_loss`` of this process's batch). No host synchronisation happens here.
@@ -186,38 +290,39 @@ def forward_backward(
     if not isinstance(lambd, (int, float)) or isinstance(lambd, bool) or not math.isfinite(lambd):
         raise ValueError(f"lambd must be a finite number, got {lambd!r}")
     pred_scale = 1.0 / _world_size(world_size)
+    fns = functions or EAGER
 
-    device_type = pixels.device.type
-    enabled = autocast_dtype is not None
+    with sdpa_context(sdpa_backend):
+        if fns.cudagraphs:
+            _mark_step_begin()
+        if memory_plan == "two_pass":
+            _check_deterministic_encoder(model.encoder)
+            frames = pixels.float().flatten(0, 1)  # (B*T, C, H, W)
+            step = (chunk_size or default_chunk_size(b)) * t  # frames per chunk
+            # one autocast region around the chunks: eager autocast casts the weights once
+            with torch.no_grad(), _autocast(pixels.device.type, autocast_dtype):
+                cls = torch.cat([fns.encode(model.encoder, f, autocast_dtype) for f in frames.split(step)])
+            cls.requires_grad_(True)
+            objective, pred_loss, sigreg_loss = fns.head(
+                model, sigreg, cls, action, lambd, pred_scale, autocast_dtype
+            )
+            objective.backward()
+            for f, g in zip(frames.split(step), cls.grad.split(step)):
+                fns.encode(model.encoder, f, autocast_dtype).backward(g)
+        else:
+            objective, pred_loss, sigreg_loss = fns.whole(
+                model, sigreg, pixels, action, lambd, pred_scale, autocast_dtype, memory_plan == "checkpoint"
+            )
+            objective.backward()
 
-    def autocast():
-        return torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled)
-
-    frames = pixels.float().flatten(0, 1)  # (B*T, C, H, W)
-
-    if memory_plan == "two_pass":
-        _check_deterministic_encoder(model.encoder)
-        step = (chunk_size or default_chunk_size(b)) * t  # frames per chunk
-        with torch.no_grad(), autocast():
-            cls = torch.cat([_encode_frames(model.encoder, f) for f in frames.split(step)])
-        cls.requires_grad_(True)
-    else:
-        with autocast():
-            cls = _encode_frames(model.encoder, frames, checkpoint=memory_plan == "checkpoint")
-
-    with autocast():
-        losses = loss_head(model, model.projector(cls).view(b, t, -1), action, sigreg=sigreg, lambd=lambd)
-    # loss_head's loss, with the prediction term scaled by 1 / W for data parallelism
-    objective = pred_scale * losses["pred_loss"] + lambd * losses["sigreg_loss"]
-    objective.backward()
-
-    if memory_plan == "two_pass":
-        feature_grad = cls.grad
-        for f, g in zip(frames.split(step), feature_grad.split(step)):
-            with autocast():
-                out = _encode_frames(model.encoder, f)
-            out.backward(g)
-
-    pred_loss = losses["pred_loss"].detach().float()
-    sigreg_loss = losses["sigreg_loss"].detach().float()
+    pred_loss, sigreg_loss = pred_loss.detach().float(), sigreg_loss.detach().float()
+    if fns.cudagraphs:  # the next replay overwrites the graph's outputs
+        pred_loss, sigreg_loss = pred_loss.clone(), sigreg_loss.clone()
     return {"loss": pred_loss + lambd * sigreg_loss, "pred_loss": pred_loss, "sigreg_loss": sigreg_loss}
+
+
+def _mark_step_begin() -> None:
+    """Tell CUDA graph trees a new training step starts (torch >= 2.1; a no-op before)."""
+    mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
+    if mark is not None:
+        mark()

@@ -5,6 +5,11 @@ training windows of ``dataset`` (rendered on the device by default) and writes t
 ``out_dir``:
 
 - ``metrics.jsonl``: one JSON object per line with a ``"kind"``:
+  ``{"kind": "setup", "step", "epoch", "device", "memory_plan", "chunk_size",
+  "predicted_peak_bytes", "compile", "sdpa_backend", "sdpa_reason"}`` when a run starts or
+  resumes (``compile``: null, or the compiled step's backend, mode, pieces and whether it
+  replays CUDA graphs; ``sdpa_backend``: the attention kernel of the encoder, see
+  :func:`lewm_fast.backend.choose_sdpa`),
   ``{"kind": "train", "step", "epoch", "pred_loss", "sigreg_loss", "loss", "grad_norm"
   (pre-clip), "lr", "step_time", "samples_per_s", "peak_vram_bytes"}`` for every step,
   ``{"kind": "val", "step", "epoch", "pred_loss", "sigreg_loss", "loss"}`` each epoch,
@@ -51,15 +56,17 @@ from torch import nn
 
 from .. import _checks
 from .._io import write_text_atomic
+from ..backend import SdpaChoice, choose_sdpa, sdpa_context
 from ..checkpoint import save_pretrained
 from ..data.windows import TrainingWindows, as_dataset
 from ..reference.jepa import eval_mode
 from ..sigreg import SIGReg
 from . import distributed as _dist
+from .compiled import CompiledStep, compile_backend, compile_step
 from .config import RESUME_FREE_FIELDS, TrainConfig
 from .memory import MemoryEstimate, choose_plan, format_size, free_vram, parse_size
 from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
-from .step import _encode_frames, forward_backward, loss_head
+from .step import EAGER, StepFunctions, _encode_frames, forward_backward, loss_head
 
 __all__ = [
     "Trainer",
@@ -169,7 +176,10 @@ class Trainer:
     ``resume``. :meth:`fit` builds the rest, which stays readable after it returns:
     ``ctx`` (rank and world size), ``device``, ``windows`` (:class:`TrainingWindows`),
     ``model``, ``optimizer``, ``scheduler``, ``memory`` (the :class:`MemoryEstimate` in use),
-    ``run_state`` (the :class:`RunState`: step, epoch, best evaluation, ...).
+    ``step_functions`` (the step's pieces: :data:`~lewm_fast.train.step.EAGER` or a
+    :class:`~lewm_fast.train.compiled.CompiledStep`), ``sdpa`` (the encoder's attention
+    backend, a :class:`~lewm_fast.backend.SdpaChoice`), ``run_state`` (the :class:`RunState`:
+    step, epoch, best evaluation, ...).
     """
 
     def __init__(
@@ -217,12 +227,15 @@ class Trainer:
         self.skip_on_device = False
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.memory: MemoryEstimate | None = None
+        self.step_functions: StepFunctions = EAGER
+        self.sdpa: SdpaChoice | None = None
         self.run_state = RunState()
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
-        """Join the process group; build windows, model, optimizer and memory plan; load the
-        checkpoint (resume) or seed the random streams; start metrics.jsonl."""
+        """Join the process group; build windows, model, optimizer, memory plan and step
+        (compiled or not, attention backend); load the checkpoint (resume) or seed the
+        random streams; start metrics.jsonl with a setup record."""
         cfg = self.config
         self.ctx, self.device, self._owns_group = _dist.init_from_env(self.device)
         if cfg.batch_size % self.ctx.world_size:
@@ -235,6 +248,7 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self.memory = self._plan_memory()
+        self._build_step()
         self.run_state = RunState()
         if self.resume:
             self._load()
@@ -243,6 +257,7 @@ class Trainer:
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._prepare_metrics()
+            self._log([self._setup_record()])
 
     def _build_windows(self) -> None:
         cfg = self.config
@@ -270,9 +285,6 @@ class Trainer:
         if self.ctx.active:
             _dist.convert_batchnorm(model)
             _dist.broadcast_module(model)
-        if cfg.compile:
-            for layer in model.encoder.layers:
-                layer.compile()
         self.model = model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.bn_buffers = [b for m in model.modules() if isinstance(m, nn.BatchNorm1d) for b in m.buffers()]
@@ -323,6 +335,41 @@ class Trainer:
                     stacklevel=3,
                 )
         return estimate
+
+    def _build_step(self) -> None:
+        """The encoder's attention backend for this device and precision, and the step's
+        pieces: compiled for the memory plan when ``TrainConfig.compile`` asks."""
+        cfg = self.config
+        vit = cfg.model.encoder.vit_config()
+        heads = vit.num_attention_heads
+        dtype = cfg.autocast_dtype or next(self.model.parameters()).dtype
+        self.sdpa = choose_sdpa(self.device, dtype, (heads, 1 + vit.num_patches, vit.hidden_size // heads))
+        backend = compile_backend(cfg.compile)
+        if backend is not None:
+            self.step_functions = compile_step(self.memory.plan, self.device, backend)
+        if self.ctx.is_main:
+            compiled = "eager"
+            if isinstance(self.step_functions, CompiledStep):
+                c = self.step_functions
+                graphs = ", CUDA graphs" if c.cudagraphs else ""
+                compiled = f"torch.compile {c.backend} ({'+'.join(c.pieces)}{graphs})"
+            sdpa = f"{self.sdpa.backend} ({self.sdpa.reason})"
+            print(f"[lewm-fast train] step: {compiled}; encoder attention: {sdpa}", flush=True)
+
+    def _setup_record(self) -> dict[str, Any]:
+        """The metrics.jsonl record of how this run (or resumption) computes its steps."""
+        fns = self.step_functions
+        return {
+            "kind": "setup",
+            "step": self.run_state.step,
+            "epoch": self.run_state.epoch,
+            "device": str(self.device),
+            "memory_plan": self.memory.plan,
+            "chunk_size": self.memory.chunk_size,
+            "predicted_peak_bytes": self.memory.peak_bytes,
+            "compile": fns.describe() if isinstance(fns, CompiledStep) else None,
+            **self.sdpa.to_dict(),
+        }
 
     # ------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict[str, Any]:
@@ -464,6 +511,8 @@ class Trainer:
             cfg.sigreg_weight,
             autocast_dtype=cfg.autocast_dtype,
             world_size=self.ctx.world_size,
+            functions=self.step_functions,
+            sdpa_backend=self.sdpa.backend,
         )
         pred_loss, sigreg_loss = losses["pred_loss"], losses["sigreg_loss"]
         if self.ctx.active:
@@ -510,7 +559,7 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         enabled = cfg.autocast_dtype is not None
         sums = torch.zeros(2, device=self.device)
-        with eval_mode(self.model), torch.random.fork_rng(devices=devices):
+        with eval_mode(self.model), torch.random.fork_rng(devices=devices), sdpa_context(self.sdpa.backend):
             torch.manual_seed(cfg.seed)  # the same SIGReg directions at every validation
             for batch in itertools.islice(batches, n):
                 pixels = batch["pixels"]
