@@ -33,7 +33,8 @@ def available() -> list[str]:
 
 def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     names = available()
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    # the module docstring's first paragraph, without its reST literal markup
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     parser.add_argument("--only", nargs="+", choices=names, metavar="NAME", help=f"subset of {names}")
     parser.add_argument(

@@ -400,7 +400,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text or "(default" in text:
+        hidden = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if hidden or "%(default)" in text or "(default" in text:
             return action.help
         return super()._get_help_string(action)
 
@@ -416,13 +417,17 @@ def _shared(*flags: str) -> list[argparse.ArgumentParser]:
             p.add_argument("--force", action="store_true", help="replace an existing output")
         elif flag == "progress":
             p.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
-        elif flag == "set":
+        elif flag in ("set", "set-pipeline"):
+            example = (
+                "train.epochs=2 --set model.predictor.depth=4 --set eval.num_samples=64"
+                if flag == "set-pipeline"
+                else "lr=1e-4 --set model.predictor.depth=4"
+            )
             p.add_argument(
                 "--set",
                 action="append",
                 metavar="KEY=VALUE",
-                help="override a config field, repeatable: --set lr=1e-4 --set model.predictor.depth=4 "
-                "(pipeline keys name their section: train.epochs=2, eval.num_samples=64)",
+                help=f"override a config field, repeatable: --set {example}",
             )
         parents.append(p)
     return parents
@@ -448,7 +453,7 @@ def _generate_data_arguments(p: argparse.ArgumentParser) -> None:
 def _render_frame_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="PNG file to write")
     p.add_argument("--xy", type=float, nargs=2, metavar=("X", "Y"), help="agent position in pixels")
-    p.add_argument("--dataset", help="dataset folder to take the position from")
+    p.add_argument("--dataset", help="dataset folder to take the position from (give --xy or --dataset)")
     p.add_argument("--row", type=int, default=0, help="dataset row")
 
 
@@ -504,7 +509,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         choices=("auto", "whole", "checkpoint", "two_pass"),
         help="memory plan (default: auto, the first that fits the budget)",
     )
-    p.add_argument("--chunk-size", type=int, help="windows per encoder chunk of the two_pass plan")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        help="windows per encoder chunk of the two_pass plan (default: the preset's)",
+    )
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) at this global step")
     p.add_argument("--log-every", type=int, help="steps between metric flushes (default: 20)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -572,7 +581,7 @@ _COMMANDS = (
         pipeline,
         "data -> train -> probe -> eval -> report in one run folder",
         _pipeline_arguments,
-        ("progress", "set"),
+        ("progress", "set-pipeline"),
     ),
 )
 

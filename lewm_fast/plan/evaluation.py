@@ -425,7 +425,9 @@ def evaluate(
     ``final_xy``, ``success``, ``steps_to_success`` (None if never), ``final_distance``);
     ``plans`` (planner calls), ``env_steps``, ``plan_latency_ms`` (``median``, ``p90``,
     ``mean``, ``median_per_env``, ``per_plan``: each call timed with a device sync before
-    and after), ``plan_seeds``, ``elapsed_s``, ``warmup_s``, ``protocol``, ``planner``,
+    and after), ``plan_seeds``, ``elapsed_s``, ``warmup_s``, ``protocol`` (the settings as
+    run: its ``warm_start`` says whether plans were warm-started, False when every planned
+    action is executed, as published), ``planner``,
     ``action_stats``, ``dataset``, ``model``, ``device`` and ``versions``.
 
     Raises ValueError for a model in training mode, a bad setting or dataset, or a solver
