@@ -74,35 +74,27 @@ class ConditionalBlock(_ref.ConditionalBlock):
         super().__init__(dim, heads, dim_head, mlp_dim, dropout)
         self.backend = _backend.check_name(backend)
 
+    def _branch_input(self, first, second, x, shift, scale, residual=None):
+        """``second(modulate(first(x'), shift, scale))`` with x' = x, or x' = x + gate * y for
+        ``residual = (gate, y)`` (then (x', input) is returned): one fused kernel, the input
+        written in the dtype the branch's first GEMM reads (:func:`autocast_dtype`)."""
+        kwargs = {
+            "eps1": first.eps,
+            "eps2": second.eps,
+            "out_dtype": autocast_dtype(x),
+            "backend": self.backend,
+        }
+        if residual is None:
+            return adaln_modulate(x, shift, scale, second.weight, second.bias, **kwargs)
+        return gated_adaln_modulate(x, *residual, shift, scale, second.weight, second.bias, **kwargs)
+
     def attn_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``attn.norm(modulate(norm1(x), shift, scale))`` for x (B, T, D): :func:`adaln_modulate`."""
-        norm, out = self.attn.norm, autocast_dtype(x)  # written in the dtype to_qkv reads
-        return adaln_modulate(
-            x,
-            shift,
-            scale,
-            norm.weight,
-            norm.bias,
-            eps1=self.norm1.eps,
-            eps2=norm.eps,
-            out_dtype=out,
-            backend=self.backend,
-        )
+        return self._branch_input(self.norm1, self.attn.norm, x, shift, scale)
 
     def mlp_input(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``mlp.net[0](modulate(norm2(x), shift, scale))`` for x (B, T, D): :func:`adaln_modulate`."""
-        norm, out = self.mlp.net[0], autocast_dtype(x)  # written in the dtype the MLP's Linear reads
-        return adaln_modulate(
-            x,
-            shift,
-            scale,
-            norm.weight,
-            norm.bias,
-            eps1=self.norm2.eps,
-            eps2=norm.eps,
-            out_dtype=out,
-            backend=self.backend,
-        )
+        return self._branch_input(self.norm2, self.mlp.net[0], x, shift, scale)
 
     def gated(self, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The gated residual ``x + gate * y`` (all (B, T, D)): :func:`gated_residual`."""
@@ -111,38 +103,12 @@ class ConditionalBlock(_ref.ConditionalBlock):
     def gated_mlp_input(self, x, gate, y, shift, scale):
         """``x' = x + gate * y`` and ``mlp_input(x', shift, scale)`` (all (B, T, D)):
         :func:`gated_adaln_modulate`."""
-        norm, eps1, out = self.mlp.net[0], self.norm2.eps, autocast_dtype(x)
-        return gated_adaln_modulate(
-            x,
-            gate,
-            y,
-            shift,
-            scale,
-            norm.weight,
-            norm.bias,
-            eps1=eps1,
-            eps2=norm.eps,
-            out_dtype=out,
-            backend=self.backend,
-        )
+        return self._branch_input(self.norm2, self.mlp.net[0], x, shift, scale, (gate, y))
 
     def gated_attn_input(self, x, gate, y, shift, scale):
         """``x' = x + gate * y`` and ``attn_input(x', shift, scale)`` (all (B, T, D)):
         :func:`gated_adaln_modulate`."""
-        norm, eps1, out = self.attn.norm, self.norm1.eps, autocast_dtype(x)
-        return gated_adaln_modulate(
-            x,
-            gate,
-            y,
-            shift,
-            scale,
-            norm.weight,
-            norm.bias,
-            eps1=eps1,
-            eps2=norm.eps,
-            out_dtype=out,
-            backend=self.backend,
-        )
+        return self._branch_input(self.norm1, self.attn.norm, x, shift, scale, (gate, y))
 
 
 class ARPredictor(_ref.ARPredictor):
