@@ -202,7 +202,7 @@ def _compiled_vs_reference(
             functions=functions,
             sdpa_backend=sdpa.backend,
         )
-        grads = {n: p.grad.float().cpu() for n, p in model.named_parameters()}
+        grads = {n: g.float().cpu() for n, g in published_grads(model).items()}  # fused q/k/v split
         assert_grads_close(grads, {n: p.grad.float().cpu() for n, p in reference.named_parameters()}, kind)
         for key in ("loss", "pred_loss", "sigreg_loss"):
             assert not got[key].requires_grad
