@@ -85,6 +85,9 @@ def finite(value: torch.Tensor, name: str, hint: str = "") -> None:
         raise ValueError(f"{name} contains {bad} values{hint}")
 
 
+# The layout of a batch of frame sequences: envs or windows, time, channels, height, width.
+FRAMES = ("B", "T", "C", "H", "W")
+
 # ImageNet normalisation (spec section 5) maps [0, 1] pixel values into [-2.12, 2.64]. Frames
 # reaching far beyond that were not normalised (e.g. a 0-255 range); the bound sits well
 # above what torch.randn frames reach, so well-formed test inputs pass.

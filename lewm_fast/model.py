@@ -124,7 +124,6 @@ class ARPredictor(_ref.ARPredictor):
             block.backend = backend
 
 
-_PIXELS = ("B", "T", "C", "H", "W")
 _SAMPLE_PIXELS = ("B", "S", "T", "C", "H", "W")
 
 
@@ -148,7 +147,7 @@ class JEPA(_ref_jepa.JEPA):
     def encode(self, info: dict) -> dict:
         """``info["pixels"]`` (B, T, C, H, W) -> ``info["emb"]`` (B, T, D); ``info["action"]``
         (B, T, A), if present -> ``info["act_emb"]`` (B, T, D). Returns ``info``."""
-        pixels = self._check_info(info, _PIXELS)
+        pixels = self._check_info(info, _checks.FRAMES)
         if "action" in info:
             action = _checks.actions(info["action"], "info['action']", ("B", "T", "A"), self.action_width)
             _checks.same_leading(pixels, "info['pixels']", action, "info['action']", 2)

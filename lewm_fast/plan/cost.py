@@ -46,9 +46,6 @@ __all__ = [
 ]
 
 
-_FRAMES = ("B", "T", "C", "H", "W")
-
-
 def fast_cost_unsupported_reason(model) -> str | None:
     """Why the fast cost cannot run ``model`` (None when it can)."""
     if not isinstance(model, _ReferenceJEPA):
@@ -364,8 +361,8 @@ def planning_cost(
     if not isinstance(info_dict, dict) or "pixels" not in info_dict or "goal" not in info_dict:
         raise ValueError("info_dict must be a dict with 'pixels' (B, H, C, h, w) and 'goal' (B, G, C, h, w)")
     channels, patch = frame_spec_of(model)
-    pixels = _checks.pixels(info_dict["pixels"], "info_dict['pixels']", _FRAMES, channels, patch)
-    goal = _checks.pixels(info_dict["goal"], "info_dict['goal']", _FRAMES, channels, patch)
+    pixels = _checks.pixels(info_dict["pixels"], "info_dict['pixels']", _checks.FRAMES, channels, patch)
+    goal = _checks.pixels(info_dict["goal"], "info_dict['goal']", _checks.FRAMES, channels, patch)
     if not torch.is_tensor(candidates) or candidates.dim() != 4:
         got = tuple(candidates.shape) if torch.is_tensor(candidates) else type(candidates).__name__
         raise ValueError(f"candidates must be a (B, S, T, A) tensor, got {got}")

@@ -30,7 +30,6 @@ from .refit import cem_refit
 __all__ = ["CEMSolver"]
 
 _MASK64 = (1 << 64) - 1
-_FRAMES = ("B", "T", "C", "H", "W")
 
 
 def plan_seed(seed: int, index: int) -> int:
@@ -350,7 +349,7 @@ class CEMSolver:
             value = torch.from_numpy(value)
         channels, patch = frame_spec_of(self._net)
         name = f"info_dict[{key!r}]"
-        return _checks.pixels(value, name, _FRAMES, channels, patch, values=False).to(
+        return _checks.pixels(value, name, _checks.FRAMES, channels, patch, values=False).to(
             self.device, torch.float32
         )
 

@@ -66,7 +66,7 @@ def default_chunk_size(batch_size: int) -> int:
 def _check_batch(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(batch, dict) or "pixels" not in batch or "action" not in batch:
         raise ValueError("batch must be a dict with 'pixels' (B, T, C, H, W) and 'action' (B, T, A)")
-    pixels = _checks.tensor(batch["pixels"], "batch['pixels']", ("B", "T", "C", "H", "W"))
+    pixels = _checks.tensor(batch["pixels"], "batch['pixels']", _checks.FRAMES)
     action = _checks.tensor(batch["action"], "batch['action']", ("B", "T", "A"))
     if not pixels.is_floating_point():
         raise ValueError(f"batch['pixels'] must be normalised floating-point frames, got {pixels.dtype}")
