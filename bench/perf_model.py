@@ -10,7 +10,10 @@ and projected times on named GPUs. Every number here is a PROJECTION, never a me
   autocast), paper-size model (``LeWMConfig.preset("paper")``);
 - one training step at batch 128, 4 frames of 224 px, under each memory plan (``whole``,
   ``checkpoint``, ``two_pass``), fp32 and bf16 autocast: :func:`lewm_fast.train.forward_backward`
-  (forward and backward; the optimizer step and gradient clipping are NOT included).
+  (forward and backward; the optimizer step and gradient clipping are NOT included);
+- one SIGReg forward and backward at the training size (T=4, B=128, D=192, P=1024, 17 knots)
+  on given directions, as ``bench_sigreg`` times it, z in fp32 and in bf16 (the embedding's
+  dtype under the recipe's bf16 autocast): :func:`sigreg_counts`.
 
 How it runs without a GPU
 -------------------------
@@ -116,6 +119,7 @@ __all__ = [
     "fake_cuda",
     "plan_counts",
     "train_counts",
+    "sigreg_counts",
     "build_model",
     "project",
     "model_markdown",
@@ -652,6 +656,46 @@ def train_counts(
     }
 
 
+SIGREG_SHAPE = {"T": 4, "B": 128, "D": 192, "P": 1024, "knots": 17}
+
+
+def sigreg_counts(dtype: torch.dtype = torch.float32, shape: dict | None = None) -> dict:
+    """Kernels/FLOPs/bytes of one SIGReg forward and backward on fake CUDA tensors:
+    z (T, B, D) of ``dtype`` requiring a gradient, given directions A (D, P) float32 (no
+    gradient), ``knots`` knots (default :data:`SIGREG_SHAPE`, the training size). This is
+    ``lewm_fast.sigreg(z, A)`` then ``backward()``, as ``bench_sigreg`` times it; the
+    quadrature comes from a fake-CUDA :class:`lewm_fast.SIGReg` module, so no cached
+    quadrature of the functional form is made inside the fake mode. Besides the SIGReg ops
+    the count holds the seed gradient of ``backward()`` (one fill) and the copy of grad z
+    into ``z.grad``, which the backward walk makes for every leaf (see point 3 above)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lewm_fast import SIGReg
+    from lewm_fast.sigreg import _dispatch
+
+    require_cuda_guard()
+    s = {**SIGREG_SHAPE, **(shape or {})}
+    module = SIGReg(knots=s["knots"], num_proj=s["P"])
+    with FakeTensorMode(), _counting_patches():
+        fake_cuda(module)
+        z = torch.empty(s["T"], s["B"], s["D"], device="cuda", dtype=dtype, requires_grad=True)
+        A = torch.empty(s["D"], s["P"], device="cuda")
+        with count() as fwd:
+            value = _dispatch(z, A, module.t, module.phi, module.weights, "auto", False)
+        with count() as bwd:
+            value.backward()
+    kernels = fwd.tally.kernels + bwd.tally.kernels
+    tally = Tally(kernels)
+    return {
+        "settings": {**s, "precision": "fp32" if dtype == torch.float32 else "bf16"},
+        "fwd": fwd.tally.summary(),
+        "bwd": bwd.tally.summary(),
+        **tally.summary(),
+        "ops": tally.by_op(),
+        "_kernels": kernels,
+    }
+
+
 # ---------------------------------------------------------------------------- projection
 
 # Device peaks. "datasheet" figures are NVIDIA's dense (no sparsity) peaks; the H200's
@@ -741,11 +785,12 @@ def project(kernels: list[Kernel], launches: int) -> dict[str, dict[str, float]]
 # ------------------------------------------------------------------------------- report
 
 
-def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None) -> dict:
+def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None, sigreg: bool = True) -> dict:
     """Every count and projection of the module docstring as one JSON-ready dict.
 
     ``envs``: the plan workloads (one per number of envs); ``memory_plans``: the training
-    steps' memory plans (None: every plan of ``lewm_fast.train.step.PLANS``; ``()``: none).
+    steps' memory plans (None: every plan of ``lewm_fast.train.step.PLANS``; ``()``: none);
+    ``sigreg``: count the SIGReg op at the training size (``"sigreg"``, headline fp32).
     A plan's headline counts (``launches_per_iter``, ``flops``, ...) are fp32, the solver's
     default; ``train_step``'s are ``whole`` in bf16, the recipe's (the first plan given
     otherwise). Each entry names its headline under ``"headline"``.
@@ -789,12 +834,21 @@ def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None) -> dict:
         headline = "whole_bf16" if "whole" in memory_plans else f"{memory_plans[0]}_bf16"
         entry.update({k: entry[headline][k] for k in ("launches", "flops", "bytes")}, headline=headline)
         out["train_step"] = entry
+    if sigreg:
+        entry = {}
+        for precision, dtype in PRECISIONS.items():
+            counts = sigreg_counts(dtype or torch.float32)
+            kernels = counts.pop("_kernels")
+            counts["projection"] = project(kernels, counts["launches"])
+            entry[precision] = counts
+        entry.update({k: entry["fp32"][k] for k in ("launches", "flops", "bytes")}, headline="fp32")
+        out["sigreg"] = entry
     return out
 
 
 def workloads(result: dict) -> list[dict[str, Any]]:
     """The projected workloads of a :func:`run_model` result, in table order: one dict per
-    workload and precision with ``label``, ``kind`` ("plan" or "train"), ``settings``,
+    workload and precision with ``label``, ``kind`` ("plan", "train" or "op"), ``settings``,
     ``launches``, ``flops``, ``bytes``, ``per_iter_launches`` (plans) and ``projection``
     (device -> ``work_ms``/``graph_ms``/``eager_ms``; plans: per plan)."""
     out = []
@@ -813,6 +867,19 @@ def workloads(result: dict) -> list[dict[str, Any]]:
                     **c["per_plan"],
                     "per_iter_launches": c["per_iter"]["launches"],
                     "projection": c["projection_per_plan"],
+                }
+            )
+    for c in (result.get("sigreg") or {}).values():
+        if isinstance(c, dict) and "projection" in c:
+            s = c["settings"]
+            size = f"T={s['T']}, B={s['B']}, D={s['D']}, P={s['P']}, K={s['knots']}"
+            out.append(
+                {
+                    "label": f"SIGReg fwd+bwd ({size})",
+                    "kind": "op",
+                    "settings": s,
+                    **{k: c[k] for k in ("launches", "flops", "bytes")},
+                    "projection": c["projection"],
                 }
             )
     for c in (result.get("train_step") or {}).values():
@@ -838,7 +905,9 @@ def format_count(x: float) -> str:
 
 
 def format_ms(ms: float) -> str:
-    return f"{ms / 1e3:.2f} s" if ms >= 1000 else f"{ms:.3g} ms"
+    if ms >= 1000:
+        return f"{ms / 1e3:.2f} s"
+    return f"{ms:.3g} ms" if ms >= 1 else f"{ms * 1e3:.3g} us"
 
 
 def model_markdown(result: dict) -> str:
@@ -856,12 +925,13 @@ def model_markdown(result: dict) -> str:
     ]
     for w in workloads(result):
         proj = w["projection"]
+        kernels = f"{w['launches']:,}"
         if w["kind"] == "plan":
-            kernels = f"{w['launches']:,} ({w['per_iter_launches']} per iteration)"
-            cells = [f"{format_ms(proj[d]['graph_ms'])} / {format_ms(proj[d]['eager_ms'])}" for d in devices]
-        else:
-            kernels = f"{w['launches']:,}"
+            kernels += f" ({w['per_iter_launches']} per iteration)"
+        if w["kind"] == "train":
             cells = [f"— / {format_ms(proj[d]['eager_ms'])}" for d in devices]
+        else:
+            cells = [f"{format_ms(proj[d]['graph_ms'])} / {format_ms(proj[d]['eager_ms'])}" for d in devices]
         lines.append(
             f"| {w['label']} | {w['settings']['precision']} | {kernels} | {format_count(w['flops'])} "
             f"| {format_count(w['bytes'])}B | " + " | ".join(cells) + " |"

@@ -225,8 +225,16 @@ def results_section(results: list[tuple[Path, dict[str, Any]]], base: Path | Non
 
 
 def _measured_row(workload: dict[str, Any], model: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The measured bench row of a projected workload (bench_plan / bench_train naming), or None."""
+    """The measured bench row of a projected workload (bench_plan / bench_train / bench_sigreg
+    naming), or None."""
     s = workload["settings"]
+    if workload["kind"] == "op":  # bench_sigreg times float32 z only
+        if s["precision"] != "fp32":
+            return None
+        case = f"T{s['T']}-B{s['B']}-D{s['D']}-P{s['P']}-K{s['knots']}"
+        key = ("sigreg", "fwd+bwd", case, "triton")
+        match = (r for r in rows if (r.get("bench"), r.get("phase"), r.get("case"), r.get("impl")) == key)
+        return _fastest(r for r in match if r.get("median_ms", 0) > 0)
     if workload["kind"] == "plan":
         case = f"{s['envs']} env{'s' if s['envs'] > 1 else ''}, S={s['num_samples']}, {s['n_steps']} it"
         impls = (f"fast-{s['precision']}-graph", f"fast-{s['precision']}")
@@ -278,7 +286,8 @@ def model_section(
     by_name = {data["env"].get("device_name"): (path, data) for path, data in results}
     lines += [
         "",
-        "Projected time (plans: CUDA-graph replay / eager launch; training steps: eager) next to "
+        "Projected time (plans and the SIGReg op: CUDA-graph replay / eager launch; training steps: "
+        "eager) next to "
         "the measured median of the same workload on the same device:",
         "",
         "| workload | precision | device | projected (model) | measured |",
@@ -287,10 +296,10 @@ def model_section(
     for w in items:
         for device, spec in model["devices"].items():
             proj = w["projection"][device]
-            if w["kind"] == "plan":
-                projected = f"{format_ms(proj['graph_ms'])} / {format_ms(proj['eager_ms'])}"
-            else:
+            if w["kind"] == "train":
                 projected = format_ms(proj["eager_ms"])
+            else:
+                projected = f"{format_ms(proj['graph_ms'])} / {format_ms(proj['eager_ms'])}"
             measured = NOT_MEASURED
             if spec.get("nvml_name") in by_name:
                 path, data = by_name[spec["nvml_name"]]
