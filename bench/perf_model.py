@@ -61,10 +61,13 @@ Ops are counted at the ATen level by a ``TorchDispatchMode`` under the fake mode
   ``as_strided``), ``prim.device``, and allocations (``empty``, ``empty_strided``,
   ``new_empty``, ``empty_like``);
 - ``lewm_fast::*`` custom ops: the kernels their launchers issue (:data:`CUSTOM_KERNELS`,
-  read from ``kernels/adaln.py``, ``kernels/sigreg.py`` and ``csrc/cem_refit_cuda.cu``),
-  e.g. ``adaln_bwd`` = the backward kernel + the two partial-row sums of
-  dweight/dbias, ``sigreg`` = the fused kernel + ``partial.sum()`` + the division,
-  ``cem_refit`` = one ``cem_refit_kernel`` launch;
+  read from ``kernels/adaln.py`` and ``csrc/cem_refit_cuda.cu``), e.g. ``adaln_bwd`` = the
+  backward kernel + the two partial-row sums of dweight/dbias, ``cem_refit`` = one
+  ``cem_refit_kernel`` launch; the SIGReg ops are itemised kernel by kernel
+  (:func:`sigreg_kernels`, read from ``kernels/sigreg.py``): ``sigreg`` = the fused
+  kernel + ``partial.sum()``, ``sigreg_bwd`` = the grad_x kernel + the cuBLAS
+  ``grad_z = grad_x @ A^T`` (+ the cast to z's dtype for half z, + z^T grad_x when A needs
+  a gradient);
 - ATen ops that launch more than one kernel on CUDA (:data:`ATEN_KERNELS`): layer-norm
   backward with affine gradients (the dX kernel + the gamma/beta kernel), batch norm in
   training (statistics + apply; backward: reduce + elementwise), flash-attention backward
@@ -74,15 +77,21 @@ Ops are counted at the ATen level by a ``TorchDispatchMode`` under the fake mode
   or ``fill_`` is one kernel).
 
 FLOPs per op are ``torch.utils.flop_counter``'s formulas (the registry
-``FlopCounterMode`` uses: matmuls, convolutions, attention), plus for the SIGReg ops the
-GEMM work inside the fused kernels (forward ``2 T B D P``; backward recomputes x and forms
-grad_z: ``4 T B D P``). Elementwise work counts 0 FLOPs (it is priced by its bytes).
+``FlopCounterMode`` uses: matmuls, convolutions, attention), plus for the SIGReg kernels
+their GEMM work (the forward kernel ``2 T B D P``; the backward kernel recomputes x,
+``2 T B D P``, and the grad_z matmul is another ``2 T B D P``). Elementwise work counts
+0 FLOPs (it is priced by its bytes), except the trigonometry inside the SIGReg kernels,
+their main work: per (t, b, p) one sincos (:data:`SINCOS_FLOPS`), then for each knot after
+the first a rotation (:data:`ROTATION_FLOPS`, from the second on) and its use (forward: 2,
+the two batch sums; backward: 4, ``a_k cos - b_k sin`` into grad_x).
 
 Bytes per kernel = bytes of its distinct tensor inputs + bytes of its outputs, each
 tensor's elements counted once (an input passed twice counts once; a stride-0 broadcast
 dimension counts once; an argument the op writes in place counts as written, not read).
 A custom op's bytes are its op-level inputs and outputs (what its kernels must read and
-write at least once), not its internal re-reads.
+write at least once), not its internal re-reads; an intermediate its launcher writes to
+memory and reads back counts in both kernels (SIGReg's grad_x: written by the backward
+kernel, read by the grad_z matmul).
 
 Projected time of a kernel on a device = ``max(flops / peak_flops(dtype), bytes /
 bandwidth)``, summed over kernels, plus ``launches x per-launch cost`` (one value for a
@@ -111,6 +120,8 @@ from lewm_fast.reference.jepa import action_width_of
 
 __all__ = [
     "CUSTOM_KERNELS",
+    "sigreg_kernels",
+    "sigreg_trig_flops",
     "ATEN_KERNELS",
     "DEVICES",
     "LAUNCH_US",
@@ -137,10 +148,6 @@ CUSTOM_KERNELS = {
     "gated_residual": 1,  # _gated_residual_fwd_kernel
     "gated_residual_bwd": 1,  # _gated_residual_bwd_kernel
     "gated_adaln": 1,  # _gated_adaln_fwd_kernel
-    "sigreg": 3,  # _sigreg_fwd_kernel + partial.sum() + / (T P)
-    "sigreg_bwd": 1,  # _sigreg_bwd_kernel (A needs no gradient: no einsum)
-    "sigreg_trig_sums": 1,  # _sigreg_fwd_kernel
-    "sigreg_trig_sums_bwd": 1,  # _sigreg_bwd_kernel
     "cem_refit": 1,  # cem_refit_kernel<<<envs, ...>>> (csrc/cem_refit_cuda.cu)
 }
 
@@ -174,13 +181,84 @@ FREE = {
 }
 
 
-def _gemm_flops_sigreg(name: str, args) -> int:
-    if name not in ("sigreg", "sigreg_trig_sums", "sigreg_bwd", "sigreg_trig_sums_bwd"):
-        return 0
-    z, A = (args[1], args[2]) if name.endswith("_bwd") else (args[0], args[1])
-    t, b, d = z.shape
-    work = 2 * t * b * d * A.shape[1]
-    return 2 * work if name.endswith("_bwd") else work
+SIGREG_OPS = ("sigreg", "sigreg_bwd", "sigreg_trig_sums", "sigreg_trig_sums_bwd")
+# Floating-point operations of the SIGReg kernels' trigonometry per (t, b, p): the sincos
+# of ``kernels/sigreg.py`` (a three-part quadrant reduction and two degree-3 polynomials, with
+# the quadrant's sign flips) and one rotation by dt x (4 multiplies, 2 adds) per further knot.
+SINCOS_FLOPS = 20
+ROTATION_FLOPS = 6
+
+
+def sigreg_trig_flops(T: int, B: int, P: int, knots: int, use: int) -> int:
+    """FLOPs of one sincos per (t, b, p) and knots 1 .. K - 1 reached by rotation, each used
+    with ``use`` operations (forward 2, backward 4)."""
+    return T * B * P * (SINCOS_FLOPS + (knots - 2) * ROTATION_FLOPS + (knots - 1) * use)
+
+
+def _widest(*dtypes: torch.dtype) -> str:
+    return str(max(dtypes, key=lambda d: d.itemsize))
+
+
+def sigreg_kernels(name: str, args) -> list[Kernel]:
+    """The kernels one ``lewm_fast::<name>`` SIGReg op launches (``kernels/sigreg.py``), each
+    with its FLOPs (GEMM and trigonometry) and the bytes it reads and writes once (sizes at
+    T=4, B=128, D=192, P=1024, K=17, float32 z):
+
+    - ``sigreg`` / ``sigreg_trig_sums``: ``_sigreg_fwd_kernel`` reads z (384 KiB), A
+      (768 KiB), phi and w, writes the sums (2, T, K, P) float32 (544 KiB) and, for
+      ``sigreg``, one float32 share per program, which ``partial.sum()`` adds;
+    - ``sigreg_bwd`` / ``sigreg_trig_sums_bwd``: ``_sigreg_bwd_kernel`` reads z, A and the
+      sums (or d loss / d sums), writes grad_x (T, B, P) float32 (2 MiB); the cuBLAS
+      ``grad_x @ A^T`` reads grad_x and A, writes grad_z float32; a cast to z's dtype
+      follows for half z; with A needing a gradient, ``z^T @ grad_x`` (after copying a
+      strided z to (T B, D), and a half z to float32).
+    """
+    from lewm_fast.kernels import sigreg as kernel
+
+    f32 = torch.float32
+    if name in ("sigreg", "sigreg_trig_sums"):
+        z, A, phi, weights, _ = args
+        T, B, D = z.shape
+        P, K = A.shape[1], phi.shape[0]
+        sums = 2 * T * K * P * 4
+        reads = tensor_bytes(z) + tensor_bytes(A) + tensor_bytes(phi) + tensor_bytes(weights)
+        flops = 2 * T * B * D * P + sigreg_trig_flops(T, B, P, K, use=2)
+        if name == "sigreg_trig_sums":
+            return [Kernel(f"lewm_fast::{name}", 1, flops, reads + sums, _widest(z.dtype, A.dtype))]
+        shares = T * -(-P // kernel.fwd_config(B)["BLOCK_P"]) * 4
+        return [
+            Kernel("lewm_fast::sigreg", 1, flops, reads + sums + shares, _widest(z.dtype, A.dtype)),
+            Kernel("lewm_fast::sigreg (partial.sum)", 1, 0, shares + 4, str(f32)),
+        ]
+    if name == "sigreg_bwd":
+        grad, z, A, sums, phi, weights, _, need_grad_A = args
+        coefficients = sum(tensor_bytes(t) for t in (grad, sums, phi, weights))
+    else:
+        grad_sums, z, A, _, need_grad_A = args
+        sums, coefficients = grad_sums, tensor_bytes(grad_sums)
+    T, B, D = z.shape
+    P, K = A.shape[1], sums.shape[2]
+    gemm = 2 * T * B * D * P
+    grad_x, grad_z32 = T * B * P * 4, T * B * D * 4
+    z_bytes, a_bytes = tensor_bytes(z), tensor_bytes(A)
+
+    def step(what: str, flops: int, nbytes: int, dtype: torch.dtype = f32) -> Kernel:
+        return Kernel(f"lewm_fast::{name} ({what})", 1, flops, nbytes, str(dtype))
+
+    trig = sigreg_trig_flops(T, B, P, K, use=4)
+    out = [
+        Kernel(f"lewm_fast::{name}", 1, gemm + trig, z_bytes + a_bytes + coefficients + grad_x, str(f32)),
+        step("mm grad_z", gemm, grad_x + a_bytes + grad_z32),
+    ]
+    if z.dtype != f32:
+        out.append(step("cast grad_z", 0, grad_z32 + z_bytes))
+    if need_grad_A:
+        if not z.is_contiguous():  # z.reshape(T B, D) copies a strided z
+            out.append(step("copy z", 0, 2 * z_bytes, z.dtype))
+        if z.dtype != f32:
+            out.append(step("z as float32", 0, z_bytes + grad_z32))
+        out.append(step("mm grad_A", gemm, grad_z32 + grad_x + D * P * 4))
+    return out
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -278,11 +356,14 @@ class KernelCounter(TorchDispatchMode):
         if _is_free(func):
             return out
         name = func._schema.name.split("::")[-1]
+        if func.namespace == "lewm_fast" and name in SIGREG_OPS:
+            self.tally.kernels.extend(sigreg_kernels(name, args))
+            return out
         if func.namespace == "lewm_fast":
             if name not in CUSTOM_KERNELS:
                 raise KeyError(f"lewm_fast::{name} has no kernel count in CUSTOM_KERNELS")
             launches = CUSTOM_KERNELS[name]
-            flops = _gemm_flops_sigreg(name, args)
+            flops = 0
         else:
             rule = ATEN_KERNELS.get(name)
             launches = rule(args, kwargs) if rule else 1

@@ -101,6 +101,30 @@ def test_plan_flops_match_the_analytic_count(record_property):
     assert abs(residual) < 0.05, message
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sigreg_counts_match_the_launchers(dtype):
+    # lewm_fast.sigreg(z, A) forward and backward at T=4, B=128, D=192, P=1024, 17 knots:
+    #   forward:  _sigreg_fwd_kernel, partial.sum()                                   = 2
+    #   backward: the seed gradient (ones_like); _sigreg_bwd_kernel (grad_x);
+    #             mm grad_z; for bf16 z the cast of grad_z; the copy into z.grad      = 4 / 5
+    T, B, D, P, K = 4, 128, 192, 1024, 17
+    counts = perf_model.sigreg_counts(dtype)
+    ops = counts["ops"]
+    assert counts["fwd"]["launches"] == 2 and ops["lewm_fast::sigreg (partial.sum)"] == 1
+    assert counts["bwd"]["launches"] == (4 if dtype == torch.float32 else 5)
+    kernels = {k.op: k for k in counts["_kernels"]}
+    z_bytes, a_bytes, grad_x = T * B * D * dtype.itemsize, D * P * 4, T * B * P * 4
+    gemm = 2 * T * B * D * P
+    fwd = kernels["lewm_fast::sigreg"]
+    assert fwd.flops == gemm + perf_model.sigreg_trig_flops(T, B, P, K, use=2)
+    assert fwd.bytes == z_bytes + a_bytes + 2 * K * 4 + 2 * T * K * P * 4 + T * (P // 16) * 4
+    bwd = kernels["lewm_fast::sigreg_bwd"]
+    assert bwd.flops == gemm + perf_model.sigreg_trig_flops(T, B, P, K, use=4)
+    assert bwd.bytes == 4 + z_bytes + a_bytes + 2 * T * K * P * 4 + 2 * K * 4 + grad_x  # grad_x written
+    mm = kernels["lewm_fast::sigreg_bwd (mm grad_z)"]
+    assert (mm.flops, mm.bytes) == (gemm, grad_x + a_bytes + T * B * D * 4)  # grad_x read back
+
+
 @pytest.fixture(scope="module")
 def tiny_result():
     """One counting run of ``run_model`` on the tiny model (plans of 1 and 50 envs, fp32 and
