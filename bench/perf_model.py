@@ -11,7 +11,10 @@ and projected times on named GPUs. Every number here is a PROJECTION, never a me
 - one training step at batch 128, 4 frames of 224 px, under each memory plan (``whole``,
   ``checkpoint``, ``two_pass``), fp32 and bf16 autocast: :func:`lewm_fast.train.forward_backward`
   (forward and backward; the optimizer step and gradient clipping are NOT included), eager,
-  and as projected under ``TrainConfig.compile`` (below, "torch.compile").
+  and as projected under ``TrainConfig.compile`` (below, "torch.compile");
+- one SIGReg forward and backward at the training size (T=4, B=128, D=192, P=1024, 17 knots)
+  on given directions, as ``bench_sigreg`` times it, z in fp32 and in bf16 (the embedding's
+  dtype under the recipe's bf16 autocast): :func:`sigreg_counts`.
 
 How it runs without a GPU
 -------------------------
@@ -63,10 +66,13 @@ Ops are counted at the ATen level by a ``TorchDispatchMode`` under the fake mode
   ``as_strided``), ``prim.device``, and allocations (``empty``, ``empty_strided``,
   ``new_empty``, ``empty_like``);
 - ``lewm_fast::*`` custom ops: the kernels their launchers issue (:data:`CUSTOM_KERNELS`,
-  read from ``kernels/adaln.py``, ``kernels/sigreg.py`` and ``csrc/cem_refit_cuda.cu``),
-  e.g. ``adaln_bwd`` = the backward kernel + the two partial-row sums of
-  dweight/dbias, ``sigreg`` = the fused kernel + ``partial.sum()`` + the division,
-  ``cem_refit`` = one ``cem_refit_kernel`` launch;
+  read from ``kernels/adaln.py`` and ``csrc/cem_refit_cuda.cu``), e.g. ``adaln_bwd`` = the
+  backward kernel + the two partial-row sums of dweight/dbias, ``cem_refit`` = one
+  ``cem_refit_kernel`` launch; the SIGReg ops are itemised kernel by kernel
+  (:func:`sigreg_kernels`, read from ``kernels/sigreg.py``): ``sigreg`` = the fused
+  kernel + ``partial.sum()``, ``sigreg_bwd`` = the grad_x kernel + the cuBLAS
+  ``grad_z = grad_x @ A^T`` (+ the cast to z's dtype for half z, + z^T grad_x when A needs
+  a gradient);
 - ATen ops that launch more than one kernel on CUDA (:data:`ATEN_KERNELS`): layer-norm
   backward with affine gradients (the dX kernel + the gamma/beta kernel), batch norm in
   training (statistics + apply; backward: reduce + elementwise), flash-attention backward
@@ -76,15 +82,21 @@ Ops are counted at the ATen level by a ``TorchDispatchMode`` under the fake mode
   or ``fill_`` is one kernel).
 
 FLOPs per op are ``torch.utils.flop_counter``'s formulas (the registry
-``FlopCounterMode`` uses: matmuls, convolutions, attention), plus for the SIGReg ops the
-GEMM work inside the fused kernels (forward ``2 T B D P``; backward recomputes x and forms
-grad_z: ``4 T B D P``). Elementwise work counts 0 FLOPs (it is priced by its bytes).
+``FlopCounterMode`` uses: matmuls, convolutions, attention), plus for the SIGReg kernels
+their GEMM work (the forward kernel ``2 T B D P``; the backward kernel recomputes x,
+``2 T B D P``, and the grad_z matmul is another ``2 T B D P``). Elementwise work counts
+0 FLOPs (it is priced by its bytes), except the trigonometry inside the SIGReg kernels,
+their main work: per (t, b, p) one sincos (:data:`SINCOS_FLOPS`), then for each knot after
+the first a rotation (:data:`ROTATION_FLOPS`, from the second on) and its use (forward: 2,
+the two batch sums; backward: 4, ``a_k cos - b_k sin`` into grad_x).
 
 Bytes per kernel = bytes of its distinct tensor inputs + bytes of its outputs, each
 tensor's elements counted once (an input passed twice counts once; a stride-0 broadcast
 dimension counts once; an argument the op writes in place counts as written, not read).
 A custom op's bytes are its op-level inputs and outputs (what its kernels must read and
-write at least once), not its internal re-reads.
+write at least once), not its internal re-reads; an intermediate its launcher writes to
+memory and reads back counts in both kernels (SIGReg's grad_x: written by the backward
+kernel, read by the grad_z matmul).
 
 torch.compile (a projection of a projection)
 --------------------------------------------
@@ -128,7 +140,8 @@ floating-point output.
 
 Projected time of a kernel on a device = ``max(flops / peak_flops(dtype), bytes /
 bandwidth)``, summed over kernels, plus ``launches x per-launch cost`` (one value for a
-CUDA-graph replay, one for eager launch). The peak table :data:`DEVICES` names a source
+CUDA-graph replay, one for eager launch); the SIGReg kernels' trigonometry runs at the
+float32 peak whatever their dtype (``Kernel.fp32_flops``). The peak table :data:`DEVICES` names a source
 for every figure; the per-launch costs are assumptions (see :data:`LAUNCH_US`).
 """
 
@@ -154,6 +167,8 @@ from lewm_fast.reference.jepa import action_width_of
 
 __all__ = [
     "CUSTOM_KERNELS",
+    "sigreg_kernels",
+    "sigreg_trig_flops",
     "ATEN_KERNELS",
     "EXTERN",
     "REDUCTIONS",
@@ -165,6 +180,7 @@ __all__ = [
     "fake_cuda",
     "plan_counts",
     "train_counts",
+    "sigreg_counts",
     "build_model",
     "project",
     "model_markdown",
@@ -182,10 +198,6 @@ CUSTOM_KERNELS = {
     "gated_residual": 1,  # _gated_residual_fwd_kernel
     "gated_residual_bwd": 1,  # _gated_residual_bwd_kernel
     "gated_adaln": 1,  # _gated_adaln_fwd_kernel
-    "sigreg": 3,  # _sigreg_fwd_kernel + partial.sum() + / (T P)
-    "sigreg_bwd": 1,  # _sigreg_bwd_kernel (A needs no gradient: no einsum)
-    "sigreg_trig_sums": 1,  # _sigreg_fwd_kernel
-    "sigreg_trig_sums_bwd": 1,  # _sigreg_bwd_kernel
     "cem_refit": 1,  # cem_refit_kernel<<<envs, ...>>> (csrc/cem_refit_cuda.cu)
 }
 
@@ -280,13 +292,89 @@ FREE = {
 }
 
 
-def _gemm_flops_sigreg(name: str, args) -> int:
-    if name not in ("sigreg", "sigreg_trig_sums", "sigreg_bwd", "sigreg_trig_sums_bwd"):
-        return 0
-    z, A = (args[1], args[2]) if name.endswith("_bwd") else (args[0], args[1])
-    t, b, d = z.shape
-    work = 2 * t * b * d * A.shape[1]
-    return 2 * work if name.endswith("_bwd") else work
+SIGREG_OPS = ("sigreg", "sigreg_bwd", "sigreg_trig_sums", "sigreg_trig_sums_bwd")
+# Floating-point operations of the SIGReg kernels' trigonometry per (t, b, p): the sincos
+# of ``kernels/sigreg.py`` (a three-part quadrant reduction and two degree-3 polynomials, with
+# the quadrant's sign flips) and one rotation by dt x (4 multiplies, 2 adds) per further knot.
+SINCOS_FLOPS = 20
+ROTATION_FLOPS = 6
+
+
+def sigreg_trig_flops(T: int, B: int, P: int, knots: int, use: int) -> int:
+    """FLOPs of one sincos per (t, b, p) and knots 1 .. K - 1 reached by rotation, each used
+    with ``use`` operations (forward 2, backward 4)."""
+    return T * B * P * (SINCOS_FLOPS + (knots - 2) * ROTATION_FLOPS + (knots - 1) * use)
+
+
+def sigreg_kernels(name: str, args) -> list[Kernel]:
+    """The kernels one ``lewm_fast::<name>`` SIGReg op launches (``kernels/sigreg.py``), each
+    with its FLOPs (GEMM and trigonometry) and the bytes it reads and writes once (sizes at
+    T=4, B=128, D=192, P=1024, K=17, float32 z):
+
+    - ``sigreg`` / ``sigreg_trig_sums``: ``_sigreg_fwd_kernel`` reads z (384 KiB), A
+      (768 KiB), phi and w, writes the sums (2, T, K, P) float32 (544 KiB) and, for
+      ``sigreg``, one float32 share per program, which ``partial.sum()`` adds;
+    - ``sigreg_bwd`` / ``sigreg_trig_sums_bwd``: ``_sigreg_bwd_kernel`` reads z, A and the
+      sums (or d loss / d sums), writes grad_x (T, B, P) float32 (2 MiB); the cuBLAS
+      ``grad_x @ A^T`` reads grad_x and A, writes grad_z float32; a cast to z's dtype
+      follows for half z; with A needing a gradient, ``z^T @ grad_x`` (after copying a
+      strided z to (T B, D), and a half z to float32).
+
+    Each kernel runs at its operands' rate, as every counted kernel does: the two fused
+    kernels at z's dtype (their projection is a ``tl.dot`` in z's dtype), except their
+    trigonometry, float32 arithmetic whatever z's dtype, which is priced at the float32 rate
+    (``Kernel.fp32_flops``); the matmuls and the partial sum at float32.
+    :class:`KernelCounter` gives the op's dataflow to these kernels like any other op's: its
+    inputs are read by the first, its outputs written by the last.
+    """
+    from lewm_fast.kernels import sigreg as kernel
+
+    f32 = torch.float32
+    if name in ("sigreg", "sigreg_trig_sums"):
+        z, A, phi, weights, _ = args
+        T, B, D = z.shape
+        P, K = A.shape[1], phi.shape[0]
+        sums = 2 * T * K * P * 4
+        reads = tensor_bytes(z) + tensor_bytes(A) + tensor_bytes(phi) + tensor_bytes(weights)
+        trig = sigreg_trig_flops(T, B, P, K, use=2)
+        flops = 2 * T * B * D * P + trig
+        if name == "sigreg_trig_sums":
+            return [Kernel(f"lewm_fast::{name}", 1, flops, reads + sums, str(z.dtype), fp32_flops=trig)]
+        shares = T * -(-P // kernel.fwd_config(B)["BLOCK_P"]) * 4
+        return [
+            Kernel("lewm_fast::sigreg", 1, flops, reads + sums + shares, str(z.dtype), fp32_flops=trig),
+            Kernel("lewm_fast::sigreg (partial.sum)", 1, 0, shares + 4, str(f32)),
+        ]
+    if name == "sigreg_bwd":
+        grad, z, A, sums, phi, weights, _, need_grad_A = args
+        coefficients = sum(tensor_bytes(t) for t in (grad, sums, phi, weights))
+    else:
+        grad_sums, z, A, _, need_grad_A = args
+        sums, coefficients = grad_sums, tensor_bytes(grad_sums)
+    T, B, D = z.shape
+    P, K = A.shape[1], sums.shape[2]
+    gemm = 2 * T * B * D * P
+    grad_x, grad_z32 = T * B * P * 4, T * B * D * 4
+    z_bytes, a_bytes = tensor_bytes(z), tensor_bytes(A)
+
+    def step(what: str, flops: int, nbytes: int, dtype: torch.dtype = f32) -> Kernel:
+        return Kernel(f"lewm_fast::{name} ({what})", 1, flops, nbytes, str(dtype))
+
+    trig = sigreg_trig_flops(T, B, P, K, use=4)
+    fused_bytes = z_bytes + a_bytes + coefficients + grad_x
+    out = [
+        Kernel(f"lewm_fast::{name}", 1, gemm + trig, fused_bytes, str(z.dtype), fp32_flops=trig),
+        step("mm grad_z", gemm, grad_x + a_bytes + grad_z32),
+    ]
+    if z.dtype != f32:
+        out.append(step("cast grad_z", 0, grad_z32 + z_bytes))
+    if need_grad_A:
+        if not z.is_contiguous():  # z.reshape(T B, D) copies a strided z
+            out.append(step("copy z", 0, 2 * z_bytes, z.dtype))
+        if z.dtype != f32:
+            out.append(step("z as float32", 0, z_bytes + grad_z32))
+        out.append(step("mm grad_A", gemm, grad_z32 + grad_x + D * P * 4))
+    return out
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -342,6 +430,7 @@ class Kernel:
     flops: int
     bytes: int
     dtype: str  # its first floating-point input's (else output's) dtype: the peak it runs at
+    fp32_flops: int = 0  # of ``flops``, those at the float32 rate whatever ``dtype`` (SIGReg's trig)
     # For the compiled projection (see "torch.compile" in the module docstring):
     segment: int | None = None  # the compiled graph it would belong to (None: runs eagerly)
     extern: bool = True  # kept as its own kernel by inductor (GEMM, attention, custom op)
@@ -403,11 +492,14 @@ class KernelCounter(TorchDispatchMode):
         if _is_free(func):
             return out
         name = func._schema.name.split("::")[-1]
-        if func.namespace == "lewm_fast":
+        itemised = func.namespace == "lewm_fast" and name in SIGREG_OPS
+        if itemised:
+            launches = flops = 0  # sigreg_kernels lists the kernels, FLOPs and bytes
+        elif func.namespace == "lewm_fast":
             if name not in CUSTOM_KERNELS:
                 raise KeyError(f"lewm_fast::{name} has no kernel count in CUSTOM_KERNELS")
             launches = CUSTOM_KERNELS[name]
-            flops = _gemm_flops_sigreg(name, args)
+            flops = 0
         else:
             rule = ATEN_KERNELS.get(name)
             launches = rule(args, kwargs) if rule else 1
@@ -433,7 +525,10 @@ class KernelCounter(TorchDispatchMode):
         floats = floats or [t.dtype for t in writes.values() if t.is_floating_point()]
         dtype = floats[0] if floats else torch.float32
         nbytes = sum(tensor_bytes(t) for t in tensors)
-        index = len(self.tally.kernels)
+        if itemised:
+            items = sigreg_kernels(name, args)
+        else:
+            items = [Kernel(f"{func.namespace}::{name}", launches, flops, nbytes, str(dtype))]
         signature = None
         if not written and not any(word in name for word in _RANDOM):
             signature = (name, self._signature(positional), self._signature(sorted(kwargs.items())))
@@ -441,24 +536,24 @@ class KernelCounter(TorchDispatchMode):
             (_storage(t), tensor_bytes(t), self.last_writer.get(_storage(t), -1)) for t in reads.values()
         )
         write_flow = tuple((_storage(t), tensor_bytes(t)) for t in writes.values())
+        # an op's inputs are read by its first kernel and its outputs written by its last (the
+        # intermediates of an itemised op, such as SIGReg's grad_x, stay inside the op)
+        first, last = len(self.tally.kernels), len(self.tally.kernels) + len(items) - 1
         for storage, _ in write_flow:
-            self.last_writer[storage] = index
+            self.last_writer[storage] = last
         extern = func.namespace != "aten" or name in EXTERN
-        self.tally.kernels.append(
-            Kernel(
-                f"{func.namespace}::{name}",
-                launches,
-                flops,
-                nbytes,
-                str(dtype),
-                segment=self.segment,
-                extern=extern,
-                reductions=0 if extern else _reductions(name, args, kwargs),
-                reads=read_flow,
-                writes=write_flow,
-                signature=signature,
+        for index, item in enumerate(items, start=first):
+            self.tally.kernels.append(
+                dataclasses.replace(
+                    item,
+                    segment=self.segment,
+                    extern=extern,
+                    reductions=0 if extern else _reductions(name, args, kwargs),
+                    reads=read_flow if index == first else (),
+                    writes=write_flow if index == last else (),
+                    signature=signature,
+                )
             )
-        )
         return out
 
     def _signature(self, value):
@@ -998,6 +1093,46 @@ def train_counts(
     }
 
 
+SIGREG_SHAPE = {"T": 4, "B": 128, "D": 192, "P": 1024, "knots": 17}
+
+
+def sigreg_counts(dtype: torch.dtype = torch.float32, shape: dict | None = None) -> dict:
+    """Kernels/FLOPs/bytes of one SIGReg forward and backward on fake CUDA tensors:
+    z (T, B, D) of ``dtype`` requiring a gradient, given directions A (D, P) float32 (no
+    gradient), ``knots`` knots (default :data:`SIGREG_SHAPE`, the training size). This is
+    ``lewm_fast.sigreg(z, A)`` then ``backward()``, as ``bench_sigreg`` times it; the
+    quadrature comes from a fake-CUDA :class:`lewm_fast.SIGReg` module, so no cached
+    quadrature of the functional form is made inside the fake mode. Besides the SIGReg ops
+    the count holds the seed gradient of ``backward()`` (one fill); grad z becomes ``z.grad``
+    without a copy, its strides matching z's (point 3 above)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lewm_fast import SIGReg
+    from lewm_fast.sigreg import _dispatch
+
+    require_cuda_guard()
+    s = {**SIGREG_SHAPE, **(shape or {})}
+    module = SIGReg(knots=s["knots"], num_proj=s["P"])
+    with FakeTensorMode(), _counting_patches():
+        fake_cuda(module)
+        z = torch.empty(s["T"], s["B"], s["D"], device="cuda", dtype=dtype, requires_grad=True)
+        A = torch.empty(s["D"], s["P"], device="cuda")
+        with count() as fwd:
+            value = _dispatch(z, A, module.t, module.phi, module.weights, "auto", False)
+        with count() as bwd:
+            value.backward()
+    kernels = fwd.tally.kernels + bwd.tally.kernels
+    tally = Tally(kernels)
+    return {
+        "settings": {**s, "precision": "fp32" if dtype == torch.float32 else "bf16"},
+        "fwd": fwd.tally.summary(),
+        "bwd": bwd.tally.summary(),
+        **tally.summary(),
+        "ops": tally.by_op(),
+        "_kernels": kernels,
+    }
+
+
 # ---------------------------------------------------------------------------- projection
 
 # Device peaks. "datasheet" figures are NVIDIA's dense (no sparsity) peaks; the H200's
@@ -1067,7 +1202,8 @@ def _kernel_seconds(kernels: list[Kernel], device: dict) -> float:
     for k in kernels:
         low = k.dtype in ("torch.bfloat16", "torch.float16")
         peak = (device["bf16_tflops"] if low else device["fp32_tflops"]) * 1e12
-        total += max(k.flops / peak, k.bytes / (device["bandwidth_gbps"] * 1e9))
+        compute = (k.flops - k.fp32_flops) / peak + k.fp32_flops / (device["fp32_tflops"] * 1e12)
+        total += max(compute, k.bytes / (device["bandwidth_gbps"] * 1e9))
     return total
 
 
@@ -1087,11 +1223,12 @@ def project(kernels: list[Kernel], launches: int) -> dict[str, dict[str, float]]
 # ------------------------------------------------------------------------------- report
 
 
-def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None) -> dict:
+def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None, sigreg: bool = True) -> dict:
     """Every count and projection of the module docstring as one JSON-ready dict.
 
     ``envs``: the plan workloads (one per number of envs); ``memory_plans``: the training
-    steps' memory plans (None: every plan of ``lewm_fast.train.step.PLANS``; ``()``: none).
+    steps' memory plans (None: every plan of ``lewm_fast.train.step.PLANS``; ``()``: none);
+    ``sigreg``: count the SIGReg op at the training size (``"sigreg"``, headline fp32).
     A plan's headline counts (``launches_per_iter``, ``flops``, ...) are fp32, the solver's
     default; ``train_step``'s are ``whole`` in bf16, the recipe's (the first plan given
     otherwise), eager, with ``launches_compiled`` / ``bytes_compiled`` the projection under
@@ -1142,18 +1279,27 @@ def run_model(preset: str = "paper", envs=(1, 50), memory_plans=None) -> dict:
             bytes_compiled=entry[headline]["compiled"]["bytes"],
         )
         out["train_step"] = entry
+    if sigreg:
+        entry = {}
+        for precision, dtype in PRECISIONS.items():
+            counts = sigreg_counts(dtype or torch.float32)
+            kernels = counts.pop("_kernels")
+            counts["projection"] = project(kernels, counts["launches"])
+            entry[precision] = counts
+        entry.update({k: entry["fp32"][k] for k in ("launches", "flops", "bytes")}, headline="fp32")
+        out["sigreg"] = entry
     return out
 
 
 def workloads(result: dict) -> list[dict[str, Any]]:
     """The projected workloads of a :func:`run_model` result, in table order: one dict per
-    workload and precision with ``label``, ``kind`` ("plan" or "train"), ``settings``,
+    workload and precision with ``label``, ``kind`` ("plan", "train" or "op"), ``settings``,
     ``launches``, ``flops``, ``bytes``, ``per_iter_launches`` (plans), ``projection``
     (device -> ``work_ms``/``graph_ms``/``eager_ms``; plans: per plan) and ``times``: the
-    projected times that apply, ``("graph", "eager")`` for plans (both are run), and for a
-    training step ``("eager",)``, or ``("graph",)`` when its compiled step replays CUDA graphs.
-    A training step's compiled projection follows its eager row, with ``settings["compile"]``
-    True and "compiled" in its label."""
+    projected times that apply, ``("graph", "eager")`` for plans and the SIGReg op (both are
+    run), and for a training step ``("eager",)``, or ``("graph",)`` when its compiled step
+    replays CUDA graphs. A training step's compiled projection follows its eager row, with
+    ``settings["compile"]`` True and "compiled" in its label."""
     out = []
     for key, entry in result.items():
         if not (key.startswith("plan_") and isinstance(entry, dict)):
@@ -1170,6 +1316,20 @@ def workloads(result: dict) -> list[dict[str, Any]]:
                     **c["per_plan"],
                     "per_iter_launches": c["per_iter"]["launches"],
                     "projection": c["projection_per_plan"],
+                    "times": ("graph", "eager"),
+                }
+            )
+    for c in (result.get("sigreg") or {}).values():
+        if isinstance(c, dict) and "projection" in c:
+            s = c["settings"]
+            size = f"T={s['T']}, B={s['B']}, D={s['D']}, P={s['P']}, K={s['knots']}"
+            out.append(
+                {
+                    "label": f"SIGReg fwd+bwd ({size})",
+                    "kind": "op",
+                    "settings": s,
+                    **{k: c[k] for k in ("launches", "flops", "bytes")},
+                    "projection": c["projection"],
                     "times": ("graph", "eager"),
                 }
             )
@@ -1205,7 +1365,9 @@ def format_count(x: float) -> str:
 
 
 def format_ms(ms: float) -> str:
-    return f"{ms / 1e3:.2f} s" if ms >= 1000 else f"{ms:.3g} ms"
+    if ms >= 1000:
+        return f"{ms / 1e3:.2f} s"
+    return f"{ms:.3g} ms" if ms >= 1 else f"{ms * 1e3:.3g} us"
 
 
 def model_markdown(result: dict) -> str:
@@ -1223,10 +1385,9 @@ def model_markdown(result: dict) -> str:
     ]
     for w in workloads(result):
         proj = w["projection"]
+        kernels = f"{w['launches']:,}"
         if w["kind"] == "plan":
-            kernels = f"{w['launches']:,} ({w['per_iter_launches']} per iteration)"
-        else:
-            kernels = f"{w['launches']:,}"
+            kernels += f" ({w['per_iter_launches']} per iteration)"
         cells = [
             " / ".join(format_ms(proj[d][f"{t}_ms"]) if t in w["times"] else "—" for t in ("graph", "eager"))
             for d in devices

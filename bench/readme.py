@@ -225,8 +225,16 @@ def results_section(results: list[tuple[Path, dict[str, Any]]], base: Path | Non
 
 
 def _measured_row(workload: dict[str, Any], model: str, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The measured bench row of a projected workload (bench_plan / bench_train naming), or None."""
+    """The measured bench row of a projected workload (bench_plan / bench_train / bench_sigreg
+    naming), or None."""
     s = workload["settings"]
+    if workload["kind"] == "op":  # bench_sigreg times float32 z only
+        if s["precision"] != "fp32":
+            return None
+        case = f"T{s['T']}-B{s['B']}-D{s['D']}-P{s['P']}-K{s['knots']}"
+        key = ("sigreg", "fwd+bwd", case, "triton")
+        match = (r for r in rows if (r.get("bench"), r.get("phase"), r.get("case"), r.get("impl")) == key)
+        return _fastest(r for r in match if r.get("median_ms", 0) > 0)
     if workload["kind"] == "plan":
         case = f"{s['envs']} env{'s' if s['envs'] > 1 else ''}, S={s['num_samples']}, {s['n_steps']} it"
         impls = (f"fast-{s['precision']}-graph", f"fast-{s['precision']}")
@@ -278,9 +286,9 @@ def model_section(
     by_name = {data["env"].get("device_name"): (path, data) for path, data in results}
     lines += [
         "",
-        "Projected time (plans: CUDA-graph replay / eager launch; training steps: eager launch, "
-        "the compiled whole-batch step: CUDA-graph replay) next to the measured median of the same "
-        "workload on the same device (its bench row, the date it was measured):",
+        "Projected time (plans and the SIGReg op: CUDA-graph replay / eager launch; training steps: "
+        "eager launch, the compiled whole-batch step: CUDA-graph replay) next to the measured median "
+        "of the same workload on the same device (its bench row, the date it was measured):",
         "",
         "| workload | precision | device | projected (model) | measured |",
         "| --- | --- | --- | --- | --- |",

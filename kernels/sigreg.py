@@ -1,20 +1,35 @@
-"""Fused SIGReg (spec section 3): Fourier moments of random projections, never materialised.
+"""Fused SIGReg (spec section 3): Fourier moments of random projections.
 
-For z (T, B, D) and directions A (D, P), x = z @ A and the knots t_k = k dt:
+For z (T, B, D) and directions A (D, P), x = z @ A (T, B, P) and the knots t_k = k dt:
 
     sums[0, t, k, p] = sum_b cos(t_k x[t, b, p])      sums[1, t, k, p] = sum_b sin(t_k x[t, b, p])
     C = sums[0] / n, S = sums[1] / n                   (n = sums[0, :, 0, :], the global batch)
     SIGReg = mean_{t,p} n * sum_k w_k ((C_k - phi_k)^2 + S_k^2)
     dSIGReg/dx = 2 / (T P) * sum_k w_k t_k (S_k cos(t_k x) - (C_k - phi_k) sin(t_k x))
 
-The forward kernel computes each x tile with ``tl.dot`` and keeps only the (2, T, K, P)
-sums; the backward kernel recomputes x and the trigonometry and accumulates
-``grad_z = grad_x @ A^T`` in registers, one (t, batch block, D block) tile per program.
-Neither the (T, B, P, K) tensor of the reference nor x itself is ever written to memory.
+Forward, one program per (t, block of P) with ``GROUPS`` warps: each warp projects its own
+slab of ``BLOCK_B`` batch rows with a batched ``tl.dot`` (Triton lays the batch axis of a
+3-D dot across warps), takes one sincos of dt * x and rotates it through the knots, which
+are unrolled (K is a compile-time constant). At each knot the warp sums its slab over the
+batch inside the warp and adds the result to that knot's accumulator, a register
+(``acc_c`` / ``acc_s``: K - 1 of them per moment, knot 0 being exact: cos 0 = 1,
+sin 0 = 0). The warps' accumulators meet once, after the last batch chunk, in one
+cross-warp sum per knot; the program writes its (2, K, block) sums and its share of the
+statistic, and ``partial.sum()`` adds the shares. Neither x nor the (T, B, P, K) tensor of
+the reference reaches memory.
+
+Backward, one program per (t, block of B, block of P): it recomputes its x tile and the
+rotation, forms each knot's coefficients once from the sums (or reads them, in the
+multi-process path, from d loss / d sums), and writes grad_x (T, B, P) float32 once
+(2 MiB at T=4, B=128, P=1024); grad_z = grad_x @ A^T, and grad_A = z^T grad_x when A needs
+a gradient, are cuBLAS matmuls (``torch.mm``), so each byte of z, A and grad_x moves once
+rather than the projection being recomputed per block of D.
+
 cos/sin at every knot come from one sincos of dt * x by rotation (angle addition); that
 sincos is a quadrant reduction plus single-precision polynomials, so it needs no
 libdevice call (no local-memory slow path) and gives the same bits under every Triton
-version and in the interpreter.
+version and in the interpreter. The per-knot accumulators are ``tl.tuple`` values, which
+the compiler has from Triton 3.3 on (the interpreter runs them on any version).
 
 Everything accumulates in float32 whatever the input dtype.
 """
@@ -109,6 +124,52 @@ def _project_tile(
     return x
 
 
+@triton.jit
+def _project_groups(
+    Z,
+    A,
+    t,
+    offs_b,
+    offs_p,
+    mask_b,
+    mask_p,
+    D,
+    stride_zt,
+    stride_zb,
+    stride_zd,
+    stride_ad,
+    stride_ap,
+    GROUPS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_HALF_DOT: tl.constexpr,
+):
+    """x[t, offs_b[g, j], offs_p[i]] as float32 (GROUPS, BLOCK_P, BLOCK_B): a batched dot of
+    the A^T tile (shared) with one (BLOCK_D, BLOCK_B) slab of z^T per group."""
+    x = tl.zeros((GROUPS, BLOCK_P, BLOCK_B), dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        at = tl.load(
+            A + dd[None, :] * stride_ad + offs_p[:, None] * stride_ap,
+            mask=mask_p[:, None] & (dd[None, :] < D),
+            other=0.0,
+        )
+        zt = tl.load(
+            Z + t * stride_zt + offs_b[:, None, :] * stride_zb + dd[None, :, None] * stride_zd,
+            mask=mask_b[:, None, :] & (dd[None, :, None] < D),
+            other=0.0,
+        )
+        at = tl.broadcast_to(at[None, :, :], (GROUPS, BLOCK_P, BLOCK_D)).to(zt.dtype)
+        if UPCAST_HALF_DOT:  # the Triton interpreter mis-computes bfloat16 dots
+            x += tl.dot(at.to(tl.float32), zt.to(tl.float32), input_precision="ieee")
+        else:
+            x += tl.dot(at, zt, input_precision=DOT_PRECISION)
+    return x
+
+
 @triton.jit(do_not_specialize=["T", "B"])
 def _sigreg_fwd_kernel(
     Z,
@@ -127,27 +188,31 @@ def _sigreg_fwd_kernel(
     stride_ad,
     stride_ap,
     dt,
-    K,
-    K_PAD: tl.constexpr,
+    K: tl.constexpr,
     COMPUTE_STAT: tl.constexpr,
+    GROUPS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_HALF_DOT: tl.constexpr,
 ):
-    # one program per (t, block of P); loops over the whole batch
+    # One program per (t, block of P), looping over the batch in chunks of GROUPS * BLOCK_B
+    # rows: group g (one warp) takes rows g * BLOCK_B .. g * BLOCK_B + BLOCK_B - 1 of each.
     t = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < P
-    kk = tl.arange(0, K_PAD)
-    acc_c = tl.zeros((K_PAD, BLOCK_P), dtype=tl.float32)
-    acc_s = tl.zeros((K_PAD, BLOCK_P), dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
+    rows = tl.arange(0, GROUPS)[:, None] * BLOCK_B + tl.arange(0, BLOCK_B)[None, :]
+    # acc_c[k - 1][g, i]: sum of cos(t_k x) over group g's rows so far, knots 1 .. K - 1
+    acc_c = ()
+    acc_s = ()
+    for _ in tl.static_range(1, K):
+        acc_c = acc_c + (tl.zeros((GROUPS, BLOCK_P), dtype=tl.float32),)
+        acc_s = acc_s + (tl.zeros((GROUPS, BLOCK_P), dtype=tl.float32),)
+    for b0 in range(0, B, GROUPS * BLOCK_B):
+        offs_b = b0 + rows
         mask_b = offs_b < B
-        x = _project_tile(
+        x = _project_groups(
             Z,
             A,
             t,
@@ -161,6 +226,7 @@ def _sigreg_fwd_kernel(
             stride_zd,
             stride_ad,
             stride_ap,
+            GROUPS,
             BLOCK_B,
             BLOCK_P,
             BLOCK_D,
@@ -169,23 +235,37 @@ def _sigreg_fwd_kernel(
         )
         c1, s1 = _sincos(x * dt)
         # rows past the batch start at (0, 0) and stay there under rotation
-        c = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32) + mask_b[:, None].to(tl.float32)
-        s = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
-        for k in range(K):  # a runtime loop: unrolling all knots costs registers, not time
-            acc_c += tl.where(kk[:, None] == k, tl.sum(c, axis=0)[None, :], 0.0)
-            acc_s += tl.where(kk[:, None] == k, tl.sum(s, axis=0)[None, :], 0.0)
-            c, s = c * c1 - s * s1, s * c1 + c * s1
-    mask = (kk[:, None] < K) & mask_p[None, :]
-    offs = (t * K + kk[:, None]) * P + offs_p[None, :]
-    tl.store(SUMS + offs, acc_c, mask=mask)
-    tl.store(SUMS + T * K * P + offs, acc_s, mask=mask)
+        c1 = tl.where(mask_b[:, None, :], c1, 0.0)
+        s1 = tl.where(mask_b[:, None, :], s1, 0.0)
+        c = c1
+        s = s1
+        next_c = ()
+        next_s = ()
+        for k in tl.static_range(1, K):
+            if k > 1:
+                c, s = c * c1 - s * s1, s * c1 + c * s1
+            next_c = next_c + (acc_c[k - 1] + tl.sum(c, axis=2),)  # within the warp
+            next_s = next_s + (acc_s[k - 1] + tl.sum(s, axis=2),)
+        acc_c = next_c
+        acc_s = next_s
+    n = B * 1.0  # float32; no method call: an integer argument may be a constant
+    base = SUMS + t * K * P + offs_p  # sums[0, t, 0, offs_p]
+    tl.store(base, tl.zeros((BLOCK_P,), dtype=tl.float32) + n, mask=mask_p)  # cos 0 = 1 per row
+    tl.store(base + T * K * P, tl.zeros((BLOCK_P,), dtype=tl.float32), mask=mask_p)
     if COMPUTE_STAT:
-        n = B * 1.0  # float32; no method call: an integer argument may be a constant
-        phi = tl.load(PHI + kk, mask=kk < K, other=0.0)
-        w = tl.load(W + kk, mask=kk < K, other=0.0)
-        err = (acc_c / n - phi[:, None]) * (acc_c / n - phi[:, None]) + (acc_s / n) * (acc_s / n)
-        err = tl.where(mask, err * w[:, None], 0.0)
-        tl.store(PARTIAL + t * tl.num_programs(1) + pid_p, tl.sum(tl.sum(err, axis=1), axis=0) * n)
+        phi = tl.load(PHI)
+        stat = tl.zeros((BLOCK_P,), dtype=tl.float32) + tl.load(W) * (1.0 - phi) * (1.0 - phi)
+    for k in tl.static_range(1, K):
+        # the groups meet: one cross-warp sum of (cos, sin) per knot
+        C, S = tl.split(tl.sum(tl.join(acc_c[k - 1], acc_s[k - 1]), axis=0))
+        tl.store(base + k * P, C, mask=mask_p)
+        tl.store(base + T * K * P + k * P, S, mask=mask_p)
+        if COMPUTE_STAT:
+            err = (C / n - tl.load(PHI + k)) * (C / n - tl.load(PHI + k)) + (S / n) * (S / n)
+            stat += tl.load(W + k) * err
+    if COMPUTE_STAT:
+        share = tl.sum(tl.where(mask_p, stat, 0.0), axis=0) * (n / (T * P))
+        tl.store(PARTIAL + t * tl.num_programs(1) + tl.program_id(1), share)
 
 
 @triton.jit(do_not_specialize=["T", "B"])
@@ -196,7 +276,6 @@ def _sigreg_bwd_kernel(
     SUMS,
     PHI,
     W,
-    GZ,
     GX,
     T,
     B,
@@ -208,90 +287,68 @@ def _sigreg_bwd_kernel(
     stride_ad,
     stride_ap,
     dt,
-    K,
+    K: tl.constexpr,
     SCALAR_GRAD: tl.constexpr,
-    STORE_GX: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_HALF_DOT: tl.constexpr,
-    GRAD_DOT_PRECISION: tl.constexpr,
 ):
-    # One program per (t, block of B, block of D); loops over all P, recomputing x and the
-    # trigonometry, and accumulates grad_z[t, block of B, block of D] in registers.
-    # grad_x = sum_k t_k (a_k cos - b_k sin) where
+    # One program per (t, block of B, block of P): grad_x of its tile, written once.
+    # grad_x = sum_{k >= 1} a_k cos(t_k x) - b_k sin(t_k x) (knot 0 has t_0 = 0), where
     # SCALAR_GRAD: GRAD is d loss / d SIGReg and SUMS the moment sums, so (spec section 3)
-    #   a_k = 2 g w_k S_k / (T P),  b_k = 2 g w_k (C_k - phi_k) / (T P);
-    # otherwise GRAD holds d loss / d sums (2, T, K, P): a_k = GRAD[1], b_k = GRAD[0].
+    #   a_k = 2 g w_k t_k S_k / (T P),  b_k = 2 g w_k t_k (C_k - phi_k) / (T P);
+    # otherwise GRAD holds d loss / d sums (2, T, K, P): a_k = t_k GRAD[1], b_k = t_k GRAD[0].
     t = tl.program_id(0)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    x = _project_tile(
+        Z,
+        A,
+        t,
+        offs_b,
+        offs_p,
+        mask_b,
+        mask_p,
+        D,
+        stride_zt,
+        stride_zb,
+        stride_zd,
+        stride_ad,
+        stride_ap,
+        BLOCK_B,
+        BLOCK_P,
+        BLOCK_D,
+        DOT_PRECISION,
+        UPCAST_HALF_DOT,
+    )
+    c1, s1 = _sincos(x * dt)
     if SCALAR_GRAD:
         n = tl.load(SUMS + t * K * P)  # sum of cos(0 * x) over the (global) batch
-        scale = 2.0 * tl.load(GRAD) / (T * P)
-    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
-        x = _project_tile(
-            Z,
-            A,
-            t,
-            offs_b,
-            offs_p,
-            mask_b,
-            mask_p,
-            D,
-            stride_zt,
-            stride_zb,
-            stride_zd,
-            stride_ad,
-            stride_ap,
-            BLOCK_B,
-            BLOCK_P,
-            BLOCK_D,
-            DOT_PRECISION,
-            UPCAST_HALF_DOT,
-        )
-        c1, s1 = _sincos(x * dt)
-        c = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32) + 1.0
-        s = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
-        g = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
-        for k in range(1, K):  # knot 0 has t_0 = 0 and contributes nothing
+        scale = 2.0 * tl.load(GRAD) / (n * (T * P))
+    c = c1
+    s = s1
+    g = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+    for k in tl.static_range(1, K):
+        if k > 1:
             c, s = c * c1 - s * s1, s * c1 + c * s1
-            if SCALAR_GRAD:
-                base = SUMS + (t * K + k) * P + offs_p
-                C = tl.load(base, mask=mask_p, other=0.0) / n
-                S = tl.load(base + T * K * P, mask=mask_p, other=0.0) / n
-                coef = scale * tl.load(W + k)
-                a_k = coef * S
-                b_k = coef * (C - tl.load(PHI + k))
-            else:
-                base = GRAD + (t * K + k) * P + offs_p
-                b_k = tl.load(base, mask=mask_p, other=0.0)
-                a_k = tl.load(base + T * K * P, mask=mask_p, other=0.0)
-            g += (k * dt) * (a_k[None, :] * c - b_k[None, :] * s)
-        g = tl.where(mask_b[:, None] & mask_p[None, :], g, 0.0)
-        if STORE_GX:
-            if tl.program_id(2) == 0:
-                tl.store(
-                    GX + (t * B + offs_b[:, None]) * P + offs_p[None, :],
-                    g,
-                    mask=mask_b[:, None] & mask_p[None, :],
-                )
-        at = tl.load(
-            A + offs_d[:, None] * stride_ad + offs_p[None, :] * stride_ap,
-            mask=mask_d[:, None] & mask_p[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.dot(g, tl.trans(at), input_precision=GRAD_DOT_PRECISION)
+        if SCALAR_GRAD:
+            coef = scale * tl.load(W + k) * (k * dt)
+            C = tl.load(SUMS + (t * K + k) * P + offs_p, mask=mask_p, other=0.0)
+            S = tl.load(SUMS + ((T + t) * K + k) * P + offs_p, mask=mask_p, other=0.0)
+            a_k = coef * S
+            b_k = coef * (C - n * tl.load(PHI + k))
+        else:
+            b_k = tl.load(GRAD + (t * K + k) * P + offs_p, mask=mask_p, other=0.0) * (k * dt)
+            a_k = tl.load(GRAD + ((T + t) * K + k) * P + offs_p, mask=mask_p, other=0.0) * (k * dt)
+        g += a_k[None, :] * c - b_k[None, :] * s
     tl.store(
-        GZ + (t * B + offs_b[:, None]) * D + offs_d[None, :],
-        acc.to(GZ.dtype.element_ty),
-        mask=mask_b[:, None] & mask_d[None, :],
+        GX + (t * B + offs_b[:, None]) * P + offs_p[None, :],
+        g,
+        mask=mask_b[:, None] & mask_p[None, :],
     )
 
 
@@ -308,71 +365,77 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # Tile configurations, chosen so that no target from sm_80 to sm_90 spills registers with
 # Triton >= 3.8 at any size the launchers take (checked by tests/test_aot.py through
-# Triton's JIT path, specialisation included; Triton 3.2-3.6 spill 8-16 bytes in a few
-# configurations). Widths D or P that are not multiples of 16 lose the /16 hints, and
-# ptxas then spilled 16-24 bytes with the main tiles (P = 1 on sm_80/86/89, D = 191 on
-# sm_86/89); those shapes take the RAGGED tiles instead.
-FWD_CONFIG = {"BLOCK_B": 64, "BLOCK_P": 16, "BLOCK_D": 32, "num_warps": 4}
-BWD_CONFIG = {"BLOCK_B": 16, "BLOCK_P": 32, "BLOCK_D": 32, "num_warps": 8}
-FWD_RAGGED = {**FWD_CONFIG, "num_warps": 8}
-BWD_RAGGED = {**BWD_CONFIG, "BLOCK_P": 16}
+# Triton's JIT path, specialisation included). Forward: GROUPS warps, each taking its own
+# BLOCK_B batch rows of every chunk of GROUPS * BLOCK_B rows. A batch that fits in one
+# group's rows (B <= 16) takes one warp, so that a tiny batch does not pay for 64 rows
+# (with half-width D steps and two pipeline stages: one warp with the main ones spilled
+# 8-128 bytes on sm_86-90).
+FWD_CONFIG = {"GROUPS": 4, "BLOCK_B": 16, "BLOCK_P": 16, "BLOCK_D": 32, "num_stages": 3}
+BWD_CONFIG = {"BLOCK_B": 64, "BLOCK_P": 16, "BLOCK_D": 32, "num_warps": 4}
+FWD_SMALL_BATCH = {**FWD_CONFIG, "GROUPS": 1, "BLOCK_D": 16, "num_stages": 2}
+BWD_SMALL_BATCH = {**BWD_CONFIG, "BLOCK_B": 16, "num_warps": 1}
 
 
-def fwd_config(D: int, P: int) -> dict:
-    """Forward tiles for z of width ``D`` projected on ``P`` directions."""
-    return FWD_CONFIG if D % 16 == 0 and P % 16 == 0 else FWD_RAGGED
+def fwd_config(B: int) -> dict:
+    """Forward tiles for a batch of ``B`` rows."""
+    return FWD_SMALL_BATCH if B <= FWD_CONFIG["BLOCK_B"] else FWD_CONFIG
 
 
-def bwd_config(D: int, P: int) -> dict:
-    """Backward tiles for z of width ``D`` projected on ``P`` directions."""
-    return BWD_CONFIG if D % 16 == 0 and P % 16 == 0 else BWD_RAGGED
+def bwd_config(B: int) -> dict:
+    """Backward tiles for a batch of ``B`` rows."""
+    return BWD_SMALL_BATCH if B <= BWD_SMALL_BATCH["BLOCK_B"] else BWD_CONFIG
 
 
-KNOTS_MAX = 32  # knots are a runtime loop over a K_PAD = 32 accumulator
+KNOTS_MAX = 32  # knots are unrolled: K - 1 accumulators per moment in the forward
 
 
-def _tiles(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k != "num_warps"}
-
-
-def fwd_constexprs(dtype: torch.dtype, compute_stat: bool, config: dict, interpreter: bool = False) -> dict:
+def fwd_constexprs(
+    dtype: torch.dtype, knots: int, compute_stat: bool, config: dict, interpreter: bool = False
+) -> dict:
     """Compile-time arguments of the forward kernel for z of ``dtype`` and tiles ``config``."""
     return dict(
-        K_PAD=KNOTS_MAX,
+        K=knots,
         COMPUTE_STAT=compute_stat,
         DOT_PRECISION=_dot_precision(dtype),
         UPCAST_HALF_DOT=interpreter,
-        **_tiles(config),
+        **{k: v for k, v in config.items() if k != "num_stages"},
     )
 
 
 def bwd_constexprs(
-    dtype: torch.dtype, scalar_grad: bool, store_gx: bool, config: dict, interpreter: bool = False
+    dtype: torch.dtype, knots: int, scalar_grad: bool, config: dict, interpreter: bool = False
 ) -> dict:
     """Compile-time arguments of the backward kernel for z of ``dtype`` and tiles ``config``."""
     return dict(
+        K=knots,
         SCALAR_GRAD=scalar_grad,
-        STORE_GX=store_gx,
         DOT_PRECISION=_dot_precision(dtype),
-        GRAD_DOT_PRECISION="tf32x3",
         UPCAST_HALF_DOT=interpreter,
-        **_tiles(config),
+        **{k: v for k, v in config.items() if k != "num_warps"},
     )
 
 
 def compile_cases():
     """``(name, call)`` pairs for the compile-faithful check (``_aot.py``): each launcher as
     the library calls it -- z (T, B, D) as ``emb.transpose(0, 1)`` of a (B, T, D) batch, A
-    (D, P) float32 -- in every input dtype at the training size (T=4, B=128, D=192,
-    P=1024), and in float32 (plus bfloat16 at B=1) at edge sizes."""
+    (D, P) float32, 17 knots -- in every input dtype at the training size (T=4, B=128,
+    D=192, P=1024), and in float32 (plus bfloat16 at B=1) at edge sizes: one row, one
+    direction, D = 1 and D = 191 with the one-warp tiles of a small batch (B <= 16) and with
+    the main ones, and a batch that takes the forward's batch loop four times with a ragged
+    last chunk (B=200)."""
     real = {"real": (4, 128, 192, 1024)}
     edges = {
         "B=1": (4, 1, 192, 1024),
         "T=1": (1, 128, 192, 1024),
+        "B=200": (2, 200, 192, 1024),
         "D=1": (4, 8, 1, 64),
+        "D=1,B=40": (2, 40, 1, 64),
         "D=16,B=16,P=16": (2, 16, 16, 16),
+        "D=16,B=17,P=16": (2, 17, 16, 16),
         "D=191,B=7,P=1000": (3, 7, 191, 1000),
+        "D=191,B=70,P=1000": (3, 70, 191, 1000),
         "P=1": (2, 5, 24, 1),
+        "P=1,B=33": (2, 33, 24, 1),
     }
     runs = [(size, shape, dtype) for size, shape in real.items() for dtype in _TRITON_DTYPES]
     runs += [(size, shape, torch.float32) for size, shape in edges.items()]
@@ -412,6 +475,13 @@ def _check(z: torch.Tensor, A: torch.Tensor, knots: int) -> None:
         raise ValueError(f"the fused SIGReg supports 2 to {KNOTS_MAX} knots, got {knots}")
 
 
+def _interpreter_operand(A: torch.Tensor, dtype: torch.dtype, interpreter: bool) -> torch.Tensor:
+    """A as the kernels read it. The kernels round A to z's dtype (round to nearest even on
+    the GPU); the interpreter's float32 -> bfloat16 cast truncates instead, which biases x,
+    so under the interpreter A is rounded here, by torch, as the reference rounds it."""
+    return A.to(dtype) if interpreter and dtype == torch.bfloat16 else A
+
+
 def sigreg_fwd(
     z: torch.Tensor,
     A: torch.Tensor,
@@ -420,18 +490,21 @@ def sigreg_fwd(
     dt: float,
     compute_stat: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Moment sums (2, T, K, P) float32 and, if ``compute_stat``, the SIGReg value (0-dim)."""
+    """Moment sums (2, T, K, P) float32 of z (T, B, D) projected on A (D, P) at the knots
+    t_k = k dt, and, if ``compute_stat``, the SIGReg value (0-dim float32; phi, weights (K,))."""
     knots = phi.numel()
     _check(z, A, knots)
     T, B, D = z.shape
     P = A.shape[1]
     sums = torch.empty((2, T, knots, P), device=z.device, dtype=torch.float32)
-    config = fwd_config(D, P)
+    config = fwd_config(B)
     grid = (T, triton.cdiv(P, config["BLOCK_P"]))
     partial = torch.empty(grid, device=z.device, dtype=torch.float32) if compute_stat else sums
+    interpreter = triton_interpreter()
+    A_dot = _interpreter_operand(A, z.dtype, interpreter)
     _sigreg_fwd_kernel[grid](
         z,
-        A,
+        A_dot,
         sums,
         phi,
         weights,
@@ -443,34 +516,34 @@ def sigreg_fwd(
         z.stride(0),
         z.stride(1),
         z.stride(2),
-        A.stride(0),
-        A.stride(1),
+        A_dot.stride(0),
+        A_dot.stride(1),
         dt,
-        K=knots,
-        num_warps=config["num_warps"],
-        **fwd_constexprs(z.dtype, compute_stat, config, triton_interpreter()),
+        num_warps=config["GROUPS"],
+        num_stages=config["num_stages"],
+        **fwd_constexprs(z.dtype, knots, compute_stat, config, interpreter),
     )
-    stat = partial.sum() / (T * P) if compute_stat else None
-    return sums, stat
+    return sums, (partial.sum() if compute_stat else None)
 
 
 def _launch_bwd(z, A, dt, knots, need_grad_A, *, grad, sums=None, phi=None, weights=None):
+    """grad_x (T, B, P) float32 from the kernel, then grad_z = grad_x @ A^T (and grad_A)."""
     T, B, D = z.shape
     P = A.shape[1]
-    gx = torch.empty((T, B, P), device=z.device, dtype=torch.float32) if need_grad_A else None
-    gz = torch.empty((T, B, D), device=z.device, dtype=z.dtype)
+    gx = torch.empty((T, B, P), device=z.device, dtype=torch.float32)
     scalar = sums is not None
-    config = bwd_config(D, P)
-    grid = (T, triton.cdiv(B, config["BLOCK_B"]), triton.cdiv(D, config["BLOCK_D"]))
+    config = bwd_config(B)
+    grid = (T, triton.cdiv(B, config["BLOCK_B"]), triton.cdiv(P, config["BLOCK_P"]))
+    interpreter = triton_interpreter()
+    A_dot = _interpreter_operand(A, z.dtype, interpreter)
     _sigreg_bwd_kernel[grid](
         grad,
         z,
-        A,
+        A_dot,
         sums if scalar else grad,
         phi if scalar else grad,
         weights if scalar else grad,
-        gz,
-        gx if gx is not None else grad,
+        gx,
         T,
         B,
         D,
@@ -478,16 +551,18 @@ def _launch_bwd(z, A, dt, knots, need_grad_A, *, grad, sums=None, phi=None, weig
         z.stride(0),
         z.stride(1),
         z.stride(2),
-        A.stride(0),
-        A.stride(1),
+        A_dot.stride(0),
+        A_dot.stride(1),
         dt,
-        K=knots,
         num_warps=config["num_warps"],
-        **bwd_constexprs(z.dtype, scalar, need_grad_A, config, triton_interpreter()),
+        **bwd_constexprs(z.dtype, knots, scalar, config, interpreter),
     )
+    gx = gx.view(T * B, P)
+    A32 = A.to(torch.float32)
+    gz = torch.mm(gx, A32.t()).view(T, B, D).to(z.dtype)
     grad_A = None
     if need_grad_A:
-        grad_A = torch.einsum("tbd,tbp->dp", z.to(torch.float32), gx).to(A.dtype)
+        grad_A = torch.mm(z.reshape(T * B, D).t().to(torch.float32), gx).to(A.dtype)
     return gz, grad_A
 
 
@@ -501,7 +576,8 @@ def sigreg_bwd(
     dt: float,
     need_grad_A: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad_z (T, B, D) in z's dtype, grad_A (D, P) or None) for d loss / d SIGReg ``grad``."""
+    """(grad_z (T, B, D) in z's dtype, grad_A (D, P) or None) for d loss / d SIGReg ``grad``
+    (0-dim), from the moment sums (2, T, K, P) of the forward."""
     return _launch_bwd(
         z,
         A,
@@ -518,7 +594,7 @@ def sigreg_bwd(
 def sigreg_trig_sums_bwd(
     grad_sums: torch.Tensor, z: torch.Tensor, A: torch.Tensor, dt: float, need_grad_A: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad_z, grad_A or None) for d loss / d sums (2, T, K, P)."""
+    """(grad_z (T, B, D), grad_A (D, P) or None) for d loss / d sums ``grad_sums`` (2, T, K, P)."""
     return _launch_bwd(
         z, A, dt, grad_sums.shape[2], need_grad_A, grad=grad_sums.to(torch.float32).contiguous()
     )

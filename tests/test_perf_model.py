@@ -116,6 +116,45 @@ def test_plan_flops_match_the_analytic_count(record_property):
     assert abs(residual) < 0.05, message
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sigreg_counts_match_the_launchers(dtype):
+    # lewm_fast.sigreg(z, A) forward and backward at T=4, B=128, D=192, P=1024, 17 knots:
+    #   forward:  _sigreg_fwd_kernel, partial.sum()                                   = 2
+    #   backward: the seed gradient (ones_like); _sigreg_bwd_kernel (grad_x);
+    #             mm grad_z; for bf16 z the cast of grad_z                            = 3 / 4
+    #   (grad z becomes z.grad without a copy: its strides match z's)
+    T, B, D, P, K = 4, 128, 192, 1024, 17
+    counts = perf_model.sigreg_counts(dtype)
+    ops = counts["ops"]
+    assert counts["fwd"]["launches"] == 2 and ops["lewm_fast::sigreg (partial.sum)"] == 1
+    assert counts["bwd"]["launches"] == (3 if dtype == torch.float32 else 4)
+    kernels = {k.op: k for k in counts["_kernels"]}
+    z_bytes, a_bytes, grad_x = T * B * D * dtype.itemsize, D * P * 4, T * B * P * 4
+    gemm = 2 * T * B * D * P
+    fwd = kernels["lewm_fast::sigreg"]
+    assert fwd.flops == gemm + perf_model.sigreg_trig_flops(T, B, P, K, use=2)
+    assert fwd.bytes == z_bytes + a_bytes + 2 * K * 4 + 2 * T * K * P * 4 + T * (P // 16) * 4
+    bwd = kernels["lewm_fast::sigreg_bwd"]
+    assert bwd.flops == gemm + perf_model.sigreg_trig_flops(T, B, P, K, use=4)
+    assert bwd.bytes == 4 + z_bytes + a_bytes + 2 * T * K * P * 4 + 2 * K * 4 + grad_x  # grad_x written
+    mm = kernels["lewm_fast::sigreg_bwd (mm grad_z)"]
+    assert (mm.flops, mm.bytes) == (gemm, grad_x + a_bytes + T * B * D * 4)  # grad_x read back
+    # priced at their operands' rate: the fused kernels at z's dtype, the matmul at float32;
+    # the fused kernels' trigonometry at the float32 rate whatever z's dtype
+    assert (fwd.dtype, bwd.dtype, mm.dtype) == (str(dtype), str(dtype), "torch.float32")
+    trig = perf_model.sigreg_trig_flops(T, B, P, K, use=4)
+    assert (bwd.fp32_flops, mm.fp32_flops) == (trig, 0)
+    h200 = perf_model.DEVICES["H200"]
+    peak = h200["bf16_tflops" if dtype == torch.bfloat16 else "fp32_tflops"] * 1e12
+    compute = gemm / peak + trig / (h200["fp32_tflops"] * 1e12)
+    expected = max(compute, bwd.bytes / (h200["bandwidth_gbps"] * 1e9))
+    assert perf_model._kernel_seconds([bwd], h200) == pytest.approx(expected)
+    # the ops' dataflow, as for any op: inputs read by the first kernel, outputs written by the last
+    assert fwd.reads and not fwd.writes and kernels["lewm_fast::sigreg (partial.sum)"].writes
+    last = [k for k in counts["_kernels"] if k.op.startswith("lewm_fast::sigreg_bwd")][-1]
+    assert bwd.reads and not bwd.writes and last.writes and not mm.reads
+
+
 @pytest.fixture(scope="module")
 def tiny_result():
     """One counting run of ``run_model`` on the tiny model (plans of 1 and 50 envs, fp32 and
@@ -147,6 +186,12 @@ def test_model_json_has_the_required_keys(tiny_result, tmp_path):
     assert 0 < step["compiled"]["bytes"] < step["bytes"]
     assert data["train_step"]["launches_compiled"] == step["compiled"]["launches"]
     assert "| training step, batch 128, whole, compiled (CUDA graphs) | bf16 |" in md_path.read_text()
+    # the SIGReg op at the training size: both CUDA-graph and eager times, like a plan
+    assert data["sigreg"]["headline"] == "fp32" and data["sigreg"]["launches"] > 0
+    proj = data["sigreg"]["fp32"]["projection"]["H200"]
+    times = " / ".join(perf_model.format_ms(proj[k]) for k in ("graph_ms", "eager_ms"))
+    row = [line for line in md_path.read_text().splitlines() if line.startswith("| SIGReg fwd+bwd")][0]
+    assert f"| {times} |" in row
 
 
 def test_readme_projections_sit_next_to_measured_rows(tiny_result, tmp_path):

@@ -55,8 +55,10 @@ def _check_parity(z32, A, dtype_name, grad_A=False, what=""):
 CASES = [  # (id, T, B, D, P, scale of z)
     ("T4-B32-D192-P64", 4, 32, 192, 64, 1.0),
     ("T1-B1-D191-P7", 1, 1, 191, 7, 1.0),
+    ("T2-B16-D20-P18", 2, 16, 20, 18, 1.0),  # the largest batch of the one-warp tiles
     ("T3-B33-D24-P100", 3, 33, 24, 100, 3.0),
     ("T2-B70-D40-P33-wide", 2, 70, 40, 33, 20.0),
+    ("T2-B130-D24-P20", 2, 130, 24, 20, 2.0),  # three 64-row chunks in the forward, the last ragged
 ]
 
 
@@ -71,20 +73,35 @@ def test_fused_matches_reference(T, B, D, P, scale, dtype_name):
 
 def test_gradient_with_respect_to_A():
     device = _device()
-    z = torch.randn(2, 19, 40, device=device)
+    z = torch.randn(19, 2, 40, device=device).transpose(0, 1)  # (T, B, D) as the library passes it
     A = ref.draw_projections(40, 50, device=device)
     _check_parity(z, A, "fp32", grad_A=True)
 
 
-def test_real_size_forward():
-    """T=4, B=128, D=192, P=1024: the forward value (the backward at this size is GPU-tested)."""
+@pytest.mark.parametrize("knots", [2, 32])
+def test_knot_counts_at_the_ends_of_the_range(knots):
+    """The knots are unrolled at compile time: the fewest and the most the kernel takes."""
+    device = _device()
+    z32 = torch.randn(2, 21, 24, device=device)
+    A = ref.draw_projections(24, 40, device=device)
+
+    def run(name):
+        z = z32.clone().requires_grad_()
+        value = lewm_fast.sigreg(z, A, knots, backend=name)
+        value.backward()
+        return value.detach(), z.grad
+
+    fast, expected = run("triton"), run("torch")
+    assert_close(fast[0], expected[0], "fp32_gemm", f"{knots} knots value")
+    assert_close(fast[1], expected[1], "fp32_gemm", f"{knots} knots grad z")
+
+
+def test_real_size_value_and_gradient():
+    """T=4, B=128, D=192, P=1024 in float32: the value and grad z (every dtype: GPU tests)."""
     device = _device()
     z = torch.randn(4, 128, 192, device=device)
     A = ref.draw_projections(192, 1024, device=device)
-    with torch.no_grad():
-        fast = lewm_fast.sigreg(z, A, backend="triton")
-        expected = lewm_fast.sigreg(z, A, backend="torch")
-    assert_close(fast, expected, "fp32_gemm", "real-size value")
+    _check_parity(z, A, "fp32", what="real size")
 
 
 def test_moment_sums_and_their_backward():
