@@ -313,7 +313,9 @@ def sigreg_kernels(name: str, args) -> list[Kernel]:
 
     - ``sigreg`` / ``sigreg_trig_sums``: ``_sigreg_fwd_kernel`` reads z (384 KiB), A
       (768 KiB), phi and w, writes the sums (2, T, K, P) float32 (544 KiB) and, for
-      ``sigreg``, one float32 share per program, which ``partial.sum()`` adds;
+      ``sigreg``, one float32 share per program, which ``partial.sum()`` adds; under
+      Triton < 3.3 (``TUPLE_ACCUMULATORS`` false) the forward is ``_sigreg_fwd_loop_kernel``,
+      counted with the same FLOPs and bytes, and a division by T P follows the sum;
     - ``sigreg_bwd`` / ``sigreg_trig_sums_bwd``: ``_sigreg_bwd_kernel`` reads z, A and the
       sums (or d loss / d sums), writes grad_x (T, B, P) float32 (2 MiB); the cuBLAS
       ``grad_x @ A^T`` reads grad_x and A, writes grad_z float32; a cast to z's dtype
@@ -340,11 +342,15 @@ def sigreg_kernels(name: str, args) -> list[Kernel]:
         flops = 2 * T * B * D * P + trig
         if name == "sigreg_trig_sums":
             return [Kernel(f"lewm_fast::{name}", 1, flops, reads + sums, str(z.dtype), fp32_flops=trig)]
-        shares = T * -(-P // kernel.fwd_config(B)["BLOCK_P"]) * 4
-        return [
+        tiles = kernel.fwd_config(B) if kernel.TUPLE_ACCUMULATORS else kernel.fwd_loop_config(D, P)
+        shares = T * -(-P // tiles["BLOCK_P"]) * 4
+        out = [
             Kernel("lewm_fast::sigreg", 1, flops, reads + sums + shares, str(z.dtype), fp32_flops=trig),
             Kernel("lewm_fast::sigreg (partial.sum)", 1, 0, shares + 4, str(f32)),
         ]
+        if not kernel.TUPLE_ACCUMULATORS:  # Triton < 3.3: the sum is divided by T P
+            out.append(Kernel("lewm_fast::sigreg (divide)", 1, 0, 8, str(f32)))
+        return out
     if name == "sigreg_bwd":
         grad, z, A, sums, phi, weights, _, need_grad_A = args
         coefficients = sum(tensor_bytes(t) for t in (grad, sums, phi, weights))

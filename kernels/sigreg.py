@@ -28,8 +28,16 @@ rather than the projection being recomputed per block of D.
 cos/sin at every knot come from one sincos of dt * x by rotation (angle addition); that
 sincos is a quadrant reduction plus single-precision polynomials, so it needs no
 libdevice call (no local-memory slow path) and gives the same bits under every Triton
-version and in the interpreter. The per-knot accumulators are ``tl.tuple`` values, which
-the compiler has from Triton 3.3 on (the interpreter runs them on any version).
+version and in the interpreter.
+
+Triton versions: the forward's per-knot accumulators are tuples of tensors carried through
+the batch loop, which Triton compiles from 3.3 on (3.2's code generator keeps no tuple as a
+loop variable: "NameError: acc_c is not defined"). Under Triton < 3.3
+(:data:`TUPLE_ACCUMULATORS` false) the forward is the earlier ``_sigreg_fwd_loop_kernel``
+instead: the knots a runtime loop over one (32, block of P) accumulator, a cross-warp sum
+per knot of every batch block, the statistic divided by T P after the partial sum. It
+writes the same sums, so the backward, which Triton 3.2 compiles, is the same kernel on
+every version.
 
 Everything accumulates in float32 whatever the input dtype.
 """
@@ -37,6 +45,7 @@ Everything accumulates in float32 whatever the input dtype.
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import triton
@@ -48,6 +57,10 @@ from ._interpreter import patch_scalar_index
 
 if triton_interpreter():  # NumPy >= 2.4 with the interpreters of Triton < 3.8
     patch_scalar_index()
+
+# Whether this Triton compiles the forward kernel's tuple accumulators (3.3 and later); read
+# by the launcher at every call, so a test can force the Triton 3.2 forward.
+TUPLE_ACCUMULATORS = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 3)
 
 # pi / 2 split in three float32 parts (Cody-Waite) for the quadrant reduction, and the
 # single-precision minimax polynomials of sin and cos on [-pi/4, pi/4] (Cephes sinf/cosf).
@@ -269,6 +282,86 @@ def _sigreg_fwd_kernel(
 
 
 @triton.jit(do_not_specialize=["T", "B"])
+def _sigreg_fwd_loop_kernel(
+    Z,
+    A,
+    SUMS,
+    PHI,
+    W,
+    PARTIAL,
+    T,
+    B,
+    D,
+    P,
+    stride_zt,
+    stride_zb,
+    stride_zd,
+    stride_ad,
+    stride_ap,
+    dt,
+    K,
+    K_PAD: tl.constexpr,
+    COMPUTE_STAT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_HALF_DOT: tl.constexpr,
+):
+    # The forward for Triton < 3.3 (no tuple accumulators): one program per (t, block of P),
+    # looping over the whole batch; the knots are a runtime loop over a K_PAD accumulator.
+    t = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    kk = tl.arange(0, K_PAD)
+    acc_c = tl.zeros((K_PAD, BLOCK_P), dtype=tl.float32)
+    acc_s = tl.zeros((K_PAD, BLOCK_P), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < B
+        x = _project_tile(
+            Z,
+            A,
+            t,
+            offs_b,
+            offs_p,
+            mask_b,
+            mask_p,
+            D,
+            stride_zt,
+            stride_zb,
+            stride_zd,
+            stride_ad,
+            stride_ap,
+            BLOCK_B,
+            BLOCK_P,
+            BLOCK_D,
+            DOT_PRECISION,
+            UPCAST_HALF_DOT,
+        )
+        c1, s1 = _sincos(x * dt)
+        # rows past the batch start at (0, 0) and stay there under rotation
+        c = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32) + mask_b[:, None].to(tl.float32)
+        s = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+        for k in range(K):  # a runtime loop: unrolling all knots costs registers, not time
+            acc_c += tl.where(kk[:, None] == k, tl.sum(c, axis=0)[None, :], 0.0)
+            acc_s += tl.where(kk[:, None] == k, tl.sum(s, axis=0)[None, :], 0.0)
+            c, s = c * c1 - s * s1, s * c1 + c * s1
+    mask = (kk[:, None] < K) & mask_p[None, :]
+    offs = (t * K + kk[:, None]) * P + offs_p[None, :]
+    tl.store(SUMS + offs, acc_c, mask=mask)
+    tl.store(SUMS + T * K * P + offs, acc_s, mask=mask)
+    if COMPUTE_STAT:
+        n = B * 1.0  # float32; no method call: an integer argument may be a constant
+        phi = tl.load(PHI + kk, mask=kk < K, other=0.0)
+        w = tl.load(W + kk, mask=kk < K, other=0.0)
+        err = (acc_c / n - phi[:, None]) * (acc_c / n - phi[:, None]) + (acc_s / n) * (acc_s / n)
+        err = tl.where(mask, err * w[:, None], 0.0)
+        tl.store(PARTIAL + t * tl.num_programs(1) + pid_p, tl.sum(tl.sum(err, axis=1), axis=0) * n)
+
+
+@triton.jit(do_not_specialize=["T", "B"])
 def _sigreg_bwd_kernel(
     GRAD,
     Z,
@@ -386,7 +479,22 @@ def bwd_config(B: int) -> dict:
     return BWD_SMALL_BATCH if B <= BWD_SMALL_BATCH["BLOCK_B"] else BWD_CONFIG
 
 
-KNOTS_MAX = 32  # knots are unrolled: K - 1 accumulators per moment in the forward
+# The Triton < 3.3 forward (``_sigreg_fwd_loop_kernel``), with its tiles of before the tuple
+# accumulators: widths D or P that are not multiples of 16 lose the /16 hints, and ptxas then
+# spilled 16-24 bytes with the main tiles (P = 1 on sm_80/86/89, D = 191 on sm_86/89); those
+# shapes take eight warps.
+FWD_LOOP_CONFIG = {"BLOCK_B": 64, "BLOCK_P": 16, "BLOCK_D": 32, "num_warps": 4}
+FWD_LOOP_RAGGED = {**FWD_LOOP_CONFIG, "num_warps": 8}
+
+
+def fwd_loop_config(D: int, P: int) -> dict:
+    """Tiles of the Triton < 3.3 forward for z of width ``D`` projected on ``P`` directions."""
+    return FWD_LOOP_CONFIG if D % 16 == 0 and P % 16 == 0 else FWD_LOOP_RAGGED
+
+
+# Knots: the forward unrolls them (K - 1 accumulators per moment); the Triton < 3.3 forward
+# loops over a K_PAD = 32 accumulator.
+KNOTS_MAX = 32
 
 
 def fwd_constexprs(
@@ -399,6 +507,19 @@ def fwd_constexprs(
         DOT_PRECISION=_dot_precision(dtype),
         UPCAST_HALF_DOT=interpreter,
         **{k: v for k, v in config.items() if k != "num_stages"},
+    )
+
+
+def fwd_loop_constexprs(
+    dtype: torch.dtype, compute_stat: bool, config: dict, interpreter: bool = False
+) -> dict:
+    """Compile-time arguments of the Triton < 3.3 forward for z of ``dtype`` and tiles ``config``."""
+    return dict(
+        K_PAD=KNOTS_MAX,
+        COMPUTE_STAT=compute_stat,
+        DOT_PRECISION=_dot_precision(dtype),
+        UPCAST_HALF_DOT=interpreter,
+        **{k: v for k, v in config.items() if k != "num_warps"},
     )
 
 
@@ -422,7 +543,9 @@ def compile_cases():
     D=192, P=1024), and in float32 (plus bfloat16 at B=1) at edge sizes: one row, one
     direction, D = 1 and D = 191 with the one-warp tiles of a small batch (B <= 16) and with
     the main ones, and a batch that takes the forward's batch loop four times with a ragged
-    last chunk (B=200)."""
+    last chunk (B=200). Both forwards are built whatever Triton is installed: ``fwd`` /
+    ``sums`` (tuple accumulators, Triton >= 3.3) and ``fwd_loop`` / ``sums_loop`` (the
+    forward of Triton < 3.3)."""
     real = {"real": (4, 128, 192, 1024)}
     edges = {
         "B=1": (4, 1, 192, 1024),
@@ -440,8 +563,9 @@ def compile_cases():
     runs = [(size, shape, dtype) for size, shape in real.items() for dtype in _TRITON_DTYPES]
     runs += [(size, shape, torch.float32) for size, shape in edges.items()]
     runs.append(("B=1", edges["B=1"], torch.bfloat16))
+    ops = ("fwd", "sums", "fwd_loop", "sums_loop", "bwd", "bwd+A", "sums_bwd", "sums_bwd+A")
     for size, shape, dtype in runs:
-        for op in ("fwd", "sums", "bwd", "bwd+A", "sums_bwd", "sums_bwd+A"):
+        for op in ops:
             yield f"{op}[{_TRITON_DTYPES[dtype]},{size}]", functools.partial(_compile_case, op, shape, dtype)
 
 
@@ -454,8 +578,10 @@ def _compile_case(op: str, shape: tuple[int, int, int, int], dtype: torch.dtype)
     phi, weights, sums = torch.empty(knots), torch.empty(knots), torch.empty(2, T, knots, P)
     dt = 3.0 / (knots - 1)
     need_grad_A = op.endswith("+A")
-    if op in ("fwd", "sums"):
-        sigreg_fwd(z, A, phi, weights, dt, compute_stat=op == "fwd")
+    if op in ("fwd", "sums"):  # the forward of Triton >= 3.3, whatever this Triton is
+        _launch_fwd(z, A, phi, weights, dt, compute_stat=op == "fwd")
+    elif op in ("fwd_loop", "sums_loop"):  # the forward of Triton < 3.3
+        _launch_fwd_loop(z, A, phi, weights, dt, compute_stat=op == "fwd_loop")
     elif op.startswith("bwd"):
         sigreg_bwd(torch.ones(()), z, A, sums, phi, weights, dt, need_grad_A)
     else:
@@ -492,16 +618,26 @@ def sigreg_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Moment sums (2, T, K, P) float32 of z (T, B, D) projected on A (D, P) at the knots
     t_k = k dt, and, if ``compute_stat``, the SIGReg value (0-dim float32; phi, weights (K,))."""
-    knots = phi.numel()
-    _check(z, A, knots)
+    _check(z, A, phi.numel())
+    launch = _launch_fwd if TUPLE_ACCUMULATORS else _launch_fwd_loop
+    return launch(z, A, phi, weights, dt, compute_stat)
+
+
+def _fwd_buffers(z, A, knots, grid, compute_stat):
+    """The sums (2, T, K, P) and one float32 share of the statistic per program (or the sums
+    again, unused, without the statistic); A as the kernels read it."""
+    sums = torch.empty((2, z.shape[0], knots, A.shape[1]), device=z.device, dtype=torch.float32)
+    partial = torch.empty(grid, device=z.device, dtype=torch.float32) if compute_stat else sums
+    return sums, partial, _interpreter_operand(A, z.dtype, triton_interpreter())
+
+
+def _launch_fwd(z, A, phi, weights, dt, compute_stat):
+    """The forward with tuple accumulators (Triton >= 3.3): the statistic is partial.sum()."""
     T, B, D = z.shape
-    P = A.shape[1]
-    sums = torch.empty((2, T, knots, P), device=z.device, dtype=torch.float32)
+    P, knots = A.shape[1], phi.numel()
     config = fwd_config(B)
     grid = (T, triton.cdiv(P, config["BLOCK_P"]))
-    partial = torch.empty(grid, device=z.device, dtype=torch.float32) if compute_stat else sums
-    interpreter = triton_interpreter()
-    A_dot = _interpreter_operand(A, z.dtype, interpreter)
+    sums, partial, A_dot = _fwd_buffers(z, A, knots, grid, compute_stat)
     _sigreg_fwd_kernel[grid](
         z,
         A_dot,
@@ -521,9 +657,40 @@ def sigreg_fwd(
         dt,
         num_warps=config["GROUPS"],
         num_stages=config["num_stages"],
-        **fwd_constexprs(z.dtype, knots, compute_stat, config, interpreter),
+        **fwd_constexprs(z.dtype, knots, compute_stat, config, triton_interpreter()),
     )
     return sums, (partial.sum() if compute_stat else None)
+
+
+def _launch_fwd_loop(z, A, phi, weights, dt, compute_stat):
+    """The Triton < 3.3 forward: the statistic is partial.sum() / (T P)."""
+    T, B, D = z.shape
+    P, knots = A.shape[1], phi.numel()
+    config = fwd_loop_config(D, P)
+    grid = (T, triton.cdiv(P, config["BLOCK_P"]))
+    sums, partial, A_dot = _fwd_buffers(z, A, knots, grid, compute_stat)
+    _sigreg_fwd_loop_kernel[grid](
+        z,
+        A_dot,
+        sums,
+        phi,
+        weights,
+        partial,
+        T,
+        B,
+        D,
+        P,
+        z.stride(0),
+        z.stride(1),
+        z.stride(2),
+        A_dot.stride(0),
+        A_dot.stride(1),
+        dt,
+        K=knots,
+        num_warps=config["num_warps"],
+        **fwd_loop_constexprs(z.dtype, compute_stat, config, triton_interpreter()),
+    )
+    return sums, (partial.sum() / (T * P) if compute_stat else None)
 
 
 def _launch_bwd(z, A, dt, knots, need_grad_A, *, grad, sums=None, phi=None, weights=None):

@@ -56,9 +56,9 @@ def builds():
 def test_cases_cover_every_kernel_dtype_and_tile():
     assert len(NAMES) == len(set(NAMES))
     kernels = {n for mod in (sigreg, adaln) for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")}
-    assert len(kernels) == 7
+    assert len(kernels) == 8  # SIGReg: two forwards (Triton >= 3.3, and < 3.3) and the backward
     for dtype in ("fp32", "bf16", "fp16"):
-        for op in ("fwd", "sums", "bwd", "bwd+A", "sums_bwd", "sums_bwd+A"):
+        for op in ("fwd", "sums", "fwd_loop", "sums_loop", "bwd", "bwd+A", "sums_bwd", "sums_bwd+A"):
             assert f"sigreg.{op}[{dtype},real]" in NAMES
     # every row width the AdaLN launchers accept maps to a tile some case compiles
     tiles = {adaln.row_config(d)["BLOCK_D"] for d in range(1, adaln.MAX_D + 1)}

@@ -155,6 +155,20 @@ def test_sigreg_counts_match_the_launchers(dtype):
     assert bwd.reads and not bwd.writes and last.writes and not mm.reads
 
 
+def test_sigreg_counts_follow_the_forward_triton_runs(monkeypatch):
+    # Triton < 3.3 runs _sigreg_fwd_loop_kernel, whose statistic is partial.sum() / (T P):
+    # one launch more in the forward; the backward is the same kernel on every version
+    from lewm_fast.kernels import sigreg as kernel
+
+    tuple_counts = perf_model.sigreg_counts(torch.float32)
+    monkeypatch.setattr(kernel, "TUPLE_ACCUMULATORS", False)
+    loop_counts = perf_model.sigreg_counts(torch.float32)
+    assert (tuple_counts["fwd"]["launches"], loop_counts["fwd"]["launches"]) == (2, 3)
+    assert loop_counts["ops"]["lewm_fast::sigreg (divide)"] == 1
+    assert loop_counts["bwd"] == tuple_counts["bwd"]
+    assert loop_counts["flops"] == tuple_counts["flops"]
+
+
 @pytest.fixture(scope="module")
 def tiny_result():
     """One counting run of ``run_model`` on the tiny model (plans of 1 and 50 envs, fp32 and

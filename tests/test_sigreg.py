@@ -1,10 +1,13 @@
 """The fused SIGReg kernel against lewm_fast.reference: values and gradients, all dtypes.
 
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest); GPU tests repeat
-parity at the real size.
+parity at the real size. The forward that Triton < 3.3 runs (``_sigreg_fwd_loop_kernel``) is
+forced with the ``loop_forward`` fixture, so both forwards are checked whatever Triton is
+installed.
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -22,6 +25,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _force_loop_forward(kernel) -> None:
+    """Make ``kernel`` (lewm_fast.kernels.sigreg) run the forward of Triton < 3.3; the
+    tuple-accumulator kernel then fails if launched. For a process of its own (the ranks)."""
+    kernel.TUPLE_ACCUMULATORS = False
+    kernel._sigreg_fwd_kernel = _NotLaunched()
+
+
+class _NotLaunched:
+    def __getitem__(self, grid):
+        raise AssertionError("the tuple-accumulator forward ran with TUPLE_ACCUMULATORS false")
+
+
+@pytest.fixture
+def loop_forward(monkeypatch):
+    """The forward as under Triton < 3.3, whatever Triton runs (see _force_loop_forward)."""
+    from lewm_fast.kernels import sigreg as kernel
+
+    monkeypatch.setattr(kernel, "TUPLE_ACCUMULATORS", False)
+    monkeypatch.setattr(kernel, "_sigreg_fwd_kernel", _NotLaunched())
 
 
 def _run(z32, A, dtype, backend_name, grad_A=False):
@@ -71,6 +95,27 @@ def test_fused_matches_reference(T, B, D, P, scale, dtype_name):
     _check_parity(z, A, dtype_name, what=f"{T}x{B}x{D}x{P}")
 
 
+# The forward of Triton < 3.3 on the odd shapes: one row with D = 191 and P = 7 (its ragged
+# tiles), a z of scale 3, and B = 70 (two of its 64-row batch blocks) at scale 20.
+LOOP_CASES = [c for c in CASES if c[0] in ("T1-B1-D191-P7", "T3-B33-D24-P100", "T2-B70-D40-P33-wide")]
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("T,B,D,P,scale", [c[1:] for c in LOOP_CASES], ids=[c[0] for c in LOOP_CASES])
+def test_triton_3_2_forward_matches_reference(loop_forward, T, B, D, P, scale, dtype_name):
+    device = _device()
+    z = scale * torch.randn(T, B, D, device=device)
+    A = ref.draw_projections(D, P, device=device)
+    _check_parity(z, A, dtype_name, what=f"loop forward {T}x{B}x{D}x{P}")
+
+
+def test_tuple_accumulators_follow_the_triton_version():
+    from lewm_fast.kernels import sigreg as kernel
+
+    version = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+    assert kernel.TUPLE_ACCUMULATORS is (version >= (3, 3))
+
+
 def test_gradient_with_respect_to_A():
     device = _device()
     z = torch.randn(19, 2, 40, device=device).transpose(0, 1)  # (T, B, D) as the library passes it
@@ -104,9 +149,12 @@ def test_real_size_value_and_gradient():
     _check_parity(z, A, "fp32", what="real size")
 
 
-def test_moment_sums_and_their_backward():
+@pytest.mark.parametrize("forward", ["tuple", "loop"])
+def test_moment_sums_and_their_backward(forward, request):
     from lewm_fast.kernels import sigreg as kernel
 
+    if forward == "loop":
+        request.getfixturevalue("loop_forward")
     device = _device()
     z = torch.randn(3, 21, 30, device=device, requires_grad=True)
     A = ref.draw_projections(30, 40, device=device)
@@ -195,9 +243,14 @@ def test_distributed_requires_a_process_group():
 # ---------------------------------------------------------------- two processes
 
 
-def _rank_main(rank, world, init_file, backend_name, out_dir):
+def _rank_main(rank, world, init_file, backend_name, out_dir, loop_forward=False):
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch.distributed as dist
+
+    if loop_forward:
+        from lewm_fast.kernels import sigreg as kernel
+
+        _force_loop_forward(kernel)
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -212,11 +265,16 @@ def _rank_main(rank, world, init_file, backend_name, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "triton"])
-def test_two_gloo_processes_equal_one_process(tmp_path, backend_name):
+@pytest.mark.parametrize(
+    "backend_name,loop",
+    [("torch", False), ("triton", False), ("triton", True)],
+    ids=["torch", "triton", "triton-loop-forward"],
+)
+def test_two_gloo_processes_equal_one_process(tmp_path, backend_name, loop):
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), backend_name, str(tmp_path)), nprocs=2, join=True)
+    args = (2, str(tmp_path / "init"), backend_name, str(tmp_path), loop)
+    mp.spawn(_rank_main, args=args, nprocs=2, join=True)
     torch.manual_seed(0)
     z = torch.randn(3, 9, 24, requires_grad=True)
     torch.manual_seed(100)
