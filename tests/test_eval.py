@@ -11,9 +11,18 @@ import lewm_fast
 from lewm_fast import cli
 from lewm_fast.data import TwoRoomDataset, action_stats, generate_dataset
 from lewm_fast.data.dataset import DatasetWriter
-from lewm_fast.envs import DEFAULT_LAYOUT
+from lewm_fast.envs import DEFAULT_LAYOUT, TwoRoomLayout, distance
+from lewm_fast.envs import step as env_step
 from lewm_fast.pipeline import EvalConfig
-from lewm_fast.plan import CEMSolver, PlanConfig, blocks_to_actions, evaluate, plan_seed, select_start_rows
+from lewm_fast.plan import (
+    CEMSolver,
+    PlanConfig,
+    blocks_to_actions,
+    evaluate,
+    plan_seed,
+    read_episodes,
+    select_start_rows,
+)
 
 SMALL_PLAN = {"num_samples": 16, "n_steps": 2, "topk": 4}
 TIMING_KEYS = ("elapsed_s", "warmup_s", "plan_latency_ms")
@@ -224,6 +233,112 @@ def test_planner_sees_the_current_and_goal_frames(line, model):
     assert torch.equal(first["goal"][:, 0], goal) and torch.equal(first["pixels"][:, 0], start)
     assert torch.equal(solver.calls[1]["info"]["goal"][:, 0], goal)
     assert not torch.equal(solver.calls[1]["info"]["pixels"][:, 0], start)
+
+
+# ------------------------------------------------------------------ recorded episode paths
+
+
+def test_recorded_paths_are_the_env_positions(line, model, tmp_path):
+    """episodes.npz holds the start and the position after every env step, as an independent
+    replay of the executed (de-normalised) plans through the env gives them, and the first
+    plan stepped through a copy of the env."""
+    mean, std = torch.tensor([0.1, 0.3]), torch.tensor([0.9, 0.7])
+    gen = torch.Generator().manual_seed(11)
+    plans = [torch.randn(3, 5, 10, generator=gen) for _ in range(2)]
+    solver = Scripted(lambda call, envs: plans[call])
+    path = tmp_path / "episodes.npz"
+    result = evaluate(
+        model, line, episodes=3, action_stats=(mean, std), solver=solver, progress=False, episodes_out=path
+    )
+    ep = read_episodes(path)
+    assert result["episodes_file"] == str(path) and result["env_steps"] == 50 and result["plans"] == 2
+    assert ep["xy"].shape == (3, 51, 2) and ep["xy"].dtype == np.float32
+    assert ep["plan_xy"].shape == (3, 26, 2) and ep["plan_actions"].shape == (3, 25, 2)
+
+    start = torch.tensor(result["per_episode"]["start_xy"], dtype=torch.float32)
+    goal = torch.tensor(result["per_episode"]["goal_xy"], dtype=torch.float32)
+    xy, done, want = start.clone(), torch.zeros(3, dtype=torch.bool), [start.clone()]
+    for plan in plans:
+        for k in range(25):
+            moved = env_step(xy, blocks_to_actions(plan, mean, std)[:, k])
+            xy = torch.where(done[:, None], xy, moved)
+            done |= distance(xy, goal) < 16.0
+            want.append(xy.clone())
+    np.testing.assert_array_equal(ep["xy"], torch.stack(want, dim=1).numpy())
+    np.testing.assert_array_equal(ep["xy"][:, -1], np.array(result["per_episode"]["final_xy"], np.float32))
+    np.testing.assert_array_equal(ep["plan_actions"], blocks_to_actions(plans[0], mean, std).numpy())
+    plan_xy = [start]
+    for k in range(25):
+        plan_xy.append(env_step(plan_xy[-1], blocks_to_actions(plans[0], mean, std)[:, k]))
+    np.testing.assert_array_equal(ep["plan_xy"], torch.stack(plan_xy, dim=1).numpy())
+    np.testing.assert_array_equal(ep["start_xy"], start.numpy())
+    np.testing.assert_array_equal(ep["goal_xy"], goal.numpy())
+    assert ep["success"].tolist() == result["per_episode"]["success"]
+    assert ep["row"].tolist() == result["per_episode"]["row"]
+    assert ep["episode_idx"].tolist() == result["per_episode"]["episode_idx"]
+    assert np.isnan(ep["plan_cost"]).all()  # the scripted solver reports no costs
+    assert ep["layout"] == DEFAULT_LAYOUT and ep["steps_per_plan"] == 25 and ep["budget"] == 50
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["episodes.npz"]  # no temporaries left
+
+
+def test_recorded_paths_freeze_at_success_and_the_plan_does_not(line, model, tmp_path):
+    """Even envs reach the goal (50 px below) after 7 steps of 5 px and stay there; the first
+    plan, stepped through a copy of the env, walks on past the goal."""
+    mean, std = torch.tensor([0.1, -0.2]), torch.tensor([0.5, 2.0])
+    down, up = _z([0.0, 1.0], mean, std), _z([0.0, -1.0], mean, std)
+
+    def plan(call, envs):
+        return torch.stack([down if b % 2 == 0 else up for b in range(envs)])[:, None].expand(envs, 5, 10)
+
+    path = tmp_path / "ep.npz"
+    result = evaluate(
+        model,
+        line,
+        episodes=4,
+        action_stats=(mean, std),
+        solver=Scripted(plan),
+        progress=False,
+        episodes_out=path,
+    )
+    ep = read_episodes(path)
+    assert ep["steps_to_success"].tolist() == [7, -1, 7, -1]
+    for b in (0, 2):
+        start = ep["start_xy"][b]
+        for t in range(8):
+            np.testing.assert_array_equal(ep["xy"][b, t], start + [0.0, 5.0 * t])
+        assert (ep["xy"][b, 7:] == ep["xy"][b, 7]).all()  # frozen from success on
+        np.testing.assert_array_equal(ep["plan_xy"][b, 10], np.minimum(start + [0.0, 50.0], 203.0))
+    for b in (1, 3):
+        np.testing.assert_array_equal(ep["plan_xy"][b], ep["xy"][b, :26])
+        assert ep["xy"][b, -1, 1] == 21.0
+    assert result["per_episode"]["success"] == [True, False, True, False]
+
+
+def test_recorded_paths_of_a_cem_evaluation(data, model, tmp_path):
+    """With every planned block executed, the executed path is the first plan's path until
+    success; the JSON names the episodes file; other files are refused."""
+    out, path = tmp_path / "eval.json", tmp_path / "episodes.npz"
+    result = evaluate(model, data, episodes=6, progress=False, out=out, episodes_out=path, **SMALL_PLAN)
+    ep = read_episodes(path)
+    steps = result["env_steps"]
+    assert ep["xy"].shape == (6, steps + 1, 2) and ep["plan_xy"].shape == (6, 26, 2)
+    np.testing.assert_array_equal(ep["xy"][:, -1], np.array(result["per_episode"]["final_xy"], np.float32))
+    for b in range(6):
+        until = min(25, steps) if ep["steps_to_success"][b] < 0 else min(25, int(ep["steps_to_success"][b]))
+        np.testing.assert_array_equal(ep["xy"][b, : until + 1], ep["plan_xy"][b, : until + 1])
+    assert np.isfinite(ep["plan_cost"]).all() and (ep["plan_cost"] >= 0).all()
+    assert json.loads(out.read_text())["episodes_file"] == str(path)
+    np.savez(tmp_path / "other.npz", xy=np.zeros(3))
+    with pytest.raises(ValueError, match="not an evaluation episodes file"):
+        read_episodes(tmp_path / "other.npz")
+    assert "episodes_file" not in evaluate(model, data, episodes=2, budget=1, progress=False, **SMALL_PLAN)
+
+
+def test_recorded_layout_is_the_datasets(tmp_path, model):
+    layout = TwoRoomLayout(door_center=150)
+    data = generate_dataset(tmp_path / "ds", episodes=8, seed=1, layout=layout, progress=False)
+    evaluate(model, data, episodes=2, budget=1, progress=False, episodes_out=tmp_path / "e.npz", **SMALL_PLAN)
+    assert read_episodes(tmp_path / "e.npz")["layout"] == layout
 
 
 # ------------------------------------------------------------------ end to end

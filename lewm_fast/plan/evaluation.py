@@ -36,6 +36,7 @@ succeeded.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -49,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import __version__, _checks
-from .._io import write_json_atomic
+from .._io import write_json_atomic, write_npz_atomic
 from ..data.dataset import TwoRoomDataset
 from ..data.windows import action_stats as _dataset_action_stats
 from ..data.windows import as_dataset, normalize_frames
@@ -59,7 +60,14 @@ from ..reference.jepa import action_width_of, device_of
 from .config import PlanConfig
 from .solver import CEMSolver
 
-__all__ = ["evaluate", "eligible_start_rows", "select_start_rows", "blocks_to_actions"]
+__all__ = [
+    "evaluate",
+    "eligible_start_rows",
+    "select_start_rows",
+    "blocks_to_actions",
+    "read_episodes",
+    "EPISODES_FORMAT",
+]
 
 _COLUMNS = ("episode_idx", "step_idx", "proprio", "action", "ep_len")
 
@@ -214,6 +222,14 @@ def _planner_record(solver) -> dict:
     return record
 
 
+def _plan_costs(out, envs: int) -> torch.Tensor | None:
+    """The plan's elite costs (B,) as float32 on the CPU, or None when the solver gives none."""
+    costs = out.get("costs") if isinstance(out, dict) else None
+    if not torch.is_tensor(costs) or costs.numel() != envs:
+        return None
+    return costs.detach().float().cpu().reshape(envs)
+
+
 def _plan_actions(out, envs: int, horizon: int, width: int) -> torch.Tensor:
     actions = out.get("actions") if isinstance(out, dict) else None
     if not torch.is_tensor(actions) or tuple(actions.shape) != (envs, horizon, width):
@@ -273,7 +289,9 @@ def _scene(drawn: _Episodes, config: PlanConfig, model, device: torch.device) ->
 
 @dataclass
 class _Trace:
-    """What the MPC loop leaves: final positions, success, latencies and plan seeds."""
+    """What the MPC loop leaves: final positions, success, latencies and plan seeds; the
+    positions after every env step (``path``, (B, 2) each, the start first) and the first
+    plan's raw actions (B, horizon * k, A) with its elite costs (B,) when the solver gives them."""
 
     xy: torch.Tensor
     done: torch.Tensor
@@ -281,6 +299,9 @@ class _Trace:
     env_steps: int = 0
     latencies: list[float] = field(default_factory=list)
     plan_seeds: list[int] = field(default_factory=list)
+    path: list[torch.Tensor] = field(default_factory=list)
+    first_plan: torch.Tensor | None = None
+    first_cost: torch.Tensor | None = None
 
 
 def _plan_config(model, config: PlanConfig | None, settings: dict, solver) -> PlanConfig:
@@ -359,6 +380,7 @@ def _mpc(solver, scene: _Scene, drawn: _Episodes, config: PlanConfig, stats, pro
         xy=xy.clone(),
         done=torch.zeros(episodes, dtype=torch.bool, device=device),
         steps_to=torch.full((episodes,), -1, dtype=torch.int64, device=device),
+        path=[xy.clone()],
     )
     init, receding, budget = None, config.executed_per_plan, config.budget
     bar = tqdm(total=budget, unit="step", desc="evaluate", disable=not progress)
@@ -367,6 +389,9 @@ def _mpc(solver, scene: _Scene, drawn: _Episodes, config: PlanConfig, stats, pro
             info = {"pixels": scene.frames(trace.xy), "goal": scene.goal_frames}
             plan = _timed_solve(solver, info, init, device, trace)
             actions = _plan_actions(plan, episodes, config.horizon, drawn.width)
+            if trace.first_plan is None:
+                trace.first_plan = blocks_to_actions(actions, mean, std)
+                trace.first_cost = _plan_costs(plan, episodes)
             init = actions[:, receding:] if config.warm_starts else None
             raw = blocks_to_actions(actions[:, :receding], mean, std).to(device)
             for k in range(min(raw.shape[1], budget - trace.env_steps)):
@@ -376,6 +401,7 @@ def _mpc(solver, scene: _Scene, drawn: _Episodes, config: PlanConfig, stats, pro
                 hit = (distance(trace.xy, scene.goal_xy) < layout.success_distance) & ~trace.done
                 trace.steps_to = trace.steps_to.masked_fill(hit, trace.env_steps)
                 trace.done = trace.done | hit
+                trace.path.append(trace.xy)
                 bar.update(1)
             bar.set_postfix(success=f"{int(trace.done.sum())}/{episodes}")
     finally:
@@ -396,6 +422,7 @@ def evaluate(
     warmup: bool = True,
     progress: bool = True,
     out: str | os.PathLike | None = None,
+    episodes_out: str | os.PathLike | None = None,
     **settings,
 ) -> dict:
     """Run the published Two-Room MPC evaluation (see the module docstring) for all episodes at once.
@@ -416,6 +443,8 @@ def evaluate(
         warmup: for a :class:`CEMSolver`, one untimed plan first (graph capture, lazy set-up).
         progress: show a progress bar over env steps.
         out: also write the result as JSON here (atomically; non-finite numbers as null).
+        episodes_out: also write every episode's path as ``.npz`` here (atomically): the
+            positions after every env step and the first plan (see :func:`read_episodes`).
         **settings: :class:`PlanConfig` fields overriding ``config`` (``episodes=20``,
             ``num_samples=64``, ``autocast=torch.bfloat16``, ...).
 
@@ -428,7 +457,8 @@ def evaluate(
     and after), ``plan_seeds``, ``elapsed_s``, ``warmup_s``, ``protocol`` (the settings as
     run: its ``warm_start`` says whether plans were warm-started, False when every planned
     action is executed, as published), ``planner``,
-    ``action_stats``, ``dataset``, ``model``, ``device`` and ``versions``.
+    ``action_stats``, ``dataset``, ``model``, ``device`` and ``versions``; with
+    ``episodes_out``, ``episodes_file`` (its path as given).
 
     Raises ValueError for a model in training mode, a bad setting or dataset, or a solver
     that does not fit; RuntimeError when the planner returns non-finite actions.
@@ -444,6 +474,9 @@ def evaluate(
     trace = _mpc(solver, scene, drawn, config, stats, progress)
     timing = {"elapsed_s": time.perf_counter() - start_time, "warmup_s": warmup_s}
     result = _result(model, drawn, scene, config, solver, stats, trace, timing)
+    if episodes_out is not None:
+        write_npz_atomic(episodes_out, _episode_arrays(drawn, scene, config, trace))
+        result["episodes_file"] = str(episodes_out)
     if out is not None:
         write_json_atomic(out, result)
     return result
@@ -539,3 +572,76 @@ def _result(model, drawn: _Episodes, scene: _Scene, config: PlanConfig, solver, 
         "device": str(trace.xy.device),
         "versions": {"lewm_fast": __version__, "torch": torch.__version__},
     }
+
+
+# ----------------------------------------------------------------------- episode paths
+
+EPISODES_FORMAT = "lewm_fast/eval-episodes"
+_EPISODES_VERSION = 1
+
+
+def _episode_arrays(drawn: _Episodes, scene: _Scene, config: PlanConfig, trace: _Trace) -> dict:
+    """The arrays of ``episodes.npz`` (see :func:`read_episodes`), on the CPU."""
+    start, plan_actions = scene.start_xy.cpu(), trace.first_plan.cpu()  # budget >= 1: a plan ran
+    plan_xy = [start]
+    for k in range(plan_actions.shape[1]):  # a copy of the env, never frozen at the goal
+        plan_xy.append(env_step(plan_xy[-1], plan_actions[:, k], drawn.layout, check=False))
+    cost = trace.first_cost if trace.first_cost is not None else torch.full((config.episodes,), np.nan)
+    return {
+        "format": np.array(EPISODES_FORMAT),
+        "version": np.array(_EPISODES_VERSION),
+        "layout": np.array(json.dumps(drawn.layout.to_dict())),
+        "row": drawn.rows.astype(np.int64),
+        "episode_idx": drawn.cols["episode_idx"][drawn.rows].astype(np.int64),
+        "start_xy": start.numpy().astype(np.float32),
+        "goal_xy": scene.goal_xy.cpu().numpy().astype(np.float32),
+        "xy": torch.stack(trace.path, dim=1).cpu().numpy().astype(np.float32),
+        "success": trace.done.cpu().numpy(),
+        "steps_to_success": trace.steps_to.cpu().numpy().astype(np.int64),
+        "plan_actions": plan_actions.numpy().astype(np.float32),
+        "plan_xy": torch.stack(plan_xy, dim=1).numpy().astype(np.float32),
+        "plan_cost": cost.numpy().astype(np.float32),
+        "steps_per_plan": np.array(config.executed_per_plan * config.action_block),
+        "budget": np.array(config.budget),
+    }
+
+
+def read_episodes(path: str | os.PathLike) -> dict[str, Any]:
+    """Read the ``episodes.npz`` that ``evaluate(..., episodes_out=path)`` wrote.
+
+    Returns {name: value} for B episodes and T env steps run (T <= budget; fewer when
+    every episode succeeded early), in the order of the result's ``per_episode`` lists:
+
+    - ``xy`` (B, T + 1, 2) float32: the agent's (x, y) px at the start and after every env
+      step; a successful episode stays frozen where it succeeded.
+    - ``start_xy``, ``goal_xy`` (B, 2) float32; ``success`` (B,) bool;
+      ``steps_to_success`` (B,) int64, -1 where never; ``row``, ``episode_idx`` (B,) int64.
+    - ``plan_actions`` (B, horizon * k, 2) float32: the first plan's actions, de-normalised
+      (before the env's clip to [-1, 1]); ``plan_xy`` (B, horizon * k + 1, 2): the positions
+      they reach when a copy of the env steps through all of them from the start, never
+      frozen at the goal. This is what the plan does in the true env, not the model's
+      prediction (LeWM plans in embedding space and has no decoder). When every planned
+      block is executed (the published setting) the executed path follows it until success.
+    - ``plan_cost`` (B,) float32: the first plan's mean elite cost in embedding space (NaN
+      when the solver reports none).
+    - ``layout``: the :class:`TwoRoomLayout`; ``steps_per_plan`` (env steps executed between
+      plans) and ``budget``: ints; ``format``, ``version``.
+
+    Frames are not stored: a frame is a pure function of the position (spec section 4), so
+    ``render(xy[b], layout)`` gives them back. ValueError for a file of another format.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    if str(arrays.get("format", "")) != EPISODES_FORMAT:
+        raise ValueError(f"{path} is not an evaluation episodes file ({EPISODES_FORMAT!r})")
+    if int(arrays["version"]) > _EPISODES_VERSION:
+        raise ValueError(
+            f"{path}: episodes file version {int(arrays['version'])} is newer than this lewm_fast "
+            f"reads ({_EPISODES_VERSION})"
+        )
+    out: dict[str, Any] = dict(arrays)
+    out["format"] = str(arrays["format"])
+    out["layout"] = TwoRoomLayout.from_dict(json.loads(str(arrays["layout"])))
+    for name in ("version", "steps_per_plan", "budget"):
+        out[name] = int(arrays[name])
+    return out
