@@ -1,4 +1,4 @@
-"""The run report (issue 7): ``report.json`` + ``report.md`` + PNG training curves.
+"""The run report (issue 7): ``report.json`` + ``report.md`` + PNG training curves + episode pictures.
 
 :func:`headline` reads a run's headline metrics (:data:`HEADLINE_METRICS`) out of its
 probe and evaluation results; :func:`write_report` puts them next to the reference numbers
@@ -20,6 +20,13 @@ skipped and counted; records lacking a key are left out of that key's curve.
 
 Plots need matplotlib (``pip install lewm-fast[plots]``); without it, or without the
 records a plot needs, the report is still written and ``plots_skipped`` says why.
+
+Episode pictures (issue 15), from the ``episodes.npz`` that ``lewm_fast.plan.evaluate(...,
+episodes_out=...)`` writes (:func:`write_episode_pictures`): ``plots/episodes.png``, a grid
+of evaluated episodes (start, goal, the executed path, the first plan replayed in the env,
+success or failure), with matplotlib; ``plots/episodes.gif``, a few of them frame by frame
+from the environment's own rendering, with Pillow. A missing library or file skips only
+those pictures, with the reason in ``episodes``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+import math
 import os
 import statistics
 from collections.abc import Mapping
@@ -45,6 +53,8 @@ __all__ = [
     "training_summary",
     "headline",
     "write_plots",
+    "write_episode_pictures",
+    "pick_episodes",
     "write_report",
 ]
 
@@ -313,6 +323,265 @@ def write_plots(
     return written, skipped
 
 
+# ------------------------------------------------------------------ episode pictures
+EPISODES_FILE = "episodes.npz"
+EPISODE_PICTURES = {"grid": "episodes.png", "animation": "episodes.gif"}
+_GREEN, _RED, _GREY = (44, 160, 44), (214, 39, 40), (150, 150, 150)
+_PATH_BLUE = (31, 119, 180)
+_GIF_BORDER, _GIF_LABEL, _GIF_GAP = 4, 14, 6  # px: success frame, caption strip, space between panels
+_GIF_MS, _GIF_HOLD_MS = 120, 2000  # per env step; the last frame
+
+
+def pick_episodes(success, count: int) -> list[int]:
+    """Up to ``count`` episode indices to show, ascending: every failure first (up to ``count``),
+    then the first successes. Failures are what a reader needs to see; the caption says so."""
+    failed = [i for i, ok in enumerate(success) if not ok]
+    passed = [i for i, ok in enumerate(success) if ok]
+    return sorted(failed[:count] + passed[: max(count - len(failed), 0)])
+
+
+def _picked_words(success, picked: list[int]) -> str:
+    """ "all 3 failed episodes and the first 22 of 47 successful episodes", for a caption."""
+    fails = sum(1 for i in picked if not success[i])
+    wins = len(picked) - fails
+    total_fails = sum(1 for ok in success if not ok)
+    total_wins = len(success) - total_fails
+    parts = [
+        (f"the first {n} of {total}" if n < total else f"all {n}" if n > 1 else "the 1")
+        + f" {what} episode{'s' if n > 1 else ''}"
+        for n, total, what in ((fails, total_fails, "failed"), (wins, total_wins, "successful"))
+        if n
+    ]
+    return " and ".join(parts)
+
+
+def _episode_title(ep: Mapping[str, Any], b: int) -> str:
+    steps = int(ep["steps_to_success"][b])
+    if steps >= 0:
+        return f"#{b}: goal reached at step {steps}"
+    gap = float(((ep["xy"][b, -1] - ep["goal_xy"][b]) ** 2).sum() ** 0.5)
+    return f"#{b}: missed by {gap:.0f} px"
+
+
+def _draw_episode_grid(mpl: tuple[type, type], ep: Mapping[str, Any], picked: list[int], words: str) -> bytes:
+    """PNG bytes: one panel per picked episode over the empty room (walls, door, borders):
+    start, goal with its success radius, the executed path with a mark at every replan and
+    its end, under it the first plan replayed in the env (a wide orange band); a green frame
+    for success, red for failure. ``words`` says which episodes are shown.
+
+    The panels are cells of one tiled room image in one axes (25 axes would cost seconds);
+    a point (x, y) of panel (r, c) is drawn at (x, y) + the cell's offset, in env pixels.
+    """
+    import numpy as np
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Circle, Rectangle
+
+    from .envs.two_room import layout_image
+
+    figure_cls, canvas_cls = mpl
+    layout = ep["layout"]
+    lo = layout.border - layout.border_thickness - 2  # crop: the room and its border lines
+    room = layout_image(layout).numpy()[lo : layout.size - lo, lo : layout.size - lo]
+    size, title, gap = room.shape[0], 24, 10  # env px: a panel, its title band, between panels
+    cols = min(5, max(1, math.ceil(math.sqrt(len(picked)))))
+    rows = math.ceil(len(picked) / cols)
+    cell_w, cell_h = size + gap, size + title + gap
+    tiles = np.full((rows * cell_h - gap, cols * cell_w - gap, 3), 255, np.uint8)
+    scale, legend, heading = 1.1 / 100, 0.55, 0.35  # inches per env px; inches below and above
+    width, height = tiles.shape[1] * scale, tiles.shape[0] * scale + legend + heading
+    fig = figure_cls(figsize=(width + 0.2, height), dpi=100)
+    canvas_cls(fig)
+    ax = fig.add_axes(
+        (0.1 / (width + 0.2), legend / height, width / (width + 0.2), 1 - (legend + heading) / height)
+    )
+    ax.set_axis_off()
+    every = max(int(ep["steps_per_plan"]), 1)
+    blue, green, red = (tuple(c / 255 for c in rgb) for rgb in (_PATH_BLUE, _GREEN, _RED))
+    for k, b in enumerate(picked):
+        top, left = (k // cols) * cell_h + title, (k % cols) * cell_w
+        tiles[top : top + size, left : left + size] = room
+        shift = np.array([left - lo, top - lo], np.float32)
+        goal, path, plan = ep["goal_xy"][b] + shift, ep["xy"][b] + shift, ep["plan_xy"][b] + shift
+        ok = bool(ep["success"][b])
+        ax.add_patch(Circle(goal, layout.success_distance, facecolor=(*green, 0.18), edgecolor=green, lw=0.8))
+        ax.plot(plan[:, 0], plan[:, 1], "-", color="darkorange", lw=5, alpha=0.45, solid_capstyle="round")
+        ax.plot(path[:, 0], path[:, 1], "-", color=blue, lw=1.4)
+        replans = path[every:-1:every]
+        ax.plot(replans[:, 0], replans[:, 1], "s", color=blue, ms=3.5)
+        ax.plot(*path[-1], "X", color=blue, mec="white", mew=0.5, ms=7)
+        ax.plot(*path[0], "o", color=blue, mec="white", ms=7)
+        ax.plot(*goal, "*", color=green, mec="black", mew=0.5, ms=11)
+        frame = Rectangle(
+            (left - 0.5, top - 0.5), size, size, fill=False, edgecolor=green if ok else red, lw=3
+        )
+        ax.add_patch(frame)
+        ax.text(
+            left + size / 2,
+            top - 6,
+            _episode_title(ep, b),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="black" if ok else red,
+        )
+    ax.imshow(
+        tiles,
+        extent=(-0.5, tiles.shape[1] - 0.5, tiles.shape[0] - 0.5, -0.5),
+        interpolation="nearest",
+        zorder=0,
+    )
+    ax.set_xlim(-0.5 - 2, tiles.shape[1] - 0.5 + 2)
+    ax.set_ylim(tiles.shape[0] - 0.5 + 2, -0.5)
+    handles = [
+        Line2D([], [], marker="o", color=blue, mec="white", ls="", ms=7, label="start"),
+        Line2D([], [], marker="X", color=blue, mec="white", ls="", ms=7, label="end"),
+        Line2D([], [], marker="*", color=green, mec="k", ls="", ms=11, label="goal (ring: success radius)"),
+        Line2D([], [], color=blue, lw=1.4, marker="s", ms=3.5, label="executed path (squares: replans)"),
+        Line2D([], [], color="darkorange", lw=5, alpha=0.45, label="first plan, replayed in the true env"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    wins = int(sum(bool(v) for v in ep["success"]))
+    fig.suptitle(
+        f"{wins} of {len(ep['success'])} episodes reached the goal; shown: {words}",
+        fontsize=9,
+        y=1 - 0.08 / height,
+        va="top",
+    )
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _gif_frames(ep: Mapping[str, Any], picked: list[int]) -> list:
+    """Pillow frames, one per env step: the env's rendered frame of each picked episode (the
+    red agent dot) with the goal ring, the path so far and a frame that turns green at success
+    (red at the end for a failure), tiled side by side (2 x 2 for 4)."""
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .envs.two_room import render
+
+    layout = ep["layout"]
+    s, steps = layout.size, ep["xy"].shape[1] - 1
+    xy = torch.from_numpy(ep["xy"][picked]).reshape(-1, 2)
+    shots = render(xy, layout).reshape(len(picked), steps + 1, s, s, 3).numpy()
+    cols = min(len(picked), 2 if len(picked) == 4 else 3)
+    rows = math.ceil(len(picked) / cols)
+    pw, ph = s + 2 * _GIF_BORDER, s + 2 * _GIF_BORDER + _GIF_LABEL
+    width, height = cols * pw + (cols - 1) * _GIF_GAP, rows * ph + (rows - 1) * _GIF_GAP
+    font, r = ImageFont.load_default(), layout.success_distance
+    frames = []
+    for t in range(steps + 1):
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        for k, b in enumerate(picked):
+            x0, y0 = (k % cols) * (pw + _GIF_GAP), (k // cols) * (ph + _GIF_GAP)
+            reached = 0 <= int(ep["steps_to_success"][b]) <= t
+            frame = _GREEN if reached else (_RED if t == steps else _GREY)
+            draw = ImageDraw.Draw(canvas)
+            draw.rectangle((x0, y0 + _GIF_LABEL, x0 + pw - 1, y0 + ph - 1), fill=frame)
+            canvas.paste(Image.fromarray(shots[k, t]), (x0 + _GIF_BORDER, y0 + _GIF_LABEL + _GIF_BORDER))
+            ox, oy = x0 + _GIF_BORDER, y0 + _GIF_LABEL + _GIF_BORDER
+            gx, gy = (float(v) for v in ep["goal_xy"][b])
+            draw.ellipse((ox + gx - r, oy + gy - r, ox + gx + r, oy + gy + r), outline=_GREEN, width=2)
+            draw.line((ox + gx - 3, oy + gy, ox + gx + 3, oy + gy), fill=_GREEN, width=1)
+            draw.line((ox + gx, oy + gy - 3, ox + gx, oy + gy + 3), fill=_GREEN, width=1)
+            trail = [(ox + float(px), oy + float(py)) for px, py in ep["xy"][b, : t + 1]]
+            if len(trail) > 1:
+                draw.line(trail, fill=_PATH_BLUE, width=1)
+            status = (
+                f"reached at step {ep['steps_to_success'][b]}" if reached else "missed" if t == steps else ""
+            )
+            draw.text((x0 + 2, y0 + 1), f"#{b}  step {t}/{steps}  {status}", fill=(0, 0, 0), font=font)
+        frames.append(canvas)
+    return frames
+
+
+def _gif_bytes(frames: list) -> bytes:
+    """An endless GIF of RGB Pillow ``frames``, the last one held. One palette serves every
+    frame, made from the first, middle and last (which hold every colour drawn): several
+    times faster and smaller than a palette per frame."""
+    from PIL import Image
+
+    keys = (frames[0], frames[len(frames) // 2], frames[-1])
+    w, h = frames[0].size
+    montage = Image.new("RGB", (w * len(keys), h))
+    for i, key in enumerate(keys):
+        montage.paste(key, (i * w, 0))
+    palette = montage.quantize(colors=128, method=Image.Quantize.FASTOCTREE)
+    indexed = [frame.quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
+    buffer = io.BytesIO()
+    durations = [_GIF_MS] * (len(frames) - 1) + [_GIF_HOLD_MS]
+    indexed[0].save(
+        buffer, format="GIF", save_all=True, append_images=indexed[1:], duration=durations, loop=0
+    )
+    return buffer.getvalue()
+
+
+def write_episode_pictures(
+    episodes: str | os.PathLike, folder: str | os.PathLike, *, grid: int = 25, animated: int = 4
+) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+    """Draw the evaluated episodes of ``episodes`` (the ``episodes.npz`` of
+    ``lewm_fast.plan.evaluate(..., episodes_out=...)``) into ``folder``.
+
+    ``episodes.png`` (matplotlib): a grid of up to ``grid`` episodes; ``episodes.gif``
+    (Pillow): up to ``animated`` episodes frame by frame, one frame per env step, from the
+    env's own rendering. Episodes are chosen by :func:`pick_episodes` (failures first).
+    Returns ({"grid" / "animation": file name}, {name: why skipped}, facts for the caption:
+    ``episodes``, ``successes``, ``grid_episodes`` / ``animated_episodes`` (indices shown)
+    and their words, ``env_steps``, ``steps_per_plan``). A missing library skips only its
+    picture.
+    """
+    from .plan.evaluation import read_episodes
+
+    ep = read_episodes(episodes)
+    success = [bool(v) for v in ep["success"]]
+    shown, moving = pick_episodes(success, grid), pick_episodes(success, animated)
+    facts = {
+        "episodes": len(success),
+        "successes": sum(success),
+        "grid_episodes": shown,
+        "grid_words": _picked_words(success, shown),
+        "animated_episodes": moving,
+        "animated_words": _picked_words(success, moving),
+        "env_steps": int(ep["xy"].shape[1] - 1),
+        "steps_per_plan": ep["steps_per_plan"],
+    }
+    folder = Path(folder)
+    written: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    mpl, why = _matplotlib()
+    if mpl is None:
+        skipped["grid"] = why
+    else:
+        png = _draw_episode_grid(mpl, ep, shown, facts["grid_words"])
+        written["grid"] = write_bytes_atomic(folder / EPISODE_PICTURES["grid"], png).name
+    try:
+        gif = _gif_bytes(_gif_frames(ep, moving))
+    except ImportError as exc:
+        skipped["animation"] = f"Pillow is not installed (pip install lewm-fast[plots]): {exc}"
+    else:
+        written["animation"] = write_bytes_atomic(folder / EPISODE_PICTURES["animation"], gif).name
+    return written, skipped, facts
+
+
+def _episodes_part(episodes: Path, out_dir: Path) -> dict[str, Any]:
+    """The report's ``episodes`` key: the pictures of ``episodes`` (in ``out_dir/plots``) and
+    the facts their caption needs, or why there are none."""
+    part: dict[str, Any] = {"file": str(episodes), "pictures": {}, "skipped": {}}
+    if not episodes.is_file():
+        part["missing"] = f"{episodes} not found (the eval stage did not record episode paths)"
+        return part
+    try:
+        written, skipped, facts = write_episode_pictures(episodes, out_dir / PLOTS_DIR)
+    except (OSError, ValueError, KeyError) as exc:
+        part["missing"] = f"{episodes} could not be read: {type(exc).__name__}: {exc}"
+        return part
+    part["pictures"] = {name: f"{PLOTS_DIR}/{file}" for name, file in written.items()}
+    part["skipped"] = skipped
+    part.update(facts)
+    return part
+
+
 # ------------------------------------------------------------------ headline metrics
 def _lookup(result: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     """``result[path[0]][path[1]]...``, or None where a key on the way is missing."""
@@ -469,6 +738,7 @@ def write_report(
     metrics_jsonl: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     reasons: Mapping[str, str] | None = None,
+    episodes: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and ``plots/*.png`` for the run in ``run_dir``.
 
@@ -489,12 +759,16 @@ def write_report(
         out: folder for the outputs (default ``run_dir``).
         reasons: why a headline metric is missing, e.g. {"success_rate": "eval stage failed: ..."};
             used instead of the generic reason.
+        episodes: the evaluation's episode paths (default ``run_dir/episodes.npz``, from
+            ``evaluate(..., episodes_out=...)``), drawn by :func:`write_episode_pictures`.
 
     Returns the report dict as written to ``report.json``: the headline keys (None when
     missing), ``missing`` {key: reason}, ``stages_seconds``, ``total_seconds``, ``device``,
     ``preset``, ``reference`` (:data:`REFERENCE`), ``training`` (:func:`training_summary`
     or None), ``plots`` {name: file relative to ``out``}, ``plots_skipped`` {name: reason},
-    ``details`` and bookkeeping (``format``, ``version``, ``created``, ``lewm_fast``, ``run_dir``).
+    ``episodes`` (``pictures`` {"grid", "animation": file relative to ``out``}, ``skipped``,
+    the caption's facts, or ``missing``), ``details`` and bookkeeping (``format``, ``version``,
+    ``created``, ``lewm_fast``, ``run_dir``).
     Raises ValueError (before writing anything) for ``metrics`` or ``reasons`` that are not
     mappings and for a stage time that is not a finite number >= 0 or None.
     """
@@ -507,6 +781,7 @@ def write_report(
     stages = _stages(stages_seconds)
     values, missing = _headline_values(metrics, {str(k): str(v) for k, v in (reasons or {}).items()})
     jsonl = Path(metrics_jsonl) if metrics_jsonl is not None else run_dir / "metrics.jsonl"
+    paths = Path(episodes) if episodes is not None else run_dir / EPISODES_FILE
     report: dict[str, Any] = {
         **_bookkeeping(run_dir, preset),
         **values,
@@ -516,6 +791,7 @@ def write_report(
         "device": _plain(device_info) if device_info is not None else None,
         "reference": REFERENCE,
         **_training_part(jsonl, out_dir),
+        "episodes": _episodes_part(paths, out_dir),
         "details": _plain({k: v for k, v in metrics.items() if k not in HEADLINE_METRICS}),
     }
     report = _plain(report)
@@ -699,4 +975,41 @@ def _markdown(report: dict[str, Any]) -> str:
     for name, file in report["plots"].items():
         lines += [f"![{PLOTS[name][0]}]({file})", ""]
     lines += [f"- {name}: skipped ({why})" for name, why in report["plots_skipped"].items()]
+    lines += [""] if lines[-1] else []
+    lines += _md_episodes(report["episodes"])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_episodes(part: Mapping[str, Any]) -> list[str]:
+    """The episodes section: the grid and the animation with captions that say what is drawn."""
+    lines = ["## Episodes", ""]
+    if part.get("missing"):
+        return lines + [f"No episode pictures: {part['missing']}.", ""]
+    pictures, every = part["pictures"], part["steps_per_plan"]
+    lines += [
+        f"{part['successes']} of {part['episodes']} evaluated episodes reached the goal "
+        f"({part['env_steps']} env steps run, a new plan every {every}).",
+        "",
+        f"The grid shows {part['grid_words']}, numbered in evaluation order, over the room "
+        "(walls, door, borders): blue dot = start, blue X = end, green star = goal with its success "
+        f"ring; blue line = the executed path, a square at every replan (every {every} env steps); "
+        "wide orange band = the first plan's actions replayed in the true environment from the start, "
+        "not stopped at the goal. The band is what the plan does, not what the model predicted (LeWM "
+        "plans in embedding space and has no decoder); when every planned block is executed, as "
+        "published, the executed path runs inside it until success or the next plan. Green frame = "
+        "success, red = failure.",
+        "",
+    ]
+    if "grid" in pictures:
+        lines += [f"![evaluated episodes]({pictures['grid']})", ""]
+    if "animation" in pictures:
+        lines += [
+            f"Step by step, {part['animated_words']}: the environment's own frames (red dot = the agent), "
+            "the goal's success ring in green, the path so far in blue; the frame turns green at "
+            "success, red at the end of a failure.",
+            "",
+            f"![evaluated episodes, step by step]({pictures['animation']})",
+            "",
+        ]
+    lines += [f"- episodes {name}: skipped ({why})" for name, why in part["skipped"].items()]
+    return lines
