@@ -244,7 +244,15 @@ def evaluate(args: argparse.Namespace) -> int:
     try:
         config = from_arguments(args)
         model = load_pretrained(args.checkpoint, device=device).eval()
-        result = run(model, args.dataset, config, device=device, progress=not args.no_progress, out=args.out)
+        result = run(
+            model,
+            args.dataset,
+            config,
+            device=device,
+            progress=not args.no_progress,
+            out=args.out,
+            episodes_out=args.episodes_out,
+        )
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise SystemExit(f"lewm-fast eval: {exc}") from None
     latency = result["plan_latency_ms"]
@@ -255,8 +263,9 @@ def evaluate(args: argparse.Namespace) -> int:
         f"{latency['median']:.1f} ms (p90 {latency['p90']:.1f} ms); {result['elapsed_s']:.1f} s on "
         f"{result['device']}"
     )
-    if args.out:
-        print(f"wrote {args.out}")
+    for path in (args.out, args.episodes_out):
+        if path:
+            print(f"wrote {path}")
     return 0
 
 
@@ -480,6 +489,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + weights.pt)")
     p.add_argument("--dataset", required=True, help="dataset folder the start/goal pairs come from")
     p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument(
+        "--episodes-out",
+        help="write every episode's path (positions per env step, the first plan) as .npz here; "
+        "lewm_fast.report.write_episode_pictures draws it",
+    )
     add_arguments(p)
 
 

@@ -8,7 +8,8 @@
     DIR/train/               metrics.jsonl, checkpoints/, model/ (and best_model/)
     DIR/probe.json           linear probe R^2, 1-step MSE on fresh rollouts, held-out SIGReg
     DIR/eval.json            the published 50-episode planning evaluation
-    DIR/report.json, report.md, plots/
+    DIR/episodes.npz         its episodes' paths: positions per env step, the first plan
+    DIR/report.json, report.md, plots/ (training curves, episodes.png, episodes.gif)
     DIR/stages/<stage>.json  what each finished stage produced, its time and fingerprint
 
 A stage whose record exists with the same fingerprint (its configuration and those of the
@@ -37,6 +38,7 @@ from . import _checks
 from ._io import write_json_atomic
 from .config import LeWMConfig, parse_value
 from .plan.config import PlanConfig
+from .report import EPISODES_FILE
 from .sysinfo import environment
 from .train.config import TrainConfig
 
@@ -469,9 +471,17 @@ def _eval_stage(run: _Run) -> dict[str, Any]:
 
     if not run.config.eval.enabled:
         return {"skipped": "eval.enabled is false"}
-    model, out = _load_model(run), run.out / "eval.json"
-    evaluate(model, _dataset(run), run.config.eval, device=run.device, progress=run.progress, out=out)
-    return {"files": ["eval.json"]}
+    model, out, paths = _load_model(run), run.out / "eval.json", run.out / EPISODES_FILE
+    evaluate(
+        model,
+        _dataset(run),
+        run.config.eval,
+        device=run.device,
+        progress=run.progress,
+        out=out,
+        episodes_out=paths,
+    )
+    return {"files": ["eval.json", EPISODES_FILE]}
 
 
 def _report_stage(run: _Run) -> dict[str, Any]:
@@ -491,6 +501,7 @@ def _report_stage(run: _Run) -> dict[str, Any]:
         preset=run.config.preset,
         metrics_jsonl=out / "train" / "metrics.jsonl",
         reasons=reasons,
+        episodes=out / EPISODES_FILE,
     )
     return {"files": ["report.json", "report.md"]}
 

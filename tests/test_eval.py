@@ -426,8 +426,11 @@ def test_loaded_checkpoint_through_the_cli(data, model, tmp_path, capsys):
     assert saved["per_episode"]["final_xy"] == direct["per_episode"]["final_xy"]
     with pytest.raises(SystemExit, match="lewm-fast eval: .*too few eligible"):
         cli.main(args[:5] + ["--episodes", "100000", "--device", "cpu", "--quiet"])
-    chunked = tmp_path / "chunked.json"
-    assert cli.main(args + ["--max-batch", "5", "--out", str(chunked)]) == 0
+    chunked, paths = tmp_path / "chunked.json", tmp_path / "paths.npz"
+    assert cli.main(args + ["--max-batch", "5", "--out", str(chunked), "--episodes-out", str(paths)]) == 0
+    assert f"wrote {paths}" in capsys.readouterr().out
+    recorded = read_episodes(paths)
+    assert recorded["xy"].shape == (3, json.loads(chunked.read_text())["env_steps"] + 1, 2)
     assert json.loads(chunked.read_text())["planner"]["max_batch"] == 5
     with pytest.raises(SystemExit):
         cli.main(args + ["--max-batch", "0"])

@@ -7,6 +7,7 @@ import pytest
 
 from lewm_fast import cli
 from lewm_fast.pipeline import STAGES, PipelineError, RunConfig, default_preset, run_pipeline
+from lewm_fast.plan import read_episodes
 
 # The smoke preset with fewer episodes and steps: the same code path, CI-sized.
 CI_SIZE = {
@@ -63,6 +64,20 @@ def test_smoke_pipeline_produces_every_metric(finished_run):
     assert RunConfig.from_dict(saved) == _config()
     kinds = {json.loads(line)["kind"] for line in (out / "train" / "metrics.jsonl").read_text().splitlines()}
     assert {"train", "val", "eval"} <= kinds
+
+
+def test_the_report_draws_the_evaluated_episodes(finished_run):
+    out, report, _ = finished_run
+    evaluation = json.loads((out / "eval.json").read_text())
+    episodes = read_episodes(out / "episodes.npz")
+    assert evaluation["episodes_file"] == str(out / "episodes.npz")
+    assert episodes["xy"].shape == (4, evaluation["env_steps"] + 1, 2)
+    assert episodes["success"].tolist() == evaluation["per_episode"]["success"]
+    assert report["episodes"]["pictures"] == {"grid": "plots/episodes.png", "animation": "plots/episodes.gif"}
+    assert (out / "plots" / "episodes.png").is_file() and (out / "plots" / "episodes.gif").is_file()
+    md = (out / "report.md").read_text()
+    assert "![evaluated episodes](plots/episodes.png)" in md and "plots/episodes.gif" in md
+    assert "![planning success rate during training](plots/success.png)" in md
 
 
 def test_finished_stages_are_reused(finished_run):
