@@ -329,8 +329,11 @@ def test_recorded_paths_of_a_cem_evaluation(data, model, tmp_path):
     assert np.isfinite(ep["plan_cost"]).all() and (ep["plan_cost"] >= 0).all()
     assert json.loads(out.read_text())["episodes_file"] == str(path)
     np.savez(tmp_path / "other.npz", xy=np.zeros(3))
-    with pytest.raises(ValueError, match="not an evaluation episodes file"):
-        read_episodes(tmp_path / "other.npz")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:300])
+    for name in ("other.npz", "array.npy", "cut.npz"):
+        with pytest.raises(ValueError, match="not an evaluation episodes file"):
+            read_episodes(tmp_path / name)
     assert "episodes_file" not in evaluate(model, data, episodes=2, budget=1, progress=False, **SMALL_PLAN)
 
 

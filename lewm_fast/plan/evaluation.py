@@ -40,6 +40,7 @@ import json
 import os
 import statistics
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -628,10 +629,15 @@ def read_episodes(path: str | os.PathLike) -> dict[str, Any]:
       plans) and ``budget``: ints; ``format``, ``version``.
 
     Frames are not stored: a frame is a pure function of the position (spec section 4), so
-    ``render(xy[b], layout)`` gives them back. ValueError for a file of another format.
+    ``render(xy[b], layout)`` gives them back. ValueError for a file of another format or one
+    cut short; FileNotFoundError for a missing one.
     """
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
+    with open(path, "rb") as f:
+        try:
+            data = np.load(f, allow_pickle=False)
+            arrays = {name: data[name] for name in data.files}
+        except (ValueError, EOFError, AttributeError, zipfile.BadZipFile) as exc:  # not an .npz
+            raise ValueError(f"{path} is not an evaluation episodes file: {exc}") from None
     if str(arrays.get("format", "")) != EPISODES_FORMAT:
         raise ValueError(f"{path} is not an evaluation episodes file ({EPISODES_FORMAT!r})")
     if int(arrays["version"]) > _EPISODES_VERSION:
