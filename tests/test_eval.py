@@ -286,6 +286,18 @@ def test_same_seed_same_result(data, model):
     assert c["plan_seeds"] == [plan_seed(7, 0), plan_seed(7, 1)][: c["plans"]]
 
 
+def test_no_warm_up_plan_off_cuda(data, model):
+    """On the CPU the warm-up plan is skipped (nothing to capture; it costs a whole plan):
+    the solver is called once per timed plan."""
+    solver = CEMSolver(model, action_dim=10, seed=3, **SMALL_PLAN)
+    calls = []
+    solve = solver.solve
+    solver.solve = lambda *args, **kwargs: calls.append(kwargs.get("seed")) or solve(*args, **kwargs)
+    result = evaluate(model, data, episodes=4, solver=solver, warmup=True, progress=False)
+    assert len(calls) == result["plans"] == len(result["plan_latency_ms"]["per_plan"])
+    assert result["warmup_s"] == 0.0
+
+
 def test_a_given_solver_and_the_reference_model(data, model):
     """A ready CEMSolver is used as given; the reference JEPA plans through the same protocol."""
     solver = CEMSolver(model, action_dim=10, seed=3, **SMALL_PLAN)

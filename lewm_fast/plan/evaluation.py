@@ -413,7 +413,9 @@ def evaluate(
         action_stats: (mean, std) of the raw actions, (A,) each; default: the dataset's,
             computed as :class:`~lewm_fast.data.TrainingWindows` does.
         device: where the environments and the planner run (default: the model's device).
-        warmup: for a :class:`CEMSolver`, one untimed plan first (graph capture, lazy set-up).
+        warmup: for a :class:`CEMSolver` on a CUDA device, one untimed plan first (graph
+            capture, cuBLAS and Triton set-up). Skipped on other devices: there is nothing to
+            capture there, and it would cost as much as a timed plan.
         progress: show a progress bar over env steps.
         out: also write the result as JSON here (atomically; non-finite numbers as null).
         **settings: :class:`PlanConfig` fields overriding ``config`` (``episodes=20``,
@@ -450,8 +452,8 @@ def evaluate(
 
 
 def _warm_up(solver, pixels: torch.Tensor, goal: torch.Tensor, device: torch.device) -> float:
-    """One untimed plan of a :class:`CEMSolver` (graph capture, lazy set-up); its seconds."""
-    if not isinstance(solver, CEMSolver):
+    """One untimed plan of a :class:`CEMSolver` on CUDA (graph capture, lazy set-up); its seconds."""
+    if not isinstance(solver, CEMSolver) or device.type != "cuda":
         return 0.0
     t0 = time.perf_counter()
     # An explicit seed: the solver's own plan sequence (and so the results) is untouched.
