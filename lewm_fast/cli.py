@@ -364,6 +364,8 @@ def pipeline(args: argparse.Namespace) -> int:
     --out and print the headline metrics. Finished stages are reused and an interrupted
     training resumes. Presets: paper, smoke (CPU, under 10 minutes), gpu-short."""
     from .pipeline import PipelineError, RunConfig, default_preset, run_pipeline
+    from .plan.evaluation import seed_runs_text
+    from .stats import success_text
 
     try:
         if args.config:
@@ -387,14 +389,22 @@ def pipeline(args: argparse.Namespace) -> int:
     def fmt(value, scale=1.0, unit=""):
         return "not measured" if value is None else f"{value * scale:.3g}{unit}"
 
-    r2 = report.get("probe_r2") or {}
+    r2, detail = report.get("probe_r2") or {}, report.get("success_detail")
+    success = (
+        success_text(detail["successes"], detail["episodes"])
+        if detail
+        else fmt(report.get("success_rate"), 100, "%")
+    )
     print(
-        f"lewm-fast pipeline ({config.preset}): success {fmt(report.get('success_rate'), 100, '%')}, "
+        f"lewm-fast pipeline ({config.preset}): success {success}, "
         f"final distance {fmt(report.get('final_distance_mean'), unit=' px')}, "
         f"plan {fmt(report.get('plan_ms_median'), unit=' ms')}, probe R^2 x {fmt(r2.get('x'))} "
         f"y {fmt(r2.get('y'))}, 1-step MSE {fmt(report.get('one_step_mse'))}; "
         f"report {Path(args.out) / 'report.md'}"
     )
+    runs = detail and detail["seed_runs"]
+    if runs and runs["seeds"] > 1:
+        print(f"lewm-fast pipeline: success {seed_runs_text(runs)}")
     return 0
 
 
