@@ -313,6 +313,7 @@ def test_seeds_repeat_with_the_next_planner_seeds_on_the_published_rows(data, mo
     result = evaluate(model, data, seeds=3, **kwargs)
     alone = [evaluate(model, data, planner_seed=42 + k, **kwargs) for k in range(3)]
     runs = result["seed_runs"]["runs"]
+    assert sum(r["elapsed_s"] for r in runs) < result["elapsed_s"]  # each run's time; the call's
     assert [r["planner_seed"] for r in runs] == [42, 43, 44] and [r["seed"] for r in runs] == [42] * 3
     want_rows = select_start_rows(data, 5, 25, 42).tolist()
     assert all(r["row"] == want_rows for r in runs) and result["per_episode"]["row"] == want_rows
