@@ -558,6 +558,7 @@ def write_report(
     stages = _stages(stages_seconds)
     values, missing = _headline_values(metrics, {str(k): str(v) for k, v in (reasons or {}).items()})
     success_detail = _success_detail(metrics.get(SUCCESS_DETAIL))
+    metrics = {k: v for k, v in metrics.items() if k != SUCCESS_DETAIL}  # not a detail: its own key
     jsonl = Path(metrics_jsonl) if metrics_jsonl is not None else run_dir / "metrics.jsonl"
     report: dict[str, Any] = {
         **_bookkeeping(run_dir, preset),
@@ -569,7 +570,7 @@ def write_report(
         "device": _plain(device_info) if device_info is not None else None,
         "reference": REFERENCE,
         **_training_part(jsonl, out_dir),
-        "details": _plain({k: v for k, v in metrics.items() if k not in (*HEADLINE_METRICS, SUCCESS_DETAIL)}),
+        "details": _plain({k: v for k, v in metrics.items() if k not in HEADLINE_METRICS}),
     }
     report = _plain(report)
     write_json_atomic(out_dir / "report.json", report)

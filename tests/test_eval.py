@@ -9,13 +9,12 @@ import torch
 from helpers import model_pair, small_config
 
 import lewm_fast
-from lewm_fast import cli
+from lewm_fast import cli, stats
 from lewm_fast.data import TwoRoomDataset, action_stats, generate_dataset
 from lewm_fast.data.dataset import DatasetWriter
 from lewm_fast.envs import DEFAULT_LAYOUT
 from lewm_fast.pipeline import EvalConfig
 from lewm_fast.plan import CEMSolver, PlanConfig, blocks_to_actions, evaluate, plan_seed, select_start_rows
-from lewm_fast.stats import wilson_interval
 
 SMALL_PLAN = {"num_samples": 16, "n_steps": 2, "topk": 4}
 TIMING_KEYS = ("elapsed_s", "warmup_s", "plan_latency_ms")
@@ -247,7 +246,7 @@ def test_protocol_end_to_end_with_a_random_model(data, model, tmp_path):
     assert result["episodes"] == 8 and len(ep["row"]) == 8
     assert result["success_rate"] == pytest.approx(np.mean(ep["success"]))
     assert result["successes"] == sum(ep["success"])
-    assert result["success_interval"] == list(wilson_interval(result["successes"], 8))
+    assert result["success_interval"] == list(stats.wilson_interval(result["successes"], 8))
     runs = result["seed_runs"]
     assert runs["seeds"] == 1 and len(runs["runs"]) == 1 and runs["success_rate_std"] is None
     assert runs["pooled"] == {
@@ -306,6 +305,17 @@ def test_same_seed_same_result(data, model):
     assert c["plan_seeds"] == [plan_seed(7, 0), plan_seed(7, 1)][: c["plans"]]
 
 
+def test_a_given_solver_and_the_reference_model(data, model):
+    """A ready CEMSolver is used as given; the reference JEPA plans through the same protocol."""
+    solver = CEMSolver(model, action_dim=10, seed=3, **SMALL_PLAN)
+    result = evaluate(model, data, episodes=4, solver=solver, progress=False)
+    assert result["planner"]["seed"] == 3 and result["plan_seeds"][0] == plan_seed(3, 0)
+    reference = small_config().build(reference=True)
+    reference.load_state_dict(model.state_dict())
+    ref = evaluate(reference.eval(), data, episodes=4, progress=False, **SMALL_PLAN)
+    assert ref["model"]["type"] == "JEPA" and ref["plans"] >= 1
+
+
 def test_seeds_repeat_with_the_next_planner_seeds_on_the_published_rows(data, model):
     """seeds=3: runs with planner seeds 42, 43, 44 on the start rows of default_rng(42); the first
     is the headline, unchanged, and each run plans as a single evaluation with its seed would."""
@@ -323,7 +333,7 @@ def test_seeds_repeat_with_the_next_planner_seeds_on_the_published_rows(data, mo
         for key in ("successes", "success_rate", "success_interval", "final_distance_mean"):
             assert run[key] == single[key], key
         assert run["success"] == single["per_episode"]["success"]
-        assert run["success_interval"] == list(wilson_interval(run["successes"], 5))
+        assert run["success_interval"] == list(stats.wilson_interval(run["successes"], 5))
     assert len({r["final_distance_mean"] for r in runs}) == 3  # three planner seeds, three outcomes
     # the headline is the first run: the single evaluation with the published seeds
     headline = {k: v for k, v in _drop_timing(result).items() if k != "seed_runs"}
@@ -339,7 +349,7 @@ def test_seeds_repeat_with_the_next_planner_seeds_on_the_published_rows(data, mo
         "successes": pooled,
         "episodes": 15,
         "success_rate": pooled / 15,
-        "success_interval": list(wilson_interval(pooled, 15)),
+        "success_interval": list(stats.wilson_interval(pooled, 15)),
     }
 
 
@@ -355,17 +365,6 @@ def test_vary_start_seed_redraws_the_start_rows(data, model):
     fixed = evaluate(model, data, seeds=2, planner_seed=7, **kwargs)["seed_runs"]["runs"]
     assert [(r["planner_seed"], r["seed"]) for r in fixed] == [(7, 42), (8, 42)]
     assert fixed[0]["row"] == fixed[1]["row"] == select_start_rows(data, 4, 25, 42).tolist()
-
-
-def test_a_given_solver_and_the_reference_model(data, model):
-    """A ready CEMSolver is used as given; the reference JEPA plans through the same protocol."""
-    solver = CEMSolver(model, action_dim=10, seed=3, **SMALL_PLAN)
-    result = evaluate(model, data, episodes=4, solver=solver, progress=False)
-    assert result["planner"]["seed"] == 3 and result["plan_seeds"][0] == plan_seed(3, 0)
-    reference = small_config().build(reference=True)
-    reference.load_state_dict(model.state_dict())
-    ref = evaluate(reference.eval(), data, episodes=4, progress=False, **SMALL_PLAN)
-    assert ref["model"]["type"] == "JEPA" and ref["plans"] >= 1
 
 
 def test_loaded_checkpoint_through_the_cli(data, model, tmp_path, capsys):

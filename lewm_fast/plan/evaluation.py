@@ -280,16 +280,13 @@ def _scene(drawn: _Episodes, config: PlanConfig, model, device: torch.device) ->
 
 @dataclass
 class _Trace:
-    """What the MPC loop leaves: final positions, success, latencies and plan seeds.
-
-    ``planner_seed``: the seed whose plan sequence ``plan_seed(planner_seed, i)`` this run
-    handed to a :class:`CEMSolver` that evaluate built; None for a given solver, which
-    plans with its own seed sequence.
-    """
+    """What the MPC loop leaves: final positions, success, latencies and plan seeds."""
 
     xy: torch.Tensor
     done: torch.Tensor
     steps_to: torch.Tensor
+    # plan i of this run is seeded plan_seed(planner_seed, i) (a CEMSolver evaluate built);
+    # None: a given solver, planning with its own seed sequence
     planner_seed: int | None = None
     env_steps: int = 0
     latencies: list[float] = field(default_factory=list)
@@ -379,10 +376,10 @@ def _mpc(
     xy, layout, (mean, std, _) = scene.start_xy, drawn.layout, stats
     device, episodes = xy.device, xy.shape[0]
     trace = _Trace(
+        planner_seed=planner_seed,
         xy=xy.clone(),
         done=torch.zeros(episodes, dtype=torch.bool, device=device),
         steps_to=torch.full((episodes,), -1, dtype=torch.int64, device=device),
-        planner_seed=planner_seed,
     )
     init, receding, budget = None, config.executed_per_plan, config.budget
     bar = tqdm(total=budget, unit="step", desc=progress or "evaluate", disable=not progress)
@@ -456,24 +453,26 @@ def evaluate(
     ``final_xy``, ``success``, ``steps_to_success`` (None if never), ``final_distance``);
     ``plans`` (planner calls), ``env_steps``, ``plan_latency_ms`` (``median``, ``p90``,
     ``mean``, ``median_per_env``, ``per_plan``: each call timed with a device sync before
-    and after), ``plan_seeds``, ``elapsed_s`` (the whole call, every run and the warm-up),
-    ``warmup_s``, ``protocol`` (the settings as run: its ``warm_start`` says whether plans
-    were warm-started, False when every planned action is executed, as published),
-    ``planner``, ``action_stats``, ``dataset``, ``model``, ``device`` and ``versions``; and
-    ``seed_runs``: ``seeds`` (N), ``vary_start_seed``, ``runs`` (one per run, the first
-    being the headline: ``planner_seed``, ``seed`` (of its start rows), ``successes``,
-    ``episodes``, ``success_rate``, ``success_interval``, ``final_distance_mean``,
-    ``plan_seeds``, ``elapsed_s`` (that run), ``row`` and ``success`` per episode),
-    ``success_rate_mean``, ``success_rate_std`` (sample standard deviation over the runs,
-    None for one), ``success_rate_min``, ``success_rate_max`` (fractions) and ``pooled``
-    (``successes``, ``episodes``, ``success_rate`` and the Wilson ``success_interval`` of
-    all runs' episodes together). With the start rows fixed, the runs share their episodes,
-    so the pooled interval measures the planner's randomness on those episodes; it is
-    narrower than one over fresh start rows would be.
+    and after), ``plan_seeds``, ``elapsed_s``, ``warmup_s``, ``protocol`` (the settings as
+    run: its ``warm_start`` says whether plans were warm-started, False when every planned
+    action is executed, as published), ``planner``,
+    ``action_stats``, ``dataset``, ``model``, ``device`` and ``versions``.
 
-    Raises ValueError for a model in training mode, a bad setting or dataset, a solver that
-    does not fit or a solver given with ``seeds`` > 1; RuntimeError when the planner
-    returns non-finite actions.
+    Raises ValueError for a model in training mode, a bad setting or dataset, or a solver
+    that does not fit; RuntimeError when the planner returns non-finite actions.
+
+    Repeats: ``elapsed_s`` is the whole call (every run and the warm-up), and
+    ``seed_runs`` holds ``seeds`` (N), ``vary_start_seed``, ``runs`` (one per run, the
+    first being the headline: ``planner_seed``, ``seed`` (of its start rows),
+    ``successes``, ``episodes``, ``success_rate``, ``success_interval``,
+    ``final_distance_mean``, ``plan_seeds``, ``elapsed_s`` (that run), ``row`` and
+    ``success`` per episode), ``success_rate_mean``, ``success_rate_std`` (sample standard
+    deviation over the runs, None for one), ``success_rate_min``, ``success_rate_max``
+    (fractions) and ``pooled`` (``successes``, ``episodes``, ``success_rate`` and the
+    Wilson ``success_interval`` of all runs' episodes together). With the start rows fixed,
+    the runs share their episodes, so the pooled interval measures the planner's
+    randomness on those episodes; it is narrower than one over fresh start rows would be.
+    A solver given with ``seeds`` > 1 raises ValueError.
     """
     start_time = time.perf_counter()
     config = _plan_config(model, config, settings, solver)
