@@ -513,6 +513,71 @@ def _repeats(config: PlanConfig) -> list[PlanConfig]:
     ]
 
 
+# the numbers of each run that ``seed_runs["runs"]`` keeps
+_RUN_KEYS = (
+    "successes",
+    "episodes",
+    "success_rate",
+    "success_interval",
+    "final_distance_mean",
+    "plan_seeds",
+    "elapsed_s",
+)
+
+
+def _seed_runs(config: PlanConfig, results: list[dict]) -> dict:
+    """The ``seed_runs`` entry of :func:`evaluate`'s result from the result of every run."""
+    runs = [
+        {
+            "planner_seed": r["planner"].get("seed"),
+            "seed": r["protocol"]["seed"],
+            **{key: r[key] for key in _RUN_KEYS},
+            "row": r["per_episode"]["row"],
+            "success": r["per_episode"]["success"],
+        }
+        for r in results
+    ]
+    successes, episodes = sum(r["successes"] for r in runs), sum(r["episodes"] for r in runs)
+    rates = spread([r["success_rate"] for r in runs])
+    return {
+        "seeds": config.seeds,
+        "vary_start_seed": config.vary_start_seed,
+        "runs": runs,
+        **{f"success_rate_{name}": value for name, value in rates.items()},
+        "pooled": {
+            "successes": successes,
+            "episodes": episodes,
+            "success_rate": successes / episodes,
+            "success_interval": list(wilson_interval(successes, episodes)),
+        },
+    }
+
+
+def seed_runs_text(seed_runs: dict) -> str:
+    """One line on the runs of an evaluation, from its result's ``seed_runs``; e.g.
+
+    ``over 3 planner seeds 42, 43, 44 (start rows of seed 42): 80.0%, 76.0%, 84.0%; mean
+    80.0%, std 4.0 points, min 76.0%, max 84.0%; pooled 80.0% (120/150, 95% CI [72.9%, 85.6%])``
+
+    Under ``vary_start_seed`` it names the start-row seeds and says they depart from the
+    published protocol. The CLI and the run report print it when there is more than one run.
+    """
+    runs, std, pooled = seed_runs["runs"], seed_runs["success_rate_std"], seed_runs["pooled"]
+    planner = ", ".join(str(r["planner_seed"]) for r in runs)
+    if seed_runs["vary_start_seed"]:
+        rows = f"start-row seeds {', '.join(str(r['seed']) for r in runs)}, not the published protocol"
+    else:
+        rows = f"start rows of seed {runs[0]['seed']}"
+    rates = ", ".join(f"{100 * r['success_rate']:.1f}%" for r in runs)
+    spread_text = (
+        f"mean {100 * seed_runs['success_rate_mean']:.1f}%, "
+        f"std {'-' if std is None else f'{100 * std:.1f}'} points, "
+        f"min {100 * seed_runs['success_rate_min']:.1f}%, max {100 * seed_runs['success_rate_max']:.1f}%"
+    )
+    pooled_text = success_text(pooled["successes"], pooled["episodes"])
+    return f"over {len(runs)} planner seeds {planner} ({rows}): {rates}; {spread_text}; pooled {pooled_text}"
+
+
 def _warm_up(solver, pixels: torch.Tensor, goal: torch.Tensor, device: torch.device) -> float:
     """One untimed plan of a :class:`CEMSolver` (graph capture, lazy set-up); its seconds."""
     if not isinstance(solver, CEMSolver):
@@ -607,68 +672,3 @@ def _result(model, drawn: _Episodes, scene: _Scene, config: PlanConfig, solver, 
         "device": str(trace.xy.device),
         "versions": {"lewm_fast": __version__, "torch": torch.__version__},
     }
-
-
-# the numbers of each run that ``seed_runs["runs"]`` keeps
-_RUN_KEYS = (
-    "successes",
-    "episodes",
-    "success_rate",
-    "success_interval",
-    "final_distance_mean",
-    "plan_seeds",
-    "elapsed_s",
-)
-
-
-def _seed_runs(config: PlanConfig, results: list[dict]) -> dict:
-    """The ``seed_runs`` entry of :func:`evaluate`'s result from the result of every run."""
-    runs = [
-        {
-            "planner_seed": r["planner"].get("seed"),
-            "seed": r["protocol"]["seed"],
-            **{key: r[key] for key in _RUN_KEYS},
-            "row": r["per_episode"]["row"],
-            "success": r["per_episode"]["success"],
-        }
-        for r in results
-    ]
-    successes, episodes = sum(r["successes"] for r in runs), sum(r["episodes"] for r in runs)
-    rates = spread([r["success_rate"] for r in runs])
-    return {
-        "seeds": config.seeds,
-        "vary_start_seed": config.vary_start_seed,
-        "runs": runs,
-        **{f"success_rate_{name}": value for name, value in rates.items()},
-        "pooled": {
-            "successes": successes,
-            "episodes": episodes,
-            "success_rate": successes / episodes,
-            "success_interval": list(wilson_interval(successes, episodes)),
-        },
-    }
-
-
-def seed_runs_text(seed_runs: dict) -> str:
-    """One line on the runs of an evaluation, from its result's ``seed_runs``; e.g.
-
-    ``over 3 planner seeds 42, 43, 44 (start rows of seed 42): 80.0%, 76.0%, 84.0%; mean
-    80.0%, std 4.0 points, min 76.0%, max 84.0%; pooled 80.0% (120/150, 95% CI [72.9%, 85.6%])``
-
-    Under ``vary_start_seed`` it names the start-row seeds and says they depart from the
-    published protocol. The CLI and the run report print it when there is more than one run.
-    """
-    runs, std, pooled = seed_runs["runs"], seed_runs["success_rate_std"], seed_runs["pooled"]
-    planner = ", ".join(str(r["planner_seed"]) for r in runs)
-    if seed_runs["vary_start_seed"]:
-        rows = f"start-row seeds {', '.join(str(r['seed']) for r in runs)}, not the published protocol"
-    else:
-        rows = f"start rows of seed {runs[0]['seed']}"
-    rates = ", ".join(f"{100 * r['success_rate']:.1f}%" for r in runs)
-    spread_text = (
-        f"mean {100 * seed_runs['success_rate_mean']:.1f}%, "
-        f"std {'-' if std is None else f'{100 * std:.1f}'} points, "
-        f"min {100 * seed_runs['success_rate_min']:.1f}%, max {100 * seed_runs['success_rate_max']:.1f}%"
-    )
-    pooled_text = success_text(pooled["successes"], pooled["episodes"])
-    return f"over {len(runs)} planner seeds {planner} ({rows}): {rates}; {spread_text}; pooled {pooled_text}"
