@@ -102,7 +102,8 @@ class EvalConfig(PlanConfig):
 
     ``enabled`` runs the eval stage. ``during_training`` > 0 also evaluates on that many
     episodes after every ``train.eval_every_epochs`` epochs, which feeds the success curve
-    and early stopping.
+    and early stopping; those evaluations plan with the first planner seed only, whatever
+    ``seeds`` says (``--set eval.seeds=3`` repeats the eval stage's evaluation).
     """
 
     _prefix: ClassVar[str] = "eval."
@@ -425,7 +426,7 @@ def _train_stage(run: _Run) -> dict[str, Any]:
         episodes, ds = plan.during_training, _dataset(run)
 
         def evaluator(model):
-            return evaluate(model, ds, plan, episodes=episodes, device=run.device, progress=False)
+            return evaluate(model, ds, plan, episodes=episodes, seeds=1, device=run.device, progress=False)
 
     resume = latest_checkpoint(train_dir) is not None
     if resume:

@@ -43,10 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from ._io import json_number, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .plan.evaluation import seed_runs_text
+from .stats import success_text, wilson_interval
 
 __all__ = [
     "HEADLINE_METRICS",
     "HeadlineMetric",
+    "SUCCESS_DETAIL",
     "REFERENCE",
     "PLOTS",
     "read_metrics",
@@ -112,7 +115,7 @@ REFERENCE: dict[str, dict[str, Any]] = {
     "success_rate": {
         "paper": 0.87,
         "replication": 0.84,
-        "note": "replication: 50 episodes, RTX 3060 Ti 8 GB",
+        "note": f"replication: {success_text(42, 50)}, RTX 3060 Ti 8 GB",
     },
     "final_distance_mean": {"note": "no published reference"},
     "plan_ms_median": {
@@ -593,6 +596,41 @@ def _lookup(result: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return value
 
 
+# The metrics key (and report.json key) of the counts behind ``success_rate``: its 95% Wilson
+# interval and, when the evaluation was repeated over planner seeds, every run's success.
+SUCCESS_DETAIL = "success_detail"
+_SEED_RUNS_KEYS = ("seeds", "vary_start_seed", "runs", "success_rate_mean", "success_rate_std", "pooled")
+
+
+def _success_detail(detail: Any) -> dict[str, Any] | None:
+    """report.json's :data:`SUCCESS_DETAIL` from the one in the metrics (None when not given):
+    ``successes``, ``episodes``, their ``success_interval`` (95% Wilson, fractions) and
+    ``seed_runs`` (an evaluation result's, or None). ValueError naming what is wrong."""
+    if detail is None:
+        return None
+    if not isinstance(detail, Mapping):
+        raise ValueError(
+            f"metrics[{SUCCESS_DETAIL!r}] must be a mapping with successes, episodes and seed_runs, "
+            f"got {type(detail).__name__}"
+        )
+    try:
+        interval = wilson_interval(detail.get("successes"), detail.get("episodes"))
+    except ValueError as exc:
+        raise ValueError(f"metrics[{SUCCESS_DETAIL!r}]: {exc}") from None
+    runs = detail.get("seed_runs")
+    if runs is not None and not (isinstance(runs, Mapping) and set(_SEED_RUNS_KEYS) <= set(runs)):
+        raise ValueError(
+            f"metrics[{SUCCESS_DETAIL!r}]['seed_runs'] must be the seed_runs of an evaluation result "
+            f"(keys {list(_SEED_RUNS_KEYS)}) or None, got {runs!r}"
+        )
+    return {
+        "successes": int(detail["successes"]),
+        "episodes": int(detail["episodes"]),
+        "success_interval": list(interval),
+        "seed_runs": runs,
+    }
+
+
 def headline(
     probes: Mapping[str, Any] | None,
     evaluation: Mapping[str, Any] | None,
@@ -609,7 +647,9 @@ def headline(
     ``probes["probe_r2"]`` ({x, y}). Returns metrics {key: value or None} for every
     headline key and reasons {key: "the <source> stage <absent>"} for the metrics of a
     None result. Values are passed on unchecked: :func:`write_report` writes a missing or
-    non-finite one as null with the reason.
+    non-finite one as null with the reason. When the evaluation holds its counts, metrics
+    also get :data:`SUCCESS_DETAIL`: ``{"successes", "episodes", "seed_runs"}`` (the last
+    None for an evaluation without repeats).
     """
     results = {"probe": probes, "eval": evaluation}
     metrics: dict[str, Any] = {}
@@ -619,6 +659,12 @@ def headline(
         if result is None:
             reasons[key] = f"the {metric.source} stage {absent}"
         metrics[key] = None if result is None else _lookup(result, metric.path)
+    if isinstance(evaluation, Mapping) and "successes" in evaluation and "episodes" in evaluation:
+        metrics[SUCCESS_DETAIL] = {
+            "successes": evaluation["successes"],
+            "episodes": evaluation["episodes"],
+            "seed_runs": evaluation.get("seed_runs"),
+        }
     return metrics, reasons
 
 
@@ -747,8 +793,9 @@ def write_report(
         metrics: the run's numbers. Headline keys (:data:`HEADLINE_METRICS`):
             ``success_rate`` (fraction in [0, 1]), ``final_distance_mean`` (px),
             ``plan_ms_median`` (ms), ``probe_r2`` ({"x", "y"}), ``one_step_mse``,
-            ``sigreg_heldout`` -- e.g. the first result of :func:`headline`. Other keys
-            are kept under ``details``.
+            ``sigreg_heldout`` -- e.g. the first result of :func:`headline`; and
+            :data:`SUCCESS_DETAIL` ``{"successes", "episodes", "seed_runs"}``, the counts
+            behind the success rate (optional). Other keys are kept under ``details``.
         stages_seconds: wall-clock per stage, e.g. {"generate-data": 12.0, "train": 3600.0,
             "probe": 30.0, "eval": 8.0}; None for a stage that did not run.
         device_info: a description of the device (e.g. ``lewm_fast.sysinfo.environment(device)``)
@@ -771,6 +818,10 @@ def write_report(
     ``created``, ``lewm_fast``, ``run_dir``).
     Raises ValueError (before writing anything) for ``metrics`` or ``reasons`` that are not
     mappings and for a stage time that is not a finite number >= 0 or None.
+
+    The report also holds :data:`SUCCESS_DETAIL`: ``successes``, ``episodes``, their 95%
+    Wilson ``success_interval`` (fractions) and ``seed_runs``, or None when the metrics
+    have none; ValueError (before writing) unless 0 <= successes <= episodes, episodes >= 1.
     """
     if not isinstance(metrics, Mapping):
         raise ValueError(f"metrics must be a mapping of metric names to values, got {type(metrics).__name__}")
@@ -780,12 +831,15 @@ def write_report(
     out_dir = Path(out) if out is not None else run_dir
     stages = _stages(stages_seconds)
     values, missing = _headline_values(metrics, {str(k): str(v) for k, v in (reasons or {}).items()})
+    success_detail = _success_detail(metrics.get(SUCCESS_DETAIL))
+    metrics = {k: v for k, v in metrics.items() if k != SUCCESS_DETAIL}  # not a detail: its own key
     jsonl = Path(metrics_jsonl) if metrics_jsonl is not None else run_dir / "metrics.jsonl"
     paths = Path(episodes) if episodes is not None else run_dir / EPISODES_FILE
     report: dict[str, Any] = {
         **_bookkeeping(run_dir, preset),
         **values,
         "missing": missing,
+        SUCCESS_DETAIL: success_detail,
         "stages_seconds": stages,
         "total_seconds": sum(s for s in stages.values() if s is not None) if stages else None,
         "device": _plain(device_info) if device_info is not None else None,
@@ -878,6 +932,8 @@ def _md_metrics(report: Mapping[str, Any]) -> list[str]:
             value = report[key] if coord is None or report[key] is None else report[key].get(coord)
             if value is None:
                 ours = f"not measured ({report['missing'].get(key, 'missing')})"
+            elif key == "success_rate" and report[SUCCESS_DETAIL] is not None:
+                ours = success_text(report[SUCCESS_DETAIL]["successes"], report[SUCCESS_DETAIL]["episodes"])
             else:
                 ours = _fmt(value, metric.unit)
             label = metric.label if coord is None else f"{metric.label}, {coord}"
@@ -885,7 +941,17 @@ def _md_metrics(report: Mapping[str, Any]) -> list[str]:
         if _sourced(entry) and entry.get("note"):
             notes.append(f"- {metric.label}: {entry['note']}")
     lines = ["## Metrics", "", *_table(("metric", "this run", "reference (spec section 8)"), rows), ""]
+    lines += _md_seed_runs(report)
     return lines + (["Reference notes:", "", *notes, ""] if notes else [])
+
+
+def _md_seed_runs(report: Mapping[str, Any]) -> list[str]:
+    """The line on an evaluation repeated over planner seeds (none for a single run)."""
+    detail = report[SUCCESS_DETAIL]
+    runs = detail and detail["seed_runs"]
+    if not runs or runs["seeds"] < 2:
+        return []
+    return [f"Success rate {seed_runs_text(runs)}; the first run is the headline above.", ""]
 
 
 # report.md's training table: (quantity, this run's cell from the formatted training_summary

@@ -9,7 +9,8 @@ from lewm_fast import cli
 from lewm_fast.pipeline import STAGES, PipelineError, RunConfig, default_preset, run_pipeline
 from lewm_fast.plan import read_episodes
 
-# The smoke preset with fewer episodes and steps: the same code path, CI-sized.
+# The smoke preset with fewer episodes and steps: the same code path, CI-sized; the eval stage
+# repeats its evaluation over two planner seeds.
 CI_SIZE = {
     "data.episodes": 60,
     "train.epochs": 2,
@@ -24,6 +25,7 @@ CI_SIZE = {
     "eval.num_samples": 16,
     "eval.n_steps": 2,
     "eval.topk": 4,
+    "eval.seeds": 2,
 }
 METRICS = (
     "success_rate",
@@ -53,6 +55,16 @@ def test_smoke_pipeline_produces_every_metric(finished_run):
         assert report[key] is not None, f"{key} missing: {report['missing'].get(key)}"
     assert set(report["probe_r2"]) == {"x", "y"}
     assert 0.0 <= report["success_rate"] <= 1.0
+    evaluation = json.loads((out / "eval.json").read_text())
+    detail = report["success_detail"]
+    assert (detail["successes"], detail["episodes"]) == (evaluation["successes"], 4)
+    assert detail["success_interval"] == evaluation["success_interval"]
+    runs = evaluation["seed_runs"]["runs"]
+    assert detail["seed_runs"]["seeds"] == 2 and [r["planner_seed"] for r in runs] == [42, 43]
+    assert runs[0]["row"] == runs[1]["row"] == evaluation["per_episode"]["row"]
+    md = (out / "report.md").read_text()
+    assert f"| CEM success rate (Two-Room evaluation) | {100 * report['success_rate']:.1f}% (" in md
+    assert "Success rate over 2 planner seeds 42, 43 (start rows of seed 42): " in md
     assert report["preset"] == "smoke" and report["device"]
     assert set(report["stages_seconds"]) == set(STAGES[:-1])
     for name in ("config.json", "report.json", "report.md", "probe.json", "eval.json", "train/metrics.jsonl"):
@@ -137,8 +149,21 @@ def test_failing_stage_is_named_and_earlier_outputs_survive(tmp_path, monkeypatc
         ({"eval.topk": 1}, "eval.topk must be an integer >= 2"),
         ({"device": "tpu"}, "device must be 'auto', 'cpu' or 'cuda"),
         ({"eval.max_batch": 0}, "eval.max_batch must be a positive integer, 'auto' or null"),
+        ({"eval.seeds": 0}, "eval.seeds must be an integer >= 1, got 0"),
+        ({"eval.vary_start_seed": "maybe"}, "eval.vary_start_seed must be true or false"),
     ],
-    ids=["train-key", "eval-key", "section", "model-value", "data-value", "eval-value", "device", "rows"],
+    ids=[
+        "train-key",
+        "eval-key",
+        "section",
+        "model-value",
+        "data-value",
+        "eval-value",
+        "device",
+        "rows",
+        "seeds",
+        "vary-start-seed",
+    ],
 )
 def test_bad_config_keys_and_values_are_named(values, match):
     with pytest.raises(ValueError, match=match):
@@ -182,6 +207,9 @@ def test_cli_runs_the_pipeline_and_reports_errors(tmp_path, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "lewm-fast pipeline (smoke): success" in out and "report.md" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert f"/4, 95% CI [{100 * report['success_detail']['success_interval'][0]:.1f}%, " in out
+    assert "lewm-fast pipeline: success over 2 planner seeds 42, 43 (start rows of seed 42): " in out
     with pytest.raises(SystemExit, match="unknown TrainConfig key 'bogus'"):
         cli.main(["pipeline", "--preset", "smoke", "--out", str(tmp_path / "x"), "--set", "train.bogus=1"])
     with pytest.raises(SystemExit, match="--set takes key=value pairs"):
