@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import json_number, write_bytes_atomic, write_json_atomic, write_text_atomic
-from .plan.evaluation import seed_runs_text
+from .plan.evaluation import read_episodes, seed_runs_text
 from .stats import success_text, wilson_interval
 
 __all__ = [
@@ -257,14 +257,44 @@ def _matplotlib():
     return (Figure, FigureCanvasAgg), None
 
 
+def _success_intervals(
+    evals: list[dict[str, Any]],
+) -> tuple[list[float], list[float], list[float], str] | None:
+    """(steps, lo, hi, legend label) of the 95% Wilson interval of every eval record holding
+    ``successes`` and ``episodes`` (an evaluation during training); None when none does."""
+    xs, lo, hi, counts = [], [], [], set()
+    for i, record in enumerate(evals):
+        k, n = record.get("successes"), record.get("episodes")
+        try:
+            interval = wilson_interval(k, n)
+        except ValueError:
+            continue
+        x = json_number(record.get("step"))
+        xs.append(float(i if x is None else x))
+        lo.append(interval[0])
+        hi.append(interval[1])
+        counts.add(int(n))
+    if not xs:
+        return None
+    each = f"{counts.pop()} episodes each" if len(counts) == 1 else "episodes vary"
+    return xs, lo, hi, f"95% Wilson interval ({each})"
+
+
 def _draw(
-    mpl: tuple[type, type], name: str, data: list[tuple], keys: list[str], title: str, log_y: bool
+    mpl: tuple[type, type],
+    name: str,
+    data: list[tuple],
+    keys: list[str],
+    title: str,
+    log_y: bool,
+    intervals: tuple | None = None,
 ) -> bytes:
     """PNG bytes of plot ``name``: its series ``data`` [(kind, key, label, xs, ys)] against step.
 
     One colour per quantity (index in ``keys``): train solid, val dashed with markers; a
     long train series is drawn faint with a running mean over 1% of it on top. The success
-    plot gets the published success rates of :data:`REFERENCE` as horizontal lines.
+    plot gets the published success rates of :data:`REFERENCE` as horizontal lines and
+    ``intervals`` (:func:`_success_intervals`) as bars.
     """
     figure_cls, canvas_cls = mpl
     fig = figure_cls(figsize=(7.0, 4.0), dpi=100)
@@ -284,6 +314,9 @@ def _draw(
         ax.set_yscale("log")
     if name == "success":
         ax.set_ylim(-0.02, 1.02)
+        if intervals is not None:
+            xs, lo, hi, label = intervals
+            ax.vlines(xs, lo, hi, color="C0", alpha=0.35, linewidth=4, label=label)
         for (who, rate), style in zip(_sourced(REFERENCE["success_rate"]), (":", "-.", "--")):
             ax.axhline(rate, color="gray", linestyle=style, linewidth=0.8, label=f"{who} {rate:.0%}")
     ax.set_xlabel("step")
@@ -321,7 +354,8 @@ def write_plots(
             skipped[name] = why
             continue
         keys = list(dict.fromkeys(key for _, key, _ in series))
-        png = _draw(mpl, name, data, keys, title, log_y)
+        intervals = _success_intervals(list(records.get("eval", []))) if name == "success" else None
+        png = _draw(mpl, name, data, keys, title, log_y, intervals)
         written[name] = write_bytes_atomic(folder / f"{name}.png", png).name
     return written, skipped
 
@@ -534,8 +568,6 @@ def write_episode_pictures(
     and their words, ``env_steps``, ``steps_per_plan``). A missing library skips only its
     picture.
     """
-    from .plan.evaluation import read_episodes
-
     ep = read_episodes(episodes)
     success = [bool(v) for v in ep["success"]]
     shown, moving = pick_episodes(success, grid), pick_episodes(success, animated)

@@ -353,3 +353,28 @@ def test_success_rate_with_its_interval_and_the_seed_runs(tmp_path):
     )
     md = (tmp_path / "report.md").read_text()
     assert row in md and "planner seeds" not in md
+
+
+# ------------------------------------------------------------------ success during training
+def test_success_plot_carries_each_evaluations_wilson_interval(tmp_path):
+    from lewm_fast.stats import wilson_interval
+
+    evals = [
+        {"kind": "eval", "step": 100, "success_rate": 0.25, "successes": 5, "episodes": 20},
+        {"kind": "eval", "step": 200, "success_rate": 0.5, "successes": 10, "episodes": 20},
+        {"kind": "eval", "step": 300, "success_rate": 0.5},  # no counts: a point without a bar
+    ]
+    xs, lo, hi, label = rp._success_intervals(evals)
+    assert xs == [100.0, 200.0] and label == "95% Wilson interval (20 episodes each)"
+    assert (lo[0], hi[0]) == wilson_interval(5, 20) and (lo[1], hi[1]) == wilson_interval(10, 20)
+    assert rp._success_intervals([*evals, {"step": 400, "successes": 3, "episodes": 50}])[3].endswith(
+        "(episodes vary)"
+    )
+    assert rp._success_intervals(evals[2:]) is None
+
+    # the same curve without the counts: the bars are the only difference
+    bare = [{k: v for k, v in r.items() if k not in ("successes", "episodes")} for r in evals]
+    for folder, records in ((tmp_path / "bars", evals), (tmp_path / "bare", bare)):
+        assert rp.write_plots({"eval": records}, folder)[0] == {"success": "success.png"}
+    pictures = [(tmp_path / folder / "success.png").read_bytes() for folder in ("bars", "bare")]
+    assert pictures[0] != pictures[1]
