@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ._io import json_number, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .plan.evaluation import read_episodes, seed_runs_text
 from .stats import success_text, wilson_interval
@@ -400,19 +402,59 @@ def _episode_title(ep: Mapping[str, Any], b: int) -> str:
     return f"#{b}: missed by {gap:.0f} px"
 
 
+def _rgb(color: tuple[int, int, int]) -> tuple[float, float, float]:
+    return tuple(c / 255 for c in color)
+
+
+def _grid_panel(ax, ep: Mapping[str, Any], b: int, left: float, top: float, size: int, lo: int) -> None:
+    """Episode ``b`` in the grid cell whose room image starts at (``left``, ``top``): env
+    point (x, y) is drawn at (x - lo + left, y - lo + top)."""
+    from matplotlib.patches import Circle, Rectangle
+
+    blue, green, red = _rgb(_PATH_BLUE), _rgb(_GREEN), _rgb(_RED)
+    shift = np.array([left - lo, top - lo], np.float32)
+    goal, path, plan = ep["goal_xy"][b] + shift, ep["xy"][b] + shift, ep["plan_xy"][b] + shift
+    every, ok = max(int(ep["steps_per_plan"]), 1), bool(ep["success"][b])
+    radius = ep["layout"].success_distance
+    ax.add_patch(Circle(goal, radius, facecolor=(*green, 0.18), edgecolor=green, lw=0.8))
+    ax.plot(plan[:, 0], plan[:, 1], "-", color="darkorange", lw=5, alpha=0.45, solid_capstyle="round")
+    ax.plot(path[:, 0], path[:, 1], "-", color=blue, lw=1.4)
+    replans = path[every:-1:every]
+    ax.plot(replans[:, 0], replans[:, 1], "s", color=blue, ms=3.5)
+    ax.plot(*path[-1], "X", color=blue, mec="white", mew=0.5, ms=7)
+    ax.plot(*path[0], "o", color=blue, mec="white", ms=7)
+    ax.plot(*goal, "*", color=green, mec="black", mew=0.5, ms=11)
+    ax.add_patch(
+        Rectangle((left - 0.5, top - 0.5), size, size, fill=False, edgecolor=green if ok else red, lw=3)
+    )
+    title = _episode_title(ep, b)
+    ax.text(
+        left + size / 2, top - 6, title, ha="center", va="bottom", fontsize=8, color="black" if ok else red
+    )
+
+
+def _grid_legend(fig) -> None:
+    from matplotlib.lines import Line2D
+
+    blue, green = _rgb(_PATH_BLUE), _rgb(_GREEN)
+    handles = [
+        Line2D([], [], marker="o", color=blue, mec="white", ls="", ms=7, label="start"),
+        Line2D([], [], marker="X", color=blue, mec="white", ls="", ms=7, label="end"),
+        Line2D([], [], marker="*", color=green, mec="k", ls="", ms=11, label="goal (ring: success radius)"),
+        Line2D([], [], color=blue, lw=1.4, marker="s", ms=3.5, label="executed path (squares: replans)"),
+        Line2D([], [], color="darkorange", lw=5, alpha=0.45, label="first plan, replayed in the true env"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+
+
 def _draw_episode_grid(mpl: tuple[type, type], ep: Mapping[str, Any], picked: list[int], words: str) -> bytes:
     """PNG bytes: one panel per picked episode over the empty room (walls, door, borders):
     start, goal with its success radius, the executed path with a mark at every replan and
     its end, under it the first plan replayed in the env (a wide orange band); a green frame
     for success, red for failure. ``words`` says which episodes are shown.
 
-    The panels are cells of one tiled room image in one axes (25 axes would cost seconds);
-    a point (x, y) of panel (r, c) is drawn at (x, y) + the cell's offset, in env pixels.
+    The panels are cells of one tiled room image in one axes (25 axes would cost seconds).
     """
-    import numpy as np
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Circle, Rectangle
-
     from .envs.two_room import layout_image
 
     figure_cls, canvas_cls = mpl
@@ -425,65 +467,23 @@ def _draw_episode_grid(mpl: tuple[type, type], ep: Mapping[str, Any], picked: li
     cell_w, cell_h = size + gap, size + title + gap
     tiles = np.full((rows * cell_h - gap, cols * cell_w - gap, 3), 255, np.uint8)
     scale, legend, heading = 1.1 / 100, 0.55, 0.35  # inches per env px; inches below and above
-    width, height = tiles.shape[1] * scale, tiles.shape[0] * scale + legend + heading
-    fig = figure_cls(figsize=(width + 0.2, height), dpi=100)
+    width, height = tiles.shape[1] * scale + 0.2, tiles.shape[0] * scale + legend + heading
+    fig = figure_cls(figsize=(width, height), dpi=100)
     canvas_cls(fig)
-    ax = fig.add_axes(
-        (0.1 / (width + 0.2), legend / height, width / (width + 0.2), 1 - (legend + heading) / height)
-    )
+    ax = fig.add_axes((0.1 / width, legend / height, 1 - 0.2 / width, 1 - (legend + heading) / height))
     ax.set_axis_off()
-    every = max(int(ep["steps_per_plan"]), 1)
-    blue, green, red = (tuple(c / 255 for c in rgb) for rgb in (_PATH_BLUE, _GREEN, _RED))
     for k, b in enumerate(picked):
         top, left = (k // cols) * cell_h + title, (k % cols) * cell_w
         tiles[top : top + size, left : left + size] = room
-        shift = np.array([left - lo, top - lo], np.float32)
-        goal, path, plan = ep["goal_xy"][b] + shift, ep["xy"][b] + shift, ep["plan_xy"][b] + shift
-        ok = bool(ep["success"][b])
-        ax.add_patch(Circle(goal, layout.success_distance, facecolor=(*green, 0.18), edgecolor=green, lw=0.8))
-        ax.plot(plan[:, 0], plan[:, 1], "-", color="darkorange", lw=5, alpha=0.45, solid_capstyle="round")
-        ax.plot(path[:, 0], path[:, 1], "-", color=blue, lw=1.4)
-        replans = path[every:-1:every]
-        ax.plot(replans[:, 0], replans[:, 1], "s", color=blue, ms=3.5)
-        ax.plot(*path[-1], "X", color=blue, mec="white", mew=0.5, ms=7)
-        ax.plot(*path[0], "o", color=blue, mec="white", ms=7)
-        ax.plot(*goal, "*", color=green, mec="black", mew=0.5, ms=11)
-        frame = Rectangle(
-            (left - 0.5, top - 0.5), size, size, fill=False, edgecolor=green if ok else red, lw=3
-        )
-        ax.add_patch(frame)
-        ax.text(
-            left + size / 2,
-            top - 6,
-            _episode_title(ep, b),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-            color="black" if ok else red,
-        )
-    ax.imshow(
-        tiles,
-        extent=(-0.5, tiles.shape[1] - 0.5, tiles.shape[0] - 0.5, -0.5),
-        interpolation="nearest",
-        zorder=0,
-    )
-    ax.set_xlim(-0.5 - 2, tiles.shape[1] - 0.5 + 2)
-    ax.set_ylim(tiles.shape[0] - 0.5 + 2, -0.5)
-    handles = [
-        Line2D([], [], marker="o", color=blue, mec="white", ls="", ms=7, label="start"),
-        Line2D([], [], marker="X", color=blue, mec="white", ls="", ms=7, label="end"),
-        Line2D([], [], marker="*", color=green, mec="k", ls="", ms=11, label="goal (ring: success radius)"),
-        Line2D([], [], color=blue, lw=1.4, marker="s", ms=3.5, label="executed path (squares: replans)"),
-        Line2D([], [], color="darkorange", lw=5, alpha=0.45, label="first plan, replayed in the true env"),
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        _grid_panel(ax, ep, b, left, top, size, lo)
+    h, w = tiles.shape[:2]
+    ax.imshow(tiles, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest", zorder=0)
+    ax.set_xlim(-2.5, w + 1.5)
+    ax.set_ylim(h + 1.5, -0.5)
+    _grid_legend(fig)
     wins = int(sum(bool(v) for v in ep["success"]))
-    fig.suptitle(
-        f"{wins} of {len(ep['success'])} episodes reached the goal; shown: {words}",
-        fontsize=9,
-        y=1 - 0.08 / height,
-        va="top",
-    )
+    heading_text = f"{wins} of {len(ep['success'])} episodes reached the goal; shown: {words}"
+    fig.suptitle(heading_text, fontsize=9, y=1 - 0.08 / height, va="top")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
@@ -510,11 +510,11 @@ def _gif_frames(ep: Mapping[str, Any], picked: list[int]) -> list:
     frames = []
     for t in range(steps + 1):
         canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
         for k, b in enumerate(picked):
             x0, y0 = (k % cols) * (pw + _GIF_GAP), (k // cols) * (ph + _GIF_GAP)
             reached = 0 <= int(ep["steps_to_success"][b]) <= t
             frame = _GREEN if reached else (_RED if t == steps else _GREY)
-            draw = ImageDraw.Draw(canvas)
             draw.rectangle((x0, y0 + _GIF_LABEL, x0 + pw - 1, y0 + ph - 1), fill=frame)
             canvas.paste(Image.fromarray(shots[k, t]), (x0 + _GIF_BORDER, y0 + _GIF_LABEL + _GIF_BORDER))
             ox, oy = x0 + _GIF_BORDER, y0 + _GIF_LABEL + _GIF_BORDER
