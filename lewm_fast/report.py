@@ -372,11 +372,15 @@ _GIF_MS, _GIF_HOLD_MS = 120, 2000  # per env step; the last frame
 
 
 def pick_episodes(success, count: int) -> list[int]:
-    """Up to ``count`` episode indices to show, ascending: every failure first (up to ``count``),
-    then the first successes. Failures are what a reader needs to see; the caption says so."""
+    """Up to ``count`` episode indices to show, ascending, the first ones of each outcome in
+    evaluation order: failures (what a reader most needs to see) get at least half of the
+    places when there are that many, successes the rest, and either outcome fills the places
+    the other cannot. The caption says which were picked."""
     failed = [i for i, ok in enumerate(success) if not ok]
     passed = [i for i, ok in enumerate(success) if ok]
-    return sorted(failed[:count] + passed[: max(count - len(failed), 0)])
+    fails = min(len(failed), max(count - len(passed), math.ceil(count / 2)))
+    wins = min(len(passed), count - fails)
+    return sorted(failed[:fails] + passed[:wins])
 
 
 def _picked_words(success, picked: list[int]) -> str:
@@ -562,7 +566,8 @@ def write_episode_pictures(
 
     ``episodes.png`` (matplotlib): a grid of up to ``grid`` episodes; ``episodes.gif``
     (Pillow): up to ``animated`` episodes frame by frame, one frame per env step, from the
-    env's own rendering. Episodes are chosen by :func:`pick_episodes` (failures first).
+    env's own rendering. Episodes are chosen by :func:`pick_episodes` (at least half failures
+    when there are that many).
     Returns ({"grid" / "animation": file name}, {name: why skipped}, facts for the caption:
     ``episodes``, ``successes``, ``grid_episodes`` / ``animated_episodes`` (indices shown)
     and their words, ``env_steps``, ``steps_per_plan``). A missing library skips only its

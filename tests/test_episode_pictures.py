@@ -68,12 +68,17 @@ def _frames(path):
 # ------------------------------------------------------------------ which episodes
 
 
-def test_pick_episodes_shows_every_failure_first_then_the_first_successes():
-    success = [True] * 10 + [False] + [True] * 10 + [False, False]
-    assert rp.pick_episodes(success, 5) == [0, 1, 10, 21, 22]
-    assert rp.pick_episodes(success, 2) == [10, 21]
+def test_pick_episodes_gives_failures_at_least_half_and_shows_both_outcomes():
+    success = [True] * 10 + [False] + [True] * 10 + [False, False]  # failures 10, 21, 22
+    assert rp.pick_episodes(success, 5) == [0, 1, 10, 21, 22]  # every failure, then successes
+    assert rp.pick_episodes(success, 2) == [0, 10]  # one of each, the first in order
     assert rp.pick_episodes(success, 100) == list(range(23))
     assert rp.pick_episodes([True, True], 1) == [0]
+    half = [b % 2 == 0 for b in range(50)]  # 25 of each: 13 failures, 12 successes
+    assert rp.pick_episodes(half, 25) == sorted(list(range(1, 26, 2)) + list(range(0, 24, 2)))
+    mostly_failed = [False] * 30 + [True] * 2  # the successes are shown, the failures fill up
+    assert rp.pick_episodes(mostly_failed, 25) == list(range(23)) + [30, 31]
+    assert rp.pick_episodes([False] * 3, 4) == [0, 1, 2]
 
 
 # ------------------------------------------------------------------ the pictures
@@ -87,8 +92,10 @@ def test_grid_and_animation_are_written_from_the_episodes(tmp_path):
     assert facts["episodes"] == 30 and facts["successes"] == 26 and facts["env_steps"] == STEPS
     assert facts["grid_episodes"] == list(range(22)) + [27, 28, 29]  # 4 failures, the first 21 successes
     assert facts["grid_words"] == "all 4 failed episodes and the first 21 of 26 successful episodes"
-    assert facts["animated_episodes"] == [12, 27, 28, 29]
-    assert facts["animated_words"] == "all 4 failed episodes"
+    assert facts["animated_episodes"] == [0, 1, 12, 27]  # 2 failures and 2 successes
+    assert facts["animated_words"] == (
+        "the first 2 of 4 failed episodes and the first 2 of 26 successful episodes"
+    )
 
     with Image.open(tmp_path / "plots" / "episodes.png") as png:
         # 5 x 5 panels of 208 env px (+ 24 px title bands, 10 px gaps) at 1.1 px per env px,
@@ -105,12 +112,14 @@ def test_grid_and_animation_are_written_from_the_episodes(tmp_path):
     pw, ph = s + 2 * rp._GIF_BORDER, s + 2 * rp._GIF_BORDER + rp._GIF_LABEL
     assert frames[0].shape == (2 * ph + rp._GIF_GAP, 2 * pw + rp._GIF_GAP, 3)
     ep = np.load(facts_file)
+    top = ph + rp._GIF_GAP  # episode 12 is the third panel: second row, first column
     for k in (0, STEPS // 2, STEPS):  # the red agent dot sits where the recorded path says
         x, y = ep["xy"][12, k]  # (3 px below its centre: the blue trail runs through it)
-        dot = frames[k][int(y) + 3 + rp._GIF_LABEL + rp._GIF_BORDER, int(x) + rp._GIF_BORDER]
+        dot = frames[k][top + int(y) + 3 + rp._GIF_LABEL + rp._GIF_BORDER, int(x) + rp._GIF_BORDER]
         assert _near(dot, (255, 0, 0)), (k, dot)
-    corner = (rp._GIF_LABEL + 1, 1)  # inside the first panel's frame
-    assert _near(frames[0][corner], rp._GREY) and _near(frames[-1][corner], rp._RED)
+    failed, passed = (top + rp._GIF_LABEL + 1, 1), (rp._GIF_LABEL + 1, 1)  # inside the panels' frames
+    assert _near(frames[0][failed], rp._GREY) and _near(frames[-1][failed], rp._RED)
+    assert _near(frames[0][passed], rp._GREY) and _near(frames[-1][passed], rp._GREEN)
 
 
 def test_a_successful_episode_turns_green_at_its_step(tmp_path):
