@@ -570,8 +570,9 @@ def write_episode_pictures(
     when there are that many).
     Returns ({"grid" / "animation": file name}, {name: why skipped}, facts for the caption:
     ``episodes``, ``successes``, ``grid_episodes`` / ``animated_episodes`` (indices shown)
-    and their words, ``env_steps``, ``steps_per_plan``). A missing library skips only its
-    picture.
+    and their words, ``env_steps``, ``steps_per_plan``, ``success_distance`` and
+    ``start_within_success``, the episodes that start within it). A missing library skips
+    only its picture.
     """
     ep = read_episodes(episodes)
     success = [bool(v) for v in ep["success"]]
@@ -585,6 +586,12 @@ def write_episode_pictures(
         "animated_words": _picked_words(success, moving),
         "env_steps": int(ep["xy"].shape[1] - 1),
         "steps_per_plan": ep["steps_per_plan"],
+        # episodes whose start already lies within the success radius of their goal: success
+        # at the first step unless that step leaves it (the start itself is not checked)
+        "start_within_success": int(
+            (np.hypot(*(ep["start_xy"] - ep["goal_xy"]).T) < ep["layout"].success_distance).sum()
+        ),
+        "success_distance": float(ep["layout"].success_distance),
     }
     folder = Path(folder)
     written: dict[str, str] = {}
@@ -1091,7 +1098,10 @@ def _md_episodes(part: Mapping[str, Any]) -> list[str]:
     pictures, every = part["pictures"], part["steps_per_plan"]
     lines += [
         f"{part['successes']} of {part['episodes']} evaluated episodes reached the goal "
-        f"({part['env_steps']} env steps run, a new plan every {every}).",
+        f"({part['env_steps']} env steps run, a new plan every {every}). "
+        f"{part['start_within_success']} of the {part['episodes']} start within the "
+        f"{part['success_distance']:g} px success radius of their goal (success at step 1 unless "
+        "that step leaves it).",
         "",
         f"The grid shows {part['grid_words']}, numbered in evaluation order, over the room "
         "(walls, door, borders): blue dot = start, blue X = end, green star = goal with its success "

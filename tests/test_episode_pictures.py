@@ -17,13 +17,14 @@ STEPS = 50
 SUCCESS_STEP = 10
 
 
-def _episodes_file(path, success, steps=STEPS):
+def _episodes_file(path, success, steps=STEPS, near=()):
     """An episodes.npz as evaluate writes it: episode b walks in a straight line from
-    (40 + 2b, 150) towards its goal 60 px to the right; a successful one stops at
-    SUCCESS_STEP within 16 px of the goal, a failed one ends 40 px short."""
+    (40 + 2b, 150) towards its goal 60 px to the right (10 px for b in ``near``); a
+    successful one stops at SUCCESS_STEP, a failed one ends 40 px short of 60."""
     n = len(success)
     start = np.stack([40.0 + 2 * np.arange(n), np.full(n, 150.0)], axis=1).astype(np.float32)
     goal = start + np.array([60.0, 0.0], np.float32)
+    goal[list(near), 0] = start[list(near), 0] + 10.0
     t = np.arange(steps + 1, dtype=np.float32)
     xy = np.empty((n, steps + 1, 2), np.float32)
     for b, ok in enumerate(success):
@@ -90,6 +91,7 @@ def test_grid_and_animation_are_written_from_the_episodes(tmp_path):
     written, skipped, facts = rp.write_episode_pictures(facts_file, tmp_path / "plots")
     assert written == {"grid": "episodes.png", "animation": "episodes.gif"} and skipped == {}
     assert facts["episodes"] == 30 and facts["successes"] == 26 and facts["env_steps"] == STEPS
+    assert facts["start_within_success"] == 0
     assert facts["grid_episodes"] == list(range(22)) + [27, 28, 29]  # 4 failures, the first 21 successes
     assert facts["grid_words"] == "all 4 failed episodes and the first 21 of 26 successful episodes"
     assert facts["animated_episodes"] == [0, 1, 12, 27]  # 2 failures and 2 successes
@@ -141,14 +143,16 @@ def test_a_successful_episode_turns_green_at_its_step(tmp_path):
 
 
 def test_report_embeds_the_pictures_with_a_caption(tmp_path):
-    _episodes_file(tmp_path / "episodes.npz", [True, False, True])
+    _episodes_file(tmp_path / "episodes.npz", [True, False, True], near=[2])
     out = rp.write_report(tmp_path, {}, stages_seconds=None, device_info="cpu", preset="p")
     part = out["episodes"]
     assert part["pictures"] == {"grid": "plots/episodes.png", "animation": "plots/episodes.gif"}
     assert part["successes"] == 2 and part["episodes"] == 3 and part["skipped"] == {}
+    assert part["start_within_success"] == 1 and part["success_distance"] == 16.0
     assert json.loads((tmp_path / "report.json").read_text())["episodes"] == part
     md = (tmp_path / "report.md").read_text()
     assert "## Episodes" in md and "2 of 3 evaluated episodes reached the goal" in md
+    assert "1 of the 3 start within the 16 px success radius of their goal" in md
     assert "![evaluated episodes](plots/episodes.png)" in md
     assert "![evaluated episodes, step by step](plots/episodes.gif)" in md
     assert "not what the model predicted" in md  # the caption says what the orange band is
