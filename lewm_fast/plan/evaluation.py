@@ -57,9 +57,9 @@ from tqdm.auto import tqdm
 from .. import __version__, _checks
 from .._io import write_json_atomic
 from ..data.dataset import TwoRoomDataset
+from ..data.windows import ModelFrames, as_dataset
 from ..data.windows import action_stats as _dataset_action_stats
-from ..data.windows import as_dataset, normalize_frames
-from ..envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, distance, layout_image, render
+from ..envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, distance
 from ..envs.two_room import step as env_step
 from ..reference.jepa import action_width_of, device_of
 from ..stats import spread, success_text, wilson_interval
@@ -263,12 +263,10 @@ class _Scene:
 
 def _scene(drawn: _Episodes, config: PlanConfig, model, device: torch.device) -> _Scene:
     image_size = _image_size(model, drawn.layout)
-    background = layout_image(drawn.layout, device)
+    model_frames = ModelFrames(drawn.layout, image_size, device)
 
     def frames(xy: torch.Tensor) -> torch.Tensor:
-        return normalize_frames(render(xy, drawn.layout, background=background, check=False), image_size)[
-            :, None
-        ]
+        return model_frames(xy)[:, None]
 
     proprio = drawn.cols["proprio"]
     start_xy = torch.from_numpy(np.array(proprio[drawn.rows], dtype=np.float32)).to(device)
