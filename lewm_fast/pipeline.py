@@ -15,9 +15,10 @@
 A stage whose record exists with the same fingerprint (its configuration and those of the
 stages it reads) is reused, not recomputed; an interrupted training run is resumed from its
 newest checkpoint. A failing stage raises :class:`PipelineError` naming it and leaves every
-earlier stage's output in place. Presets: ``paper`` (published settings), ``smoke`` (a
-small model on CPU, under 10 minutes on 2 cores), ``gpu-short`` (the paper model for a
-few minutes on one data-centre GPU).
+earlier stage's output in place. Presets: ``paper`` (published settings), ``cpu`` (the
+default without a GPU: a small model that learns Two-Room on 2 CPU cores, evaluated with
+the published protocol and planner), ``smoke`` (a smaller, weaker run that checks the
+plumbing; CI's), ``gpu-short`` (the paper model for a few minutes on one data-centre GPU).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class RunConfig:
 
     @classmethod
     def preset_config(cls, name: str) -> RunConfig:
-        """A named run: "paper", "smoke" or "gpu-short"."""
+        """A named run: "paper", "cpu", "smoke" or "gpu-short"."""
         if name not in RUN_PRESETS:
             raise ValueError(f"unknown pipeline preset {name!r}; expected one of {sorted(RUN_PRESETS)}")
         return RUN_PRESETS[name]()
@@ -281,6 +282,30 @@ def _smoke() -> RunConfig:
     )
 
 
+def _cpu() -> RunConfig:
+    """The default without a GPU: learns Two-Room on 2 CPU cores (docs/cpu-preset.md)."""
+    train = dataclasses.replace(TrainConfig.preset("default"), model=LeWMConfig.preset("cpu")).override(
+        {
+            "epochs": 2,
+            "epoch_steps": 500,
+            "batch_size": 32,
+            "lr": 2e-3,
+            "precision": "fp32",
+            "sigreg_num_proj": 256,
+            "log_every": 25,
+            "val_max_batches": 4,
+        }
+    )
+    return RunConfig(
+        preset="cpu",
+        device="cpu",
+        data=DataConfig(episodes=600),
+        train=train,
+        probe=ProbeConfig(max_frames=4000, fresh_episodes=64, batch_size=128),
+        eval=EvalConfig(seeds=3),
+    )
+
+
 def _gpu_short() -> RunConfig:
     train = TrainConfig.preset("default").override({"epochs": 2, "log_every": 50})
     return RunConfig(
@@ -288,12 +313,17 @@ def _gpu_short() -> RunConfig:
     )
 
 
-RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {"paper": _paper, "smoke": _smoke, "gpu-short": _gpu_short}
+RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "paper": _paper,
+    "cpu": _cpu,
+    "smoke": _smoke,
+    "gpu-short": _gpu_short,
+}
 
 
 def default_preset() -> str:
-    """``gpu-short`` when a CUDA device is present, ``smoke`` otherwise."""
-    return "gpu-short" if torch.cuda.is_available() else "smoke"
+    """``gpu-short`` when a CUDA device is present, ``cpu`` otherwise."""
+    return "gpu-short" if torch.cuda.is_available() else "cpu"
 
 
 class PipelineError(RuntimeError):
@@ -319,7 +349,7 @@ class _Run:
         try:
             self.device = _checks.resolve_device(config.device)
         except ValueError as exc:
-            raise ValueError(f"{exc}; use --preset smoke or --set device=cpu") from None
+            raise ValueError(f"{exc}; use --preset cpu or --set device=cpu") from None
         train = dataclasses.replace(config.train, progress=progress)
         self.train_config = train
         data_fp = _fingerprint("data", dataclasses.asdict(config.data))

@@ -4,10 +4,11 @@ stage failures that keep earlier outputs, and configuration errors that name the
 import json
 
 import pytest
+import torch
 
 from lewm_fast import cli
 from lewm_fast.pipeline import STAGES, PipelineError, RunConfig, default_preset, run_pipeline
-from lewm_fast.plan import read_episodes
+from lewm_fast.plan import PlanConfig, read_episodes
 
 # The smoke preset with fewer episodes and steps: the same code path, CI-sized; the eval stage
 # repeats its evaluation over two planner seeds.
@@ -188,13 +189,18 @@ def test_unknown_preset_and_config_file(tmp_path):
 
 
 def test_presets():
-    assert default_preset() in ("smoke", "gpu-short")
+    assert default_preset() == ("gpu-short" if torch.cuda.is_available() else "cpu")
     paper = RunConfig.preset_config("paper")
     assert paper.train.epochs == 100 and paper.data.episodes == 10_000 and paper.eval.num_samples == 300
     smoke = RunConfig.preset_config("smoke")
     assert smoke.device == "cpu" and smoke.train.model.encoder.image_size == 56
     assert RunConfig.preset_config("gpu-short").device == "cuda"
-    for name in ("paper", "smoke", "gpu-short"):
+    cpu = RunConfig.preset_config("cpu")
+    assert cpu.device == "cpu" and cpu.train.model.encoder.image_size == 64 and cpu.eval.seeds == 3
+    published = PlanConfig()
+    for name in ("episodes", "num_samples", "n_steps", "topk", "horizon", "budget", "goal_offset", "seed"):
+        assert getattr(cpu.eval, name) == getattr(published, name), name  # the published evaluation
+    for name in ("paper", "cpu", "smoke", "gpu-short"):
         config = RunConfig.preset_config(name)
         assert RunConfig.from_dict(config.to_dict()) == config
 
