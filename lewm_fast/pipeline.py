@@ -287,7 +287,7 @@ def _cpu() -> RunConfig:
     train = dataclasses.replace(TrainConfig.preset("default"), model=LeWMConfig.preset("cpu")).override(
         {
             "epochs": 2,
-            "epoch_steps": 500,
+            "epoch_steps": 400,
             "batch_size": 32,
             "lr": 2e-3,
             "precision": "fp32",
