@@ -122,8 +122,19 @@ def test_failing_stage_is_named_and_earlier_outputs_survive(tmp_path, monkeypatc
         ({"eval.topk": 1}, "eval.topk must be an integer >= 2"),
         ({"device": "tpu"}, "device must be 'auto', 'cpu' or 'cuda"),
         ({"eval.max_batch": 0}, "eval.max_batch must be a positive integer, 'auto' or null"),
+        ({"train.bn_recalibrate": "-1"}, "TrainConfig.bn_recalibrate must be an integer >= 0"),
     ],
-    ids=["train-key", "eval-key", "section", "model-value", "data-value", "eval-value", "device", "rows"],
+    ids=[
+        "train-key",
+        "eval-key",
+        "section",
+        "model-value",
+        "data-value",
+        "eval-value",
+        "device",
+        "rows",
+        "bn",
+    ],
 )
 def test_bad_config_keys_and_values_are_named(values, match):
     with pytest.raises(ValueError, match=match):
@@ -154,6 +165,8 @@ def test_presets():
     smoke = RunConfig.preset_config("smoke")
     assert smoke.device == "cpu" and smoke.train.model.encoder.image_size == 56
     assert RunConfig.preset_config("gpu-short").device == "cuda"
+    assert smoke.train.bn_recalibrate == 4
+    assert smoke.override({"train.bn_recalibrate": "8"}).train.bn_recalibrate == 8  # as from --set
     for name in ("paper", "smoke", "gpu-short"):
         config = RunConfig.preset_config(name)
         assert RunConfig.from_dict(config.to_dict()) == config

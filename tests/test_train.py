@@ -471,7 +471,7 @@ def test_train_config_defaults_are_the_published_recipe():
     assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     o = c.override({"lr": "1e-4", "betas": "0.9, 0.95", "model.predictor.depth": "4", "chunk_size": "None"})
     assert (o.lr, o.betas, o.model.predictor.depth, o.chunk_size) == (1e-4, (0.9, 0.95), 4, None)
-    assert c.bn_recalibrate == 0 and c.override({"bn_recalibrate": "4"}).bn_recalibrate == 4
+    assert c.bn_recalibrate == 4 and c.override({"bn_recalibrate": "0"}).bn_recalibrate == 0
 
 
 BAD_CONFIGS = [

@@ -75,10 +75,10 @@ class TrainConfig:
     ``early_stop_patience`` / ``early_stop_min_delta`` drive evaluation and early stopping
     when an evaluator is given; ``bn_recalibrate`` > 0 recomputes the BatchNorm running
     statistics of ``projector`` and ``pred_proj`` on that many training batches before each
-    epoch's validation and evaluation (:mod:`lewm_fast.train.batchnorm`; 0: off) and puts
-    them back afterwards, so the eval-mode numbers describe the current weights rather than
-    the statistics of the last ~10 steps, and the training run is unchanged (``best_model/``
-    keeps the recalibrated statistics it was evaluated with); ``max_nonfinite_steps``
+    epoch's validation and evaluation (:mod:`lewm_fast.train.batchnorm`; 0: off, default 4)
+    and puts them back afterwards, so the eval-mode numbers describe the current weights
+    rather than the statistics of the last ~10 steps, and the training run is unchanged
+    (``best_model/`` keeps the recalibrated statistics it was evaluated with); ``max_nonfinite_steps``
     non-finite steps in a row abort the run; ``keep_checkpoints`` most recent checkpoints
     are kept.
 
@@ -116,7 +116,7 @@ class TrainConfig:
     log_every: int = 20
     val_max_batches: int | None = None
     eval_every_epochs: int = 1
-    bn_recalibrate: int = 0
+    bn_recalibrate: int = 4
     early_stop_patience: int | None = None
     early_stop_min_delta: float = 0.0
     max_nonfinite_steps: int = 20

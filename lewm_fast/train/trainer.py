@@ -12,7 +12,8 @@ training windows of ``dataset`` (rendered on the device by default) and writes t
   :func:`lewm_fast.backend.choose_sdpa`),
   ``{"kind": "train", "step", "epoch", "pred_loss", "sigreg_loss", "loss", "grad_norm"
   (pre-clip), "lr", "step_time", "samples_per_s", "peak_vram_bytes"}`` for every step,
-  ``{"kind": "val", "step", "epoch", "pred_loss", "sigreg_loss", "loss"}`` each epoch,
+  ``{"kind": "val", "step", "epoch", "pred_loss", "sigreg_loss", "loss"}`` each epoch (in
+  eval mode, BatchNorm statistics recalibrated as ``TrainConfig.bn_recalibrate`` says),
   ``{"kind": "eval", "step", "epoch", "success_rate", ...}`` after each evaluation, and
   ``{"kind": "skip", "step", "epoch", "in_a_row"}`` for each step skipped as non-finite.
   ``step`` counts optimiser steps from 1 (the step a record describes), ``epoch`` is the
