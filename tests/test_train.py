@@ -845,6 +845,13 @@ def test_recalibrate_batchnorm_sets_the_statistics_of_the_head_inputs():
     with pytest.raises(ValueError, match="at least one batch"):
         recalibrate_batchnorm(model, [])
 
+    # under bf16 autocast (a bf16 training run's validation): the fp32 statistics to bf16 accuracy
+    model.load_state_dict(before)
+    recalibrate_batchnorm(model, batches, autocast_dtype=torch.bfloat16)
+    for layer, (mean, var) in zip(layers, got):
+        assert_close(layer.running_mean, mean, "bf16", "bf16 running_mean")
+        assert_close(layer.running_var, var, "bf16", "bf16 running_var")
+
 
 def test_recalibrated_batchnorm_puts_the_statistics_back():
     """Inside the block the statistics are recalibrated; afterwards every buffer is exactly
