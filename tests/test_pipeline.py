@@ -152,6 +152,7 @@ def test_failing_stage_is_named_and_earlier_outputs_survive(tmp_path, monkeypatc
         ({"eval.max_batch": 0}, "eval.max_batch must be a positive integer, 'auto' or null"),
         ({"eval.seeds": 0}, "eval.seeds must be an integer >= 1, got 0"),
         ({"eval.vary_start_seed": "maybe"}, "eval.vary_start_seed must be true or false"),
+        ({"train.bn_recalibrate": "-1"}, "TrainConfig.bn_recalibrate must be an integer >= 0"),
     ],
     ids=[
         "train-key",
@@ -164,6 +165,7 @@ def test_failing_stage_is_named_and_earlier_outputs_survive(tmp_path, monkeypatc
         "rows",
         "seeds",
         "vary-start-seed",
+        "bn",
     ],
 )
 def test_bad_config_keys_and_values_are_named(values, match):
@@ -195,6 +197,8 @@ def test_presets():
     smoke = RunConfig.preset_config("smoke")
     assert smoke.device == "cpu" and smoke.train.model.encoder.image_size == 56
     assert RunConfig.preset_config("gpu-short").device == "cuda"
+    assert smoke.train.bn_recalibrate == 4
+    assert smoke.override({"train.bn_recalibrate": "8"}).train.bn_recalibrate == 8  # as from --set
     cpu = RunConfig.preset_config("cpu")
     assert cpu.device == "cpu" and cpu.train.model.encoder.image_size == 64 and cpu.eval.seeds == 3
     published = PlanConfig()
