@@ -259,51 +259,31 @@ def _paper() -> RunConfig:
     return RunConfig(preset="paper", train=TrainConfig.preset("paper"))
 
 
-def _smoke() -> RunConfig:
-    train = dataclasses.replace(TrainConfig.preset("default"), model=LeWMConfig.preset("small")).override(
-        {
-            "epochs": 4,
-            "epoch_steps": 400,
-            "batch_size": 32,
-            "lr": 1e-3,
-            "precision": "fp32",
-            "sigreg_num_proj": 256,
-            "log_every": 25,
-            "val_max_batches": 8,
-        }
-    )
+def _cpu_run(preset: str, model: str, eval: EvalConfig, **train: Any) -> RunConfig:
+    """A CPU run of the ``model`` preset on 600 episodes: batch 32, fp32, 256 SIGReg
+    directions, smaller probes; ``train`` sets the rest (epochs, steps, lr, ...)."""
+    common = {"batch_size": 32, "precision": "fp32", "sigreg_num_proj": 256, "log_every": 25}
+    base = dataclasses.replace(TrainConfig.preset("default"), model=LeWMConfig.preset(model))
     return RunConfig(
-        preset="smoke",
+        preset=preset,
         device="cpu",
         data=DataConfig(episodes=600),
-        train=train,
+        train=base.override({**common, **train}),
         probe=ProbeConfig(max_frames=4000, fresh_episodes=64, batch_size=128),
-        eval=EvalConfig(episodes=20, num_samples=64, n_steps=5, topk=8, during_training=20),
+        eval=eval,
     )
+
+
+def _smoke() -> RunConfig:
+    """CI's plumbing check: the small 56 px model, a weak planner, evaluated every epoch."""
+    weak = EvalConfig(episodes=20, num_samples=64, n_steps=5, topk=8, during_training=20)
+    return _cpu_run("smoke", "small", weak, epochs=4, epoch_steps=400, lr=1e-3, val_max_batches=8)
 
 
 def _cpu() -> RunConfig:
-    """The default without a GPU: learns Two-Room on 2 CPU cores (docs/cpu-preset.md)."""
-    train = dataclasses.replace(TrainConfig.preset("default"), model=LeWMConfig.preset("cpu")).override(
-        {
-            "epochs": 2,
-            "epoch_steps": 400,
-            "batch_size": 32,
-            "lr": 2e-3,
-            "precision": "fp32",
-            "sigreg_num_proj": 256,
-            "log_every": 25,
-            "val_max_batches": 4,
-        }
-    )
-    return RunConfig(
-        preset="cpu",
-        device="cpu",
-        data=DataConfig(episodes=600),
-        train=train,
-        probe=ProbeConfig(max_frames=4000, fresh_episodes=64, batch_size=128),
-        eval=EvalConfig(seeds=3),
-    )
+    """The default without a GPU: learns Two-Room on 2 CPU cores (docs/cpu-preset.md); the
+    published evaluation over 3 planner seeds."""
+    return _cpu_run("cpu", "cpu", EvalConfig(seeds=3), epochs=2, epoch_steps=400, lr=2e-3, val_max_batches=4)
 
 
 def _gpu_short() -> RunConfig:
