@@ -7,7 +7,8 @@ reader (or a crash) never meets a half-written one:
 - :func:`atomic_path` / :func:`atomic_file` write a file through a hidden temporary
   sibling ``.<name>.tmp-<id>``, flushed to disk (fsync) and renamed over the target with
   ``os.replace`` (atomic on POSIX and Windows); :func:`write_bytes_atomic`,
-  :func:`write_text_atomic` and :func:`write_json_atomic` are the one-call forms.
+  :func:`write_text_atomic`, :func:`write_json_atomic` and :func:`write_npz_atomic` are the
+  one-call forms.
 - :func:`atomic_folder` does the same for a folder of files.
 
 Temporaries are removed when the write fails; only a hard kill leaves one behind, always
@@ -27,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 __all__ = [
     "atomic_path",
     "atomic_file",
@@ -35,6 +38,7 @@ __all__ = [
     "write_text_atomic",
     "write_bytes_atomic",
     "write_json_atomic",
+    "write_npz_atomic",
     "json_safe",
     "json_number",
     "fsync_dir",
@@ -123,6 +127,21 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_path`); returns the path."""
     with atomic_file(path) as f:
         f.write(data)
+    return Path(path)
+
+
+def write_npz_atomic(path: str | os.PathLike, arrays: dict[str, Any]) -> Path:
+    """Write numpy ``arrays`` {name: array} as one compressed ``.npz`` to ``path`` atomically.
+
+    Read back with ``numpy.load(path, allow_pickle=False)``: object arrays are refused here,
+    so every array loads without pickle. ``path`` is used as given (no ``.npz`` appended).
+    """
+    arrays = {name: np.asarray(value) for name, value in arrays.items()}
+    for name, value in arrays.items():
+        if value.dtype.hasobject:
+            raise TypeError(f"write_npz_atomic: array {name!r} holds Python objects; npz needs plain dtypes")
+    with atomic_file(path) as f:
+        np.savez_compressed(f, **arrays)
     return Path(path)
 
 

@@ -234,29 +234,44 @@ def export_hdf5(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     """Run the published Two-Room MPC evaluation of a checkpoint on a dataset: start and goal
     states drawn from the dataset, CEM planning in embedding space, the environment stepped
-    until success or the budget. Prints the success rate and plan latency; --out saves the
-    full result as JSON. Every planner setting below defaults to the published value."""
+    until success or the budget. Prints the success rate with its 95% Wilson interval and
+    the plan latency (--seeds N: also every planner seed's success, their mean and spread);
+    --out saves the full result as JSON. Every planner setting below defaults to the
+    published value."""
     from . import load_pretrained
     from .plan import evaluate as run
     from .plan.config import from_arguments
+    from .plan.evaluation import seed_runs_text
+    from .stats import success_text
 
     device = _device(args.device)
     try:
         config = from_arguments(args)
         model = load_pretrained(args.checkpoint, device=device).eval()
-        result = run(model, args.dataset, config, device=device, progress=not args.no_progress, out=args.out)
+        result = run(
+            model,
+            args.dataset,
+            config,
+            device=device,
+            progress=not args.no_progress,
+            out=args.out,
+            episodes_out=args.episodes_out,
+        )
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise SystemExit(f"lewm-fast eval: {exc}") from None
     latency = result["plan_latency_ms"]
     print(
-        f"success {result['successes']}/{result['episodes']} ({100 * result['success_rate']:.1f}%), "
+        f"success {success_text(result['successes'], result['episodes'])}, "
         f"mean final distance {result['final_distance_mean']:.1f} px; "
         f"{result['plans']} plans of {result['episodes']} envs, plan latency median "
         f"{latency['median']:.1f} ms (p90 {latency['p90']:.1f} ms); {result['elapsed_s']:.1f} s on "
         f"{result['device']}"
     )
-    if args.out:
-        print(f"wrote {args.out}")
+    if result["seed_runs"]["seeds"] > 1:
+        print(f"success {seed_runs_text(result['seed_runs'])}")
+    for path in (args.out, args.episodes_out):
+        if path:
+            print(f"wrote {path}")
     return 0
 
 
@@ -356,8 +371,11 @@ def train(args: argparse.Namespace) -> int:
 def pipeline(args: argparse.Namespace) -> int:
     """Run the Two-Room pipeline (data -> train -> probe -> eval -> report) in the run folder
     --out and print the headline metrics. Finished stages are reused and an interrupted
-    training resumes. Presets: paper, smoke (CPU, under 10 minutes), gpu-short."""
+    training resumes. Presets: paper, cpu (the default without a GPU: learns Two-Room on 2
+    CPU cores), smoke (a quick plumbing check), gpu-short."""
     from .pipeline import PipelineError, RunConfig, default_preset, run_pipeline
+    from .plan.evaluation import seed_runs_text
+    from .stats import success_text
 
     try:
         if args.config:
@@ -381,14 +399,22 @@ def pipeline(args: argparse.Namespace) -> int:
     def fmt(value, scale=1.0, unit=""):
         return "not measured" if value is None else f"{value * scale:.3g}{unit}"
 
-    r2 = report.get("probe_r2") or {}
+    r2, detail = report.get("probe_r2") or {}, report.get("success_detail")
+    success = (
+        success_text(detail["successes"], detail["episodes"])
+        if detail
+        else fmt(report.get("success_rate"), 100, "%")
+    )
     print(
-        f"lewm-fast pipeline ({config.preset}): success {fmt(report.get('success_rate'), 100, '%')}, "
+        f"lewm-fast pipeline ({config.preset}): success {success}, "
         f"final distance {fmt(report.get('final_distance_mean'), unit=' px')}, "
         f"plan {fmt(report.get('plan_ms_median'), unit=' ms')}, probe R^2 x {fmt(r2.get('x'))} "
         f"y {fmt(r2.get('y'))}, 1-step MSE {fmt(report.get('one_step_mse'))}; "
         f"report {Path(args.out) / 'report.md'}"
     )
+    runs = detail and detail["seed_runs"]
+    if runs and runs["seeds"] > 1:
+        print(f"lewm-fast pipeline: success {seed_runs_text(runs)}")
     return 0
 
 
@@ -480,6 +506,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + weights.pt)")
     p.add_argument("--dataset", required=True, help="dataset folder the start/goal pairs come from")
     p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument(
+        "--episodes-out",
+        help="write every episode's path (positions per env step, the first plan) as .npz here; "
+        "lewm_fast.report.write_episode_pictures draws it",
+    )
     add_arguments(p)
 
 
@@ -522,8 +553,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
-        choices=("paper", "smoke", "gpu-short"),
-        help="run preset (default: gpu-short with a CUDA device, smoke otherwise)",
+        choices=("paper", "cpu", "smoke", "gpu-short"),
+        help="run preset (default: gpu-short with a CUDA device, cpu otherwise)",
     )
     p.add_argument("--out", default="runs/lewm", help="run folder")
     p.add_argument("--config", help="a JSON (or YAML) run configuration file")

@@ -8,15 +8,17 @@
     DIR/train/               metrics.jsonl, checkpoints/, model/ (and best_model/)
     DIR/probe.json           linear probe R^2, 1-step MSE on fresh rollouts, held-out SIGReg
     DIR/eval.json            the published 50-episode planning evaluation
-    DIR/report.json, report.md, plots/
+    DIR/episodes.npz         its episodes' paths: positions per env step, the first plan
+    DIR/report.json, report.md, plots/ (training curves, episodes.png, episodes.gif)
     DIR/stages/<stage>.json  what each finished stage produced, its time and fingerprint
 
 A stage whose record exists with the same fingerprint (its configuration and those of the
 stages it reads) is reused, not recomputed; an interrupted training run is resumed from its
 newest checkpoint. A failing stage raises :class:`PipelineError` naming it and leaves every
-earlier stage's output in place. Presets: ``paper`` (published settings), ``smoke`` (a
-small model on CPU, under 10 minutes on 2 cores), ``gpu-short`` (the paper model for a
-few minutes on one data-centre GPU).
+earlier stage's output in place. Presets: ``paper`` (published settings), ``cpu`` (the
+default without a GPU: a small model that learns Two-Room on 2 CPU cores, evaluated with
+the published protocol and planner), ``smoke`` (a smaller, weaker run that checks the
+plumbing; CI's), ``gpu-short`` (the paper model for a few minutes on one data-centre GPU).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from . import _checks
 from ._io import write_json_atomic
 from .config import LeWMConfig, parse_value
 from .plan.config import PlanConfig
+from .report import EPISODES_FILE
 from .sysinfo import environment
 from .train.config import TrainConfig
 
@@ -100,7 +103,8 @@ class EvalConfig(PlanConfig):
 
     ``enabled`` runs the eval stage. ``during_training`` > 0 also evaluates on that many
     episodes after every ``train.eval_every_epochs`` epochs, which feeds the success curve
-    and early stopping.
+    and early stopping; those evaluations plan with the first planner seed only, whatever
+    ``seeds`` says (``--set eval.seeds=3`` repeats the eval stage's evaluation).
     """
 
     _prefix: ClassVar[str] = "eval."
@@ -138,7 +142,7 @@ class RunConfig:
 
     @classmethod
     def preset_config(cls, name: str) -> RunConfig:
-        """A named run: "paper", "smoke" or "gpu-short"."""
+        """A named run: "paper", "cpu", "smoke" or "gpu-short"."""
         if name not in RUN_PRESETS:
             raise ValueError(f"unknown pipeline preset {name!r}; expected one of {sorted(RUN_PRESETS)}")
         return RUN_PRESETS[name]()
@@ -255,27 +259,31 @@ def _paper() -> RunConfig:
     return RunConfig(preset="paper", train=TrainConfig.preset("paper"))
 
 
-def _smoke() -> RunConfig:
-    train = dataclasses.replace(TrainConfig.preset("default"), model=LeWMConfig.preset("small")).override(
-        {
-            "epochs": 4,
-            "epoch_steps": 400,
-            "batch_size": 32,
-            "lr": 1e-3,
-            "precision": "fp32",
-            "sigreg_num_proj": 256,
-            "log_every": 25,
-            "val_max_batches": 8,
-        }
-    )
+def _cpu_run(preset: str, model: str, eval: EvalConfig, **train: Any) -> RunConfig:
+    """A CPU run of the ``model`` preset on 600 episodes: batch 32, fp32, 256 SIGReg
+    directions, smaller probes; ``train`` sets the rest (epochs, steps, lr, ...)."""
+    common = {"batch_size": 32, "precision": "fp32", "sigreg_num_proj": 256, "log_every": 25}
+    base = dataclasses.replace(TrainConfig.preset("default"), model=LeWMConfig.preset(model))
     return RunConfig(
-        preset="smoke",
+        preset=preset,
         device="cpu",
         data=DataConfig(episodes=600),
-        train=train,
+        train=base.override({**common, **train}),
         probe=ProbeConfig(max_frames=4000, fresh_episodes=64, batch_size=128),
-        eval=EvalConfig(episodes=20, num_samples=64, n_steps=5, topk=8, during_training=20),
+        eval=eval,
     )
+
+
+def _smoke() -> RunConfig:
+    """CI's plumbing check: the small 56 px model, a weak planner, evaluated every epoch."""
+    weak = EvalConfig(episodes=20, num_samples=64, n_steps=5, topk=8, during_training=20)
+    return _cpu_run("smoke", "small", weak, epochs=4, epoch_steps=400, lr=1e-3, val_max_batches=8)
+
+
+def _cpu() -> RunConfig:
+    """The default without a GPU: learns Two-Room on 2 CPU cores (docs/cpu-preset.md); the
+    published evaluation over 3 planner seeds."""
+    return _cpu_run("cpu", "cpu", EvalConfig(seeds=3), epochs=2, epoch_steps=400, lr=2e-3, val_max_batches=4)
 
 
 def _gpu_short() -> RunConfig:
@@ -285,12 +293,17 @@ def _gpu_short() -> RunConfig:
     )
 
 
-RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {"paper": _paper, "smoke": _smoke, "gpu-short": _gpu_short}
+RUN_PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "paper": _paper,
+    "cpu": _cpu,
+    "smoke": _smoke,
+    "gpu-short": _gpu_short,
+}
 
 
 def default_preset() -> str:
-    """``gpu-short`` when a CUDA device is present, ``smoke`` otherwise."""
-    return "gpu-short" if torch.cuda.is_available() else "smoke"
+    """``gpu-short`` when a CUDA device is present, ``cpu`` otherwise."""
+    return "gpu-short" if torch.cuda.is_available() else "cpu"
 
 
 class PipelineError(RuntimeError):
@@ -316,7 +329,7 @@ class _Run:
         try:
             self.device = _checks.resolve_device(config.device)
         except ValueError as exc:
-            raise ValueError(f"{exc}; use --preset smoke or --set device=cpu") from None
+            raise ValueError(f"{exc}; use --preset cpu or --set device=cpu") from None
         train = dataclasses.replace(config.train, progress=progress)
         self.train_config = train
         data_fp = _fingerprint("data", dataclasses.asdict(config.data))
@@ -423,7 +436,7 @@ def _train_stage(run: _Run) -> dict[str, Any]:
         episodes, ds = plan.during_training, _dataset(run)
 
         def evaluator(model):
-            return evaluate(model, ds, plan, episodes=episodes, device=run.device, progress=False)
+            return evaluate(model, ds, plan, episodes=episodes, seeds=1, device=run.device, progress=False)
 
     resume = latest_checkpoint(train_dir) is not None
     if resume:
@@ -469,9 +482,17 @@ def _eval_stage(run: _Run) -> dict[str, Any]:
 
     if not run.config.eval.enabled:
         return {"skipped": "eval.enabled is false"}
-    model, out = _load_model(run), run.out / "eval.json"
-    evaluate(model, _dataset(run), run.config.eval, device=run.device, progress=run.progress, out=out)
-    return {"files": ["eval.json"]}
+    model, out, paths = _load_model(run), run.out / "eval.json", run.out / EPISODES_FILE
+    evaluate(
+        model,
+        _dataset(run),
+        run.config.eval,
+        device=run.device,
+        progress=run.progress,
+        out=out,
+        episodes_out=paths,
+    )
+    return {"files": ["eval.json", EPISODES_FILE]}
 
 
 def _report_stage(run: _Run) -> dict[str, Any]:
@@ -491,6 +512,7 @@ def _report_stage(run: _Run) -> dict[str, Any]:
         preset=run.config.preset,
         metrics_jsonl=out / "train" / "metrics.jsonl",
         reasons=reasons,
+        episodes=out / EPISODES_FILE,
     )
     return {"files": ["report.json", "report.md"]}
 

@@ -51,9 +51,9 @@ from torch import nn
 from . import _checks
 from .data.dataset import TwoRoomDataset
 from .data.generate import draw_episodes, rollout
-from .data.windows import action_stats, as_dataset, normalize_frames, window_rows, window_starts
+from .data.windows import ModelFrames, action_stats, as_dataset, window_rows, window_starts
 from .envs.policies import make_policy
-from .envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout, layout_image, render
+from .envs.two_room import DEFAULT_LAYOUT, TwoRoomLayout
 from .reference.jepa import action_width_of, device_of, eval_mode, window_of
 from .sigreg import sigreg as _sigreg
 from .train.step import loss_head
@@ -136,12 +136,11 @@ def encode_positions(
     device = _model_device(model)
     size = _model_image_size(model)
     positions = positions.to(device=device, dtype=torch.float32)
-    background = layout_image(layout, device)
+    model_frames = ModelFrames(layout, size, device)
     out = []
     with eval_mode(model):
         for i in range(0, positions.shape[0], batch_size):
-            frames = render(positions[i : i + batch_size], layout, background=background, check=False)
-            pixels = normalize_frames(frames, size)[:, None]  # (n, 1, 3, S, S)
+            pixels = model_frames(positions[i : i + batch_size])[:, None]  # (n, 1, 3, S, S)
             with _autocast(device, autocast):
                 emb = model.encode({"pixels": pixels})["emb"]
             out.append(emb[:, 0].float())

@@ -1,4 +1,4 @@
-"""The run report (issue 7): ``report.json`` + ``report.md`` + PNG training curves.
+"""The run report (issue 7): ``report.json`` + ``report.md`` + PNG training curves + episode pictures.
 
 :func:`headline` reads a run's headline metrics (:data:`HEADLINE_METRICS`) out of its
 probe and evaluation results; :func:`write_report` puts them next to the reference numbers
@@ -20,6 +20,13 @@ skipped and counted; records lacking a key are left out of that key's curve.
 
 Plots need matplotlib (``pip install lewm-fast[plots]``); without it, or without the
 records a plot needs, the report is still written and ``plots_skipped`` says why.
+
+Episode pictures (issue 15), from the ``episodes.npz`` that ``lewm_fast.plan.evaluate(...,
+episodes_out=...)`` writes (:func:`write_episode_pictures`): ``plots/episodes.png``, a grid
+of evaluated episodes (start, goal, the executed path, the first plan replayed in the env,
+success or failure), with matplotlib; ``plots/episodes.gif``, a few of them frame by frame
+from the environment's own rendering, with Pillow. A missing library or file skips only
+those pictures, with the reason in ``episodes``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+import math
 import os
 import statistics
 from collections.abc import Mapping
@@ -34,17 +42,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ._io import json_number, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .plan.evaluation import read_episodes, seed_runs_text
+from .stats import success_text, wilson_interval
 
 __all__ = [
     "HEADLINE_METRICS",
     "HeadlineMetric",
+    "SUCCESS_DETAIL",
     "REFERENCE",
     "PLOTS",
     "read_metrics",
     "training_summary",
     "headline",
     "write_plots",
+    "write_episode_pictures",
+    "pick_episodes",
     "write_report",
 ]
 
@@ -102,7 +117,7 @@ REFERENCE: dict[str, dict[str, Any]] = {
     "success_rate": {
         "paper": 0.87,
         "replication": 0.84,
-        "note": "replication: 50 episodes, RTX 3060 Ti 8 GB",
+        "note": f"replication: {success_text(42, 50)}, RTX 3060 Ti 8 GB",
     },
     "final_distance_mean": {"note": "no published reference"},
     "plan_ms_median": {
@@ -244,14 +259,44 @@ def _matplotlib():
     return (Figure, FigureCanvasAgg), None
 
 
+def _success_intervals(
+    evals: list[dict[str, Any]],
+) -> tuple[list[float], list[float], list[float], str] | None:
+    """(steps, lo, hi, legend label) of the 95% Wilson interval of every eval record holding
+    ``successes`` and ``episodes`` (an evaluation during training); None when none does."""
+    xs, lo, hi, counts = [], [], [], set()
+    for i, record in enumerate(evals):
+        k, n = record.get("successes"), record.get("episodes")
+        try:
+            interval = wilson_interval(k, n)
+        except ValueError:
+            continue
+        x = json_number(record.get("step"))
+        xs.append(float(i if x is None else x))
+        lo.append(interval[0])
+        hi.append(interval[1])
+        counts.add(int(n))
+    if not xs:
+        return None
+    each = f"{counts.pop()} episodes each" if len(counts) == 1 else "episodes vary"
+    return xs, lo, hi, f"95% Wilson interval ({each})"
+
+
 def _draw(
-    mpl: tuple[type, type], name: str, data: list[tuple], keys: list[str], title: str, log_y: bool
+    mpl: tuple[type, type],
+    name: str,
+    data: list[tuple],
+    keys: list[str],
+    title: str,
+    log_y: bool,
+    intervals: tuple | None = None,
 ) -> bytes:
     """PNG bytes of plot ``name``: its series ``data`` [(kind, key, label, xs, ys)] against step.
 
     One colour per quantity (index in ``keys``): train solid, val dashed with markers; a
     long train series is drawn faint with a running mean over 1% of it on top. The success
-    plot gets the published success rates of :data:`REFERENCE` as horizontal lines.
+    plot gets the published success rates of :data:`REFERENCE` as horizontal lines and
+    ``intervals`` (:func:`_success_intervals`) as bars.
     """
     figure_cls, canvas_cls = mpl
     fig = figure_cls(figsize=(7.0, 4.0), dpi=100)
@@ -271,6 +316,9 @@ def _draw(
         ax.set_yscale("log")
     if name == "success":
         ax.set_ylim(-0.02, 1.02)
+        if intervals is not None:
+            xs, lo, hi, label = intervals
+            ax.vlines(xs, lo, hi, color="C0", alpha=0.35, linewidth=4, label=label)
         for (who, rate), style in zip(_sourced(REFERENCE["success_rate"]), (":", "-.", "--")):
             ax.axhline(rate, color="gray", linestyle=style, linewidth=0.8, label=f"{who} {rate:.0%}")
     ax.set_xlabel("step")
@@ -308,9 +356,277 @@ def write_plots(
             skipped[name] = why
             continue
         keys = list(dict.fromkeys(key for _, key, _ in series))
-        png = _draw(mpl, name, data, keys, title, log_y)
+        intervals = _success_intervals(list(records.get("eval", []))) if name == "success" else None
+        png = _draw(mpl, name, data, keys, title, log_y, intervals)
         written[name] = write_bytes_atomic(folder / f"{name}.png", png).name
     return written, skipped
+
+
+# ------------------------------------------------------------------ episode pictures
+EPISODES_FILE = "episodes.npz"
+EPISODE_PICTURES = {"grid": "episodes.png", "animation": "episodes.gif"}
+_GREEN, _RED, _GREY = (44, 160, 44), (214, 39, 40), (150, 150, 150)
+_PATH_BLUE = (31, 119, 180)
+_GIF_BORDER, _GIF_LABEL, _GIF_GAP = 4, 14, 6  # px: success frame, caption strip, space between panels
+_GIF_MS, _GIF_HOLD_MS = 120, 2000  # per env step; the last frame
+
+
+def pick_episodes(success, count: int) -> list[int]:
+    """Up to ``count`` episode indices to show, ascending, the first ones of each outcome in
+    evaluation order: failures (what a reader most needs to see) get at least half of the
+    places when there are that many, successes the rest, and either outcome fills the places
+    the other cannot. The caption says which were picked."""
+    failed = [i for i, ok in enumerate(success) if not ok]
+    passed = [i for i, ok in enumerate(success) if ok]
+    fails = min(len(failed), max(count - len(passed), math.ceil(count / 2)))
+    wins = min(len(passed), count - fails)
+    return sorted(failed[:fails] + passed[:wins])
+
+
+def _picked_words(success, picked: list[int]) -> str:
+    """ "all 3 failed episodes and the first 22 of 47 successful episodes", for a caption."""
+    fails = sum(1 for i in picked if not success[i])
+    wins = len(picked) - fails
+    total_fails = sum(1 for ok in success if not ok)
+    total_wins = len(success) - total_fails
+    parts = [
+        (f"the first {n} of {total}" if n < total else f"all {n}" if n > 1 else "the 1")
+        + f" {what} episode{'s' if n > 1 else ''}"
+        for n, total, what in ((fails, total_fails, "failed"), (wins, total_wins, "successful"))
+        if n
+    ]
+    return " and ".join(parts)
+
+
+def _episode_title(ep: Mapping[str, Any], b: int) -> str:
+    steps = int(ep["steps_to_success"][b])
+    if steps >= 0:
+        return f"#{b}: goal reached at step {steps}"
+    gap = float(((ep["xy"][b, -1] - ep["goal_xy"][b]) ** 2).sum() ** 0.5)
+    return f"#{b}: missed by {gap:.0f} px"
+
+
+def _rgb(color: tuple[int, int, int]) -> tuple[float, float, float]:
+    return tuple(c / 255 for c in color)
+
+
+def _grid_panel(ax, ep: Mapping[str, Any], b: int, left: float, top: float, size: int, lo: int) -> None:
+    """Episode ``b`` in the grid cell whose room image starts at (``left``, ``top``): env
+    point (x, y) is drawn at (x - lo + left, y - lo + top)."""
+    from matplotlib.patches import Circle, Rectangle
+
+    blue, green, red = _rgb(_PATH_BLUE), _rgb(_GREEN), _rgb(_RED)
+    shift = np.array([left - lo, top - lo], np.float32)
+    goal, path, plan = ep["goal_xy"][b] + shift, ep["xy"][b] + shift, ep["plan_xy"][b] + shift
+    every, ok = max(int(ep["steps_per_plan"]), 1), bool(ep["success"][b])
+    radius = ep["layout"].success_distance
+    ax.add_patch(Circle(goal, radius, facecolor=(*green, 0.18), edgecolor=green, lw=0.8))
+    ax.plot(plan[:, 0], plan[:, 1], "-", color="darkorange", lw=5, alpha=0.45, solid_capstyle="round")
+    ax.plot(path[:, 0], path[:, 1], "-", color=blue, lw=1.4)
+    replans = path[every:-1:every]
+    ax.plot(replans[:, 0], replans[:, 1], "s", color=blue, ms=3.5)
+    ax.plot(*path[-1], "X", color=blue, mec="white", mew=0.5, ms=7)
+    ax.plot(*path[0], "o", color=blue, mec="white", ms=7)
+    ax.plot(*goal, "*", color=green, mec="black", mew=0.5, ms=11)
+    ax.add_patch(
+        Rectangle((left - 0.5, top - 0.5), size, size, fill=False, edgecolor=green if ok else red, lw=3)
+    )
+    title = _episode_title(ep, b)
+    ax.text(
+        left + size / 2, top - 6, title, ha="center", va="bottom", fontsize=8, color="black" if ok else red
+    )
+
+
+def _grid_legend(fig) -> None:
+    from matplotlib.lines import Line2D
+
+    blue, green = _rgb(_PATH_BLUE), _rgb(_GREEN)
+    handles = [
+        Line2D([], [], marker="o", color=blue, mec="white", ls="", ms=7, label="start"),
+        Line2D([], [], marker="X", color=blue, mec="white", ls="", ms=7, label="end"),
+        Line2D([], [], marker="*", color=green, mec="k", ls="", ms=11, label="goal (ring: success radius)"),
+        Line2D([], [], color=blue, lw=1.4, marker="s", ms=3.5, label="executed path (squares: replans)"),
+        Line2D([], [], color="darkorange", lw=5, alpha=0.45, label="first plan, replayed in the true env"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+
+
+def _draw_episode_grid(mpl: tuple[type, type], ep: Mapping[str, Any], picked: list[int], words: str) -> bytes:
+    """PNG bytes: one panel per picked episode over the empty room (walls, door, borders):
+    start, goal with its success radius, the executed path with a mark at every replan and
+    its end, under it the first plan replayed in the env (a wide orange band); a green frame
+    for success, red for failure. ``words`` says which episodes are shown.
+
+    The panels are cells of one tiled room image in one axes (25 axes would cost seconds).
+    """
+    from .envs.two_room import layout_image
+
+    figure_cls, canvas_cls = mpl
+    layout = ep["layout"]
+    lo = layout.border - layout.border_thickness - 2  # crop: the room and its border lines
+    room = layout_image(layout).numpy()[lo : layout.size - lo, lo : layout.size - lo]
+    size, title, gap = room.shape[0], 24, 10  # env px: a panel, its title band, between panels
+    cols = min(5, max(1, math.ceil(math.sqrt(len(picked)))))
+    rows = math.ceil(len(picked) / cols)
+    cell_w, cell_h = size + gap, size + title + gap
+    tiles = np.full((rows * cell_h - gap, cols * cell_w - gap, 3), 255, np.uint8)
+    scale, legend, heading = 1.1 / 100, 0.55, 0.35  # inches per env px; inches below and above
+    width, height = tiles.shape[1] * scale + 0.2, tiles.shape[0] * scale + legend + heading
+    fig = figure_cls(figsize=(width, height), dpi=100)
+    canvas_cls(fig)
+    ax = fig.add_axes((0.1 / width, legend / height, 1 - 0.2 / width, 1 - (legend + heading) / height))
+    ax.set_axis_off()
+    for k, b in enumerate(picked):
+        top, left = (k // cols) * cell_h + title, (k % cols) * cell_w
+        tiles[top : top + size, left : left + size] = room
+        _grid_panel(ax, ep, b, left, top, size, lo)
+    h, w = tiles.shape[:2]
+    ax.imshow(tiles, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest", zorder=0)
+    ax.set_xlim(-2.5, w + 1.5)
+    ax.set_ylim(h + 1.5, -0.5)
+    _grid_legend(fig)
+    wins = int(sum(bool(v) for v in ep["success"]))
+    heading_text = f"{wins} of {len(ep['success'])} episodes reached the goal; shown: {words}"
+    fig.suptitle(heading_text, fontsize=9, y=1 - 0.08 / height, va="top")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _gif_frames(ep: Mapping[str, Any], picked: list[int]) -> list:
+    """Pillow frames, one per env step: the env's rendered frame of each picked episode (the
+    red agent dot) with the goal ring, the path so far and a frame that turns green at success
+    (red at the end for a failure), tiled side by side (2 x 2 for 4)."""
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .envs.two_room import render
+
+    layout = ep["layout"]
+    s, steps = layout.size, ep["xy"].shape[1] - 1
+    xy = torch.from_numpy(ep["xy"][picked]).reshape(-1, 2)
+    shots = render(xy, layout).reshape(len(picked), steps + 1, s, s, 3).numpy()
+    cols = min(len(picked), 2 if len(picked) == 4 else 3)
+    rows = math.ceil(len(picked) / cols)
+    pw, ph = s + 2 * _GIF_BORDER, s + 2 * _GIF_BORDER + _GIF_LABEL
+    width, height = cols * pw + (cols - 1) * _GIF_GAP, rows * ph + (rows - 1) * _GIF_GAP
+    font, r = ImageFont.load_default(), layout.success_distance
+    frames = []
+    for t in range(steps + 1):
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        for k, b in enumerate(picked):
+            x0, y0 = (k % cols) * (pw + _GIF_GAP), (k // cols) * (ph + _GIF_GAP)
+            reached = 0 <= int(ep["steps_to_success"][b]) <= t
+            frame = _GREEN if reached else (_RED if t == steps else _GREY)
+            draw.rectangle((x0, y0 + _GIF_LABEL, x0 + pw - 1, y0 + ph - 1), fill=frame)
+            canvas.paste(Image.fromarray(shots[k, t]), (x0 + _GIF_BORDER, y0 + _GIF_LABEL + _GIF_BORDER))
+            ox, oy = x0 + _GIF_BORDER, y0 + _GIF_LABEL + _GIF_BORDER
+            gx, gy = (float(v) for v in ep["goal_xy"][b])
+            draw.ellipse((ox + gx - r, oy + gy - r, ox + gx + r, oy + gy + r), outline=_GREEN, width=2)
+            draw.line((ox + gx - 3, oy + gy, ox + gx + 3, oy + gy), fill=_GREEN, width=1)
+            draw.line((ox + gx, oy + gy - 3, ox + gx, oy + gy + 3), fill=_GREEN, width=1)
+            trail = [(ox + float(px), oy + float(py)) for px, py in ep["xy"][b, : t + 1]]
+            if len(trail) > 1:
+                draw.line(trail, fill=_PATH_BLUE, width=1)
+            status = (
+                f"reached at step {ep['steps_to_success'][b]}" if reached else "missed" if t == steps else ""
+            )
+            draw.text((x0 + 2, y0 + 1), f"#{b}  step {t}/{steps}  {status}", fill=(0, 0, 0), font=font)
+        frames.append(canvas)
+    return frames
+
+
+def _gif_bytes(frames: list) -> bytes:
+    """An endless GIF of RGB Pillow ``frames``, the last one held. One palette serves every
+    frame, made from the first, middle and last (which hold every colour drawn): several
+    times faster and smaller than a palette per frame."""
+    from PIL import Image
+
+    keys = (frames[0], frames[len(frames) // 2], frames[-1])
+    w, h = frames[0].size
+    montage = Image.new("RGB", (w * len(keys), h))
+    for i, key in enumerate(keys):
+        montage.paste(key, (i * w, 0))
+    palette = montage.quantize(colors=128, method=Image.Quantize.FASTOCTREE)
+    indexed = [frame.quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
+    buffer = io.BytesIO()
+    durations = [_GIF_MS] * (len(frames) - 1) + [_GIF_HOLD_MS]
+    indexed[0].save(
+        buffer, format="GIF", save_all=True, append_images=indexed[1:], duration=durations, loop=0
+    )
+    return buffer.getvalue()
+
+
+def write_episode_pictures(
+    episodes: str | os.PathLike, folder: str | os.PathLike, *, grid: int = 25, animated: int = 4
+) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+    """Draw the evaluated episodes of ``episodes`` (the ``episodes.npz`` of
+    ``lewm_fast.plan.evaluate(..., episodes_out=...)``) into ``folder``.
+
+    ``episodes.png`` (matplotlib): a grid of up to ``grid`` episodes; ``episodes.gif``
+    (Pillow): up to ``animated`` episodes frame by frame, one frame per env step, from the
+    env's own rendering. Episodes are chosen by :func:`pick_episodes` (at least half failures
+    when there are that many).
+    Returns ({"grid" / "animation": file name}, {name: why skipped}, facts for the caption:
+    ``episodes``, ``successes``, ``grid_episodes`` / ``animated_episodes`` (indices shown)
+    and their words, ``env_steps``, ``steps_per_plan``, ``success_distance`` and
+    ``start_within_success``, the episodes that start within it). A missing library skips
+    only its picture.
+    """
+    ep = read_episodes(episodes)
+    success = [bool(v) for v in ep["success"]]
+    shown, moving = pick_episodes(success, grid), pick_episodes(success, animated)
+    facts = {
+        "episodes": len(success),
+        "successes": sum(success),
+        "grid_episodes": shown,
+        "grid_words": _picked_words(success, shown),
+        "animated_episodes": moving,
+        "animated_words": _picked_words(success, moving),
+        "env_steps": int(ep["xy"].shape[1] - 1),
+        "steps_per_plan": ep["steps_per_plan"],
+        # episodes whose start already lies within the success radius of their goal: success
+        # at the first step unless that step leaves it (the start itself is not checked)
+        "start_within_success": int(
+            (np.hypot(*(ep["start_xy"] - ep["goal_xy"]).T) < ep["layout"].success_distance).sum()
+        ),
+        "success_distance": float(ep["layout"].success_distance),
+    }
+    folder = Path(folder)
+    written: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    mpl, why = _matplotlib()
+    if mpl is None:
+        skipped["grid"] = why
+    else:
+        png = _draw_episode_grid(mpl, ep, shown, facts["grid_words"])
+        written["grid"] = write_bytes_atomic(folder / EPISODE_PICTURES["grid"], png).name
+    try:
+        gif = _gif_bytes(_gif_frames(ep, moving))
+    except ImportError as exc:
+        skipped["animation"] = f"Pillow is not installed (pip install lewm-fast[plots]): {exc}"
+    else:
+        written["animation"] = write_bytes_atomic(folder / EPISODE_PICTURES["animation"], gif).name
+    return written, skipped, facts
+
+
+def _episodes_part(episodes: Path, out_dir: Path) -> dict[str, Any]:
+    """The report's ``episodes`` key: the pictures of ``episodes`` (in ``out_dir/plots``) and
+    the facts their caption needs, or why there are none."""
+    part: dict[str, Any] = {"file": str(episodes), "pictures": {}, "skipped": {}}
+    if not episodes.is_file():
+        part["missing"] = f"{episodes} not found (the eval stage did not record episode paths)"
+        return part
+    try:
+        written, skipped, facts = write_episode_pictures(episodes, out_dir / PLOTS_DIR)
+    except (OSError, ValueError, KeyError) as exc:
+        part["missing"] = f"{episodes} could not be read: {type(exc).__name__}: {exc}"
+        return part
+    part["pictures"] = {name: f"{PLOTS_DIR}/{file}" for name, file in written.items()}
+    part["skipped"] = skipped
+    part.update(facts)
+    return part
 
 
 # ------------------------------------------------------------------ headline metrics
@@ -322,6 +638,41 @@ def _lookup(result: Mapping[str, Any], path: tuple[str, ...]) -> Any:
             return None
         value = value.get(key)
     return value
+
+
+# The metrics key (and report.json key) of the counts behind ``success_rate``: its 95% Wilson
+# interval and, when the evaluation was repeated over planner seeds, every run's success.
+SUCCESS_DETAIL = "success_detail"
+_SEED_RUNS_KEYS = ("seeds", "vary_start_seed", "runs", "success_rate_mean", "success_rate_std", "pooled")
+
+
+def _success_detail(detail: Any) -> dict[str, Any] | None:
+    """report.json's :data:`SUCCESS_DETAIL` from the one in the metrics (None when not given):
+    ``successes``, ``episodes``, their ``success_interval`` (95% Wilson, fractions) and
+    ``seed_runs`` (an evaluation result's, or None). ValueError naming what is wrong."""
+    if detail is None:
+        return None
+    if not isinstance(detail, Mapping):
+        raise ValueError(
+            f"metrics[{SUCCESS_DETAIL!r}] must be a mapping with successes, episodes and seed_runs, "
+            f"got {type(detail).__name__}"
+        )
+    try:
+        interval = wilson_interval(detail.get("successes"), detail.get("episodes"))
+    except ValueError as exc:
+        raise ValueError(f"metrics[{SUCCESS_DETAIL!r}]: {exc}") from None
+    runs = detail.get("seed_runs")
+    if runs is not None and not (isinstance(runs, Mapping) and set(_SEED_RUNS_KEYS) <= set(runs)):
+        raise ValueError(
+            f"metrics[{SUCCESS_DETAIL!r}]['seed_runs'] must be the seed_runs of an evaluation result "
+            f"(keys {list(_SEED_RUNS_KEYS)}) or None, got {runs!r}"
+        )
+    return {
+        "successes": int(detail["successes"]),
+        "episodes": int(detail["episodes"]),
+        "success_interval": list(interval),
+        "seed_runs": runs,
+    }
 
 
 def headline(
@@ -340,7 +691,9 @@ def headline(
     ``probes["probe_r2"]`` ({x, y}). Returns metrics {key: value or None} for every
     headline key and reasons {key: "the <source> stage <absent>"} for the metrics of a
     None result. Values are passed on unchecked: :func:`write_report` writes a missing or
-    non-finite one as null with the reason.
+    non-finite one as null with the reason. When the evaluation holds its counts, metrics
+    also get :data:`SUCCESS_DETAIL`: ``{"successes", "episodes", "seed_runs"}`` (the last
+    None for an evaluation without repeats).
     """
     results = {"probe": probes, "eval": evaluation}
     metrics: dict[str, Any] = {}
@@ -350,6 +703,12 @@ def headline(
         if result is None:
             reasons[key] = f"the {metric.source} stage {absent}"
         metrics[key] = None if result is None else _lookup(result, metric.path)
+    if isinstance(evaluation, Mapping) and "successes" in evaluation and "episodes" in evaluation:
+        metrics[SUCCESS_DETAIL] = {
+            "successes": evaluation["successes"],
+            "episodes": evaluation["episodes"],
+            "seed_runs": evaluation.get("seed_runs"),
+        }
     return metrics, reasons
 
 
@@ -469,6 +828,7 @@ def write_report(
     metrics_jsonl: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     reasons: Mapping[str, str] | None = None,
+    episodes: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and ``plots/*.png`` for the run in ``run_dir``.
 
@@ -477,8 +837,9 @@ def write_report(
         metrics: the run's numbers. Headline keys (:data:`HEADLINE_METRICS`):
             ``success_rate`` (fraction in [0, 1]), ``final_distance_mean`` (px),
             ``plan_ms_median`` (ms), ``probe_r2`` ({"x", "y"}), ``one_step_mse``,
-            ``sigreg_heldout`` -- e.g. the first result of :func:`headline`. Other keys
-            are kept under ``details``.
+            ``sigreg_heldout`` -- e.g. the first result of :func:`headline`; and
+            :data:`SUCCESS_DETAIL` ``{"successes", "episodes", "seed_runs"}``, the counts
+            behind the success rate (optional). Other keys are kept under ``details``.
         stages_seconds: wall-clock per stage, e.g. {"generate-data": 12.0, "train": 3600.0,
             "probe": 30.0, "eval": 8.0}; None for a stage that did not run.
         device_info: a description of the device (e.g. ``lewm_fast.sysinfo.environment(device)``)
@@ -489,14 +850,22 @@ def write_report(
         out: folder for the outputs (default ``run_dir``).
         reasons: why a headline metric is missing, e.g. {"success_rate": "eval stage failed: ..."};
             used instead of the generic reason.
+        episodes: the evaluation's episode paths (default ``run_dir/episodes.npz``, from
+            ``evaluate(..., episodes_out=...)``), drawn by :func:`write_episode_pictures`.
 
     Returns the report dict as written to ``report.json``: the headline keys (None when
     missing), ``missing`` {key: reason}, ``stages_seconds``, ``total_seconds``, ``device``,
     ``preset``, ``reference`` (:data:`REFERENCE`), ``training`` (:func:`training_summary`
     or None), ``plots`` {name: file relative to ``out``}, ``plots_skipped`` {name: reason},
-    ``details`` and bookkeeping (``format``, ``version``, ``created``, ``lewm_fast``, ``run_dir``).
+    ``episodes`` (``pictures`` {"grid", "animation": file relative to ``out``}, ``skipped``,
+    the caption's facts, or ``missing``), ``details`` and bookkeeping (``format``, ``version``,
+    ``created``, ``lewm_fast``, ``run_dir``).
     Raises ValueError (before writing anything) for ``metrics`` or ``reasons`` that are not
     mappings and for a stage time that is not a finite number >= 0 or None.
+
+    The report also holds :data:`SUCCESS_DETAIL`: ``successes``, ``episodes``, their 95%
+    Wilson ``success_interval`` (fractions) and ``seed_runs``, or None when the metrics
+    have none; ValueError (before writing) unless 0 <= successes <= episodes, episodes >= 1.
     """
     if not isinstance(metrics, Mapping):
         raise ValueError(f"metrics must be a mapping of metric names to values, got {type(metrics).__name__}")
@@ -506,16 +875,21 @@ def write_report(
     out_dir = Path(out) if out is not None else run_dir
     stages = _stages(stages_seconds)
     values, missing = _headline_values(metrics, {str(k): str(v) for k, v in (reasons or {}).items()})
+    success_detail = _success_detail(metrics.get(SUCCESS_DETAIL))
+    metrics = {k: v for k, v in metrics.items() if k != SUCCESS_DETAIL}  # not a detail: its own key
     jsonl = Path(metrics_jsonl) if metrics_jsonl is not None else run_dir / "metrics.jsonl"
+    paths = Path(episodes) if episodes is not None else run_dir / EPISODES_FILE
     report: dict[str, Any] = {
         **_bookkeeping(run_dir, preset),
         **values,
         "missing": missing,
+        SUCCESS_DETAIL: success_detail,
         "stages_seconds": stages,
         "total_seconds": sum(s for s in stages.values() if s is not None) if stages else None,
         "device": _plain(device_info) if device_info is not None else None,
         "reference": REFERENCE,
         **_training_part(jsonl, out_dir),
+        "episodes": _episodes_part(paths, out_dir),
         "details": _plain({k: v for k, v in metrics.items() if k not in HEADLINE_METRICS}),
     }
     report = _plain(report)
@@ -602,6 +976,8 @@ def _md_metrics(report: Mapping[str, Any]) -> list[str]:
             value = report[key] if coord is None or report[key] is None else report[key].get(coord)
             if value is None:
                 ours = f"not measured ({report['missing'].get(key, 'missing')})"
+            elif key == "success_rate" and report[SUCCESS_DETAIL] is not None:
+                ours = success_text(report[SUCCESS_DETAIL]["successes"], report[SUCCESS_DETAIL]["episodes"])
             else:
                 ours = _fmt(value, metric.unit)
             label = metric.label if coord is None else f"{metric.label}, {coord}"
@@ -609,7 +985,17 @@ def _md_metrics(report: Mapping[str, Any]) -> list[str]:
         if _sourced(entry) and entry.get("note"):
             notes.append(f"- {metric.label}: {entry['note']}")
     lines = ["## Metrics", "", *_table(("metric", "this run", "reference (spec section 8)"), rows), ""]
+    lines += _md_seed_runs(report)
     return lines + (["Reference notes:", "", *notes, ""] if notes else [])
+
+
+def _md_seed_runs(report: Mapping[str, Any]) -> list[str]:
+    """The line on an evaluation repeated over planner seeds (none for a single run)."""
+    detail = report[SUCCESS_DETAIL]
+    runs = detail and detail["seed_runs"]
+    if not runs or runs["seeds"] < 2:
+        return []
+    return [f"Success rate {seed_runs_text(runs)}; the first run is the headline above.", ""]
 
 
 # report.md's training table: (quantity, this run's cell from the formatted training_summary
@@ -699,4 +1085,44 @@ def _markdown(report: dict[str, Any]) -> str:
     for name, file in report["plots"].items():
         lines += [f"![{PLOTS[name][0]}]({file})", ""]
     lines += [f"- {name}: skipped ({why})" for name, why in report["plots_skipped"].items()]
+    lines += [""] if lines[-1] else []
+    lines += _md_episodes(report["episodes"])
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_episodes(part: Mapping[str, Any]) -> list[str]:
+    """The episodes section: the grid and the animation with captions that say what is drawn."""
+    lines = ["## Episodes", ""]
+    if part.get("missing"):
+        return lines + [f"No episode pictures: {part['missing']}.", ""]
+    pictures, every = part["pictures"], part["steps_per_plan"]
+    lines += [
+        f"{part['successes']} of {part['episodes']} evaluated episodes reached the goal "
+        f"({part['env_steps']} env steps run, a new plan every {every}). "
+        f"{part['start_within_success']} of the {part['episodes']} start within the "
+        f"{part['success_distance']:g} px success radius of their goal (success at step 1 unless "
+        "that step leaves it).",
+        "",
+        f"The grid shows {part['grid_words']}, numbered in evaluation order, over the room "
+        "(walls, door, borders): blue dot = start, blue X = end, green star = goal with its success "
+        f"ring; blue line = the executed path, a square at every replan (every {every} env steps); "
+        "wide orange band = the first plan's actions replayed in the true environment from the start, "
+        "not stopped at the goal. The band is what the plan does, not what the model predicted (LeWM "
+        "plans in embedding space and has no decoder); when every planned block is executed, as "
+        "published, the executed path runs inside it until success or the next plan. Green frame = "
+        "success, red = failure.",
+        "",
+    ]
+    if "grid" in pictures:
+        lines += [f"![evaluated episodes]({pictures['grid']})", ""]
+    if "animation" in pictures:
+        lines += [
+            f"Step by step, {part['animated_words']}: the environment's own frames (red dot = the agent), "
+            "the goal's success ring in green, the path so far in blue; the frame turns green at "
+            "success, red at the end of a failure.",
+            "",
+            f"![evaluated episodes, step by step]({pictures['animation']})",
+            "",
+        ]
+    lines += [f"- episodes {name}: skipped ({why})" for name, why in part["skipped"].items()]
+    return lines

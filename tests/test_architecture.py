@@ -26,7 +26,14 @@ SOURCES = {
 LAYERS = (
     (
         "helpers",
-        ("lewm_fast._checks", "lewm_fast._io", "lewm_fast.backend", "lewm_fast.sysinfo", "lewm_fast.testing"),
+        (
+            "lewm_fast._checks",
+            "lewm_fast._io",
+            "lewm_fast.backend",
+            "lewm_fast.stats",
+            "lewm_fast.sysinfo",
+            "lewm_fast.testing",
+        ),
     ),
     ("reference", ("lewm_fast.reference",)),
     ("kernels/csrc", ("lewm_fast.kernels", "lewm_fast.csrc", "lewm_fast._csrc")),

@@ -15,6 +15,7 @@ from lewm_fast._io import (
     json_safe,
     remove_stale,
     write_json_atomic,
+    write_npz_atomic,
     write_text_atomic,
 )
 
@@ -61,6 +62,21 @@ def test_json_that_cannot_be_written_leaves_the_old_file(tmp_path):
         write_json_atomic(path, {"v": object()})
     assert json.loads(path.read_text()) == {"v": 1}
     assert _names(tmp_path) == ["out.json"]
+
+
+def test_npz_round_trip_and_refused_objects(tmp_path):
+    arrays = {"xy": np.arange(12, dtype=np.float32).reshape(2, 3, 2), "tag": np.array("a b"), "n": 3}
+    path = write_npz_atomic(tmp_path / "sub" / "e.npz", arrays)
+    assert path == tmp_path / "sub" / "e.npz" and _names(path.parent) == ["e.npz"]  # no ".npz" appended
+    with np.load(path, allow_pickle=False) as data:
+        assert sorted(data.files) == ["n", "tag", "xy"]
+        np.testing.assert_array_equal(data["xy"], arrays["xy"])
+        assert str(data["tag"]) == "a b" and int(data["n"]) == 3
+    with pytest.raises(TypeError, match="'bad' holds Python objects"):
+        write_npz_atomic(path, {"bad": np.array([{"a": 1}], dtype=object)})
+    with np.load(path, allow_pickle=False) as data:  # the old file is untouched
+        assert sorted(data.files) == ["n", "tag", "xy"]
+    assert _names(path.parent) == ["e.npz"]
 
 
 # ------------------------------------------------------------------ files

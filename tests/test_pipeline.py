@@ -4,11 +4,14 @@ stage failures that keep earlier outputs, and configuration errors that name the
 import json
 
 import pytest
+import torch
 
 from lewm_fast import cli
 from lewm_fast.pipeline import STAGES, PipelineError, RunConfig, default_preset, run_pipeline
+from lewm_fast.plan import PlanConfig, read_episodes
 
-# The smoke preset with fewer episodes and steps: the same code path, CI-sized.
+# The smoke preset with fewer episodes and steps: the same code path, CI-sized; the eval stage
+# repeats its evaluation over two planner seeds.
 CI_SIZE = {
     "data.episodes": 60,
     "train.epochs": 2,
@@ -23,6 +26,7 @@ CI_SIZE = {
     "eval.num_samples": 16,
     "eval.n_steps": 2,
     "eval.topk": 4,
+    "eval.seeds": 2,
 }
 METRICS = (
     "success_rate",
@@ -52,6 +56,16 @@ def test_smoke_pipeline_produces_every_metric(finished_run):
         assert report[key] is not None, f"{key} missing: {report['missing'].get(key)}"
     assert set(report["probe_r2"]) == {"x", "y"}
     assert 0.0 <= report["success_rate"] <= 1.0
+    evaluation = json.loads((out / "eval.json").read_text())
+    detail = report["success_detail"]
+    assert (detail["successes"], detail["episodes"]) == (evaluation["successes"], 4)
+    assert detail["success_interval"] == evaluation["success_interval"]
+    runs = evaluation["seed_runs"]["runs"]
+    assert detail["seed_runs"]["seeds"] == 2 and [r["planner_seed"] for r in runs] == [42, 43]
+    assert runs[0]["row"] == runs[1]["row"] == evaluation["per_episode"]["row"]
+    md = (out / "report.md").read_text()
+    assert f"| CEM success rate (Two-Room evaluation) | {100 * report['success_rate']:.1f}% (" in md
+    assert "Success rate over 2 planner seeds 42, 43 (start rows of seed 42): " in md
     assert report["preset"] == "smoke" and report["device"]
     assert set(report["stages_seconds"]) == set(STAGES[:-1])
     for name in ("config.json", "report.json", "report.md", "probe.json", "eval.json", "train/metrics.jsonl"):
@@ -63,6 +77,20 @@ def test_smoke_pipeline_produces_every_metric(finished_run):
     assert RunConfig.from_dict(saved) == _config()
     kinds = {json.loads(line)["kind"] for line in (out / "train" / "metrics.jsonl").read_text().splitlines()}
     assert {"train", "val", "eval"} <= kinds
+
+
+def test_the_report_draws_the_evaluated_episodes(finished_run):
+    out, report, _ = finished_run
+    evaluation = json.loads((out / "eval.json").read_text())
+    episodes = read_episodes(out / "episodes.npz")
+    assert evaluation["episodes_file"] == str(out / "episodes.npz")
+    assert episodes["xy"].shape == (4, evaluation["env_steps"] + 1, 2)
+    assert episodes["success"].tolist() == evaluation["per_episode"]["success"]
+    assert report["episodes"]["pictures"] == {"grid": "plots/episodes.png", "animation": "plots/episodes.gif"}
+    assert (out / "plots" / "episodes.png").is_file() and (out / "plots" / "episodes.gif").is_file()
+    md = (out / "report.md").read_text()
+    assert "![evaluated episodes](plots/episodes.png)" in md and "plots/episodes.gif" in md
+    assert "![planning success rate during training](plots/success.png)" in md
 
 
 def test_finished_stages_are_reused(finished_run):
@@ -122,8 +150,23 @@ def test_failing_stage_is_named_and_earlier_outputs_survive(tmp_path, monkeypatc
         ({"eval.topk": 1}, "eval.topk must be an integer >= 2"),
         ({"device": "tpu"}, "device must be 'auto', 'cpu' or 'cuda"),
         ({"eval.max_batch": 0}, "eval.max_batch must be a positive integer, 'auto' or null"),
+        ({"eval.seeds": 0}, "eval.seeds must be an integer >= 1, got 0"),
+        ({"eval.vary_start_seed": "maybe"}, "eval.vary_start_seed must be true or false"),
+        ({"train.bn_recalibrate": "-1"}, "TrainConfig.bn_recalibrate must be an integer >= 0"),
     ],
-    ids=["train-key", "eval-key", "section", "model-value", "data-value", "eval-value", "device", "rows"],
+    ids=[
+        "train-key",
+        "eval-key",
+        "section",
+        "model-value",
+        "data-value",
+        "eval-value",
+        "device",
+        "rows",
+        "seeds",
+        "vary-start-seed",
+        "bn",
+    ],
 )
 def test_bad_config_keys_and_values_are_named(values, match):
     with pytest.raises(ValueError, match=match):
@@ -148,13 +191,20 @@ def test_unknown_preset_and_config_file(tmp_path):
 
 
 def test_presets():
-    assert default_preset() in ("smoke", "gpu-short")
+    assert default_preset() == ("gpu-short" if torch.cuda.is_available() else "cpu")
     paper = RunConfig.preset_config("paper")
     assert paper.train.epochs == 100 and paper.data.episodes == 10_000 and paper.eval.num_samples == 300
     smoke = RunConfig.preset_config("smoke")
     assert smoke.device == "cpu" and smoke.train.model.encoder.image_size == 56
     assert RunConfig.preset_config("gpu-short").device == "cuda"
-    for name in ("paper", "smoke", "gpu-short"):
+    assert smoke.train.bn_recalibrate == 4
+    assert smoke.override({"train.bn_recalibrate": "8"}).train.bn_recalibrate == 8  # as from --set
+    cpu = RunConfig.preset_config("cpu")
+    assert cpu.device == "cpu" and cpu.train.model.encoder.image_size == 64 and cpu.eval.seeds == 3
+    published = PlanConfig()
+    for name in ("episodes", "num_samples", "n_steps", "topk", "horizon", "budget", "goal_offset", "seed"):
+        assert getattr(cpu.eval, name) == getattr(published, name), name  # the published evaluation
+    for name in ("paper", "cpu", "smoke", "gpu-short"):
         config = RunConfig.preset_config(name)
         assert RunConfig.from_dict(config.to_dict()) == config
 
@@ -167,6 +217,9 @@ def test_cli_runs_the_pipeline_and_reports_errors(tmp_path, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "lewm-fast pipeline (smoke): success" in out and "report.md" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert f"/4, 95% CI [{100 * report['success_detail']['success_interval'][0]:.1f}%, " in out
+    assert "lewm-fast pipeline: success over 2 planner seeds 42, 43 (start rows of seed 42): " in out
     with pytest.raises(SystemExit, match="unknown TrainConfig key 'bogus'"):
         cli.main(["pipeline", "--preset", "smoke", "--out", str(tmp_path / "x"), "--set", "train.bogus=1"])
     with pytest.raises(SystemExit, match="--set takes key=value pairs"):

@@ -491,22 +491,29 @@ def test_rollout_chunks_cover_every_row_once_in_order(envs, samples, rows):
         assert all(len(range(envs)[e]) * len(range(samples)[sl]) <= rows for e, sl in chunks)
 
 
+def _attention_rows(monkeypatch) -> list[int]:
+    """From now on, the rows (candidates) of every attention call of the planning cost."""
+    from lewm_fast.plan import cost as cost_module
+
+    rows = []
+    attention = cost_module.scaled_dot_product_attention
+    monkeypatch.setattr(
+        cost_module,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: (rows.append(q.shape[0]), attention(q, k, v, **kw))[1],
+    )
+    return rows
+
+
 @pytest.mark.parametrize("max_batch", [25, 4], ids=["whole-envs", "sample-chunks"])
 def test_solver_max_batch_scores_in_chunks_with_the_same_plan(monkeypatch, max_batch):
     """max_batch bounds every predictor rollout's rows (envs x samples); the plan is unchanged."""
-    from lewm_fast.plan import cost as cost_module
 
     public, _ = model_pair(small_config(), seed=17)
     info = {"pixels": torch.randn(3, 1, *PIX), "goal": torch.randn(3, 1, *PIX)}
     kwargs = {"action_dim": 10, "num_samples": 10, "n_steps": 3, "topk": 3, "seed": 8}
     whole = CEMSolver(public.eval(), **kwargs).solve(info)
-    batches = []
-    attention = cost_module.scaled_dot_product_attention
-    monkeypatch.setattr(
-        cost_module,
-        "scaled_dot_product_attention",
-        lambda q, k, v, **kw: (batches.append(q.shape[0]), attention(q, k, v, **kw))[1],
-    )
+    batches = _attention_rows(monkeypatch)
     chunked = CEMSolver(public, max_batch=max_batch, **kwargs).solve(info)
     assert batches and max(batches) <= max_batch and max(batches) < 30
     assert_close(chunked["actions"], whole["actions"], "fp32_gemm", "plan")
@@ -516,6 +523,30 @@ def test_solver_max_batch_scores_in_chunks_with_the_same_plan(monkeypatch, max_b
     for bad in (0, -2, "all", 2.5):
         with pytest.raises(ValueError, match="max_batch"):
             CEMSolver(public, max_batch=bad, **kwargs)
+
+
+@pytest.mark.parametrize("max_batch", [None, 4], ids=["one-batch", "chunks"])
+def test_solver_active_plans_only_those_envs_and_as_the_full_batch(monkeypatch, max_batch):
+    """solve(active=mask) scores only the active envs' candidates, each from the noise of a
+    full solve, so their plans equal the full solve's; all or none active plans everything."""
+
+    public, _ = model_pair(small_config(), seed=17)
+    info = {"pixels": torch.randn(4, 1, *PIX), "goal": torch.randn(4, 1, *PIX)}
+    kwargs = {"action_dim": 10, "num_samples": 10, "n_steps": 3, "topk": 3, "seed": 8, "max_batch": max_batch}
+    whole = CEMSolver(public.eval(), **kwargs).solve(info, seed=5)
+    rows = _attention_rows(monkeypatch)
+    active = torch.tensor([False, True, False, True])
+    part = CEMSolver(public, **kwargs).solve(info, seed=5, active=active)
+    assert rows and sum(rows) <= 2 * 10 * 3 * 5 * 2  # 2 envs x 10 samples; 3 iterations x 5 steps x 2 blocks
+    for key in ("actions", "costs"):
+        assert_close(part[key][active], whole[key][active], "fp32_gemm", key)
+    assert torch.isfinite(part["actions"]).all()  # the others' plans mean nothing but stay finite
+    for everything in (torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)):
+        same = CEMSolver(public, **kwargs).solve(info, seed=5, active=everything)
+        assert torch.equal(same["actions"], whole["actions"])
+    for bad in (torch.ones(3, dtype=torch.bool), torch.ones(4), [True] * 4):
+        with pytest.raises(ValueError, match="active"):
+            CEMSolver(public, **kwargs).solve(info, active=bad)
 
 
 def test_bytes_per_row_estimate_scales_with_the_model_and_dtype():

@@ -34,6 +34,7 @@ def test_defaults_are_the_published_settings():
     assert config.executed_per_plan == 5 and not config.warm_starts  # 5 of 5 executed: no warm start
     assert config.solver_seed == 42 and config.autocast is None
     assert config.history_size is None  # the predictor's num_frames (3 in the published model)
+    assert config.seeds == 1 and not config.vary_start_seed  # one run on the published start rows
     assert PlanConfig(receding_horizon=2).warm_starts
     assert not PlanConfig(receding_horizon=2, warm_start=False).warm_starts
     assert PlanConfig(planner_seed=7).solver_seed == 7
@@ -51,6 +52,9 @@ def test_fields_are_checked_and_stored_as_plain_values():
         ({"planner_seed": -1}, "planner_seed must be an integer >= 0"),
         ({"warm_start": 1}, "warm_start must be true or false"),
         ({"episodes": True}, "episodes must be an integer >= 1"),
+        ({"seeds": 0}, "seeds must be an integer >= 1, got 0"),
+        ({"seeds": 2.0}, "seeds must be an integer >= 1, got 2.0"),
+        ({"vary_start_seed": 1}, "vary_start_seed must be true or false"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -75,6 +79,10 @@ def test_the_pipeline_eval_section_is_a_plan_config():
     }
     with pytest.raises(ValueError, match=r"eval\.topk \(40\) must not exceed eval\.num_samples"):
         EvalConfig(topk=40, num_samples=16)
+    config = RunConfig.preset_config("smoke").override({"eval.seeds": "3", "eval.vary_start_seed": "true"})
+    assert config.eval.seeds == 3 and config.eval.vary_start_seed is True
+    with pytest.raises(ValueError, match="eval.seeds must be an integer >= 1, got 0"):
+        RunConfig.preset_config("smoke").override({"eval.seeds": "0"})
 
 
 def test_solver_reads_the_config_and_the_published_names():
@@ -107,7 +115,8 @@ def test_cli_flags_are_generated_from_every_field():
         assert "--" + f.name.replace("_", "-") in flags, f.name
     args = parser.parse_args(
         "--episodes 3 --receding-horizon 2 --no-warm-start --var-scale 0.5 --planner-seed 1 "
-        "--precision bf16 --no-cuda-graph --max-batch none --history-size 2".split()
+        "--precision bf16 --no-cuda-graph --max-batch none --history-size 2 --seeds 3 "
+        "--vary-start-seed".split()
     )
     want = PlanConfig(
         episodes=3,
@@ -119,6 +128,8 @@ def test_cli_flags_are_generated_from_every_field():
         cuda_graph=False,
         max_batch=None,
         history_size=2,
+        seeds=3,
+        vary_start_seed=True,
     )
     assert from_arguments(args) == want
     assert from_arguments(parser.parse_args(["--max-batch", "64"])).max_batch == 64

@@ -159,8 +159,28 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
         ({"stages_seconds": {"train": "soon"}}, "stages_seconds"),
         ({"stages_seconds": [1.0]}, "stages_seconds"),
         ({"reasons": ["x"]}, "reasons"),
+        (
+            {"metrics": {"success_detail": {"successes": 51, "episodes": 50}}},
+            r"success_detail'\]: successes \(51\) must not exceed trials \(50\)",
+        ),
+        ({"metrics": {"success_detail": {"successes": 3}}}, r"success_detail'\]: trials must be an integer"),
+        ({"metrics": {"success_detail": 0.62}}, r"success_detail'\] must be a mapping"),
+        (
+            {"metrics": {"success_detail": {"successes": 3, "episodes": 5, "seed_runs": {"seeds": 2}}}},
+            "must be the seed_runs of an evaluation result",
+        ),
     ],
-    ids=["metrics", "negative-stage", "text-stage", "stage-list", "reasons"],
+    ids=[
+        "metrics",
+        "negative-stage",
+        "text-stage",
+        "stage-list",
+        "reasons",
+        "more-successes",
+        "no-episodes",
+        "detail-number",
+        "seed-runs",
+    ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
     args = {"metrics": {}, "stages_seconds": {}, "device_info": "cpu", "preset": "p", **kwargs}
@@ -264,3 +284,97 @@ def test_every_reference_entry_shows_in_the_markdown(tmp_path, monkeypatch):
             m.setitem(rp.REFERENCE, key, _changed(entry))
             rp.write_report(tmp_path, METRICS, **args)
             assert _body(tmp_path) != before, key
+
+
+# ------------------------------------------------------------------ success with its uncertainty
+def _seed_runs(successes, episodes=50, vary=False):
+    """An evaluation's ``seed_runs`` (lewm_fast.plan.evaluate) for runs with these success counts."""
+    rates = [k / episodes for k in successes]
+    mean = sum(rates) / len(rates)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1)) if len(rates) > 1 else None
+    total, pooled_episodes = sum(successes), episodes * len(successes)
+    return {
+        "seeds": len(successes),
+        "vary_start_seed": vary,
+        "runs": [
+            {
+                "planner_seed": 42 + k,
+                "seed": 42 + k * vary,
+                "successes": n,
+                "episodes": episodes,
+                "success_rate": r,
+            }
+            for k, (n, r) in enumerate(zip(successes, rates))
+        ],
+        "success_rate_mean": mean,
+        "success_rate_std": std,
+        "success_rate_min": min(rates),
+        "success_rate_max": max(rates),
+        "pooled": {"successes": total, "episodes": pooled_episodes, "success_rate": total / pooled_episodes},
+    }
+
+
+def test_success_rate_with_its_interval_and_the_seed_runs(tmp_path):
+    """The headline success row carries the counts and the 95% Wilson interval (31/50: bounds
+    0.48150, 0.74137, bisected independently); a repeated evaluation adds a line on its runs."""
+    evaluation = {**EVALUATION, "successes": 31, "seed_runs": _seed_runs((31, 28, 34))}
+    metrics, _ = rp.headline(PROBES, evaluation)
+    assert metrics["success_detail"] == {
+        "successes": 31,
+        "episodes": 50,
+        "seed_runs": evaluation["seed_runs"],
+    }
+    out = rp.write_report(tmp_path, metrics, stages_seconds=None, device_info="cpu", preset="p")
+    detail = out["success_detail"]
+    assert detail["success_interval"] == pytest.approx([0.4815019502239357, 0.7413740415742278], abs=1e-12)
+    assert detail["seed_runs"]["pooled"]["successes"] == 93 and "success_detail" not in out["details"]
+    assert json.loads((tmp_path / "report.json").read_text())["success_detail"] == detail
+    md = (tmp_path / "report.md").read_text()
+    row = "| CEM success rate (Two-Room evaluation) | 62.0% (31/50, 95% CI [48.2%, 74.1%]) | 87% (paper)"
+    assert row in md
+    assert (
+        "Success rate over 3 planner seeds 42, 43, 44 (start rows of seed 42): 62.0%, 56.0%, 68.0%; "
+        "mean 62.0%, std 6.0 points, min 56.0%, max 68.0%; pooled 62.0% (93/150, 95% CI [54.0%, 69.4%]); "
+        "the first run is the headline above."
+    ) in md
+    assert "- CEM success rate (Two-Room evaluation): replication: 84.0% (42/50, 95% CI [71.5%, 91.7%])" in md
+
+    # start rows varied with the planner seed: said so, as it departs from the published protocol
+    varied = {**evaluation, "seed_runs": _seed_runs((31, 28, 34), vary=True)}
+    rp.write_report(
+        tmp_path, rp.headline(PROBES, varied)[0], stages_seconds=None, device_info="cpu", preset="p"
+    )
+    md = (tmp_path / "report.md").read_text()
+    assert "(start-row seeds 42, 43, 44, not the published protocol)" in md
+    # one run: the interval, no line on runs
+    single = {**EVALUATION, "successes": 31, "seed_runs": _seed_runs((31,))}
+    rp.write_report(
+        tmp_path, rp.headline(PROBES, single)[0], stages_seconds=None, device_info="cpu", preset="p"
+    )
+    md = (tmp_path / "report.md").read_text()
+    assert row in md and "planner seeds" not in md
+
+
+# ------------------------------------------------------------------ success during training
+def test_success_plot_carries_each_evaluations_wilson_interval(tmp_path):
+    from lewm_fast.stats import wilson_interval
+
+    evals = [
+        {"kind": "eval", "step": 100, "success_rate": 0.25, "successes": 5, "episodes": 20},
+        {"kind": "eval", "step": 200, "success_rate": 0.5, "successes": 10, "episodes": 20},
+        {"kind": "eval", "step": 300, "success_rate": 0.5},  # no counts: a point without a bar
+    ]
+    xs, lo, hi, label = rp._success_intervals(evals)
+    assert xs == [100.0, 200.0] and label == "95% Wilson interval (20 episodes each)"
+    assert (lo[0], hi[0]) == wilson_interval(5, 20) and (lo[1], hi[1]) == wilson_interval(10, 20)
+    assert rp._success_intervals([*evals, {"step": 400, "successes": 3, "episodes": 50}])[3].endswith(
+        "(episodes vary)"
+    )
+    assert rp._success_intervals(evals[2:]) is None
+
+    # the same curve without the counts: the bars are the only difference
+    bare = [{k: v for k, v in r.items() if k not in ("successes", "episodes")} for r in evals]
+    for folder, records in ((tmp_path / "bars", evals), (tmp_path / "bare", bare)):
+        assert rp.write_plots({"eval": records}, folder)[0] == {"success": "success.png"}
+    pictures = [(tmp_path / folder / "success.png").read_bytes() for folder in ("bars", "bare")]
+    assert pictures[0] != pictures[1]

@@ -34,11 +34,14 @@ from lewm_fast.train import (
     compile_step,
     estimate_peak,
     forward_backward,
+    head_batchnorms,
     latest_checkpoint,
     load_checkpoint,
     loss_head,
     lr_factor,
     parse_size,
+    recalibrate_batchnorm,
+    recalibrated_batchnorm,
     save_checkpoint,
 )
 from lewm_fast.train import memory as memory_module
@@ -468,6 +471,7 @@ def test_train_config_defaults_are_the_published_recipe():
     assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     o = c.override({"lr": "1e-4", "betas": "0.9, 0.95", "model.predictor.depth": "4", "chunk_size": "None"})
     assert (o.lr, o.betas, o.model.predictor.depth, o.chunk_size) == (1e-4, (0.9, 0.95), 4, None)
+    assert c.bn_recalibrate == 4 and c.override({"bn_recalibrate": "0"}).bn_recalibrate == 0
 
 
 BAD_CONFIGS = [
@@ -483,6 +487,8 @@ BAD_CONFIGS = [
     ({"data_source": "hdf5"}, "data_source"),
     ({"backend": "cuda-graphs"}, "backend"),
     ({"compile": "tvm"}, "compile"),
+    ({"bn_recalibrate": -1}, "bn_recalibrate must be an integer >= 0"),
+    ({"bn_recalibrate": 2.5}, "bn_recalibrate must be an integer >= 0"),
 ]
 
 
@@ -691,22 +697,42 @@ def test_non_finite_run_aborts_keeping_the_last_good_checkpoint(dataset, tmp_pat
     assert state["step"] == 4 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_evaluator_early_stopping_and_best_model(dataset, tmp_path):
+@pytest.mark.parametrize("bn_recalibrate", [0, 2])
+def test_evaluator_early_stopping_and_best_model(dataset, tmp_path, bn_recalibrate):
+    """Training stops once ``patience`` evaluations in a row fail to beat the best by more
+    than ``min_delta``; ``best_model/`` is the model the best evaluation saw (BatchNorm
+    statistics included: the recalibrated ones when ``bn_recalibrate`` is on), ``model/``
+    the last one."""
     scores = iter([0.5, 0.6, 0.55, 0.6, 0.9])
-    seen = []
+    seen, states = [], []
 
     def evaluator(model):
         seen.append(model.training)
+        states.append(_state(model))
         return {"success_rate": next(scores), "mean_final_distance": 3.0, "note": "ignored"}
 
-    config = _tiny(epochs=6, epoch_steps=1, early_stop_patience=2, early_stop_min_delta=0.01)
-    result = Trainer(dataset, tmp_path / "run", config, device="cpu", evaluator=evaluator).fit()
+    config = _tiny(
+        epochs=6,
+        epoch_steps=1,
+        early_stop_patience=2,
+        early_stop_min_delta=0.01,
+        bn_recalibrate=bn_recalibrate,
+    )
+    trainer = Trainer(dataset, tmp_path / "run", config, device="cpu", evaluator=evaluator)
+    result = trainer.fit()
     assert result.status == "early_stopped" and result.epoch == 4 and result.best_success_rate == 0.6
+    assert result.step == 4 and trainer.run_state.evals_since_best == 2
     assert seen == [False] * 4  # evaluated in eval mode
     evals = _records(tmp_path / "run", "eval")
     assert [r["success_rate"] for r in evals] == [0.5, 0.6, 0.55, 0.6]
+    assert [r["step"] for r in evals] == [1, 2, 3, 4]
     assert set(evals[0]) == {"kind", "step", "epoch", "success_rate", "mean_final_distance"}
-    assert (tmp_path / "run" / "best_model" / "weights.pt").is_file()
+    best = _state(lewm_fast.load_pretrained(tmp_path / "run" / "best_model"))
+    _assert_same_state(best, states[1])  # the 0.6 at step 2, not the later 0.6 (min_delta)
+    final = _state(lewm_fast.load_pretrained(tmp_path / "run" / "model"))
+    _assert_same_state(final, _state(trainer.model))
+    bn = "projector.net.1.running_mean"
+    assert torch.equal(states[3][bn], final[bn]) == (bn_recalibrate == 0)
 
     with pytest.raises(ValueError, match="success_rate"):
         Trainer(
@@ -720,13 +746,25 @@ def _flags(model):
     ]
 
 
-@pytest.mark.parametrize("change", ["train", "eval-and-freeze", "mixed"])
-def test_model_comes_out_of_the_evaluator_exactly_as_it_went_in(dataset, tmp_path, change):
-    """Whatever the evaluator does to modes and requires_grad, the trainer gets its model back."""
-    entered = []
+CHANGES = [
+    ("train", 0),
+    ("eval-and-freeze", 0),
+    ("mixed", 0),
+    ("train", 3),
+    ("mixed", 3),
+]
+
+
+@pytest.mark.parametrize("change,bn_recalibrate", CHANGES, ids=[f"{c}-recal{n}" for c, n in CHANGES])
+def test_model_comes_out_of_the_evaluator_exactly_as_it_went_in(dataset, tmp_path, change, bn_recalibrate):
+    """Whatever the evaluator does to modes and requires_grad, the trainer gets its model back
+    from the epoch's validation and evaluation: the same flags and the same state, BatchNorm
+    statistics included, with or without recalibration (which the evaluator then sees)."""
+    entered, seen_bn = [], []
 
     def evaluator(model):
         entered.append(all(not m.training for m in model.modules()))
+        seen_bn.append(model.projector.net[1].running_mean.clone())
         if change == "train":
             model.train()
         elif change == "eval-and-freeze":
@@ -736,13 +774,136 @@ def test_model_comes_out_of_the_evaluator_exactly_as_it_went_in(dataset, tmp_pat
             next(model.encoder.parameters()).requires_grad_(False)
         return {"success_rate": 0.5}
 
-    trainer = Trainer(dataset, tmp_path / "run", _tiny(epoch_steps=1), device="cpu", evaluator=evaluator)
+    config = _tiny(epoch_steps=1, bn_recalibrate=bn_recalibrate)
+    trainer = Trainer(dataset, tmp_path / "run", config, device="cpu", evaluator=evaluator)
     trainer._setup()  # what fit() does first: builds the model, in training mode
     trainer.model.projector.eval()  # a mixed state (e.g. a frozen part) must survive, not become .train()
     next(trainer.model.pred_proj.parameters()).requires_grad_(False)
-    before = _flags(trainer.model)
+    before, state = _flags(trainer.model), _state(trainer.model)
     assert trainer._evaluate()["success_rate"] == 0.5
     assert entered == [True] and _flags(trainer.model) == before
+    _assert_same_state(_state(trainer.model), state)
+
+    trainer._end_epoch()  # validation, evaluation (recalibrated or not), checkpoint
+    assert entered == [True, True] and _flags(trainer.model) == before
+    _assert_same_state(_state(trainer.model), state)
+    recalibrated = not torch.equal(seen_bn[1], state["projector.net.1.running_mean"])
+    assert recalibrated == (bn_recalibrate > 0)
+
+
+# ------------------------------------------------- BatchNorm recalibration
+
+
+def _by_hand_statistics(model, batches):
+    """The head BatchNorms' input rows in eval mode, computed step by step: the projector's
+    from the CLS features, then pred_proj's from the predictor on the recalibrated embeddings."""
+    model.eval()
+    with torch.no_grad():
+        cls = [
+            model.encoder(b["pixels"].flatten(0, 1), interpolate_pos_encoding=True).last_hidden_state[:, 0]
+            for b in batches
+        ]
+        proj_in = torch.cat([model.projector.net[0](c) for c in cls])
+        stats = [(proj_in.mean(0), proj_in.var(0))]
+        bn = model.projector.net[1]
+        bn.running_mean.copy_(stats[0][0])
+        bn.running_var.copy_(stats[0][1])
+        rows = []
+        for c, b in zip(cls, batches):
+            n, t = b["pixels"].shape[:2]
+            emb = model.projector(c).view(n, t, -1)
+            act = model.action_encoder(torch.nan_to_num(b["action"], 0.0))
+            pred = model.predictor(emb[:, : t - 1], act[:, : t - 1])
+            rows.append(model.pred_proj.net[0](pred.flatten(0, 1)))
+        rows = torch.cat(rows)
+        stats.append((rows.mean(0), rows.var(0)))
+    return stats
+
+
+def test_recalibrate_batchnorm_sets_the_statistics_of_the_head_inputs():
+    """projector's BatchNorm gets the mean and unbiased variance of its eval-mode inputs over
+    every row of every batch, pred_proj's those of its inputs after the projector's is set;
+    nothing else changes (parameters, other buffers, modes, requires_grad)."""
+    model = randomize_(_tiny().model.build(), seed=3).train()
+    model.predictor.eval()  # a mixed state must survive
+    next(model.encoder.parameters()).requires_grad_(False)
+    batches = [_batch(b=5, seed=1), _batch(b=3, seed=2)]
+    flags, before = _flags(model), _state(model)
+    assert recalibrate_batchnorm(model, batches) == 8
+    assert _flags(model) == flags
+    layers = head_batchnorms(model)
+    assert layers == [model.projector.net[1], model.pred_proj.net[1]]
+    got = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in layers]
+    after = _state(model)
+    for (mean, var), (want_mean, want_var) in zip(got, _by_hand_statistics(model, batches)):
+        assert_close(mean, want_mean, "fp32_gemm", "running_mean")
+        assert_close(var, want_var, "fp32_gemm", "running_var")
+    for name in before:
+        changed = name.startswith(("projector.net.1.running", "pred_proj.net.1.running"))
+        assert torch.equal(before[name], after[name]) != changed, name
+
+    with pytest.raises(ValueError, match="at least one batch"):
+        recalibrate_batchnorm(model, [])
+
+    # under bf16 autocast (a bf16 training run's validation): the fp32 statistics to bf16 accuracy
+    model.load_state_dict(before)
+    recalibrate_batchnorm(model, batches, autocast_dtype=torch.bfloat16)
+    for layer, (mean, var) in zip(layers, got):
+        assert_close(layer.running_mean, mean, "bf16", "bf16 running_mean")
+        assert_close(layer.running_var, var, "bf16", "bf16 running_var")
+
+
+def test_recalibrated_batchnorm_puts_the_statistics_back():
+    """Inside the block the statistics are recalibrated; afterwards every buffer is exactly
+    what it was, also when the block changed them or raised."""
+    model = randomize_(_tiny().model.build(), seed=4)
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with recalibrated_batchnorm(model, [_batch(seed=5)]) as inside:
+            assert inside is model
+            assert not torch.equal(model.projector.net[1].running_var, before["projector.net.1.running_var"])
+            model.pred_proj.net[1].running_mean.add_(1.0)
+            model.projector.net[1].num_batches_tracked.add_(7)
+            raise RuntimeError("inside")
+    _assert_same_state(_state(model), before)
+
+
+def test_bn_recalibrate_changes_evaluation_not_training(dataset, tmp_path):
+    """The same losses, weights and statistics step for step with the option on or off; only
+    validation and what the evaluator sees change, and each evaluation sees the statistics
+    of the first ``bn_recalibrate`` batches of its epoch's shuffle."""
+    runs = {}
+    for n in (0, 2):
+        seen = []
+
+        def evaluator(model, seen=seen):
+            seen.append(_state(model))
+            return {"success_rate": 0.5}
+
+        config = _tiny(epochs=3, epoch_steps=2, log_every=1, bn_recalibrate=n)
+        trainer = Trainer(dataset, tmp_path / f"recal{n}", config, device="cpu", evaluator=evaluator)
+        assert trainer.fit().status == "completed"
+        runs[n] = trainer, seen
+    (off, seen_off), (on, seen_on) = runs[0], runs[2]
+    train_off, train_on = _records(tmp_path / "recal0", "train"), _records(tmp_path / "recal2", "train")
+    assert [r["step"] for r in train_on] == list(range(1, 7))
+    for a, b in zip(train_off, train_on, strict=True):
+        assert {k: a[k] for k in ("loss", "pred_loss", "sigreg_loss", "grad_norm", "lr")} == {
+            k: b[k] for k in ("loss", "pred_loss", "sigreg_loss", "grad_norm", "lr")
+        }
+    _assert_same_state(_state(on.model), _state(off.model))
+    for name in ("recal0", "recal2"):  # the checkpoints hold the training statistics
+        assert latest_checkpoint(tmp_path / name).name == "step_000000006"
+    val_off, val_on = _records(tmp_path / "recal0", "val"), _records(tmp_path / "recal2", "val")
+    assert all(a["loss"] != b["loss"] for a, b in zip(val_off, val_on, strict=True))
+
+    # what the evaluator saw at the end of epoch 0: the trained model at step 2, whose head
+    # statistics are recalibrated on the epoch's first two batches
+    model = _tiny().model.build()
+    model.load_state_dict(seen_off[0])
+    batches = itertools.islice(on.windows.batches("train", 8, seed=on.config.seed + 0), 2)
+    recalibrate_batchnorm(model, batches)
+    _assert_same_state(seen_on[0], _state(model))
 
 
 def test_metrics_records_have_the_documented_keys(dataset, tmp_path):
@@ -1092,7 +1253,7 @@ def _rank_main(rank, world, init_file, out_dir, data_path):
             "buffers": {k: v.clone() for k, v in model.named_buffers()},
         }
     # the trainer under torchrun-style environment, sharing this process group
-    config = _tiny(epochs=1, log_every=1).override({"model.predictor.dropout": 0.0})
+    config = _tiny(epochs=1, log_every=1, bn_recalibrate=2).override({"model.predictor.dropout": 0.0})
     trainer = Trainer(TwoRoomDataset.open(data_path), f"{out_dir}/run", config, device="cpu")
     result = trainer.fit()
     out["trainer"] = {"state": _state(trainer.model), "step": result.step, "world": trainer.ctx.world_size}
@@ -1130,7 +1291,7 @@ def test_two_gloo_processes_equal_one_process(dataset, tmp_path):
     single = Trainer(
         dataset,
         tmp_path / "single",
-        _tiny(epochs=1, log_every=1).override({"model.predictor.dropout": 0.0}),
+        _tiny(epochs=1, log_every=1, bn_recalibrate=2).override({"model.predictor.dropout": 0.0}),
         device="cpu",
     )
     single.fit()
@@ -1144,6 +1305,8 @@ def test_two_gloo_processes_equal_one_process(dataset, tmp_path):
     for a, b in zip(got, want):
         for key in ("loss", "pred_loss", "sigreg_loss", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4 if a["step"] == 1 else 2e-3), (a["step"], key)
+    # validation after BatchNorm recalibration: the two ranks' halves of 2 global batches
+    # give the statistics one process gets from the whole batches
     val_got, val_want = _records(tmp_path / "run", "val"), _records(tmp_path / "single", "val")
     assert val_got[0]["loss"] == pytest.approx(val_want[0]["loss"], rel=2e-3)
     # AdamW's first updates are about lr * sign(grad): entries whose gradient is near zero in

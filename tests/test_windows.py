@@ -5,8 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lewm_fast.data import TrainingWindows, generate_dataset, normalize_frames, window_rows, window_starts
-from lewm_fast.envs import render
+from lewm_fast.data import (
+    ModelFrames,
+    TrainingWindows,
+    generate_dataset,
+    normalize_frames,
+    window_rows,
+    window_starts,
+)
+from lewm_fast.envs import DEFAULT_LAYOUT, render
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -114,7 +121,33 @@ def test_resize_to_model_image_size(data, windows):
     got = small.batch(ids)["pixels"]
     full = windows.batch(ids)["pixels"].reshape(-1, 3, 224, 224)
     want = F.interpolate(full, size=(112, 112), mode="bilinear", align_corners=False, antialias=True)
-    assert got.shape == (3, 4, 3, 112, 112) and torch.equal(got.reshape(-1, 3, 112, 112), want)
+    # rendered straight to model frames (ModelFrames): the resize's own filter, float32 rounding apart
+    assert got.shape == (3, 4, 3, 112, 112)
+    torch.testing.assert_close(got.reshape(-1, 3, 112, 112), want, rtol=0, atol=1e-5)
+    stored = TrainingWindows(data, source="stored", image_size=112).batch(ids)["pixels"]
+    assert torch.equal(stored.reshape(-1, 3, 112, 112), want)  # the uint8 path: normalise, then resize
+
+
+# corners, the door's centre, both faces of the wall
+EDGES = [[21, 21], [203, 203], [21, 203], [203, 21], [112, 49], [99.5, 60], [124.5, 30]]
+
+
+@pytest.mark.parametrize("size", [224, 112, 64, 56, 33])
+def test_model_frames_equal_render_then_normalize(size):
+    """ModelFrames(layout, S)(xy) == normalize_frames(render(xy), S): bit-identical at 224, within
+    float32 rounding after a resize; edges, corners, the wall and the door included."""
+    gen = torch.Generator().manual_seed(size)
+    xy = torch.cat([torch.rand(40, 2, generator=gen) * 182 + 21, torch.tensor(EDGES, dtype=torch.float32)])
+    got = ModelFrames(DEFAULT_LAYOUT, size)(xy)
+    want = normalize_frames(render(xy), size)
+    assert got.shape == want.shape == (47, 3, size, size) and got.dtype == torch.float32
+    if size == 224:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert ModelFrames(DEFAULT_LAYOUT, size)(xy[:0]).shape == (0, 3, size, size)
+    with pytest.raises(ValueError, match="image_size"):
+        ModelFrames(DEFAULT_LAYOUT, 0)
 
 
 def test_normalize_frames():

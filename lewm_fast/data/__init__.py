@@ -10,6 +10,7 @@ from .hdf5 import export_hdf5, import_hdf5
 from .windows import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ModelFrames,
     RenderedFrames,
     StoredFrames,
     TrainingWindows,
@@ -28,6 +29,7 @@ __all__ = [
     "export_hdf5",
     "TrainingWindows",
     "as_dataset",
+    "ModelFrames",
     "RenderedFrames",
     "StoredFrames",
     "normalize_frames",

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from ..envs.two_room import TwoRoomLayout, layout_image, render
+from ..envs.two_room import TwoRoomLayout, crop_pixels, dot_crop, layout_image, render
 from .dataset import TwoRoomDataset
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "action_stats",
     "window_starts",
     "window_rows",
+    "ModelFrames",
     "RenderedFrames",
     "StoredFrames",
     "TrainingWindows",
@@ -133,6 +134,72 @@ class RenderedFrames:
         return render(self.proprio[rows], self.layout, background=self.background, check=False)
 
 
+class ModelFrames:
+    """Model-ready frames of agent positions, rendered and normalised in one pass.
+
+    ``ModelFrames(layout, image_size, device)(xy)``: positions (N, 2) float -> float32
+    (N, 3, S, S), the value of ``normalize_frames(render(xy, layout), image_size)`` without
+    building the full-size frames. A frame differs from the empty scene only in the K x K
+    crop the dot changes (:func:`~lewm_fast.envs.two_room.dot_crop`), and normalisation
+    and the bilinear antialiased resize are both linear, so
+
+        frame = resize(norm(scene)) + R[:, rows] @ (norm(crop) - norm(scene crop)) @ R[:, cols]^T
+
+    per channel, where R (S, size) holds the resize's own weights (``F.interpolate`` of the
+    unit vectors, so the same filter) and norm is a 256-entry table per channel computed
+    with :func:`normalize_frames`' operations. At S = size there is no resize and the
+    result is bit-identical to the two-step path; at other sizes it equals it up to float32
+    rounding (a few 1e-7; tested at 1e-5). On a CPU at 64 px this is about 10x cheaper
+    than rendering and normalising 224 px frames, most of a small model's training step.
+    """
+
+    def __init__(self, layout: TwoRoomLayout, image_size: int, device: str | torch.device = "cpu"):
+        _checks.positive(image_size, "image_size")
+        self.layout, self.image_size, self.device = layout, int(image_size), torch.device(device)
+        self.background = layout_image(layout, self.device)
+        levels = torch.arange(256, dtype=torch.uint8, device=self.device).view(1, 1, 256, 1)
+        self.table = normalize_frames(levels.repeat(1, 1, 1, 3))[0, :, 0]  # (3, 256): channel c, level u
+        scene = self._norm(self.background.permute(2, 0, 1))  # (3, size, size)
+        self.size = layout.size
+        self.scene_table = scene.reshape(3, -1)  # (3, size * size)
+        if self.image_size == self.size:
+            self.scene, self.weights = scene, None
+        else:
+            self.scene = F.interpolate(
+                scene[None], size=(self.image_size,) * 2, mode="bilinear", align_corners=False, antialias=True
+            )[0]
+            eye = torch.eye(self.size, device=self.device).view(1, self.size, 1, self.size)
+            weights = F.interpolate(
+                eye, size=(1, self.image_size), mode="bilinear", align_corners=False, antialias=True
+            )  # (1, size, 1, S): input pixel i's weight in output pixel j
+            self.weights = weights[0, :, 0].t().contiguous()  # (S, size)
+
+    def _norm(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, ...) channel-first -> normalised float32 by table lookup."""
+        flat = pixels.reshape(3, -1).long()
+        return torch.gather(self.table, 1, flat).view(pixels.shape)
+
+    def __call__(self, xy: torch.Tensor) -> torch.Tensor:
+        xy = xy.to(self.device, torch.float32)
+        n, s = xy.shape[0], self.image_size
+        if n == 0:
+            return self.scene.expand(0, 3, s, s).clone()
+        rows, cols, crop = dot_crop(xy, self.layout, self.background)  # (N, K), (N, K), (N, K, K, 3)
+        k = rows.shape[1]
+        crop = self._norm(crop.permute(3, 0, 1, 2))  # (3, N, K, K)
+        pixel = crop_pixels(rows, cols, self.size)  # (N, K, K) flat canvas indices
+        if self.weights is None:  # no resize: the normalised scene with the crop pasted in
+            flat = self.scene_table.repeat(1, n)  # (3, N * S * S)
+            frame = torch.arange(n, device=self.device)[:, None, None] * (s * s)
+            flat.index_copy_(1, (pixel + frame).view(-1), crop.reshape(3, -1))
+            return flat.view(3, n, s, s).transpose(0, 1).contiguous()
+        base = self.scene_table.index_select(1, pixel.view(-1)).view(3, n, k, k)  # the scene's crop
+        delta = (crop - base).transpose(0, 1)  # (N, 3, K, K), zero where the dot leaves the scene
+        left = self.weights[:, rows].permute(1, 0, 2)  # (N, S, K)
+        right = self.weights[:, cols].permute(1, 2, 0)  # (N, K, S)
+        return self.scene + left[:, None] @ delta @ right[:, None]
+
+
 class StoredFrames:
     """Frame source that reads rows from the dataset's stored shards and copies them to ``device``."""
 
@@ -216,8 +283,10 @@ class TrainingWindows:
         self._goal = (
             None if dataset.goal is None else torch.from_numpy(np.array(dataset.goal)).to(self.device)
         )
+        self._model_frames = None
         if source == "rendered":
             self.frames = RenderedFrames(self._proprio, dataset.layout)
+            self._model_frames = ModelFrames(dataset.layout, image_size, self.device)
         elif source == "stored":
             self.frames = StoredFrames(dataset, self.device)
         elif callable(source):
@@ -252,11 +321,13 @@ class TrainingWindows:
             )
         b = ids.shape[0]
         rows = self.frame_rows(ids)  # (B, T)
-        frames = self.frames(rows.reshape(-1))  # (B*T, H, W, 3) uint8
+        if self._model_frames is not None:  # rendered: straight to model frames
+            pixels = self._model_frames(self._proprio[rows.reshape(-1)])
+        else:
+            frames = self.frames(rows.reshape(-1))  # (B*T, H, W, 3) uint8
+            pixels = normalize_frames(frames, self.image_size)
         out = {
-            "pixels": normalize_frames(frames, self.image_size).reshape(
-                b, self.num_frames, 3, self.image_size, -1
-            ),
+            "pixels": pixels.reshape(b, self.num_frames, 3, self.image_size, -1),
             "action": self.actions(ids),
             "proprio": self._proprio[rows],
             "ids": ids,

@@ -51,6 +51,7 @@ __all__ = [
     "TwoRoomLayout",
     "DEFAULT_LAYOUT",
     "render",
+    "dot_crop",
     "step",
     "distance",
     "layout_image",
@@ -332,7 +333,30 @@ def render(
     frames = background.expand(n, s, s, 3).clone()
     if n == 0:
         return frames
+    rows, cols, crop = dot_crop(agent_xy, layout, background)
+    # flat indices: one index_copy_ is far cheaper than a three-tensor index_put on the CPU
+    pixel = crop_pixels(rows, cols, s) + torch.arange(n, device=device)[:, None, None] * (s * s)
+    frames.view(-1, 3).index_copy_(0, pixel.view(-1), crop.view(-1, 3))
+    return frames
 
+
+def crop_pixels(rows: torch.Tensor, cols: torch.Tensor, size: int) -> torch.Tensor:
+    """Flat canvas indices row * size + col (N, K, K) int64 of the crops ``rows``, ``cols`` (N, K)."""
+    return rows[:, :, None] * size + cols[:, None, :]
+
+
+def dot_crop(
+    agent_xy: torch.Tensor, layout: TwoRoomLayout, background: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The part of each frame the agent's dot changes: a K x K crop of the canvas.
+
+    agent_xy (N, 2) float32 trusted positions; background the uint8 (size, size, 3) scene.
+    Returns ``rows`` and ``cols`` (N, K) int64, the crop's canvas rows and columns
+    (clamped to the canvas, no duplicates), and ``crop`` uint8 (N, K, K, 3), the frame's
+    pixels there; every pixel outside the crop is the background's. :func:`render` pastes
+    the crop into the background.
+    """
+    device, s = agent_xy.device, layout.size
     # A K x K crop holds every pixel the dot can change; clamped to the canvas, no duplicates.
     reach = layout.dot_reach
     k = min(2 * reach + 2, s)
@@ -342,15 +366,12 @@ def render(
     cols, rows = coords[:, 0], coords[:, 1]
     factors = _axis_alpha(agent_xy, coords, layout.radius)  # (N, 2, K) float64, one exp_neg call
     alpha = (factors[:, 1, :, None] * factors[:, 0, None, :]).to(torch.float32)[..., None]  # (N, K, K, 1)
-
-    batch = torch.arange(n, device=device)[:, None, None]
-    r_idx, c_idx = rows[:, :, None], cols[:, None, :]
-    img = background[r_idx, c_idx].to(torch.float32)  # (N, K, K, 3), read from the small scene image
+    pixel = crop_pixels(rows, cols, s).view(-1)
+    img = background.reshape(-1, 3).index_select(0, pixel).view(-1, k, k, 3).to(torch.float32)  # (N, K, K, 3)
     color = torch.tensor(layout.agent_color, dtype=torch.float32, device=device)
     # Separate kernels keep each product and the sum individually rounded (no FMA).
     blended = img * (1.0 - alpha) + color * alpha
-    frames[batch, r_idx, c_idx] = blended.to(torch.uint8)
-    return frames
+    return rows, cols, blended.to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------

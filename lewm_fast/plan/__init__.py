@@ -16,6 +16,10 @@ numbers of ``JEPA.get_cost``) and :func:`cem_refit` its batched elite refit (csr
     result = evaluate(model.eval(), "data/two_room")  # or a TwoRoomDataset
     result["success_rate"], result["final_distance_mean"], result["plan_latency_ms"]["median"]
 
+``evaluate(..., episodes_out="episodes.npz")`` also saves every episode's path (positions
+per env step and the first plan); :func:`read_episodes` reads it back and
+:func:`lewm_fast.report.write_episode_pictures` draws it.
+
 :func:`evaluate_world` runs the same protocol through stable-worldmodel's ``World`` with any
 stable-worldmodel ``Solver`` (``lewm-fast[swm]``). The plain one-env-at-a-time planner is
 :mod:`lewm_fast.reference.cem`.
@@ -29,7 +33,7 @@ from .cost import (
     planning_cost,
     supports_fast_cost,
 )
-from .evaluation import blocks_to_actions, eligible_start_rows, evaluate, select_start_rows
+from .evaluation import blocks_to_actions, eligible_start_rows, evaluate, read_episodes, select_start_rows
 from .refit import Refit, cem_refit, cem_refit_torch
 from .solver import CEMSolver, plan_seed
 from .world import evaluate_world
@@ -38,6 +42,7 @@ __all__ = [
     "PlanConfig",
     "CEMSolver",
     "evaluate",
+    "read_episodes",
     "evaluate_world",
     "select_start_rows",
     "eligible_start_rows",

@@ -47,6 +47,7 @@ _INTEGERS = {
     "goal_offset": 1,
     "budget": 1,
     "seed": 0,
+    "seeds": 1,
     "horizon": 1,
     "action_block": 1,
     "num_samples": 2,
@@ -67,7 +68,12 @@ class PlanConfig:
         episodes: evaluation episodes B, planned together. goal_offset: env steps from a
         start row to its goal row. budget: env steps per episode. seed: numpy
         ``default_rng`` seed of the start-row draw, and of the planner unless
-        ``planner_seed`` is set.
+        ``planner_seed`` is set. seeds: how many times :func:`~lewm_fast.plan.evaluate`
+        runs the episodes, repeat k (from 0) with the planner seed ``solver_seed + k``; the
+        first repeat is the headline result, and the others give the spread and a pooled
+        interval. vary_start_seed: repeat k also draws its start rows with ``seed + k``.
+        This departs from the published protocol, whose start rows are always the draw of
+        ``seed`` (42); off by default.
 
     MPC loop (stable-worldmodel's ``PlanConfig`` names):
         horizon: model actions per plan (T). receding_horizon: model actions executed per
@@ -102,6 +108,18 @@ class PlanConfig:
     goal_offset: int = _setting(25, "protocol", "env steps from a start row to its goal row")
     budget: int = _setting(50, "protocol", "env steps per episode")
     seed: int = _setting(42, "protocol", "start-row draw seed (and the planner's, unless --planner-seed)")
+    seeds: int = _setting(
+        1,
+        "protocol",
+        "how many planner seeds to evaluate with: planner_seed, planner_seed + 1, ...; the first is "
+        "the headline result, all of them give the mean, spread and a pooled 95%% interval",
+    )
+    vary_start_seed: bool = _setting(
+        False,
+        "protocol",
+        "repeat k also draws its start rows with seed + k (departs from the published protocol, "
+        "whose start rows are the draw of seed; default: every repeat plans the same episodes)",
+    )
     horizon: int = _setting(5, "mpc", "model actions per plan")
     receding_horizon: int | None = _setting(
         None, "mpc", "model actions executed per plan (default: the whole horizon, as published)"
@@ -154,8 +172,9 @@ class PlanConfig:
             )
         if self.topk > self.num_samples:
             raise ValueError(f"{p}topk ({self.topk}) must not exceed {p}num_samples ({self.num_samples})")
-        if not isinstance(self.warm_start, bool):
-            raise ValueError(f"{p}warm_start must be true or false, got {self.warm_start!r}")
+        for name in ("warm_start", "vary_start_seed"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{p}{name} must be true or false, got {getattr(self, name)!r}")
         scale = self.var_scale
         if (
             isinstance(scale, bool)
@@ -258,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: PlanConfig | None = N
             "help": f.metadata["help"],
             "dest": f.name,
         }
-        if f.name in ("warm_start", "cuda_graph"):
+        if f.name in ("warm_start", "vary_start_seed", "cuda_graph"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name == "precision":
             kwargs["choices"] = sorted(PRECISIONS)

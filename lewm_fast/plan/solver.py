@@ -422,21 +422,36 @@ class CEMSolver:
         starts = range(0, samples, rows)
         return [(slice(b, b + 1), slice(s, min(s + rows, samples))) for b in range(envs) for s in starts]
 
-    def _fast_body(self, pixels, goal, mean0, n_steps: int, cache_enabled: bool = True, rows=None):
-        """The CEM iterations on the fast path, and the frames' faults per env (no host sync)."""
+    def _fast_body(
+        self, pixels, goal, mean0, n_steps: int, cache_enabled: bool = True, rows=None, subset=None
+    ):
+        """The CEM iterations on the fast path, and the frames' faults per env (no host sync).
+
+        ``subset`` (E,) int64: score only these envs' candidates (the others cost 0 and
+        their plans mean nothing); every env's noise is drawn as in a full solve, so the
+        scored envs plan as they would among all of them.
+        """
         faults = torch.stack([_checks.frame_faults(pixels), _checks.frame_faults(goal)])  # (2, 2, B)
         cost = self._cost
         with self._autocast(cache_enabled):
             emb, goal_emb = cost.encode(pixels, goal)
-        chunks = self._chunks(mean0.shape[0], self.num_samples, rows)
+        if subset is not None:
+            emb, goal_emb = emb[subset], goal_emb[subset]
+        chunks = self._chunks(emb.shape[0], self.num_samples, rows)
 
-        def score(candidates):
+        def scored(candidates):
             with self._autocast(cache_enabled):
                 if len(chunks) == 1:
                     return cost.rollout_cost(emb, goal_emb, candidates).float()
                 parts = [cost.rollout_cost(emb[e], goal_emb[e], candidates[e, s]).float() for e, s in chunks]
             # the chunks cover the (env, sample) rows in order
             return torch.cat([part.flatten() for part in parts]).view(candidates.shape[:2])
+
+        def score(candidates):
+            if subset is None:
+                return scored(candidates)
+            costs = candidates.new_zeros(candidates.shape[:2])
+            return costs.index_copy_(0, subset, scored(candidates[subset]))
 
         return (*self._run(score, mean0, n_steps), faults)
 
@@ -509,7 +524,7 @@ class CEMSolver:
         captured.graph.replay()
         return captured.outputs
 
-    def _fast_solve(self, info_dict: dict, envs: int, mean0: torch.Tensor, seed: int):
+    def _fast_solve(self, info_dict: dict, envs: int, mean0: torch.Tensor, seed: int, active=None):
         pixels = self._frames(info_dict, "pixels")
         goal = self._frames(info_dict, "goal")
         if goal.shape[0] != envs or pixels.shape[2:] != goal.shape[2:]:
@@ -531,14 +546,22 @@ class CEMSolver:
         rows = self._batch_rows(pixels.shape[0])
         outputs = self._graph_solve(pixels, goal, mean0, seed, rows) if self.cuda_graph else None
         if outputs is None:
+            subset = None
+            if active is not None and bool(active.any()) and not bool(active.all()):  # eager: skip the rest
+                subset = active.to(self.device).nonzero().squeeze(1)
             self._generator().manual_seed(seed)
-            outputs = self._fast_body(pixels, goal, mean0, self.n_steps, rows=rows)
+            outputs = self._fast_body(pixels, goal, mean0, self.n_steps, rows=rows, subset=subset)
         *per_env, faults = outputs
         return (*(t[:envs] for t in per_env), faults[..., :envs])
 
     @torch.no_grad()
     def solve(
-        self, info_dict: dict, init_action: torch.Tensor | None = None, *, seed: int | None = None
+        self,
+        info_dict: dict,
+        init_action: torch.Tensor | None = None,
+        *,
+        seed: int | None = None,
+        active: torch.Tensor | None = None,
     ) -> dict:
         """Plan every env of ``info_dict``.
 
@@ -547,8 +570,11 @@ class CEMSolver:
         the goal; the ``get_cost`` path passes every value on repeated per sample, (B, S, ...).
         init_action: (B, T0, action_dim) with T0 <= horizon, the first rows of the initial
         mean (a warm start), or None. seed: this plan's seed (default: the next one of the
-        solver's sequence). Returns ``actions`` and ``std`` (B, horizon, action_dim),
-        ``costs`` (B,) and ``seed``.
+        solver's sequence). active: (B,) bool, the envs that need a plan (default: all); on
+        the eager fast path only their candidates are scored, each from the same noise as in
+        a full solve, so their plans are the full solve's (up to float rounding) and the
+        other envs' plans mean nothing (a captured CUDA graph plans every env anyway).
+        Returns ``actions`` and ``std`` (B, horizon, action_dim), ``costs`` (B,) and ``seed``.
 
         The model is planned in eval mode (dropout off, BatchNorm on its running statistics)
         and left as it was found: every module's mode and every parameter, buffer and
@@ -566,9 +592,13 @@ class CEMSolver:
             seed = plan_seed(self.seed, self._plans)
             self._plans += 1
         mean0 = self._mean0(envs, init_action)
+        if active is not None and (
+            not torch.is_tensor(active) or active.dtype != torch.bool or tuple(active.shape) != (envs,)
+        ):
+            raise ValueError(f"active must be a ({envs},) bool tensor, got {_checks.shape(active)}")
         with eval_mode(self._net):  # planning sees eval mode; the model's own flags come back after
             if self.fast:
-                outputs = self._fast_solve(info_dict, envs, mean0, seed)
+                outputs = self._fast_solve(info_dict, envs, mean0, seed, active)
             else:
                 self._generator().manual_seed(seed)
                 outputs = self._generic_body(info_dict, envs, mean0)

@@ -9,11 +9,14 @@
 - :class:`Trainer` / :func:`train` with :class:`TrainConfig` — the published recipe,
   JSONL metrics, atomic resumable checkpoints, non-finite step skipping, torchrun;
   :class:`RunState` — where a run stands (step, epoch, ...), saved whole in checkpoints;
-  :class:`MetricsBuffer` — per-step device values read with one host sync per flush.
+  :class:`MetricsBuffer` — per-step device values read with one host sync per flush;
+  :func:`recalibrated_batchnorm` — the heads' BatchNorm statistics recomputed for an
+  evaluation and put back (``TrainConfig.bn_recalibrate``).
 
 Importing this package never touches a GPU.
 """
 
+from .batchnorm import head_batchnorms, recalibrate_batchnorm, recalibrated_batchnorm
 from .compiled import COMPILE_BACKENDS, CompiledStep, compile_step
 from .config import TRAIN_PRESETS, TrainConfig
 from .distributed import GlobalBatchNorm1d, all_reduce_gradients, convert_batchnorm
@@ -53,4 +56,7 @@ __all__ = [
     "GlobalBatchNorm1d",
     "convert_batchnorm",
     "all_reduce_gradients",
+    "head_batchnorms",
+    "recalibrate_batchnorm",
+    "recalibrated_batchnorm",
 ]

@@ -35,6 +35,7 @@ RESUME_FREE_FIELDS = (
     "max_steps",
     "val_max_batches",
     "eval_every_epochs",
+    "bn_recalibrate",
     "early_stop_patience",
     "early_stop_min_delta",
     "max_nonfinite_steps",
@@ -72,8 +73,14 @@ class TrainConfig:
     ``log_every`` steps between metric flushes (the only host synchronisations of the
     loop); ``val_max_batches`` caps validation batches; ``eval_every_epochs`` and
     ``early_stop_patience`` / ``early_stop_min_delta`` drive evaluation and early stopping
-    when an evaluator is given; ``max_nonfinite_steps`` non-finite steps in a row abort
-    the run; ``keep_checkpoints`` most recent checkpoints are kept.
+    when an evaluator is given; ``bn_recalibrate`` > 0 recomputes the BatchNorm running
+    statistics of ``projector`` and ``pred_proj`` on that many training batches before each
+    epoch's validation and evaluation (:mod:`lewm_fast.train.batchnorm`; 0: off, default 4)
+    and puts them back afterwards, so the eval-mode numbers describe the current weights
+    rather than the statistics of the last ~10 steps, and the training run is unchanged
+    (``best_model/`` keeps the recalibrated statistics it was evaluated with); ``max_nonfinite_steps``
+    non-finite steps in a row abort the run; ``keep_checkpoints`` most recent checkpoints
+    are kept.
 
     Speed: ``backend`` selects the fused kernels ("auto": on CUDA). ``compile`` runs the
     training step's forward and backward under ``torch.compile`` with static shapes, every
@@ -109,6 +116,7 @@ class TrainConfig:
     log_every: int = 20
     val_max_batches: int | None = None
     eval_every_epochs: int = 1
+    bn_recalibrate: int = 4
     early_stop_patience: int | None = None
     early_stop_min_delta: float = 0.0
     max_nonfinite_steps: int = 20
@@ -128,6 +136,7 @@ class TrainConfig:
         for name in ("eval_every_epochs", "max_nonfinite_steps", "keep_checkpoints"):
             _checks.positive(getattr(self, name), f"TrainConfig.{name}")
         _checks.integer(self.seed, "TrainConfig.seed", 0)
+        _checks.integer(self.bn_recalibrate, "TrainConfig.bn_recalibrate", 0)
         if not 0 < self.lr < 1:
             raise ValueError(f"TrainConfig.lr must be in (0, 1), got {self.lr!r}")
         _number("weight_decay", self.weight_decay, 0.0)

@@ -12,7 +12,8 @@ training windows of ``dataset`` (rendered on the device by default) and writes t
   :func:`lewm_fast.backend.choose_sdpa`),
   ``{"kind": "train", "step", "epoch", "pred_loss", "sigreg_loss", "loss", "grad_norm"
   (pre-clip), "lr", "step_time", "samples_per_s", "peak_vram_bytes"}`` for every step,
-  ``{"kind": "val", "step", "epoch", "pred_loss", "sigreg_loss", "loss"}`` each epoch,
+  ``{"kind": "val", "step", "epoch", "pred_loss", "sigreg_loss", "loss"}`` each epoch (in
+  eval mode, BatchNorm statistics recalibrated as ``TrainConfig.bn_recalibrate`` says),
   ``{"kind": "eval", "step", "epoch", "success_rate", ...}`` after each evaluation, and
   ``{"kind": "skip", "step", "epoch", "in_a_row"}`` for each step skipped as non-finite.
   ``step`` counts optimiser steps from 1 (the step a record describes), ``epoch`` is the
@@ -22,7 +23,8 @@ training windows of ``dataset`` (rendered on the device by default) and writes t
 - ``checkpoints/``: a checkpoint after every epoch, at ``max_steps``, and on SIGINT/SIGTERM
   (see :mod:`lewm_fast.train.state`); ``resume=True`` continues from the newest one.
 - ``model/``: the final model in the release format; ``best_model/``: the model of the
-  best evaluation when an evaluator is given.
+  best evaluation when an evaluator is given (with the BatchNorm statistics it was
+  evaluated with: recalibrated ones under ``TrainConfig.bn_recalibrate``).
 
 Steps whose loss or gradient norm is not finite are skipped on the device (the fused AdamW
 update is masked, BatchNorm running statistics are restored); ``max_nonfinite_steps`` of
@@ -35,6 +37,7 @@ the other ranks wait.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -62,6 +65,7 @@ from ..data.windows import TrainingWindows, as_dataset
 from ..reference.jepa import eval_mode
 from ..sigreg import SIGReg
 from . import distributed as _dist
+from .batchnorm import recalibrated_batchnorm
 from .compiled import CompiledStep, compile_backend, compile_step
 from .config import RESUME_FREE_FIELDS, TrainConfig
 from .memory import MemoryEstimate, choose_plan, format_size, free_vram, parse_size
@@ -167,8 +171,11 @@ class Trainer:
         device: "auto" (CUDA if available), "cpu", "cuda[:N]"; under torchrun with CUDA
             each process uses ``cuda:LOCAL_RANK``.
         evaluator: optional ``evaluator(model) -> {"success_rate": float, ...}``, called in
-            eval mode every ``config.eval_every_epochs`` epochs (on rank 0); drives early
-            stopping and ``best_model/``.
+            eval mode every ``config.eval_every_epochs`` epochs (on rank 0), after the
+            validation and with the same BatchNorm statistics (recalibrated when
+            ``config.bn_recalibrate`` > 0); drives early stopping and ``best_model/``. The
+            model comes back with the modes and ``requires_grad`` flags it had (and, under
+            ``bn_recalibrate``, the head BatchNorm buffers).
         resume: continue from the newest checkpoint in ``out_dir`` (it must exist). Without
             it, ``out_dir`` must not hold checkpoints yet.
 
@@ -745,22 +752,44 @@ class Trainer:
     def _end_epoch(self) -> bool:
         """Validation, evaluation and the epoch checkpoint; True when early stopping triggers."""
         cfg, run = self.config, self.run_state
-        val = self._validate()
-        if val is not None:
-            self._log([{"kind": "val", "step": run.step, "epoch": run.epoch, **val}])
         stop = False
-        if self.evaluator is not None and (run.epoch + 1) % cfg.eval_every_epochs == 0:
-            result = self._evaluate()
-            self._log([{"kind": "eval", "step": run.step, "epoch": run.epoch, **result}])
-            if run.record_eval(float(result["success_rate"]), cfg.early_stop_min_delta):
-                if self.ctx.is_main:
-                    save_pretrained(self.model, self.out_dir / "best_model", config=cfg.model)
-            else:
-                patience = cfg.early_stop_patience
-                stop = patience is not None and run.evals_since_best >= patience
+        with self._recalibrated_batchnorm():
+            val = self._validate()
+            if val is not None:
+                self._log([{"kind": "val", "step": run.step, "epoch": run.epoch, **val}])
+            if self.evaluator is not None and (run.epoch + 1) % cfg.eval_every_epochs == 0:
+                result = self._evaluate()
+                self._log([{"kind": "eval", "step": run.step, "epoch": run.epoch, **result}])
+                if run.record_eval(float(result["success_rate"]), cfg.early_stop_min_delta):
+                    if self.ctx.is_main:  # with the BatchNorm statistics it was evaluated with
+                        save_pretrained(self.model, self.out_dir / "best_model", config=cfg.model)
+                else:
+                    patience = cfg.early_stop_patience
+                    stop = patience is not None and run.evals_since_best >= patience
         run.next_epoch()
         self._save()
         return stop
+
+    def _recalibrated_batchnorm(self):
+        """The context of an epoch's validation and evaluation: the head BatchNorm statistics
+        recomputed on the first ``bn_recalibrate`` batches of the epoch's shuffle (this
+        process's share) and put back afterwards; a no-op context when it is 0."""
+        cfg, run = self.config, self.run_state
+        if cfg.bn_recalibrate == 0:
+            return contextlib.nullcontext()
+        batches = self.windows.batches(
+            "train",
+            cfg.batch_size,
+            seed=cfg.seed + run.epoch,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
+        return recalibrated_batchnorm(
+            self.model,
+            itertools.islice(batches, cfg.bn_recalibrate),
+            autocast_dtype=cfg.autocast_dtype,
+            sdpa_backend=self.sdpa.backend,
+        )
 
 
 def train(
