@@ -80,11 +80,23 @@ def _affine(x: torch.Tensor, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _modulate_norm(x, shift, scale, weight, bias, eps1: float, eps2: float, out_dtype=None) -> torch.Tensor:
-    """The formula in PyTorch: LayerNorm(modulate(LayerNorm(x, eps1), shift, scale), eps2)."""
+    """The formula in PyTorch: LayerNorm(modulate(LayerNorm(x, eps1), shift, scale), eps2).
+
+    Low-precision activations with float32 affine parameters (outside autocast) normalise in
+    float32 and round to the activations' dtype, as the CPU kernel does on its own; CUDA's
+    layer_norm rejects that mix, so it is spelled out here for every device."""
     D = x.shape[-1]
     h = F.layer_norm(x, (D,), eps=eps1)
-    y = F.layer_norm(modulate(h, shift, scale), (D,), weight, bias, eps=eps2)
+    m = modulate(h, shift, scale)
+    if weight is not None and weight.dtype != m.dtype and autocast_dtype(m) is None:
+        y = F.layer_norm(m.float(), (D,), weight.float(), _float(bias), eps=eps2).to(m.dtype)
+    else:
+        y = F.layer_norm(m, (D,), weight, bias, eps=eps2)
     return y if out_dtype is None else y.to(out_dtype)
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -24,9 +24,16 @@ def _device():
 
 
 def _eager(x, shift, scale, weight, bias):
-    """The reference chain: plain LayerNorm (1e-6) -> modulate -> affine LayerNorm (1e-5)."""
+    """The reference chain: plain LayerNorm (1e-6) -> modulate -> affine LayerNorm (1e-5).
+
+    With low-precision activations and float32 affine parameters the affine LayerNorm runs
+    in float32 and rounds its output to the activations' dtype: what the CPU kernel does for
+    mixed dtypes, spelled out because CUDA's layer_norm rejects them."""
     h = F.layer_norm(x, (x.shape[-1],), eps=1e-6)
-    return F.layer_norm(ref.modulate(h, shift, scale), (x.shape[-1],), weight, bias, eps=1e-5)
+    m = ref.modulate(h, shift, scale)
+    if m.dtype == weight.dtype:
+        return F.layer_norm(m, (x.shape[-1],), weight, bias, eps=1e-5)
+    return F.layer_norm(m.float(), (x.shape[-1],), weight, bias, eps=1e-5).to(m.dtype)
 
 
 def _fused(x, shift, scale, weight, bias):
@@ -239,7 +246,7 @@ def test_jepa_with_fused_blocks_matches_reference():
     losses = []
     for model in (public, reference):
         torch.manual_seed(0)
-        out = ref.jepa_loss(model, lewm_fast.SIGReg(num_proj=32, backend="torch"), batch)
+        out = ref.jepa_loss(model, lewm_fast.SIGReg(num_proj=32, backend="torch").to(_device()), batch)
         out["loss"].backward()
         losses.append(out)
     for key in ("pred_loss", "sigreg_loss", "loss"):
@@ -487,3 +494,17 @@ def test_planning_cost_runs_the_fused_blocks(monkeypatch):
         expected = reference.get_cost(expand, cand)
     assert calls, "the fused AdaLN kernel did not run"
     assert_close(fast, expected, "fp32_gemm", "planning cost with fused blocks")
+
+
+def test_torch_backend_low_precision_x_with_float32_affine_is_the_cpu_kernel():
+    """Low-precision x with float32 weight and bias: the torch backend normalises in float32
+    and rounds to x's dtype on every device (CUDA's layer_norm rejects the mix), which is
+    bit for bit what CPU's layer_norm does with the mix."""
+    x_dtype = torch.bfloat16
+    x, mod, weight, bias, _ = _inputs((3, 5, 40), torch.float32, torch.float32, "cpu", seed=4)
+    x, mod = x.to(x_dtype), mod.to(x_dtype)
+    shift, scale = mod.chunk(2, dim=-1)
+    y = lewm_fast.adaln_modulate(x, shift, scale, weight, bias, backend="torch")
+    h = ref.modulate(F.layer_norm(x, (40,), eps=1e-6), shift, scale)
+    assert y.dtype == x_dtype
+    assert torch.equal(y, F.layer_norm(h, (40,), weight, bias, eps=1e-5))

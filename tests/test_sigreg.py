@@ -182,7 +182,7 @@ def test_module_seeded_backends_agree(dtype_name):
     def run(name, dtype):
         z = z32.to(dtype).clone().requires_grad_()
         torch.manual_seed(17)
-        value = lewm_fast.SIGReg(num_proj=64, backend=name)(z)
+        value = lewm_fast.SIGReg(num_proj=64, backend=name).to(device)(z)
         value.backward()
         return value.detach(), z.grad
 
