@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .. import _checks
 from ..backend import triton_interpreter
+from . import _eager
 from ._interpreter import patch_scalar_index
 
 if triton_interpreter():  # NumPy >= 2.4 with the interpreters of Triton < 3.8
@@ -270,6 +271,7 @@ def _gated_residual_bwd_kernel(
 MAX_D = 2048  # widest rows the fused kernels take; "auto" falls back to PyTorch above it
 
 
+@functools.lru_cache(maxsize=64)
 def row_config(D: int, backward: bool = False) -> dict:
     """Tile of the row-wise kernels: all of D in one block, rows to fill ~1K elements (~8 values
     of each row tile per thread); half as many rows in the modulate-norm backward, which
@@ -280,6 +282,12 @@ def row_config(D: int, backward: bool = False) -> dict:
     block_d = max(16, triton.next_power_of_2(D))
     block_m = max(1, min(16, 1024 // block_d) // (2 if backward else 1))
     return {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": 4 if block_d <= 1024 else 8}
+
+
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv, without the constexpr-function wrapper newer Triton puts around it (host
+    # time on every launch)
+    return -(-a // b)
 
 
 def compile_cases():
@@ -356,7 +364,7 @@ def adaln_fwd(x, shift, scale, weight, bias, eps1: float, eps2: float, out_dtype
     y = torch.empty((N, D), device=x.device, dtype=out_dtype or x.dtype)
     stats = torch.empty((N, 4), device=x.device, dtype=torch.float32)
     cfg = row_config(D)
-    _adaln_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
+    _adaln_fwd_kernel[(_cdiv(N, cfg["BLOCK_M"]),)](
         x2,
         s2,
         c2,
@@ -383,7 +391,7 @@ def adaln_bwd(dy, x, shift, scale, weight, stats):
     dy2, x2, s2, c2 = _rows(dy, D), _rows(x, D), _rows(shift, D), _rows(scale, D)
     N = x2.shape[0]
     cfg = row_config(D, backward=True)
-    programs = max(1, min(_MAX_BWD_PROGRAMS, triton.cdiv(N, cfg["BLOCK_M"])))
+    programs = max(1, min(_MAX_BWD_PROGRAMS, _cdiv(N, cfg["BLOCK_M"])))
     dx = torch.empty((N, D), device=x.device, dtype=x.dtype)
     dshift = torch.empty((N, D), device=x.device, dtype=shift.dtype)
     dscale = torch.empty((N, D), device=x.device, dtype=scale.dtype)
@@ -433,7 +441,7 @@ def gated_residual_fwd(x, gate, y):
     N = x2.shape[0]
     out = torch.empty((N, D), device=x.device, dtype=_result_dtype(x, gate, y))
     cfg = row_config(D)
-    _gated_residual_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
+    _gated_residual_fwd_kernel[(_cdiv(N, cfg["BLOCK_M"]),)](
         x2,
         g2,
         y2,
@@ -466,7 +474,7 @@ def gated_adaln_fwd(
     y = torch.empty((N, D), device=x.device, dtype=out_dtype or dtype)
     stats = torch.empty((N, 4), device=x.device, dtype=torch.float32)
     cfg = row_config(D)
-    _gated_adaln_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
+    _gated_adaln_fwd_kernel[(_cdiv(N, cfg["BLOCK_M"]),)](
         x2,
         g2,
         r2,
@@ -499,7 +507,7 @@ def gated_residual_bwd(dout, gate, y):
     dgate = torch.empty((N, D), device=gate.device, dtype=gate.dtype)
     dy = torch.empty((N, D), device=y.device, dtype=y.dtype)
     cfg = row_config(D)
-    _gated_residual_bwd_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
+    _gated_residual_bwd_kernel[(_cdiv(N, cfg["BLOCK_M"]),)](
         do2,
         g2,
         y2,
@@ -519,6 +527,8 @@ def gated_residual_bwd(dout, gate, y):
 # lewm_fast::adaln / adaln_bwd, lewm_fast::gated_residual / gated_residual_bwd and
 # lewm_fast::gated_adaln (its backward runs adaln_bwd then gated_residual_bwd); the Python
 # objects are ``<op>_op``, beside the launchers ``<op>_fwd`` / ``<op>_bwd`` they call.
+# Callers use ``adaln`` / ``gated_residual`` / ``gated_adaln``, which run the custom op only
+# while something traces (kernels/_eager.py: its dispatch is most of a small call's cost).
 
 
 @torch.library.custom_op("lewm_fast::adaln", mutates_args=())
@@ -569,13 +579,25 @@ def _adaln_setup(ctx, inputs, output):
     ctx.save_for_backward(x, shift, scale, weight, output[1])
 
 
-def _adaln_backward(ctx, dy, dstats):
-    x, shift, scale, weight, stats = ctx.saved_tensors
-    dx, dshift, dscale, dw, db = adaln_bwd_op(dy.contiguous(), x, shift, scale, weight, stats)
-    return dx, dshift, dscale, dw, db, None, None, None
+def _adaln_backward(bwd):
+    """The backward of lewm_fast::adaln through ``bwd``: the custom op or its launcher."""
+
+    def backward(ctx, dy, dstats):
+        x, shift, scale, weight, stats = ctx.saved_tensors
+        dx, dshift, dscale, dw, db = bwd(dy.contiguous(), x, shift, scale, weight, stats)
+        return dx, dshift, dscale, dw, db, None, None, None
+
+    return backward
 
 
-adaln_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
+adaln_op.register_autograd(_adaln_backward(adaln_bwd_op), setup_context=_adaln_setup)
+_Adaln = _eager.function("_Adaln", adaln_fwd, _adaln_setup, _adaln_backward(adaln_bwd), (1,))
+
+
+def adaln(x, shift, scale, weight, bias, eps1: float, eps2: float, out_dtype: torch.dtype):
+    """lewm_fast::adaln's (y, stats), the custom op only where something traces the call
+    (:func:`lewm_fast.kernels._eager.call`): the entry point of ``lewm_fast.adaln``."""
+    return _eager.call(adaln_op, _Adaln, adaln_fwd, x, shift, scale, weight, bias, eps1, eps2, out_dtype)
 
 
 @torch.library.custom_op("lewm_fast::gated_residual", mutates_args=())
@@ -608,13 +630,27 @@ def _gated_setup(ctx, inputs, output):
     ctx.x_dtype = x.dtype
 
 
-def _gated_backward(ctx, dout):
-    gate, y = ctx.saved_tensors
-    dgate, dy = gated_residual_bwd_op(dout.contiguous(), gate, y)
-    return dout.to(ctx.x_dtype), dgate, dy
+def _gated_backward(bwd):
+    """The backward of lewm_fast::gated_residual through ``bwd``: the custom op or its launcher."""
+
+    def backward(ctx, dout):
+        gate, y = ctx.saved_tensors
+        dgate, dy = bwd(dout.contiguous(), gate, y)
+        return dout.to(ctx.x_dtype), dgate, dy
+
+    return backward
 
 
-gated_residual_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+gated_residual_op.register_autograd(_gated_backward(gated_residual_bwd_op), setup_context=_gated_setup)
+_GatedResidual = _eager.function(
+    "_GatedResidual", gated_residual_fwd, _gated_setup, _gated_backward(gated_residual_bwd)
+)
+
+
+def gated_residual(x, gate, y):
+    """lewm_fast::gated_residual's output, the custom op only where something traces the call
+    (:func:`lewm_fast.kernels._eager.call`): the entry point of ``lewm_fast.gated_residual``."""
+    return _eager.call(gated_residual_op, _GatedResidual, gated_residual_fwd, x, gate, y)
 
 
 @torch.library.custom_op("lewm_fast::gated_adaln", mutates_args=())
@@ -650,13 +686,35 @@ def _gated_adaln_setup(ctx, inputs, output):
     ctx.x_dtype = x.dtype
 
 
-def _gated_adaln_backward(ctx, dout, dy, dstats):
-    gate, res, shift, scale, weight, out, stats = ctx.saved_tensors
-    grads = adaln_bwd_op(dy.contiguous(), out, shift, scale, weight, stats)
-    dnorm, dshift, dscale, dw, db = grads
-    dtotal = (dnorm + dout).contiguous()  # out feeds the norm and the caller's residual stream
-    dgate, dres = gated_residual_bwd_op(dtotal, gate, res)
-    return dtotal.to(ctx.x_dtype), dgate, dres, dshift, dscale, dw, db, None, None, None
+def _gated_adaln_backward(norm_bwd, residual_bwd):
+    """The backward of lewm_fast::gated_adaln through ``norm_bwd`` and ``residual_bwd``: the
+    custom ops or their launchers."""
+
+    def backward(ctx, dout, dy, dstats):
+        gate, res, shift, scale, weight, out, stats = ctx.saved_tensors
+        dnorm, dshift, dscale, dw, db = norm_bwd(dy.contiguous(), out, shift, scale, weight, stats)
+        dtotal = (dnorm + dout).contiguous()  # out feeds the norm and the caller's residual stream
+        dgate, dres = residual_bwd(dtotal, gate, res)
+        return dtotal.to(ctx.x_dtype), dgate, dres, dshift, dscale, dw, db, None, None, None
+
+    return backward
 
 
-gated_adaln_op.register_autograd(_gated_adaln_backward, setup_context=_gated_adaln_setup)
+gated_adaln_op.register_autograd(
+    _gated_adaln_backward(adaln_bwd_op, gated_residual_bwd_op), setup_context=_gated_adaln_setup
+)
+_GatedAdaln = _eager.function(
+    "_GatedAdaln",
+    gated_adaln_fwd,
+    _gated_adaln_setup,
+    _gated_adaln_backward(adaln_bwd, gated_residual_bwd),
+    (2,),
+)
+
+
+def gated_adaln(x, gate, res, shift, scale, weight, bias, eps1: float, eps2: float, out_dtype: torch.dtype):
+    """lewm_fast::gated_adaln's (out, y, stats), the custom op only where something traces
+    the call (:func:`lewm_fast.kernels._eager.call`): the entry point of
+    ``lewm_fast.gated_adaln_modulate``."""
+    args = (x, gate, res, shift, scale, weight, bias, eps1, eps2, out_dtype)
+    return _eager.call(gated_adaln_op, _GatedAdaln, gated_adaln_fwd, *args)

@@ -151,7 +151,7 @@ def adaln_modulate(
     if kernels is None:
         return _modulate_norm(x, t["shift"], t["scale"], weight, bias, eps1, eps2, out_dtype)
     dtype = out_dtype or x.dtype
-    return kernels.adaln_op(x, t["shift"], t["scale"], *_affine(x, weight, bias), eps1, eps2, dtype)[0]
+    return kernels.adaln(x, t["shift"], t["scale"], *_affine(x, weight, bias), eps1, eps2, dtype)[0]
 
 
 def gated_residual(
@@ -167,7 +167,7 @@ def gated_residual(
     kernels = _kernels(backend, x, "gated_residual")
     if kernels is None:
         return x + t["gate"] * t["y"]
-    return kernels.gated_residual_op(x, t["gate"], t["y"])
+    return kernels.gated_residual(x, t["gate"], t["y"])
 
 
 def gated_adaln_modulate(
@@ -199,7 +199,7 @@ def gated_adaln_modulate(
         out = x + t["gate"] * t["res"]
         return out, _modulate_norm(out, t["shift"], t["scale"], weight, bias, eps1, eps2, out_dtype)
     promoted = torch.promote_types(torch.promote_types(x.dtype, t["gate"].dtype), t["res"].dtype)
-    out, y, _ = kernels.gated_adaln_op(
+    out, y, _ = kernels.gated_adaln(
         x,
         t["gate"],
         t["res"],
