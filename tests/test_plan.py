@@ -716,6 +716,19 @@ def test_solver_warns_about_nan_costs_the_model_makes():
     _assert_nan_costs_reported(CEMSolver(public.eval(), **NAN_CEM))
 
 
+def test_rejected_solves_leave_the_seed_sequence_alone():
+    """Frames rejected after the solve (NaN) or arguments rejected before it use up no plan
+    seed: the next plan is the one the solver would have made without the bad calls."""
+    public, _ = model_pair(small_config(), seed=10)
+    solver = CEMSolver(public.eval(), action_dim=10, num_samples=4, n_steps=1, topk=2, seed=7)
+    info = {"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(2, 1, *PIX)}
+    with pytest.raises(ValueError, match="NaN"):
+        solver.solve({**info, "pixels": info["pixels"].index_fill(0, torch.tensor([0]), float("nan"))})
+    with pytest.raises(ValueError, match="init_action"):
+        solver.solve(info, torch.zeros(3, 1, 10))
+    assert [solver.solve(info)["seed"] for _ in range(2)] == [plan_seed(7, 0), plan_seed(7, 1)]
+
+
 def test_randn_frames_are_well_formed():
     """The README plans torch.randn frames: the normalisation check must let them through."""
     public, _ = model_pair(small_config(), seed=11)
