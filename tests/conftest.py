@@ -79,6 +79,23 @@ def no_tf32():
         yield
 
 
+@pytest.fixture
+def faithful_sqrt(monkeypatch):
+    """``torch.sqrt`` rounded to float32 and moved one float32 ulp up on every other element
+    (returned in the input's dtype) for the test: a faithful but not correctly rounded root,
+    worse than the CPU's MKL one. Code whose bits must not depend on the device's sqrt gives
+    the same result under it. Returns the real ``torch.sqrt``."""
+    real = torch.sqrt
+
+    def sqrt(x, *args, **kwargs):
+        s = real(x, *args, **kwargs).to(torch.float32)
+        odd = torch.arange(s.numel(), device=s.device).view(s.shape) % 2 == 1
+        return torch.where(odd, torch.nextafter(s, torch.full_like(s, float("inf"))), s).to(x.dtype)
+
+    monkeypatch.setattr(torch, "sqrt", sqrt)
+    return real
+
+
 def _append_smoke_log(line: str) -> None:
     path = os.environ.get(SMOKE_LOG_ENV)
     if path:

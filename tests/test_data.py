@@ -51,6 +51,14 @@ def test_generation_is_deterministic_by_seed(tmp_path, small):
     assert np.array_equal(prefix.proprio, small.proprio[:n]) and prefix.source["seed"] == 5
 
 
+def test_generation_does_not_depend_on_the_sqrt(tmp_path, small, faithful_sqrt):
+    """Episodes roll out alike under a torch.sqrt off by an ulp, as under CUDA's exact one."""
+    data = generate_dataset(tmp_path / "d", episodes=10, seed=5, progress=False)
+    n = int(data.num_rows)
+    assert np.array_equal(data.proprio, small.proprio[:n])
+    assert np.array_equal(data.action, small.action[:n], equal_nan=True)
+
+
 def test_episodes_replay_through_step_and_end_at_success(small):
     assert small.num_episodes == 40 and not small.has_frames
     proprio, action, goal = (

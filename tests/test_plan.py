@@ -686,6 +686,49 @@ def test_solver_and_planning_cost_check_frames(spoil, match):
         planning_cost(public, info, torch.randn(3, 4, 5, 10))
 
 
+NAN_CEM = {"action_dim": 10, "num_samples": 16, "n_steps": 2, "topk": 4}
+
+
+def _assert_nan_costs_reported(solver):
+    """Plan 2 envs with the solver's model spoiled by a forward hook: the projector's output row 0
+    (env 0's context embedding; encode runs context frames, then goal frames) is NaN, so every
+    cost of env 0 is NaN, a fault the frame check cannot see. One RuntimeWarning counts them."""
+    projector = solver._cost.model.projector
+
+    def spoil(module, args, out):
+        out[0] = float("nan")  # in place: no host value, so a CUDA graph can capture it
+
+    hook = projector.register_forward_hook(spoil)
+    count = NAN_CEM["num_samples"] * NAN_CEM["n_steps"]
+    try:
+        with pytest.warns(RuntimeWarning, match=rf"{count} NaN candidate costs .*per env: \[{count}, 0\]"):
+            plan = solver.solve(_gpu_info(2))
+    finally:
+        hook.remove()
+    assert torch.equal(plan["actions"][0], torch.zeros(5, 10))  # env 0 kept its initial mean
+    assert torch.isnan(plan["costs"][0]) and torch.isfinite(plan["actions"][1]).all()
+    assert torch.isfinite(plan["costs"][1])
+
+
+def test_solver_warns_about_nan_costs_the_model_makes():
+    """The eager fast path's twin of test_graph_solve_warns_about_nan_costs_after_the_solve."""
+    public, _ = model_pair(small_config(), seed=10)
+    _assert_nan_costs_reported(CEMSolver(public.eval(), **NAN_CEM))
+
+
+def test_rejected_solves_leave_the_seed_sequence_alone():
+    """Frames rejected after the solve (NaN) or arguments rejected before it use up no plan
+    seed: the next plan is the one the solver would have made without the bad calls."""
+    public, _ = model_pair(small_config(), seed=10)
+    solver = CEMSolver(public.eval(), action_dim=10, num_samples=4, n_steps=1, topk=2, seed=7)
+    info = {"pixels": torch.randn(2, 1, *PIX), "goal": torch.randn(2, 1, *PIX)}
+    with pytest.raises(ValueError, match="NaN"):
+        solver.solve({**info, "pixels": info["pixels"].index_fill(0, torch.tensor([0]), float("nan"))})
+    with pytest.raises(ValueError, match="init_action"):
+        solver.solve(info, torch.zeros(3, 1, 10))
+    assert [solver.solve(info)["seed"] for _ in range(2)] == [plan_seed(7, 0), plan_seed(7, 1)]
+
+
 def test_randn_frames_are_well_formed():
     """The README plans torch.randn frames: the normalisation check must let them through."""
     public, _ = model_pair(small_config(), seed=11)
@@ -937,11 +980,10 @@ def test_csrc_cuda_refit_at_its_shared_memory_limit():
 
 @pytest.mark.gpu
 def test_graph_solve_warns_about_nan_costs_after_the_solve():
-    model = _gpu_model()
-    solver = CEMSolver(model, action_dim=10, num_samples=16, n_steps=2, topk=4, cuda_graph=True)
-    info = _gpu_info(2)
-    info["pixels"][0] = float("nan")  # every cost of env 0 is NaN
-    with pytest.warns(RuntimeWarning, match="NaN"):
-        plan = solver.solve(info)
-    assert torch.equal(plan["actions"][0], torch.zeros(5, 10))  # env 0 kept its initial mean
-    assert torch.isfinite(plan["actions"][1]).all()
+    """NaN costs the model makes itself (the frames are clean, so the frame check passes) are
+    counted inside the captured graph and reported once its results reach the host: on the
+    solve that captures and on a pure replay (which runs the hook's captured fill, not the hook)."""
+    solver = CEMSolver(_gpu_model(), cuda_graph=True, **NAN_CEM)
+    for attempt in ("capture", "replay"):
+        _assert_nan_costs_reported(solver)
+        assert solver._captured is not None and solver.cuda_graph, attempt  # no eager fallback

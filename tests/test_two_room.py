@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lewm_fast.envs import DEFAULT_LAYOUT, TwoRoom, TwoRoomLayout, distance, layout_image, render, step
-from lewm_fast.envs.two_room import episode_generator, exp_neg, sample_start_goal
+from lewm_fast.envs.policies import NoisyExpert
+from lewm_fast.envs.two_room import episode_generator, exp_neg, sample_start_goal, sqrt_rn
 
 F32 = np.float32
 
@@ -62,6 +63,42 @@ def test_exp_neg_is_within_one_ulp():
     assert got[-3] == 1.0
     with pytest.raises(ValueError, match="float64"):
         exp_neg(t.float())
+
+
+def _sqrt_inputs() -> torch.Tensor:
+    """float32 squares over many binades, binade edges, 0, subnormals, the largest float, inf."""
+    gen = torch.Generator().manual_seed(2)
+    mantissa = 1 + torch.rand(50_000, generator=gen)
+    exponent = torch.randint(-140, 127, (50_000,), generator=gen).float()
+    q = torch.ldexp(mantissa, exponent).float()
+    edges = torch.tensor([0.0, 1e-45, 1e-40, 1.0, 2.0, 4.0, 256.0, 255.99998, 3.4028235e38, math.inf])
+    near = torch.nextafter(edges[3:9], torch.zeros(6))
+    return torch.cat([q, edges, near, torch.rand(50_000, generator=gen) * 100_000])
+
+
+def test_sqrt_rn_is_correctly_rounded(faithful_sqrt):
+    """Equal to the IEEE sqrt (numpy's sqrtps) everywhere, even over a torch.sqrt off by an ulp."""
+    q = _sqrt_inputs()
+    want = np.sqrt(q.numpy())
+    assert np.array_equal(sqrt_rn(q).numpy(), want)
+    assert not np.array_equal(torch.sqrt(q).numpy(), want)  # the fixture's sqrt is faithful only
+    with pytest.raises(ValueError, match="float32"):
+        sqrt_rn(q.double())
+
+
+def test_distance_and_policy_do_not_depend_on_the_sqrt(faithful_sqrt):
+    """distance and the expert's actions use sqrt_rn: the same bits whatever torch.sqrt rounds to
+    (CUDA's sqrt is correctly rounded, the CPU's MKL one is not)."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.rand(20_000, 2, generator=gen) * 223, _positions(20_000, gen)
+    d = (a - b).numpy()
+    want = np.sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1])  # float32 products and sum, IEEE root
+    assert np.array_equal(distance(a, b).numpy(), want)
+    policy, noise = NoisyExpert(), torch.zeros(20_000, 2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "sqrt", faithful_sqrt)  # the fixture returns the real torch.sqrt
+        exact = policy(a, b, noise)
+    assert torch.equal(policy(a, b, noise), exact)
 
 
 def test_layout_image_matches_the_published_scene():
@@ -308,3 +345,9 @@ def test_cpu_and_cuda_are_bit_identical():
     env_gpu.reset(seed=2)
     assert torch.equal(env_cpu.render(), env_gpu.render().cpu())
     assert torch.equal(env_cpu.distance(), env_gpu.distance().cpu())
+    q = _sqrt_inputs()
+    assert torch.equal(sqrt_rn(q), sqrt_rn(q.cuda()).cpu())
+    goal, noise = xy.flip(0), torch.randn(500, 2, generator=gen)
+    assert torch.equal(distance(xy, goal), distance(xy.cuda(), goal.cuda()).cpu())
+    expert = NoisyExpert()
+    assert torch.equal(expert(xy, goal, noise), expert(xy.cuda(), goal.cuda(), noise.cuda()).cpu())

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import _checks
-from .two_room import DEFAULT_LAYOUT, TwoRoomLayout
+from .two_room import DEFAULT_LAYOUT, TwoRoomLayout, norm_xy
 
 __all__ = ["NoisyExpert", "UniformRandom", "POLICIES", "make_policy"]
 
 
 def _unit(vec: torch.Tensor) -> torch.Tensor:
-    norm = torch.sqrt(vec[:, 0] * vec[:, 0] + vec[:, 1] * vec[:, 1])[:, None]
+    norm = norm_xy(vec)[:, None]
     return torch.where(norm > 0, vec / norm, torch.zeros_like(vec))
 
 
@@ -76,7 +76,7 @@ class NoisyExpert(_Policy):
         center = float(self.layout.wall_center)
         door = torch.tensor(self.layout.door_xy, dtype=torch.float32, device=agent_xy.device)
         to_door = door - agent_xy
-        far = torch.sqrt(to_door[:, 0] * to_door[:, 0] + to_door[:, 1] * to_door[:, 1]) > self.door_radius
+        far = norm_xy(to_door) > self.door_radius
         other_room = (agent_xy[:, 0] < center) != (goal_xy[:, 0] < center)
         target = torch.where((other_room & far)[:, None], door.expand_as(goal_xy), goal_xy)
         return torch.clamp(_unit(target - agent_xy) + noise, -1.0, 1.0)

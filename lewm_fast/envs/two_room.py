@@ -10,14 +10,18 @@ success flags, distance to goal). Every number comes from one frozen
 :class:`TwoRoomLayout` whose defaults are the published layout.
 
 Bit-exactness. Both functions give identical bits on CPU and CUDA because they use only
-operations IEEE 754 rounds exactly (+, -, *, /, sqrt, comparisons, floor, clamps) as
+operations IEEE 754 rounds exactly (+, -, *, /, comparisons, floor, clamps) as
 separate eager kernels, so no fused multiply-add and no device math library enters.
 Divisors are tensors on the device, never Python scalars: CUDA computes ``x / scalar``
 as ``x * (1 / scalar)``, which can differ from the CPU's true division in the last bit. The
 one transcendental, the Gaussian ``exp``, is therefore not ``torch.exp`` (whose float32
 and float64 results can differ by an ulp between the CPU's SLEEF and CUDA's libdevice) but
 :func:`exp_neg`: Cody-Waite range reduction and a degree-13 Taylor polynomial in float64,
-within 1 ulp of the exact value, bit-identical on both devices. The Gaussian is
+within 1 ulp of the exact value, bit-identical on both devices. Nor is ``torch.sqrt``
+device-exact: CUDA's is correctly rounded, but on the CPU it runs through MKL's vector
+math, which is only faithful (on an AVX2 machine about 15% of random float32 roots come
+out an ulp off). Distances (:func:`distance`, success, the expert policy's unit vectors) use
+:func:`sqrt_rn` instead, which is correctly rounded on both. The Gaussian is
 separable, exp(-(dx^2 + dy^2) / 2r^2) = exp(-dx^2 / 2r^2) * exp(-dy^2 / 2r^2), and its
 maximum over the grid is the product of the per-axis maxima, so ``render`` evaluates
 ``exp_neg`` on the 2 x 224 axis distances only; the per-pixel alpha is the float64 product
@@ -56,6 +60,8 @@ __all__ = [
     "distance",
     "layout_image",
     "exp_neg",
+    "sqrt_rn",
+    "norm_xy",
     "episode_generator",
     "sample_start_goal",
     "check_positions",
@@ -217,6 +223,29 @@ def exp_neg(t: torch.Tensor) -> torch.Tensor:
         p = p * u + c
     scale = ((1023 - n.to(torch.int64)) << 52).view(torch.float64)  # 2**-n from its exponent bits, exact
     return p * scale
+
+
+def sqrt_rn(q: torch.Tensor) -> torch.Tensor:
+    """sqrt(q) of float32 ``q``, correctly rounded (round to nearest) and bit-identical on CPU and CUDA.
+
+    ``torch.sqrt`` is not enough: the CPU's goes through MKL's vector math (float32 and
+    float64 alike), which is within an ulp but not correctly rounded; CUDA's is. So take
+    s = float32(sqrt(float64 q)), within one float32 ulp of the true root on either device,
+    and move it to its neighbour when q lies beyond the square of the midpoint between
+    them: those midpoints have at most 25 significant bits, so their float64 squares and
+    the comparisons are exact, and no float32 ``q`` equals one (no ties to break).
+    Only float64 +, *, comparisons and ``nextafter`` decide the result, never the sqrt.
+    """
+    if not torch.is_tensor(q) or q.dtype != torch.float32:
+        raise ValueError(f"sqrt_rn expects a float32 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
+    q64 = q.to(torch.float64)
+    s = torch.sqrt(q64).to(torch.float32)
+    up = torch.nextafter(s, torch.full_like(s, math.inf))
+    down = torch.nextafter(s, torch.zeros_like(s))
+    s64 = s.to(torch.float64)
+    hi = (s64 + up.to(torch.float64)) * 0.5  # exact: the midpoint of two adjacent float32
+    lo = (s64 + down.to(torch.float64)) * 0.5
+    return torch.where(q64 > hi * hi, up, torch.where(q64 < lo * lo, down, s))
 
 
 # ---------------------------------------------------------------------------------------
@@ -412,10 +441,20 @@ def step(
     return torch.stack([x, y], dim=1)
 
 
+def norm_xy(d: torch.Tensor) -> torch.Tensor:
+    """Euclidean length per row, (N, 2) -> (N,) float32: sqrt_rn(dx * dx + dy * dy), device-exact.
+
+    Each product and the sum is its own eager kernel, so every step is one IEEE rounding
+    on both devices (no kernel sees ``a * a + b * b`` to contract into an FMA); the root is
+    :func:`sqrt_rn`.
+    """
+    d = d.to(torch.float32)
+    return sqrt_rn(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1])
+
+
 def distance(a_xy: torch.Tensor, b_xy: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance per row, (N, 2), (N, 2) -> (N,) float32: sqrt(dx^2 + dy^2), device-exact."""
-    d = a_xy.to(torch.float32) - b_xy.to(torch.float32)
-    return torch.sqrt(d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1])
+    """Euclidean distance per row, (N, 2), (N, 2) -> (N,) float32: :func:`norm_xy` (a - b), device-exact."""
+    return norm_xy(a_xy.to(torch.float32) - b_xy.to(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------

@@ -570,17 +570,19 @@ class CEMSolver:
         the goal; the ``get_cost`` path passes every value on repeated per sample, (B, S, ...).
         init_action: (B, T0, action_dim) with T0 <= horizon, the first rows of the initial
         mean (a warm start), or None. seed: this plan's seed (default: the next one of the
-        solver's sequence). active: (B,) bool, the envs that need a plan (default: all); on
-        the eager fast path only their candidates are scored, each from the same noise as in
-        a full solve, so their plans are the full solve's (up to float rounding) and the
-        other envs' plans mean nothing (a captured CUDA graph plans every env anyway).
+        solver's sequence; a solve that raises does not use one up). active: (B,) bool, the
+        envs that need a plan (default: all); on the eager fast path only their candidates
+        are scored, each from the same noise as in a full solve, so their plans are the full
+        solve's (up to float rounding) and the other envs' plans mean nothing (a captured
+        CUDA graph plans every env anyway).
         Returns ``actions`` and ``std`` (B, horizon, action_dim), ``costs`` (B,) and ``seed``.
 
         The model is planned in eval mode (dropout off, BatchNorm on its running statistics)
         and left as it was found: every module's mode and every parameter, buffer and
         ``requires_grad`` flag are unchanged. ValueError for frames of another layout, dtype
         or channel count, and, once the solve is done (no extra host sync), for an env whose
-        frames hold NaN/inf or values no ImageNet-normalised frame reaches (spec section 5).
+        frames hold NaN/inf or values no ImageNet-normalised frame reaches (spec section 5):
+        such a solve returns nothing and leaves nothing a later solve depends on.
         """
         envs = self._check_info(info_dict)
         if self.action_dim is None:
@@ -588,9 +590,9 @@ class CEMSolver:
                 "CEMSolver: the action width is unknown; pass action_dim= or call "
                 "configure(action_space=..., n_envs=..., config=...) first"
             )
-        if seed is None:
+        drawn = seed is None
+        if drawn:
             seed = plan_seed(self.seed, self._plans)
-            self._plans += 1
         mean0 = self._mean0(envs, init_action)
         if active is not None and (
             not torch.is_tensor(active) or active.dtype != torch.bool or tuple(active.shape) != (envs,)
@@ -605,6 +607,8 @@ class CEMSolver:
         mean, std, elite_cost, nan_count, *faults = (t.cpu() for t in outputs)
         for name, found in zip(("info_dict['pixels']", "info_dict['goal']"), faults[0] if faults else ()):
             _checks.check_frame_faults(found, name)  # after the solve: the copy above is its one sync
+        if drawn:  # only a solve that returns a plan uses up a seed of the sequence
+            self._plans += 1
         if nan_count.any():
             warnings.warn(
                 f"CEMSolver: {int(nan_count.sum())} NaN candidate costs over {self.n_steps} iterations "
