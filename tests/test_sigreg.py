@@ -182,7 +182,7 @@ def test_module_seeded_backends_agree(dtype_name):
     def run(name, dtype):
         z = z32.to(dtype).clone().requires_grad_()
         torch.manual_seed(17)
-        value = lewm_fast.SIGReg(num_proj=64, backend=name)(z)
+        value = lewm_fast.SIGReg(num_proj=64, backend=name).to(device)(z)
         value.backward()
         return value.detach(), z.grad
 
@@ -255,6 +255,18 @@ def test_fake_gradients_have_the_kernels_strides():
         torch.library.opcheck(kernel.sigreg_bwd_op, args, test_utils=utils)
         args = (torch.randn_like(sums), z, A, 3 / 16, need_grad_A)
         torch.library.opcheck(kernel.sigreg_trig_sums_bwd_op, args, test_utils=utils)
+
+
+def test_module_on_another_device_than_proj_is_a_clear_error():
+    """SIGReg whose buffers are not on proj's device raises, naming both devices, before any
+    kernel runs, as the published module raises. Unchecked, the fused kernel read the
+    buffers where they were: a Triton "cpu tensor?" error on the GPU, and a silent garbage
+    value (~1e27) under the CPU interpreter with buffers on 'meta'."""
+    z = torch.randn(2, 4, 8)
+    with pytest.raises(RuntimeError, match=r"'t' is on meta but proj is on cpu.*sigreg\.to\('cpu'\)"):
+        lewm_fast.SIGReg(num_proj=8, backend="triton").to("meta")(z)
+    with pytest.raises(RuntimeError, match=r"is on cpu but proj is on meta.*sigreg\.to\('meta'\)"):
+        lewm_fast.SIGReg(num_proj=8)(z.to("meta"))
 
 
 def test_distributed_requires_a_process_group():

@@ -1374,7 +1374,8 @@ def test_memory_plans_on_gpu(dtype):
         model = model.cuda().train()
         batch = {k: v.cuda() for k, v in _batch(b=8).items()}
         torch.manual_seed(0)
-        forward_backward(model, lewm_fast.SIGReg(num_proj=64), batch, plan, chunk, autocast_dtype=dtype)
+        sigreg = lewm_fast.SIGReg(num_proj=64).cuda()
+        forward_backward(model, sigreg, batch, plan, chunk, autocast_dtype=dtype)
         grads[plan] = {n: p.grad.float().cpu() for n, p in model.named_parameters()}
     for plan in ("checkpoint", "two_pass"):
         assert_grads_close(grads[plan], grads["whole"], "fp32_gemm" if dtype is None else "bf16")
