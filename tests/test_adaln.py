@@ -239,7 +239,7 @@ def test_jepa_with_fused_blocks_matches_reference():
     losses = []
     for model in (public, reference):
         torch.manual_seed(0)
-        out = ref.jepa_loss(model, lewm_fast.SIGReg(num_proj=32, backend="torch"), batch)
+        out = ref.jepa_loss(model, lewm_fast.SIGReg(num_proj=32, backend="torch").to(_device()), batch)
         out["loss"].backward()
         losses.append(out)
     for key in ("pred_loss", "sigreg_loss", "loss"):
