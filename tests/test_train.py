@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -454,6 +455,29 @@ def test_peak_model_orders_the_plans_and_picks_by_budget():
     with pytest.raises(ValueError, match="no memory plan fits"):
         choose_plan(paper, 128, parse_size("500MiB"))
     assert "predicted peak" in small.describe()
+
+
+def test_cap_vram_gives_torch_the_device_index(monkeypatch):
+    """cap_vram / uncap_vram (the trainer's enforce_vram_budget, the bench's 8 GiB case) pass
+    set_per_process_memory_fraction an index for ``cuda`` without one (torch refuses the bare
+    device), cap only below the card's memory and never off CUDA. CUDA is stubbed; the stub
+    checks the device argument with torch's own index check."""
+    calls = []
+
+    def set_fraction(fraction, device=None):
+        calls.append((fraction, torch.cuda._utils._get_device_index(device)))
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=2**34)
+    )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert memory_module.cap_vram(torch.device("cuda"), 2**32)
+    memory_module.uncap_vram("cuda")
+    assert calls == [(0.25, 1), (1.0, 1)]
+    assert not memory_module.cap_vram("cuda:0", 2**34)  # the whole card: no cap
+    assert not memory_module.cap_vram("cpu", 2**32)
+    assert calls == [(0.25, 1), (1.0, 1)]
 
 
 SIZES = [
