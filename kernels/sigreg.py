@@ -805,9 +805,15 @@ def sigreg_bwd_op(
     return gz, ga if ga is not None else A.new_empty(0)
 
 
+def _fake_grads(z, A, need_grad_A):
+    """(grad_z, grad_A) as the launchers return them: contiguous, whatever z's and A's
+    strides (they come out of torch.mm); torch.compile checks the real strides against these."""
+    return z.new_empty(z.shape), (A.new_empty(A.shape) if need_grad_A else A.new_empty(0))
+
+
 @sigreg_bwd_op.register_fake
 def _(grad, z, A, sums, phi, weights, dt, need_grad_A):
-    return torch.empty_like(z), (torch.empty_like(A) if need_grad_A else A.new_empty(0))
+    return _fake_grads(z, A, need_grad_A)
 
 
 def _sigreg_setup(ctx, inputs, output):
@@ -850,7 +856,7 @@ def sigreg_trig_sums_bwd_op(
 
 @sigreg_trig_sums_bwd_op.register_fake
 def _(grad_sums, z, A, dt, need_grad_A):
-    return torch.empty_like(z), (torch.empty_like(A) if need_grad_A else A.new_empty(0))
+    return _fake_grads(z, A, need_grad_A)
 
 
 def _sums_setup(ctx, inputs, output):

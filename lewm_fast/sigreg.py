@@ -125,7 +125,8 @@ class SIGReg(_ref.SIGReg):
     """Drop-in SIGReg module: ``forward(proj (T, B, D))`` -> scalar, fresh directions each call.
 
     ``backend`` and ``distributed`` as in :func:`sigreg`; the published arguments
-    ``knots`` and ``num_proj`` keep their meaning and defaults.
+    ``knots`` and ``num_proj`` keep their meaning and defaults. As the published module,
+    it raises RuntimeError for ``proj`` on another device than its buffers (``.to(device)``).
     """
 
     def __init__(
@@ -139,6 +140,12 @@ class SIGReg(_ref.SIGReg):
         """SIGReg of embeddings proj (T, B, D) along ``num_proj`` fresh random directions
         (drawn from the global torch generator): a 0-dim float32 tensor."""
         _check(proj)
+        for name, buffer in (("t", self.t), ("phi", self.phi), ("weights", self.weights)):
+            if buffer.device != proj.device:  # a kernel would read another device's memory
+                raise RuntimeError(
+                    f"SIGReg's buffer {name!r} is on {buffer.device} but proj is on {proj.device}: "
+                    f"move the module first, sigreg.to({str(proj.device)!r})"
+                )
         A = _ref.draw_projections(proj.size(-1), self.num_proj, device=proj.device)
         if _distributed(self.distributed):
             import torch.distributed as dist

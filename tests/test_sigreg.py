@@ -237,6 +237,38 @@ def test_torch_library_registration():
     )
 
 
+def test_fake_gradients_have_the_kernels_strides():
+    """The backward ops' fake implementations give grad_z and grad_A the strides the kernels
+    return (contiguous) when z and A are not contiguous: z as the loss passes it, the
+    (B, T, D) embeddings transposed to (T, B, D). Inductor checks its buffers' strides
+    against the fake ones (a mismatch failed the compiled two_pass step on the GPU)."""
+    from lewm_fast.kernels import sigreg as kernel
+
+    T, B, D, P = 2, 3, 8, 4
+    z = torch.randn(B, T, D, device=_device()).transpose(0, 1)
+    A = torch.randn(P, D, device=_device()).t()
+    _, phi, w = ref.sigreg_quadrature(17, device=_device())
+    sums = kernel.sigreg_trig_sums_op(z, A, phi, w, 3 / 16)
+    utils = ("test_schema", "test_faketensor")
+    for need_grad_A in (False, True):
+        args = (torch.ones((), device=_device()), z, A, sums, phi, w, 3 / 16, need_grad_A)
+        torch.library.opcheck(kernel.sigreg_bwd_op, args, test_utils=utils)
+        args = (torch.randn_like(sums), z, A, 3 / 16, need_grad_A)
+        torch.library.opcheck(kernel.sigreg_trig_sums_bwd_op, args, test_utils=utils)
+
+
+def test_module_on_another_device_than_proj_is_a_clear_error():
+    """SIGReg whose buffers are not on proj's device raises, naming both devices, before any
+    kernel runs, as the published module raises. Unchecked, the fused kernel read the
+    buffers where they were: a Triton "cpu tensor?" error on the GPU, and a silent garbage
+    value (~1e27) under the CPU interpreter with buffers on 'meta'."""
+    z = torch.randn(2, 4, 8)
+    with pytest.raises(RuntimeError, match=r"'t' is on meta but proj is on cpu.*sigreg\.to\('cpu'\)"):
+        lewm_fast.SIGReg(num_proj=8, backend="triton").to("meta")(z)
+    with pytest.raises(RuntimeError, match=r"is on cpu but proj is on meta.*sigreg\.to\('meta'\)"):
+        lewm_fast.SIGReg(num_proj=8)(z.to("meta"))
+
+
 def test_distributed_requires_a_process_group():
     with pytest.raises(ValueError, match="process group"):
         lewm_fast.sigreg(torch.randn(2, 4, 8), ref.draw_projections(8, 16), distributed=True)

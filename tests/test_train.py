@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -170,14 +171,17 @@ def _compiled_vs_reference(
     """One step of forward_backward with ``compile_step(plan, backend)``'s pieces and the
     chosen attention backend, against the reference step (``against="reference"``) or the
     eager fast step (``"eager"``) on the same weights and seed, dropout 0.1 on; ``steps``
-    steps in a row, gradients cleared before each."""
+    steps in a row, gradients cleared before each. ``graphs``: a list that collects the
+    compiled graphs (through a counting compiler, which takes the place of the backend's
+    mode: no CUDA graphs), or None for compile_step's own backend and mode."""
     config = small_config(predictor__dropout=0.1)
     model, reference = model_pair(config, seed=3)
     if against == "eager":
         reference, _ = model_pair(config, seed=3)
     model, reference = model.to(device).train(), reference.to(device).train()
     batch = {k: v.to(device) for k, v in _batch(b=b).items()}
-    functions = compile_step(plan, device, backend, compiler=_counting(backend, graphs))
+    compiler = None if graphs is None else _counting(backend, graphs)
+    functions = compile_step(plan, device, backend, compiler=compiler)
     vit = config.encoder.vit_config()
     heads = vit.num_attention_heads
     shape = (heads, 1 + vit.num_patches, vit.hidden_size // heads)
@@ -278,6 +282,26 @@ def test_compile_step_requests_cuda_graphs_only_for_whole_on_cuda_with_inductor(
     ):
         with pytest.raises(ValueError, match=message):
             compile_step(plan, "cpu", backend)
+
+
+def test_compile_step_calls_a_compiler_as_a_plain_backend():
+    """A ``compiler`` replaces the named backend and its mode: it is called as
+    ``(gm, example_inputs)`` even where the named one gets ``mode="reduce-overhead"``
+    ("whole" on CUDA with inductor). torch.compile hands a mode to a callable backend as a
+    keyword, which a plain backend rejects (seen on torch 2.11 and 2.13); the step then asks
+    for no CUDA graphs. It is built for CUDA, where the named backend would get the mode,
+    and run on the CPU (the device only decides the mode)."""
+    graphs = []
+
+    def compiler(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step = compile_step("whole", "cuda", True, compiler=compiler)
+    assert (step.mode, step.cudagraphs) == (None, False)
+    model, _ = model_pair(small_config(), seed=3)
+    forward_backward(model.train(), lewm_fast.SIGReg(num_proj=64), _batch(b=2), "whole", functions=step)
+    assert len(graphs) == 1
 
 
 def test_dropout_is_live_so_the_seed_matters():
@@ -431,6 +455,29 @@ def test_peak_model_orders_the_plans_and_picks_by_budget():
     with pytest.raises(ValueError, match="no memory plan fits"):
         choose_plan(paper, 128, parse_size("500MiB"))
     assert "predicted peak" in small.describe()
+
+
+def test_cap_vram_gives_torch_the_device_index(monkeypatch):
+    """cap_vram / uncap_vram (the trainer's enforce_vram_budget, the bench's 8 GiB case) pass
+    set_per_process_memory_fraction an index for ``cuda`` without one (torch refuses the bare
+    device), cap only below the card's memory and never off CUDA. CUDA is stubbed; the stub
+    checks the device argument with torch's own index check."""
+    calls = []
+
+    def set_fraction(fraction, device=None):
+        calls.append((fraction, torch.cuda._utils._get_device_index(device)))
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=2**34)
+    )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert memory_module.cap_vram(torch.device("cuda"), 2**32)
+    memory_module.uncap_vram("cuda")
+    assert calls == [(0.25, 1), (1.0, 1)]
+    assert not memory_module.cap_vram("cuda:0", 2**34)  # the whole card: no cap
+    assert not memory_module.cap_vram("cpu", 2**32)
+    assert calls == [(0.25, 1), (1.0, 1)]
 
 
 SIZES = [
@@ -1351,7 +1398,8 @@ def test_memory_plans_on_gpu(dtype):
         model = model.cuda().train()
         batch = {k: v.cuda() for k, v in _batch(b=8).items()}
         torch.manual_seed(0)
-        forward_backward(model, lewm_fast.SIGReg(num_proj=64), batch, plan, chunk, autocast_dtype=dtype)
+        sigreg = lewm_fast.SIGReg(num_proj=64).cuda()
+        forward_backward(model, sigreg, batch, plan, chunk, autocast_dtype=dtype)
         grads[plan] = {n: p.grad.float().cpu() for n, p in model.named_parameters()}
     for plan in ("checkpoint", "two_pass"):
         assert_grads_close(grads[plan], grads["whole"], "fp32_gemm" if dtype is None else "bf16")
@@ -1367,7 +1415,7 @@ def test_compiled_step_on_gpu(plan, chunk, dtype):
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch(fallback_random=True):
-        _compiled_vs_reference(plan, chunk, "inductor", [], "cuda", dtype, b=8, against="eager", steps=2)
+        _compiled_vs_reference(plan, chunk, "inductor", None, "cuda", dtype, b=8, against="eager", steps=2)
 
 
 @pytest.mark.gpu

@@ -108,8 +108,9 @@ def compile_step(
 
     ``device``: where the step runs (CUDA graphs only on CUDA, only for "whole", only with
     ``backend="inductor"``). ``backend``: ``True`` or a name of :data:`COMPILE_BACKENDS`.
-    ``compiler``: a ``torch.compile`` backend callable replacing the named one (tests count
-    graphs with it); its ``backend`` name is still used to decide the mode.
+    ``compiler``: a ``torch.compile`` backend callable ``(gm, example_inputs)`` replacing
+    the named one and its mode (tests count graphs with it): it gets no mode, so no CUDA
+    graphs are requested (torch.compile would pass ``mode=`` to a callable as a keyword).
     Compilation happens at the first call of each piece, not here. Raises ValueError for
     an unknown plan or backend.
     """
@@ -119,7 +120,7 @@ def compile_step(
     if name is None:
         raise ValueError("compile_step needs a backend; compile=False means the eager step")
     device = torch.device(device)
-    cudagraphs = name == "inductor" and device.type == "cuda" and plan == "whole"
+    cudagraphs = compiler is None and name == "inductor" and device.type == "cuda" and plan == "whole"
     mode = "reduce-overhead" if cudagraphs else None
     target = compiler or ("aot_eager" if name == "aot_eager" else "inductor")
     options = {"backend": target, "dynamic": False}

@@ -62,6 +62,8 @@ __all__ = [
     "parse_size",
     "format_size",
     "free_vram",
+    "cap_vram",
+    "uncap_vram",
     "HEADROOM",
     "WORKSPACE_BYTES",
 ]
@@ -120,7 +122,7 @@ def free_vram(device: torch.device | str) -> int | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _checks.with_index(device).index
     try:
         return int(torch.cuda.mem_get_info(index)[0])
     except RuntimeError:
@@ -135,6 +137,26 @@ def free_vram(device: torch.device | str) -> int | None:
             pynvml.nvmlShutdown()
     except Exception:  # NVML missing or unusable
         return None
+
+
+def cap_vram(device: torch.device | str, budget: int) -> bool:
+    """Cap the caching allocator of CUDA ``device`` at ``budget`` bytes
+    (``torch.cuda.set_per_process_memory_fraction``) when that is below the device's memory;
+    True if it did, False there and for other devices. :func:`uncap_vram` lifts the cap.
+    A device without an index (``cuda``) means the current one: torch refuses it here."""
+    device = _checks.with_index(device)
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    if budget >= total:
+        return False
+    torch.cuda.set_per_process_memory_fraction(budget / total, device.index)
+    return True
+
+
+def uncap_vram(device: torch.device | str) -> None:
+    """Lift :func:`cap_vram`'s cap: the allocator of CUDA ``device`` may take all its memory."""
+    torch.cuda.set_per_process_memory_fraction(1.0, _checks.with_index(device).index)
 
 
 def layer_bytes(dim: int, mlp: int, precision: str, attn_width: int | None = None) -> int:

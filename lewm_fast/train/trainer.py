@@ -68,7 +68,7 @@ from . import distributed as _dist
 from .batchnorm import recalibrated_batchnorm
 from .compiled import CompiledStep, compile_backend, compile_step
 from .config import RESUME_FREE_FIELDS, TrainConfig
-from .memory import MemoryEstimate, choose_plan, format_size, free_vram, parse_size
+from .memory import MemoryEstimate, cap_vram, choose_plan, format_size, free_vram, parse_size, uncap_vram
 from .state import RunState, latest_checkpoint, load_checkpoint, save_checkpoint
 from .step import EAGER, StepFunctions, _encode_frames, forward_backward, loss_head
 
@@ -323,11 +323,8 @@ class Trainer:
             chunk_size=cfg.chunk_size,
             precision=cfg.precision,
         )
-        if self.device.type == "cuda" and explicit and cfg.enforce_vram_budget:
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            if budget < total:
-                torch.cuda.set_per_process_memory_fraction(budget / total, self.device)
-                self._capped = True
+        if explicit and cfg.enforce_vram_budget:
+            self._capped = cap_vram(self.device, budget)
         if self.ctx.is_main:
             where = (
                 f"VRAM budget {format_size(budget)}" + (" (free memory)" if not explicit else "")
@@ -621,7 +618,7 @@ class Trainer:
             return self._fit()
         finally:
             if self._capped:  # the allocator cap of an explicit budget lasts for the run only
-                torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+                uncap_vram(self.device)
                 self._capped = False
             if self._owns_group and dist.is_initialized():
                 dist.destroy_process_group()
