@@ -53,6 +53,7 @@ import triton.language as tl
 
 from .. import _checks
 from ..backend import triton_interpreter
+from . import _eager
 from ._interpreter import patch_scalar_index
 
 if triton_interpreter():  # NumPy >= 2.4 with the interpreters of Triton < 3.8
@@ -623,6 +624,11 @@ def sigreg_fwd(
     return launch(z, A, phi, weights, dt, compute_stat)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv without the constexpr-function wrapper newer Triton puts around it
+    return -(-a // b)
+
+
 def _fwd_buffers(z, A, knots, grid, compute_stat):
     """The sums (2, T, K, P) and one float32 share of the statistic per program (or the sums
     again, unused, without the statistic); A as the kernels read it."""
@@ -636,7 +642,7 @@ def _launch_fwd(z, A, phi, weights, dt, compute_stat):
     T, B, D = z.shape
     P, knots = A.shape[1], phi.numel()
     config = fwd_config(B)
-    grid = (T, triton.cdiv(P, config["BLOCK_P"]))
+    grid = (T, _cdiv(P, config["BLOCK_P"]))
     sums, partial, A_dot = _fwd_buffers(z, A, knots, grid, compute_stat)
     _sigreg_fwd_kernel[grid](
         z,
@@ -667,7 +673,7 @@ def _launch_fwd_loop(z, A, phi, weights, dt, compute_stat):
     T, B, D = z.shape
     P, knots = A.shape[1], phi.numel()
     config = fwd_loop_config(D, P)
-    grid = (T, triton.cdiv(P, config["BLOCK_P"]))
+    grid = (T, _cdiv(P, config["BLOCK_P"]))
     sums, partial, A_dot = _fwd_buffers(z, A, knots, grid, compute_stat)
     _sigreg_fwd_loop_kernel[grid](
         z,
@@ -700,7 +706,7 @@ def _launch_bwd(z, A, dt, knots, need_grad_A, *, grad, sums=None, phi=None, weig
     gx = torch.empty((T, B, P), device=z.device, dtype=torch.float32)
     scalar = sums is not None
     config = bwd_config(B)
-    grid = (T, triton.cdiv(B, config["BLOCK_B"]), triton.cdiv(P, config["BLOCK_P"]))
+    grid = (T, _cdiv(B, config["BLOCK_B"]), _cdiv(P, config["BLOCK_P"]))
     interpreter = triton_interpreter()
     A_dot = _interpreter_operand(A, z.dtype, interpreter)
     _sigreg_bwd_kernel[grid](
@@ -778,6 +784,10 @@ def sigreg_op(
     z: torch.Tensor, A: torch.Tensor, phi: torch.Tensor, weights: torch.Tensor, dt: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SIGReg value (0-dim float32) and the moment sums (2, T, K, P) it was computed from."""
+    return _statistic_fwd(z, A, phi, weights, dt)
+
+
+def _statistic_fwd(z, A, phi, weights, dt):
     sums, stat = sigreg_fwd(z, A, phi, weights, dt, compute_stat=True)
     return stat, sums
 
@@ -823,13 +833,25 @@ def _sigreg_setup(ctx, inputs, output):
     ctx.need_grad_A = bool(A.requires_grad)
 
 
-def _sigreg_backward(ctx, grad_stat, grad_sums):
-    z, A, sums, phi, weights = ctx.saved_tensors
-    gz, ga = sigreg_bwd_op(grad_stat, z, A, sums, phi, weights, ctx.dt, ctx.need_grad_A)
-    return gz, (ga if ctx.need_grad_A else None), None, None, None
+def _sigreg_backward(bwd):
+    """The backward of lewm_fast::sigreg through ``bwd``: the custom op or its launcher."""
+
+    def backward(ctx, grad_stat, grad_sums):
+        z, A, sums, phi, weights = ctx.saved_tensors
+        gz, ga = bwd(grad_stat, z, A, sums, phi, weights, ctx.dt, ctx.need_grad_A)
+        return gz, (ga if ctx.need_grad_A else None), None, None, None
+
+    return backward
 
 
-sigreg_op.register_autograd(_sigreg_backward, setup_context=_sigreg_setup)
+sigreg_op.register_autograd(_sigreg_backward(sigreg_bwd_op), setup_context=_sigreg_setup)
+_Statistic = _eager.function("_Statistic", _statistic_fwd, _sigreg_setup, _sigreg_backward(sigreg_bwd))
+
+
+def statistic(z, A, phi, weights, dt: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """lewm_fast::sigreg's (value, sums), the custom op only where something traces the call
+    (:func:`lewm_fast.kernels._eager.call`): the entry point of ``lewm_fast.SIGReg``."""
+    return _eager.call(sigreg_op, _Statistic, _statistic_fwd, z, A, phi, weights, dt)
 
 
 @torch.library.custom_op("lewm_fast::sigreg_trig_sums", mutates_args=())
@@ -838,6 +860,10 @@ def sigreg_trig_sums_op(
 ) -> torch.Tensor:
     """Moment sums (2, T, K, P) float32 of z (T, B, D) projected on A (D, P): sum_b cos(t_k x)
     and sum_b sin(t_k x) (for multi-process use)."""
+    return _sums_fwd(z, A, phi, weights, dt)
+
+
+def _sums_fwd(z, A, phi, weights, dt):
     return sigreg_fwd(z, A, phi, weights, dt, compute_stat=False)[0]
 
 
@@ -866,10 +892,22 @@ def _sums_setup(ctx, inputs, output):
     ctx.need_grad_A = bool(A.requires_grad)
 
 
-def _sums_backward(ctx, grad_sums):
-    z, A = ctx.saved_tensors
-    gz, ga = sigreg_trig_sums_bwd_op(grad_sums, z, A, ctx.dt, ctx.need_grad_A)
-    return gz, (ga if ctx.need_grad_A else None), None, None, None
+def _sums_backward(bwd):
+    """The backward of lewm_fast::sigreg_trig_sums through ``bwd``: the custom op or its launcher."""
+
+    def backward(ctx, grad_sums):
+        z, A = ctx.saved_tensors
+        gz, ga = bwd(grad_sums, z, A, ctx.dt, ctx.need_grad_A)
+        return gz, (ga if ctx.need_grad_A else None), None, None, None
+
+    return backward
 
 
-sigreg_trig_sums_op.register_autograd(_sums_backward, setup_context=_sums_setup)
+sigreg_trig_sums_op.register_autograd(_sums_backward(sigreg_trig_sums_bwd_op), setup_context=_sums_setup)
+_TrigSums = _eager.function("_TrigSums", _sums_fwd, _sums_setup, _sums_backward(sigreg_trig_sums_bwd))
+
+
+def trig_sums(z, A, phi, weights, dt: float) -> torch.Tensor:
+    """lewm_fast::sigreg_trig_sums's output, the custom op only where something traces the
+    call (:func:`lewm_fast.kernels._eager.call`): the multi-process path of ``lewm_fast.SIGReg``."""
+    return _eager.call(sigreg_trig_sums_op, _TrigSums, _sums_fwd, z, A, phi, weights, dt)

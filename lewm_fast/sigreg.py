@@ -92,8 +92,8 @@ def _dispatch(z, A, t, phi, weights, backend, distributed) -> torch.Tensor:
         from .kernels import sigreg as kernel
 
         if not global_batch:
-            return kernel.sigreg_op(z, A, phi, weights, dt)[0]
-        sums = kernel.sigreg_trig_sums_op(z, A, phi, weights, dt)
+            return kernel.statistic(z, A, phi, weights, dt)[0]
+        sums = kernel.trig_sums(z, A, phi, weights, dt)
     else:
         if not global_batch:
             return _ref.sigreg_statistic(z, A, t, phi, weights)
