@@ -36,6 +36,10 @@ class Timing:
     ``wall_ms``: the median wall time of one call with the device synchronised before and
     after it (launches, device work and the final synchronisation). On CUDA it exceeds the
     device time when the host's launches, not the GPU, set the pace.
+    ``kernel_ms``: the device time of the call's kernels alone (torch.profiler, summed per
+    call; CUDA, calls under :data:`KERNEL_TIME_MAX_WALL_MS` only). Where it is far below
+    ``median_ms`` the GPU waited for the host: the first H200 run timed the fused AdaLN-Zero
+    and SIGReg ops by their host time.
     """
 
     median_ms: float
@@ -44,6 +48,7 @@ class Timing:
     reps: int
     wall_ms: float | None = None
     clock: str = "wall"
+    kernel_ms: float | None = None
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -183,13 +188,59 @@ def time_fn(
     if device.type != "cuda":
         return Timing(wall_ms, _quantile(wall, 0.2), _quantile(wall, 0.8), len(wall), wall_ms, "wall")
     fits = (_DO_BENCH_UNTIMED_CALLS + reps) * wall_ms <= max_seconds * 1e3
+    kernel_ms = kernel_time_ms(call, grad_to_none) if wall_ms <= KERNEL_TIME_MAX_WALL_MS else None
     if setup is None and flush_l2 and fits and _has_do_bench():
         (median, p20, p80), count = _do_bench_times(fn, grad_to_none, reps, wall_ms)
-        return Timing(median, p20, p80, count, wall_ms, "device")
+        return Timing(median, p20, p80, count, wall_ms, "device", kernel_ms)
     times = sorted(_event_times(call, device, grad_to_none, reps, max_seconds, flush_l2))
     return Timing(
-        statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times), wall_ms, "device"
+        statistics.median(times),
+        _quantile(times, 0.2),
+        _quantile(times, 0.8),
+        len(times),
+        wall_ms,
+        "device",
+        kernel_ms,
     )
+
+
+KERNEL_TIME_MAX_WALL_MS = 50.0  # longer calls are device-bound anyway; profiling them costs minutes
+KERNEL_TIME_CALLS = 5
+
+
+def device_time_us(event) -> float:
+    """A profiler event's own device time in microseconds (``self_device_time_total``, named
+    ``self_cuda_time_total`` before torch 2.4)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def kernel_time_ms(call: _Call, grad_to_none: Sequence[torch.Tensor] = (), calls: int = KERNEL_TIME_CALLS):
+    """Milliseconds of CUDA kernel time per call of ``call`` (torch.profiler, ``calls`` calls;
+    their ``setup`` runs before, outside the profile), or None where the profiler cannot give
+    it (it then warns; the timing goes on)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        args = [call.setup() if call.setup is not None else None for _ in range(calls)]  # not profiled
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for arg in args:
+                _clear_grads(grad_to_none)
+                call.run(arg)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    except Exception as error:  # a profiler failure must not cost the timing
+        warnings.warn(
+            f"kernel time not measured: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2
+        )
+        return None
+    return sum(device_time_us(e) for e in kernels) / 1e3 / calls
 
 
 def _has_do_bench() -> bool:
@@ -285,6 +336,7 @@ class Row:
     speedup: float | None = None  # reference median / this median, same bench/case/phase
     wall_ms: float | None = None  # median wall time per call, device synchronised (Timing.wall_ms)
     clock: str = "wall"  # "device" or "wall": what median_ms measures
+    kernel_ms: float | None = None  # device time of the call's kernels alone (Timing.kernel_ms)
 
 
 class Report:
@@ -319,6 +371,7 @@ class Report:
             dict(metrics),
             wall_ms=timing.wall_ms,
             clock=timing.clock,
+            kernel_ms=timing.kernel_ms,
         )
         self.rows.append(row)
         self._link()
@@ -386,7 +439,10 @@ class Report:
                 if device_rows
                 else "ms (p20-p80): wall time per call; "
             )
-            + "wall ms: median wall time per call, the device synchronised around it.",
+            + "wall ms: median wall time per call, the device synchronised around it"
+            + (
+                "; kernels: device time of the call's kernels alone (torch.profiler)." if device_rows else "."
+            ),
             "",
             "| bench | case | phase | impl | ms (p20-p80) | wall ms | peak extra MiB | speed-up | units |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -395,6 +451,8 @@ class Report:
             mem = "-" if r.peak_extra_bytes is None else f"{r.peak_extra_bytes / 2**20:.1f}"
             speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
             units = ", ".join(f"{v:.3g} {k}" for k, v in r.metrics.items()) or "-"
+            if r.kernel_ms is not None:
+                units = f"kernels {r.kernel_ms:.3f} ms" + ("" if units == "-" else f", {units}")
             wall = "-" if r.wall_ms is None else f"{r.wall_ms:.3f}"
             mark = " `wall`" if device_rows and r.clock == "wall" else ""
             lines.append(

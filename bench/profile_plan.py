@@ -25,17 +25,9 @@ from lewm_fast import _checks
 from lewm_fast.plan import CEMSolver
 
 from .bench_plan import PUBLISHED, _info, _models
-from .harness import synchronize
+from .harness import device_time_us, synchronize
 
 __all__ = ["profile_solve", "main"]
-
-
-def _device_time_us(event) -> float:
-    for name in ("self_device_time_total", "self_cuda_time_total"):
-        value = getattr(event, name, None)
-        if value is not None:
-            return float(value)
-    return 0.0
 
 
 def _wall_ms(fn, device: torch.device, reps: int = 3) -> float:
@@ -74,10 +66,10 @@ def profile_solve(
     if cuda:
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         count = len(kernels)
-        busy_ms = sum(_device_time_us(e) for e in kernels) / 1e3
+        busy_ms = sum(device_time_us(e) for e in kernels) / 1e3
         rows = sorted(
             (
-                (_device_time_us(e), e)
+                (device_time_us(e), e)
                 for e in prof.key_averages()
                 if e.device_type == torch.autograd.DeviceType.CUDA
             ),

@@ -145,11 +145,27 @@ def _readme_copy(tmp_path):
     return path
 
 
-def test_readme_section_is_in_sync_with_no_results(tmp_path):
+def test_readme_sections_are_in_sync_with_the_committed_results(tmp_path):
+    """README's generated sections are what `lewm-fast bench --update-readme` makes of the
+    committed bench/results and bench/model/model.json (copied beside a copy of README)."""
     path = _readme_copy(tmp_path)
-    assert readme.update_readme(path, tmp_path / "no-results", tracked_only=False) is False
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    committed = readme._tracked(ROOT / "bench" / "results")
+    for file in (ROOT / "bench" / "results").glob("*.json"):
+        if committed is None or file.resolve() in committed:
+            shutil.copy(file, results)
+    shutil.copy(ROOT / "bench" / "model" / "model.json", results.parent / "model.json")
+    model_json = results.parent / "model.json"
+    assert readme.update_readme(path, results, tracked_only=False, model_json=model_json) is False
     assert path.read_text() == (ROOT / "README.md").read_text()
+
+
+def test_readme_section_without_results_says_not_yet_measured(tmp_path):
+    path = _readme_copy(tmp_path)
+    readme.update_readme(path, tmp_path / "no-results", tracked_only=False)
     assert "| training step, batch 128 | — | not yet measured | not yet measured | — |" in path.read_text()
+    assert "Projected paper-recipe pipeline wall-clock: not yet measured." in path.read_text()
 
 
 def test_readme_regenerated_from_newest_result_per_device(tmp_path):
