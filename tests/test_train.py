@@ -1348,10 +1348,13 @@ def test_two_gloo_processes_equal_one_process(dataset, tmp_path):
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4]
     # Step 1 sees identical weights, so it agrees to float32 rounding; later steps follow
     # AdamW updates that agree to ~1e-2 (below), and their losses drift by up to 3.4e-4
-    # (seen with torch 2.11; 7e-5 with torch 2.6 and 2.13).
+    # (seen with torch 2.11; 7e-5 with torch 2.6 and 2.13). The gradient norm after those
+    # updates drifts more: 2.2e-3 at step 3 with one torch thread per process (a pytest-xdist
+    # worker, or a run pinned to one core), whose reductions add in another order.
     for a, b in zip(got, want):
         for key in ("loss", "pred_loss", "sigreg_loss", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4 if a["step"] == 1 else 2e-3), (a["step"], key)
+            later = 1e-2 if key == "grad_norm" else 2e-3
+            assert a[key] == pytest.approx(b[key], rel=1e-4 if a["step"] == 1 else later), (a["step"], key)
     # validation after BatchNorm recalibration: the two ranks' halves of 2 global batches
     # give the statistics one process gets from the whole batches
     val_got, val_want = _records(tmp_path / "run", "val"), _records(tmp_path / "single", "val")
