@@ -176,7 +176,7 @@ class LeWMConfig:
     def preset(cls, name: str) -> LeWMConfig:
         """A named configuration: ``"paper"`` is the published Two-Room LeWM; ``"tiny"`` and
         ``"small"`` are 2-layer, 56 px models for CPU runs and tests; ``"cpu"`` is the cpu
-        pipeline's 3-layer, 64 px model (8 px patches) that learns Two-Room on a CPU."""
+        pipeline's 3-layer, 56 px model (8 px patches) that learns Two-Room on a CPU."""
         if name not in PRESETS:
             raise ValueError(f"unknown LeWMConfig preset {name!r}; expected one of {sorted(PRESETS)}")
         return PRESETS[name]
@@ -354,12 +354,12 @@ _SMALL = {
     "predictor.mlp_dim": 128,
 }
 
-# The cpu pipeline's model: 64 px frames in 8 px patches (64 tokens; the agent's dot ~2 px
+# The cpu pipeline's model: 56 px frames in 8 px patches (49 tokens; the agent's dot ~2 px
 # wide), a 3-layer width-96 ViT, the small predictor and 32-wide embedding. Chosen by the
 # sweep in docs/cpu-preset.md.
 _CPU = {
     **_SMALL,
-    "encoder.image_size": 64,
+    "encoder.image_size": 56,
     "encoder.patch_size": 8,
     "encoder.hidden_size": 96,
     "encoder.num_hidden_layers": 3,

@@ -283,7 +283,7 @@ def _smoke() -> RunConfig:
 def _cpu() -> RunConfig:
     """The default without a GPU: learns Two-Room on 2 CPU cores (docs/cpu-preset.md); the
     published evaluation over 3 planner seeds."""
-    return _cpu_run("cpu", "cpu", EvalConfig(seeds=3), epochs=2, epoch_steps=400, lr=2e-3, val_max_batches=4)
+    return _cpu_run("cpu", "cpu", EvalConfig(seeds=3), epochs=2, epoch_steps=450, lr=2e-3, val_max_batches=4)
 
 
 def _gpu_short() -> RunConfig:

@@ -200,7 +200,7 @@ def test_presets():
     assert smoke.train.bn_recalibrate == 4
     assert smoke.override({"train.bn_recalibrate": "8"}).train.bn_recalibrate == 8  # as from --set
     cpu = RunConfig.preset_config("cpu")
-    assert cpu.device == "cpu" and cpu.train.model.encoder.image_size == 64 and cpu.eval.seeds == 3
+    assert cpu.device == "cpu" and cpu.train.model.encoder.image_size == 56 and cpu.eval.seeds == 3
     published = PlanConfig()
     for name in ("episodes", "num_samples", "n_steps", "topk", "horizon", "budget", "goal_offset", "seed"):
         assert getattr(cpu.eval, name) == getattr(published, name), name  # the published evaluation
