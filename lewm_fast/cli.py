@@ -401,6 +401,11 @@ def pipeline(args: argparse.Namespace) -> int:
     def fmt(value, scale=1.0, unit=""):
         return "not measured" if value is None else f"{value * scale:.3g}{unit}"
 
+    def ms(value):
+        if value is None:
+            return "not measured"
+        return f"{value / 1e3:.3g} s" if value >= 1e3 else f"{value:.3g} ms"
+
     r2, detail = report.get("probe_r2") or {}, report.get("success_detail")
     success = (
         success_text(detail["successes"], detail["episodes"])
@@ -410,7 +415,8 @@ def pipeline(args: argparse.Namespace) -> int:
     print(
         f"lewm-fast pipeline ({config.preset}): success {success}, "
         f"final distance {fmt(report.get('final_distance_mean'), unit=' px')}, "
-        f"plan {fmt(report.get('plan_ms_median'), unit=' ms')}, probe R^2 x {fmt(r2.get('x'))} "
+        f"plan {ms(report.get('plan_ms_per_env'))} per episode ({ms(report.get('plan_ms_median'))} "
+        f"per batched plan), probe R^2 x {fmt(r2.get('x'))} "
         f"y {fmt(r2.get('y'))}, 1-step MSE {fmt(report.get('one_step_mse'))}; "
         f"report {Path(args.out) / 'report.md'}"
     )

@@ -2,6 +2,7 @@
 stage failures that keep earlier outputs, and configuration errors that name the key."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ METRICS = (
     "success_rate",
     "final_distance_mean",
     "plan_ms_median",
+    "plan_ms_per_env",
     "probe_r2",
     "one_step_mse",
     "sigreg_heldout",
@@ -217,6 +219,7 @@ def test_cli_runs_the_pipeline_and_reports_errors(tmp_path, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "lewm-fast pipeline (smoke): success" in out and "report.md" in out
+    assert re.search(r"plan [0-9.]+ (ms|s) per episode \([0-9.]+ (ms|s) per batched plan\)", out), out
     report = json.loads((tmp_path / "report.json").read_text())
     assert f"/4, 95% CI [{100 * report['success_detail']['success_interval'][0]:.1f}%, " in out
     assert "lewm-fast pipeline: success over 2 planner seeds 42, 43 (start rows of seed 42): " in out

@@ -15,6 +15,7 @@ METRICS = {
     "success_rate": 0.62,
     "final_distance_mean": 14.5,
     "plan_ms_median": 45.25,
+    "plan_ms_per_env": 0.905,
     "probe_r2": {"x": 0.91, "y": 0.72},
     "one_step_mse": 0.071,
     "sigreg_heldout": 2.4,
@@ -102,6 +103,7 @@ def test_missing_metrics_are_null_with_a_reason(tmp_path):
         "success_rate",
         "final_distance_mean",
         "plan_ms_median",
+        "plan_ms_per_env",
         "probe_r2",
         "one_step_mse",
         "sigreg_heldout",
@@ -201,7 +203,7 @@ PROBES = {"probe_r2": {"x": 0.91, "y": 0.72}, "one_step_mse": 0.071, "sigreg_hel
 EVALUATION = {
     "success_rate": 0.62,
     "final_distance_mean": 14.5,
-    "plan_latency_ms": {"median": 45.25, "p90": 61.0},
+    "plan_latency_ms": {"median": 45.25, "p90": 61.0, "median_per_env": 0.905},
     "episodes": 50,
 }
 
@@ -214,7 +216,7 @@ def test_headline_reads_each_metric_from_its_stage_result(tmp_path):
 
     metrics, reasons = rp.headline(PROBES, None, absent="was disabled")
     eval_keys = {k for k, m in rp.HEADLINE_METRICS.items() if m.source == "eval"}
-    assert eval_keys == {"success_rate", "final_distance_mean", "plan_ms_median"}
+    assert eval_keys == {"success_rate", "final_distance_mean", "plan_ms_median", "plan_ms_per_env"}
     assert reasons == {k: "the eval stage was disabled" for k in eval_keys}
     assert all(metrics[k] is None for k in eval_keys) and metrics["one_step_mse"] == 0.071
     out = rp.write_report(
