@@ -27,6 +27,12 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids: ``triton.cdiv`` without the constexpr-function wrapper
+    newer Triton puts around it, host time on every launch."""
+    return -(-a // b)
+
+
 def tracing(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether a call on ``tensors`` must go through the custom op: under ``torch.compile``
     or ``torch.export``, inside a ``TorchDispatchMode``, or for a tensor subclass."""

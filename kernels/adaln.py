@@ -284,12 +284,6 @@ def row_config(D: int, backward: bool = False) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": 4 if block_d <= 1024 else 8}
 
 
-def _cdiv(a: int, b: int) -> int:
-    # triton.cdiv, without the constexpr-function wrapper newer Triton puts around it (host
-    # time on every launch)
-    return -(-a // b)
-
-
 def compile_cases():
     """``(name, call)`` pairs for the compile-faithful check (``_aot.py``): each launcher as
     the library calls it -- shift/scale/gate as chunks of an (N, 6 D) adaLN_modulation output
@@ -364,7 +358,7 @@ def adaln_fwd(x, shift, scale, weight, bias, eps1: float, eps2: float, out_dtype
     y = torch.empty((N, D), device=x.device, dtype=out_dtype or x.dtype)
     stats = torch.empty((N, 4), device=x.device, dtype=torch.float32)
     cfg = row_config(D)
-    _adaln_fwd_kernel[(_cdiv(N, cfg["BLOCK_M"]),)](
+    _adaln_fwd_kernel[(_eager.cdiv(N, cfg["BLOCK_M"]),)](
         x2,
         s2,
         c2,
@@ -391,7 +385,7 @@ def adaln_bwd(dy, x, shift, scale, weight, stats):
     dy2, x2, s2, c2 = _rows(dy, D), _rows(x, D), _rows(shift, D), _rows(scale, D)
     N = x2.shape[0]
     cfg = row_config(D, backward=True)
-    programs = max(1, min(_MAX_BWD_PROGRAMS, _cdiv(N, cfg["BLOCK_M"])))
+    programs = max(1, min(_MAX_BWD_PROGRAMS, _eager.cdiv(N, cfg["BLOCK_M"])))
     dx = torch.empty((N, D), device=x.device, dtype=x.dtype)
     dshift = torch.empty((N, D), device=x.device, dtype=shift.dtype)
     dscale = torch.empty((N, D), device=x.device, dtype=scale.dtype)
@@ -441,7 +435,7 @@ def gated_residual_fwd(x, gate, y):
     N = x2.shape[0]
     out = torch.empty((N, D), device=x.device, dtype=_result_dtype(x, gate, y))
     cfg = row_config(D)
-    _gated_residual_fwd_kernel[(_cdiv(N, cfg["BLOCK_M"]),)](
+    _gated_residual_fwd_kernel[(_eager.cdiv(N, cfg["BLOCK_M"]),)](
         x2,
         g2,
         y2,
@@ -474,7 +468,7 @@ def gated_adaln_fwd(
     y = torch.empty((N, D), device=x.device, dtype=out_dtype or dtype)
     stats = torch.empty((N, 4), device=x.device, dtype=torch.float32)
     cfg = row_config(D)
-    _gated_adaln_fwd_kernel[(_cdiv(N, cfg["BLOCK_M"]),)](
+    _gated_adaln_fwd_kernel[(_eager.cdiv(N, cfg["BLOCK_M"]),)](
         x2,
         g2,
         r2,
@@ -507,7 +501,7 @@ def gated_residual_bwd(dout, gate, y):
     dgate = torch.empty((N, D), device=gate.device, dtype=gate.dtype)
     dy = torch.empty((N, D), device=y.device, dtype=y.dtype)
     cfg = row_config(D)
-    _gated_residual_bwd_kernel[(_cdiv(N, cfg["BLOCK_M"]),)](
+    _gated_residual_bwd_kernel[(_eager.cdiv(N, cfg["BLOCK_M"]),)](
         do2,
         g2,
         y2,

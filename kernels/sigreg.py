@@ -624,11 +624,6 @@ def sigreg_fwd(
     return launch(z, A, phi, weights, dt, compute_stat)
 
 
-def _cdiv(a: int, b: int) -> int:
-    # triton.cdiv without the constexpr-function wrapper newer Triton puts around it
-    return -(-a // b)
-
-
 def _fwd_buffers(z, A, knots, grid, compute_stat):
     """The sums (2, T, K, P) and one float32 share of the statistic per program (or the sums
     again, unused, without the statistic); A as the kernels read it."""
@@ -642,7 +637,7 @@ def _launch_fwd(z, A, phi, weights, dt, compute_stat):
     T, B, D = z.shape
     P, knots = A.shape[1], phi.numel()
     config = fwd_config(B)
-    grid = (T, _cdiv(P, config["BLOCK_P"]))
+    grid = (T, _eager.cdiv(P, config["BLOCK_P"]))
     sums, partial, A_dot = _fwd_buffers(z, A, knots, grid, compute_stat)
     _sigreg_fwd_kernel[grid](
         z,
@@ -673,7 +668,7 @@ def _launch_fwd_loop(z, A, phi, weights, dt, compute_stat):
     T, B, D = z.shape
     P, knots = A.shape[1], phi.numel()
     config = fwd_loop_config(D, P)
-    grid = (T, _cdiv(P, config["BLOCK_P"]))
+    grid = (T, _eager.cdiv(P, config["BLOCK_P"]))
     sums, partial, A_dot = _fwd_buffers(z, A, knots, grid, compute_stat)
     _sigreg_fwd_loop_kernel[grid](
         z,
@@ -706,7 +701,7 @@ def _launch_bwd(z, A, dt, knots, need_grad_A, *, grad, sums=None, phi=None, weig
     gx = torch.empty((T, B, P), device=z.device, dtype=torch.float32)
     scalar = sums is not None
     config = bwd_config(B)
-    grid = (T, _cdiv(B, config["BLOCK_B"]), _cdiv(P, config["BLOCK_P"]))
+    grid = (T, _eager.cdiv(B, config["BLOCK_B"]), _eager.cdiv(P, config["BLOCK_P"]))
     interpreter = triton_interpreter()
     A_dot = _interpreter_operand(A, z.dtype, interpreter)
     _sigreg_bwd_kernel[grid](
