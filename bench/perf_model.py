@@ -988,6 +988,7 @@ def plan_counts(model: nn.Module, envs: int, autocast: torch.dtype | None, plan:
 
     from lewm_fast import _csrc
     from lewm_fast.plan.cost import LowPrecisionWeights, PlanningCost
+    from lewm_fast.reference.modules import setup_caches
 
     plan = {**PUBLISHED, **(plan or {})}
     require_cuda_guard()
@@ -1009,6 +1010,8 @@ def plan_counts(model: nn.Module, envs: int, autocast: torch.dtype | None, plan:
         with count() as encode:
             with _autocast(autocast):
                 emb, goal_emb = cost.encode(pixels, goal)
+        # reserved once per shape, before a plan (in the solver's warm-up before graph capture)
+        setup_caches(model.predictor, envs * samples, autocast or torch.float32, "cuda")
         with count() as step:  # the body of CEMSolver._run, one iteration
             noise = torch.randn(envs, samples, horizon, width, device="cuda")
             candidates = noise * std.unsqueeze(1) + mean.unsqueeze(1)

@@ -492,8 +492,9 @@ def test_rollout_chunks_cover_every_row_once_in_order(envs, samples, rows):
 
 
 def _attention_rows(monkeypatch) -> list[int]:
-    """From now on, the rows (candidates) of every attention call of the planning cost."""
-    from lewm_fast.plan import cost as cost_module
+    """From now on, the rows (candidates) of every attention call of the planning cost (the
+    blocks' cached attention, ``Attention.attend_cached``)."""
+    from lewm_fast.reference import modules as cost_module
 
     rows = []
     attention = cost_module.scaled_dot_product_attention

@@ -252,3 +252,77 @@ def test_attention_in_batch_chunks_equals_one_call(monkeypatch, causal):
     chunked = attention.scaled_dot_product_attention(q, k, v, is_causal=causal)
     assert chunked.shape == whole.shape
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------ the block on new tokens with a KV cache
+
+
+def _window(block, n, t, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, c = torch.randn(n, t, d, generator=gen), torch.randn(n, t, d, generator=gen)
+    return x, c, block.adaLN_modulation(c)
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [(1, 1, 1), (3,), (1, 2), (2, 1), (1, 1)],
+    ids=["grow-1-1-1", "fresh-3", "1-then-2", "2-then-1", "1-1"],
+)
+@pytest.mark.parametrize("last_only", [False, True], ids=["all", "last"])
+@torch.no_grad()
+def test_block_step_with_cache_equals_the_whole_window(steps, last_only):
+    """block.step on the window's tokens in pieces (each against the keys/values the earlier
+    pieces left in attn.kv_cache) equals the block on the whole window (spec section 1)."""
+    block = randomize_(ref.ConditionalBlock(dim=48, heads=4, dim_head=12, mlp_dim=80), seed=2).eval()
+    total = sum(steps)
+    x, c, mod = _window(block, 5, total, 48, seed=1)
+    whole = block(x, c)
+    ref.setup_caches(_one_block_predictor(block, total), 5, torch.float32, "cpu")
+    past = 0
+    for t in steps:
+        out = block.step(x[:, past : past + t], mod[:, past : past + t], past, last_only=last_only)
+        expected = whole[:, past + t - 1 : past + t] if last_only else whole[:, past : past + t]
+        assert out.shape == expected.shape
+        assert_close(out, expected, "fp32_gemm", f"tokens {past}..{past + t - 1}")
+        past += t
+
+
+def _one_block_predictor(block, frames):
+    """An object with what setup_caches reads: pos_embedding (frames) and transformer.layers."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        pos_embedding=torch.zeros(1, frames, 1), transformer=SimpleNamespace(layers=[block])
+    )
+
+
+def test_kv_cache_is_static_scratch_state():
+    """Reserved once per shape (a smaller or equal request keeps the storage, so a captured
+    CUDA graph stays valid), reallocated for another dtype or a longer batch; not model
+    state: no state_dict entry, and a deep copy starts empty."""
+    import copy
+
+    model = randomize_(small_config().build(), seed=0).eval()
+    predictor = model.predictor
+    predictor.setup_caches(7, torch.float32, "cpu")
+    caches = [block.attn.kv_cache for block in predictor.transformer.layers]
+    frames, inner = predictor.num_frames, predictor.transformer.layers[0].attn.to_qkv.out_features // 3
+    assert all(c.kv.shape == (7, frames, 2 * inner) for c in caches)
+    ptr = caches[0].kv.data_ptr()
+    predictor.setup_caches(5, torch.float32, "cpu")
+    keys, values = caches[0].views(5)
+    assert caches[0].kv.data_ptr() == ptr and keys.shape == values.shape == (5, frames, inner)
+    assert keys.stride(-1) == values.stride(-1) == 1
+    predictor.setup_caches(5, torch.bfloat16, "cpu")
+    assert caches[0].kv.dtype == torch.bfloat16 and caches[0].kv.shape[0] == 5
+    predictor.setup_caches(9, torch.bfloat16, "cpu")
+    assert caches[0].kv.shape[0] == 9
+    assert not any("kv_cache" in key for key in model.state_dict())
+    twin = copy.deepcopy(model)
+    assert twin.predictor.transformer.layers[0].attn.kv_cache.kv is None
+    with pytest.raises(RuntimeError, match="reserve"):
+        twin.predictor.transformer.layers[0].attn.kv_cache.views(1)
+    with pytest.raises(ValueError, match="do not fit"):
+        block = predictor.transformer.layers[0]
+        h = torch.randn(3, 2, block.attn.to_qkv.in_features)
+        block.attn.attend_cached(h, past=frames - 1)

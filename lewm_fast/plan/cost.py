@@ -10,18 +10,18 @@ cost needs:
   equals the published per-step recomputation);
 - while the predictor's context window still grows from position 0, earlier positions'
   inputs, position embeddings and hidden states do not change, and causal attention
-  keeps them independent of later tokens, so their per-layer keys/values are cached and
-  only the new position is computed;
+  keeps them independent of later tokens, so their per-layer keys/values stay in the
+  predictor's key/value caches (``block.attn.kv_cache``, static storage reserved once per
+  shape by ``setup_caches``) and only the new position is computed;
 - only the last position feeds the cost: the final block computes its attention output
   and MLP for that position only, and ``transformer.norm``/``output_proj``/``pred_proj``
   run on it alone.
 
-The rollout calls the blocks' own pieces (``block.attn_input``, ``block.gated_mlp_input``,
-``block.gated_attn_input``, ``block.gated``, ``block.attn.to_qkv``, ``block.mlp.after_norm``,
-``block.adaLN_modulation``), so the fused AdaLN-Zero kernels of ``lewm_fast.ConditionalBlock``
-run here too, each block's last residual fused with the next block's attention input. Needs
-eval mode (dropout off, BatchNorm on running statistics); nothing here synchronises with
-the host, so it can be CUDA-graph captured.
+The rollout calls the model's own blocks (``block.step``: the block on new tokens against
+its cache), so the fused kernels of ``lewm_fast.ConditionalBlock`` run here too; nothing
+here re-implements attention. Needs eval mode (dropout off, BatchNorm on running
+statistics); nothing here synchronises with the host, and the caches keep their storage,
+so it can be CUDA-graph captured.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks
-from ..reference.attention import scaled_dot_product_attention
 from ..reference.jepa import JEPA as _ReferenceJEPA
 from ..reference.jepa import frame_spec_of
+from ..reference.modules import setup_caches
 
 __all__ = [
     "PlanningCost",
@@ -58,15 +58,12 @@ def fast_cost_unsupported_reason(model) -> str | None:
             "attn.to_qkv (Linear)": isinstance(block.attn.to_qkv, nn.Linear),
             "attn.heads / attn.dim_head": isinstance(block.attn.heads, int)
             and isinstance(block.attn.dim_head, int),
-            "adaLN_modulation, attn_input, mlp_input, gated, mlp.after_norm, attn.to_out": all(
+            "adaLN_modulation, step, attn.attend_cached": all(
                 callable(getattr(m, name, None))
                 for m, name in (
                     (block, "adaLN_modulation"),
-                    (block, "attn_input"),
-                    (block, "mlp_input"),
-                    (block, "gated"),
-                    (block.mlp, "after_norm"),
-                    (block.attn, "to_out"),
+                    (block, "step"),
+                    (block.attn, "attend_cached"),
                 )
             ),
             "transformer input_proj, cond_proj, output_proj, norm": all(
@@ -88,64 +85,6 @@ def fast_cost_unsupported_reason(model) -> str | None:
 def supports_fast_cost(model) -> bool:
     """True if ``model`` has the LeWM JEPA structure the fast cost reads (lewm_fast or reference)."""
     return fast_cost_unsupported_reason(model) is None
-
-
-def _attention(block: nn.Module, h: torch.Tensor, past, last_only: bool):
-    """Self-attention of ``block`` for new normalised tokens h (N, t, D) after cached keys/values.
-
-    Returns the attention output (N, t or 1, D) and the keys/values of all tokens so far.
-    """
-    attn = block.attn
-    n, t, _ = h.shape
-    q, k, v = (
-        part.view(n, t, attn.heads, attn.dim_head).transpose(1, 2)  # (N, heads, t, dim_head)
-        for part in attn.to_qkv(h).chunk(3, dim=-1)
-    )
-    if past is not None:
-        k = torch.cat([past[0], k], dim=2)
-        v = torch.cat([past[1], v], dim=2)
-    if last_only:
-        q = q[:, :, -1:]
-    if q.shape[2] == 1:  # the newest token sees every cached position: no mask
-        out = scaled_dot_product_attention(q, k, v)
-    else:  # a fresh window (nothing cached): plain causal attention
-        out = scaled_dot_product_attention(q, k, v, is_causal=True)
-    rows = q.shape[2]
-    out = attn.to_out(out.transpose(1, 2).reshape(n, rows, attn.heads * attn.dim_head))
-    return out, (k, v)
-
-
-def _gated_then(block: nn.Module, branch: str, residual, shift, scale):
-    """``x = gated(*residual)`` and ``<branch>_input(x, shift, scale)``: one fused kernel where
-    the block has ``gated_<branch>_input``, else the two pieces."""
-    fused = getattr(block, f"gated_{branch}_input", None)
-    if fused is not None:
-        return fused(*residual, shift, scale)
-    x = block.gated(*residual)
-    return x, getattr(block, f"{branch}_input")(x, shift, scale)
-
-
-def _block(block: nn.Module, x, mod, past, last_only: bool):
-    """One ConditionalBlock on new tokens with modulation chunks ``mod`` (N, t, D) each.
-
-    ``x`` is the tokens (N, t, D), or the previous block's pending last residual
-    ``(x, gate, branch)``, added here together with this block's attention input (one
-    kernel). Returns this block's own pending residual ``(x, gate_mlp, mlp_out)`` (the
-    caller adds it, or hands it to the next block) and the keys/values. Uses the block's
-    own pieces, so a block with fused AdaLN kernels runs them here too.
-    """
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-    if isinstance(x, tuple):
-        x, h = _gated_then(block, "attn", x, shift_msa, scale_msa)
-    else:
-        h = block.attn_input(x, shift_msa, scale_msa)
-    attn_out, kv = _attention(block, h, past, last_only)
-    if last_only:
-        x, shift_mlp, scale_mlp, gate_msa, gate_mlp = (
-            z[:, -1:] for z in (x, shift_mlp, scale_mlp, gate_msa, gate_mlp)
-        )
-    x, h = _gated_then(block, "mlp", (x, gate_msa, attn_out), shift_mlp, scale_mlp)
-    return (x, gate_mlp, block.mlp.after_norm(h)), kv
 
 
 def _modulations(blocks: list, cond: torch.Tensor) -> list[torch.Tensor]:
@@ -188,7 +127,7 @@ class PlanningCost:
         """Estimated peak bytes of :meth:`rollout_cost` per candidate row (env x sample).
 
         Counts what is alive at once: every block's AdaLN modulation for all ``horizon``
-        steps, one window's keys/values for every block plus the block being extended, and
+        steps, every block's key/value cache (``num_frames`` positions), and
         the largest per-block temporaries (q/k/v, attention output, the MLP hidden layer
         before and after GELU) and ``pred_proj``'s hidden layer, in ``dtype`` (the autocast
         dtype, or float32), plus float32 embeddings. An estimate for sizing batches, not a
@@ -205,7 +144,7 @@ class PlanningCost:
         inner = block.attn.heads * block.attn.dim_head
         window = self.history_size
         mods = len(blocks) * horizon * widest(block.adaLN_modulation)
-        kv = (len(blocks) + 1) * 2 * window * inner
+        kv = len(blocks) * 2 * self.model.predictor.pos_embedding.shape[1] * inner
         temporaries = window * (3 * inner + 2 * inner + 2 * widest(block.mlp) + 4 * dim)
         head = 2 * widest(self.model.pred_proj) if isinstance(self.model.pred_proj, nn.Module) else 0
         float32 = 4 * (2 * horizon * dim + 2 * window * dim)
@@ -248,35 +187,24 @@ class PlanningCost:
         mods = _modulations(blocks, cond)  # (N, T, 6D) each
 
         embs = list(emb.unsqueeze(1).expand(b, s, *emb.shape[1:]).reshape(n, context, -1).unbind(1))
-        steps = horizon - context + 1
-        cache: list | None = None  # per block: (keys, values) of the window so far
-        for step in range(steps):
+        setup_caches(predictor, n, mods[0].dtype, emb.device)  # keys/values in to_qkv's dtype
+        cached = 0  # positions 0 .. cached-1 of the current window are in the blocks' caches
+        for step in range(horizon - context + 1):
             end = context + step
             start = max(0, end - self.history_size)
-            growing = cache is not None and start == 0  # one more token after an unchanged prefix
-            if not growing:
-                cache = None  # a shifted window: the old keys/values are of no use, free them now
-            # the next step reuses this step's keys/values only if its window still starts at 0
-            keep = step + 1 < steps and end + 1 - self.history_size <= 0
-            first = end - 1 if growing else start
+            # a window still growing from 0 adds one token after cached, unchanged ones; a
+            # shifted window moves every position embedding, so it is computed afresh
+            first = end - 1 if start == 0 and cached == end - 1 else start
             x = torch.stack(embs[first:end], dim=1) + predictor.pos_embedding[:, first - start : end - start]
             x = transformer.input_proj(predictor.dropout(x))
-            new_cache = []
             for i, block in enumerate(blocks):
-                window = mods[i][:, first:end]
+                mod = mods[i][:, first:end]
                 if end - first > 1:
-                    # One copy makes every shift/scale/gate below an (N * t, D) view for the
+                    # One copy makes every shift/scale/gate chunk an (N * t, D) view for the
                     # fused kernels, which would otherwise copy each strided chunk themselves.
-                    window = window.contiguous()
-                mod = window.chunk(6, dim=-1)
-                past = cache[i] if growing else None
-                if growing:
-                    cache[i] = None  # replaced by the longer keys/values below
-                x, kv = _block(block, x, mod, past, last_only=i == len(blocks) - 1)
-                new_cache.append(kv if keep else None)
-                del past, kv
-            x = blocks[-1].gated(*x)  # the last block's MLP residual
-            cache = new_cache if keep else None
+                    mod = mod.contiguous()
+                x = block.step(x, mod, first - start, last_only=i == len(blocks) - 1)
+            cached = end - start
             out = transformer.output_proj(transformer.norm(x[:, -1]))  # (N, D)
             embs.append(model.pred_proj(out))
         last = embs[-1].view(b, s, -1).float()

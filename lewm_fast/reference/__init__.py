@@ -14,8 +14,10 @@ from .modules import (
     ConditionalBlock,
     Embedder,
     FeedForward,
+    KVCache,
     Transformer,
     modulate,
+    setup_caches,
 )
 from .sigreg import SIGReg, draw_projections, sigreg_quadrature, sigreg_statistic
 from .train import optimizer_step, train_step
@@ -35,8 +37,10 @@ __all__ = [
     "ConditionalBlock",
     "Embedder",
     "FeedForward",
+    "KVCache",
     "Transformer",
     "modulate",
+    "setup_caches",
     "SIGReg",
     "draw_projections",
     "sigreg_quadrature",

@@ -24,21 +24,27 @@ def scaled_dot_product_attention(
     *,
     dropout_p: float = 0.0,
     is_causal: bool = False,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d)) v`` over the last two axes of q, k, v (N, heads, L, d).
+    """``softmax(q k^T / sqrt(d)) v`` over the last two axes of q (N, heads, Lq, d) and k, v
+    (N, heads, Lk, d).
 
-    Same as :func:`torch.nn.functional.scaled_dot_product_attention`, in chunks of at most
-    ``MAX_BATCH`` rows of the leading axis N.
+    Same as :func:`torch.nn.functional.scaled_dot_product_attention` (``attn_mask``: a
+    boolean (Lq, Lk) mask, True where a query may attend, shared by every row), in chunks
+    of at most ``MAX_BATCH`` rows of the leading axis N.
     """
     n = q.shape[0]
     if n <= MAX_BATCH:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
+        )
     return torch.cat(
         [
             F.scaled_dot_product_attention(
                 q[i : i + MAX_BATCH],
                 k[i : i + MAX_BATCH],
                 v[i : i + MAX_BATCH],
+                attn_mask=attn_mask,
                 dropout_p=dropout_p,
                 is_causal=is_causal,
             )

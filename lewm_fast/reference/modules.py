@@ -41,8 +41,87 @@ class FeedForward(nn.Module):
         return h
 
 
+class KVCache:
+    """Static keys and values of one attention layer for incremental (cached) decoding.
+
+    As gpt-fast's ``KVCache``: storage for ``capacity`` rows x ``length`` positions,
+    allocated once per shape and then written in place, so the tensors a CUDA graph
+    captured keep their addresses across replays. Rows are the batch (in planning, env x
+    candidate); position p holds the key and value of the window's p-th token, side by
+    side in one tensor ``kv`` (rows, length, 2 x inner), inner = heads x dim_head, in the
+    order ``to_qkv`` returns them, so the new tokens' keys and values are one copy. Scratch
+    state, not model state: not a parameter or buffer (no ``state_dict`` entry, no effect
+    on checkpoints or ``.to()``), and a deep copy of the model starts with an empty cache.
+    """
+
+    def __init__(self):
+        self.kv: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo) -> KVCache:
+        return KVCache()
+
+    def reserve(self, rows: int, length: int, inner: int, dtype: torch.dtype, device) -> None:
+        """Make room for ``rows`` x ``length`` keys and values of ``inner`` features each, in
+        ``dtype`` on ``device``.
+
+        Keeps the current storage when it has at least ``rows`` rows of that layout (so
+        a batch split into chunks reuses the first chunk's storage), else allocates anew.
+        """
+        kv = self.kv
+        fits = (
+            kv is not None
+            and kv.shape[0] >= rows
+            and tuple(kv.shape[1:]) == (length, 2 * inner)
+            and kv.dtype == dtype
+            and kv.device == torch.device(device)
+        )
+        if not fits:
+            self.kv = None  # free the old storage before allocating the new
+            self.kv = torch.zeros(rows, length, 2 * inner, dtype=dtype, device=device)
+
+    def clear(self) -> None:
+        """Free the storage."""
+        self.kv = None
+
+    def views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first ``rows`` rows: (rows, length, inner) views each, inner
+        stride 1. RuntimeError before :meth:`reserve` made room for them."""
+        if self.kv is None or self.kv.shape[0] < rows:
+            held = 0 if self.kv is None else self.kv.shape[0]
+            raise RuntimeError(
+                f"KVCache holds {held} rows, {rows} needed: call reserve (or setup_caches) first"
+            )
+        inner = self.kv.shape[-1] // 2
+        return self.kv[:rows, :, :inner], self.kv[:rows, :, inner:]
+
+
+def kv_cache_of(attn: nn.Module) -> KVCache:
+    """``attn.kv_cache``, created empty on a module that predates it (an unpickled model)."""
+    cache = attn.__dict__.get("kv_cache")
+    if cache is None:
+        cache = attn.kv_cache = KVCache()
+    return cache
+
+
+def setup_caches(
+    predictor: nn.Module, rows: int, dtype: torch.dtype, device, length: int | None = None
+) -> None:
+    """Reserve every block's :class:`KVCache` for ``rows`` rows of ``length`` positions
+    (default: the predictor's ``num_frames``, the longest window it takes) in ``dtype`` (the
+    dtype ``to_qkv`` returns: the autocast dtype, or its weight's)."""
+    if length is None:
+        length = predictor.pos_embedding.shape[1]
+    for block in predictor.transformer.layers:
+        attn = block.attn
+        kv_cache_of(attn).reserve(rows, length, attn.heads * attn.dim_head, dtype, device)
+
+
 class Attention(nn.Module):
-    """Multi-head scaled-dot-product attention over time with its own input LayerNorm."""
+    """Multi-head scaled-dot-product attention over time with its own input LayerNorm.
+
+    ``kv_cache`` (:class:`KVCache`) holds earlier tokens' keys and values for
+    :meth:`attend_cached`, the incremental form planning uses.
+    """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
         super().__init__()
@@ -56,6 +135,7 @@ class Attention(nn.Module):
         self.to_out = (
             nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout)) if project_out else nn.Identity()
         )
+        self.kv_cache = KVCache()
 
     def forward(self, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
         return self.attend(self.norm(x), causal)
@@ -70,6 +150,40 @@ class Attention(nn.Module):
         drop = self.dropout if self.training else 0.0
         out = scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal)
         return self.to_out(out.transpose(1, 2).reshape(b, t, self.heads * self.dim_head))
+
+    def attend_cached(self, x: torch.Tensor, past: int, last_only: bool = False) -> torch.Tensor:
+        """Causal attention of new normalised tokens x (N, t, D) at positions past .. past+t-1.
+
+        Positions < ``past`` are read from ``kv_cache`` (filled by earlier calls for the same
+        rows); the new tokens' keys and values are written into it. Equals
+        ``attend(X)[:, past:]`` for the whole window X (N, past + t, D). With ``last_only``
+        only the last token's output is computed: (N, 1, D). For inference (eval mode, no
+        dropout, under ``torch.no_grad``: the cache is shared storage, not an autograd input).
+        """
+        n, t, _ = x.shape
+        cache = kv_cache_of(self)
+        keys, values = cache.views(n)
+        if past + t > keys.shape[1]:
+            raise ValueError(f"positions {past} .. {past + t - 1} do not fit a cache of {keys.shape[1]}")
+        qkv = self.to_qkv(x)
+        inner = self.heads * self.dim_head
+        cache.kv[:n, past : past + t] = qkv[..., inner:]  # keys and values: one copy
+        q = qkv[..., :inner]
+        if last_only:
+            q = q[:, -1:]
+        rows = q.shape[1]
+        q, k, v = (
+            z.view(n, -1, self.heads, self.dim_head).transpose(1, 2)  # (N, heads, L, dim_head)
+            for z in (q, keys[:, : past + t], values[:, : past + t])
+        )
+        if rows == 1:  # the newest token sees every position: no mask
+            out = scaled_dot_product_attention(q, k, v)
+        elif past == 0:
+            out = scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new token j sees positions <= past + j
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+            out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out(out.transpose(1, 2).reshape(n, rows, self.heads * self.dim_head))
 
 
 class ConditionalBlock(nn.Module):
@@ -100,6 +214,23 @@ class ConditionalBlock(nn.Module):
             6, dim=-1
         )
         attn_out = self.attn.attend(self.attn_input(x, shift_msa, scale_msa))
+        x, h = self.gated_mlp_input(x, gate_msa, attn_out, shift_mlp, scale_mlp)
+        return self.gated(x, gate_mlp, self.mlp.after_norm(h))
+
+    def step(self, x: torch.Tensor, mod: torch.Tensor, past: int, last_only: bool = False) -> torch.Tensor:
+        """The block on new tokens x (N, t, D) at window positions past .. past+t-1 (eval mode).
+
+        ``mod`` (N, t, 6 D) is ``adaLN_modulation(c)`` of these tokens; earlier positions'
+        keys/values come from ``attn.kv_cache`` and the new ones are written into it (see
+        :meth:`Attention.attend_cached`). Equals ``forward(X, C)[:, past:]`` for the whole
+        window; with ``last_only``, only the last token's output (N, 1, D).
+        """
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
+        attn_out = self.attn.attend_cached(self.attn_input(x, shift_msa, scale_msa), past, last_only)
+        if last_only:
+            x, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+                z[:, -1:] for z in (x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
+            )
         x, h = self.gated_mlp_input(x, gate_msa, attn_out, shift_mlp, scale_mlp)
         return self.gated(x, gate_mlp, self.mlp.after_norm(h))
 
@@ -209,6 +340,11 @@ class ARPredictor(nn.Module):
         t = x.size(1)
         x = self.dropout(x + self.pos_embedding[:, :t])
         return self.transformer(x, c)
+
+    def setup_caches(self, rows: int, dtype: torch.dtype, device) -> None:
+        """Reserve every block's key/value cache (:class:`KVCache`) for ``rows`` rows of
+        ``num_frames`` positions in ``dtype`` on ``device``; see :func:`setup_caches`."""
+        setup_caches(self, rows, dtype, device)
 
 
 class Embedder(nn.Module):
