@@ -40,6 +40,8 @@ class Timing:
     call; CUDA, calls under :data:`KERNEL_TIME_MAX_WALL_MS` only). Where it is far below
     ``median_ms`` the GPU waited for the host: the first H200 run timed the fused AdaLN-Zero
     and SIGReg ops by their host time.
+    ``kernels``: device kernels per call counted by the same profile (launches, including
+    those a CUDA graph replays), the measured counterpart of the performance model's count.
     """
 
     median_ms: float
@@ -49,6 +51,7 @@ class Timing:
     wall_ms: float | None = None
     clock: str = "wall"
     kernel_ms: float | None = None
+    kernels: float | None = None
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -188,10 +191,11 @@ def time_fn(
     if device.type != "cuda":
         return Timing(wall_ms, _quantile(wall, 0.2), _quantile(wall, 0.8), len(wall), wall_ms, "wall")
     fits = (_DO_BENCH_UNTIMED_CALLS + reps) * wall_ms <= max_seconds * 1e3
-    kernel_ms = kernel_time_ms(call, grad_to_none) if wall_ms <= KERNEL_TIME_MAX_WALL_MS else None
+    profiled = kernel_profile(call, grad_to_none, wall_ms) if wall_ms <= KERNEL_TIME_MAX_WALL_MS else None
+    kernel_ms, kernels = profiled or (None, None)
     if setup is None and flush_l2 and fits and _has_do_bench():
         (median, p20, p80), count = _do_bench_times(fn, grad_to_none, reps, wall_ms)
-        return Timing(median, p20, p80, count, wall_ms, "device", kernel_ms)
+        return Timing(median, p20, p80, count, wall_ms, "device", kernel_ms, kernels)
     times = sorted(_event_times(call, device, grad_to_none, reps, max_seconds, flush_l2))
     return Timing(
         statistics.median(times),
@@ -201,11 +205,15 @@ def time_fn(
         wall_ms,
         "device",
         kernel_ms,
+        kernels,
     )
 
 
-KERNEL_TIME_MAX_WALL_MS = 50.0  # longer calls are device-bound anyway; profiling them costs minutes
+# Calls up to 5 s are profiled (a 50-env plan, 3.2 s on the first H200 run, included), in as
+# many calls as fit in about a second (at least one, at most KERNEL_TIME_CALLS).
+KERNEL_TIME_MAX_WALL_MS = 5000.0
 KERNEL_TIME_CALLS = 5
+KERNEL_TIME_BUDGET_MS = 1000.0
 
 
 def device_time_us(event) -> float:
@@ -218,14 +226,18 @@ def device_time_us(event) -> float:
     return 0.0
 
 
-def kernel_time_ms(call: _Call, grad_to_none: Sequence[torch.Tensor] = (), calls: int = KERNEL_TIME_CALLS):
-    """Milliseconds of CUDA kernel time per call of ``call`` (torch.profiler, ``calls`` calls;
-    their ``setup`` runs before, outside the profile), or None where the profiler cannot give
-    it (it then warns; the timing goes on)."""
+def kernel_profile(
+    call: _Call, grad_to_none: Sequence[torch.Tensor] = (), wall_ms: float = 0.0
+) -> tuple[float, float] | None:
+    """(milliseconds of CUDA kernel time, number of CUDA kernels) per call of ``call``
+    (torch.profiler over ``1 .. KERNEL_TIME_CALLS`` calls, as many as take about
+    ``KERNEL_TIME_BUDGET_MS`` at ``wall_ms`` each; their ``setup`` runs before, outside the
+    profile), or None where the profiler cannot give them (it then warns; the timing goes on)."""
     import warnings
 
     from torch.profiler import ProfilerActivity, profile
 
+    calls = max(1, min(KERNEL_TIME_CALLS, int(KERNEL_TIME_BUDGET_MS // max(wall_ms, 1e-3))))
     try:
         args = [call.setup() if call.setup is not None else None for _ in range(calls)]  # not profiled
         torch.cuda.synchronize()
@@ -240,7 +252,7 @@ def kernel_time_ms(call: _Call, grad_to_none: Sequence[torch.Tensor] = (), calls
             f"kernel time not measured: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=2
         )
         return None
-    return sum(device_time_us(e) for e in kernels) / 1e3 / calls
+    return sum(device_time_us(e) for e in kernels) / 1e3 / calls, len(kernels) / calls
 
 
 def _has_do_bench() -> bool:
@@ -337,6 +349,7 @@ class Row:
     wall_ms: float | None = None  # median wall time per call, device synchronised (Timing.wall_ms)
     clock: str = "wall"  # "device" or "wall": what median_ms measures
     kernel_ms: float | None = None  # device time of the call's kernels alone (Timing.kernel_ms)
+    kernels: float | None = None  # device kernels per call (Timing.kernels)
 
 
 class Report:
@@ -372,6 +385,7 @@ class Report:
             wall_ms=timing.wall_ms,
             clock=timing.clock,
             kernel_ms=timing.kernel_ms,
+            kernels=timing.kernels,
         )
         self.rows.append(row)
         self._link()
@@ -452,7 +466,8 @@ class Report:
             speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"
             units = ", ".join(f"{v:.3g} {k}" for k, v in r.metrics.items()) or "-"
             if r.kernel_ms is not None:
-                units = f"kernels {r.kernel_ms:.3f} ms" + ("" if units == "-" else f", {units}")
+                count = "" if r.kernels is None else f" in {r.kernels:,.0f}"
+                units = f"kernels {r.kernel_ms:.3f} ms{count}" + ("" if units == "-" else f", {units}")
             wall = "-" if r.wall_ms is None else f"{r.wall_ms:.3f}"
             mark = " `wall`" if device_rows and r.clock == "wall" else ""
             lines.append(

@@ -154,6 +154,8 @@ def _cell(row: dict[str, Any] | None, name_impl: bool) -> str:
     notes = [row["impl"]] if name_impl else []
     if row.get("peak_extra_bytes") is not None:
         notes.append(f"{row['peak_extra_bytes'] / 2**20:.3g} MiB extra")
+    if row.get("kernels") is not None:
+        notes.append(f"{row['kernels']:,.0f} kernels")
     return text + (f" ({'; '.join(notes)})" if notes else "")
 
 

@@ -40,7 +40,7 @@ def test_report_speedup_and_files(tmp_path):
     report = harness.Report("cpu")
     assert report.env["device_type"] == "cpu" and report.env["torch"] == torch.__version__
     slow = harness.Timing(10.0, 9.0, 11.0, 5)
-    fast = harness.Timing(2.5, 2.0, 3.0, 5, wall_ms=2.75, clock="device", kernel_ms=0.04)
+    fast = harness.Timing(2.5, 2.0, 3.0, 5, wall_ms=2.75, clock="device", kernel_ms=0.04, kernels=1234)
     report.add("toy", "n=3", "fast", "fwd", fast, **{"GB/s": 1.5})
     report.add("toy", "n=3", "reference", "fwd", slow)
     assert report.rows[0].speedup == 4.0 and report.rows[1].speedup is None
@@ -51,9 +51,10 @@ def test_report_speedup_and_files(tmp_path):
     assert data["rows"][1]["wall_ms"] is None and data["rows"][1]["clock"] == "wall"
     table = md_path.read_text()
     assert data["rows"][0]["kernel_ms"] == 0.04 and data["rows"][1]["kernel_ms"] is None
+    assert data["rows"][0]["kernels"] == 1234 and data["rows"][1]["kernels"] is None
     assert (
-        "| toy | n=3 | fwd | fast | 2.500 (2.000-3.000) | 2.750 | - | 4.00x | kernels 0.040 ms, 1.5 GB/s |"
-        in table
+        "| toy | n=3 | fwd | fast | 2.500 (2.000-3.000) | 2.750 | - | 4.00x "
+        "| kernels 0.040 ms in 1,234, 1.5 GB/s |" in table
     )
     assert "| toy | n=3 | fwd | reference | 10.000 (9.000-11.000) `wall` | - | - | - | - |" in table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy.json", "toy.md"]
@@ -128,14 +129,16 @@ def test_time_fn_on_cuda_reports_device_and_wall_time():
         assert 0 < timing.p20_ms <= timing.median_ms <= timing.p80_ms and timing.wall_ms > 0
         # the matmul backward's kernels: at least the 2 GFLOP of a @ a, at most the device time
         assert timing.kernel_ms is not None and 0 < timing.kernel_ms <= 2 * timing.median_ms
+        assert timing.kernels is not None and timing.kernels >= 1
 
 
 def test_kernel_time_is_none_without_cuda_and_says_why():
-    """Off CUDA the profiler has no kernels to sum: kernel_time_ms warns and gives None, and
-    time_fn leaves Timing.kernel_ms unset (it measures only CUDA calls)."""
+    """Off CUDA the profiler has no kernels to sum: kernel_profile warns and gives None, and
+    time_fn leaves Timing.kernel_ms and Timing.kernels unset (it measures only CUDA calls)."""
     call = harness._Call(lambda: torch.ones(3).sum(), None)
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only behaviour")
     with pytest.warns(RuntimeWarning, match="kernel time not measured"):
-        assert harness.kernel_time_ms(call) is None
-    assert harness.time_fn(lambda: torch.ones(3).sum(), torch.device("cpu"), reps=3).kernel_ms is None
+        assert harness.kernel_profile(call) is None
+    timing = harness.time_fn(lambda: torch.ones(3).sum(), torch.device("cpu"), reps=3)
+    assert timing.kernel_ms is None and timing.kernels is None
