@@ -363,7 +363,9 @@ def test_world_evaluate_with_lewm_fast_solver(swm, published_file):
     25 steps on, budget 50 steps, a plan of 5 x 5 actions then a replan) and a smaller CEM (64
     samples, 5 iterations, the 8 best): lewm_fast's CEMSolver and the published one plan the same
     trained model object (``TRAINED``) with seed 0; the seed is used differently (README), so
-    the two fail different episodes and agree only in distribution.
+    the two fail different episodes and agree only in distribution. The start and goal rows
+    come from ``published_file``'s 12 episodes, the first 12 of the model's training data (data
+    seed 0), as the published eval.py draws them from the training dataset.
 
     With k successes of n = 50 per solver and 95% Wilson intervals (lewm_fast.stats):
     - above chance: each solver's interval lies above the chance interval (``CHANCE``, upper
