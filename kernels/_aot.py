@@ -1,11 +1,11 @@
 """Compile-faithful builds of the Triton kernels, for checking them on a machine without a GPU.
 
 The kernels are compiled exactly as a GPU run would compile them: each launcher of
-``sigreg.py`` and ``adaln.py`` is called the way the library calls it (CPU tensors of the
-real dtypes, sizes and strides), and its ``kernel[grid](...)`` goes through Triton's own
-JIT path (argument binding, signature specialisation -- integers equal to 1 become
-constants, integers and pointers divisible by 16 are marked so -- option parsing and the
-kernel cache), with two substitutions:
+``sigreg.py``, ``adaln.py`` and ``block_step.py`` is called the way the library calls it
+(CPU tensors of the real dtypes, sizes and strides), and its ``kernel[grid](...)`` goes
+through Triton's own JIT path (argument binding, signature specialisation -- integers equal
+to 1 become constants, integers and pointers divisible by 16 are marked so -- option
+parsing and the kernel cache), with two substitutions:
 
 - a stand-in driver (:class:`StandInDriver`) reports a CUDA target of the chosen compute
   capability instead of asking a GPU, and keys Triton's kernel cache by that target;
@@ -130,9 +130,9 @@ def compile_only(capability: int) -> Iterator[list[tuple[str, Any]]]:
 
 
 def _modules():
-    from . import adaln, sigreg
+    from . import adaln, block_step, sigreg
 
-    return {"sigreg": sigreg, "adaln": adaln}
+    return {"sigreg": sigreg, "adaln": adaln, "block_step": block_step}
 
 
 def cases() -> list[tuple[str, Callable[[], Any]]]:
