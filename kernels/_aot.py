@@ -16,7 +16,8 @@ that is a constant when it equals 1) fails here as it would on the GPU; the inte
 which does not specialise, cannot see it. Triton's per-target kernel cache deduplicates
 the builds by specialisation key, so each distinct kernel is compiled once per target.
 ``resource_usage`` reads the registers, stack and local memory of each cubin with the
-``cuobjdump`` shipped inside Triton's package.
+``cuobjdump`` shipped inside Triton's package; each row adds the dynamic shared memory the
+launch asks for (``DYNAMIC_SHARED``, bytes; cuobjdump's ``SHARED`` is the static part).
 
 Each kernel module lists its cases in ``compile_cases()``: ``(name, call)`` pairs whose
 ``call()`` runs one launcher. ``python -m lewm_fast.kernels._aot`` prints one JSON line
@@ -188,7 +189,8 @@ def build(capability: int, patterns: tuple[str, ...] = ("*",)) -> list[dict[str,
         for kernel_name, kernel in launches:
             if kernel.hash not in usage:
                 usage[kernel.hash] = resource_usage(kernel.asm["cubin"])
-            rows.append({"case": name, "arch": capability, "kernel": kernel_name, **usage[kernel.hash]})
+            row = {"case": name, "arch": capability, "kernel": kernel_name, **usage[kernel.hash]}
+            rows.append({**row, "DYNAMIC_SHARED": kernel.metadata.shared})
     return rows
 
 

@@ -21,19 +21,26 @@ them from tensors of that dtype.
 Tiling: a program owns ``BLOCK_C`` whole candidates, each as ``T_PAD`` rows (its new
 tokens, padded to a power of two), so the tokens that attend to each other live in one
 program and the only dependency through the cache is within it (a barrier between the
-stores and the loads of each head). The program keeps its normalised input h (rows x D) in
-registers and loops over the heads: three ``tl.dot`` s with the head's slices of W_qkv,
-the store of k and v, an online softmax over the cache positions (unrolled: ``past`` and
-``t`` are compile-time constants, a handful of pairs in planning), and the head's share of
-the output projection into a float32 (rows x D) accumulator. The MLP loops over the hidden
-width in chunks of ``BLOCK_F``: ``gelu(h2 @ W1_chunk^T + b1) @ W2_chunk^T`` into a second
-accumulator. Neither q, k, v, the attention output nor the MLP's hidden layer reaches
-memory; every program reads all the block's weights (from L2 after the first ones).
+stores and the loads of each head). The GEMM inputs h and h2 (rows x D) are written once
+to the rows' own slots of a scratch in the GEMM dtype (the output itself when its dtype
+holds the GEMM dtype exactly) and read back ``BLOCK_K`` columns at a time, so every weight
+tile is narrow: tiles spanning all of D spilled kilobytes. The program loops over the
+heads: q, k, v (rows x dim_head) from ``BLOCK_K``-chunks of h and W_qkv, the store of k and
+v, the softmax's running max and denominator over the cache positions (unrolled: ``past``
+and ``t`` are compile-time constants, a handful of pairs in planning), then the head's
+output ``BLOCK_DO`` columns at a time, each projected by its (``BLOCK_DO`` x D) tile of
+W_out into a float32 (rows x D) accumulator. The MLP loops over the hidden width in chunks
+of ``BLOCK_F``: ``gelu(h2 @ W1_chunk^T + b1) @ W2_chunk^T`` into a second accumulator.
+Neither q, k, v, the attention output nor the MLP's hidden layer reaches memory; every
+program reads all the block's weights (from L2 after the first programs).
 
 GEMM operands are rounded to the Linear weights' dtype: bfloat16/float16 weights multiply
-on the tensor cores, float32 weights with ``input_precision="ieee"`` (not TF32: float32
-planning keeps the float32 GEMM tolerance). Everything accumulates in float32 whatever
-the input dtypes (x, mod and the LayerNorm parameters may each be float32 or half).
+on the tensor cores as they are; float32 weights in three TF32 passes
+(``input_precision="tf32x3"``, float32 accuracy: not plain TF32, so float32 planning keeps
+the float32 GEMM tolerance). ``"ieee"`` would be exact too, but Triton lowers it to FMA
+dots whose operands hold the whole reduction extent in each thread: 7-25 KB of spills at
+every tile tried. Everything accumulates in float32 whatever the input dtypes (x, mod and
+the LayerNorm parameters may each be float32 or half).
 
 Under the Triton interpreter (``TRITON_INTERPRET=1``), which truncates float32 ->
 bfloat16 casts and mis-computes half-precision dots, the kernel rounds to nearest even
@@ -43,6 +50,7 @@ by bit arithmetic and multiplies the rounded values in float32: the same numbers
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import torch
@@ -279,22 +287,26 @@ def tile_config(N: int, t: int, D: int, F: int, precise: bool) -> dict:
 
     16 rows (``tl.dot``'s least) while that leaves fewer programs than an H200 has SMs
     (132), else 32 with half-precision weights: more rows read the weights fewer times
-    over. Measured on sm_90 (Triton 3.9, D=192, t=1): 167 registers at 16 rows, 226 at 32
-    and spills at 64 (8 warps). Float32 weights (three TF32 passes, twice the operand
-    registers) take 16 rows and half-size chunks: 231 registers; 32 rows spill.
+    over; 64 spill. Float32 weights (three TF32 passes, twice the operand registers) keep
+    16 rows and take smaller chunks. 8 warps, 4 for narrow rows (D <= 64). Registers per
+    case and architecture: the compile check (``python -m lewm_fast.kernels._aot --case
+    'block_step.*'``).
     """
     t_pad = triton.next_power_of_2(t)
     rows = 32 if not precise and N * t_pad >= _SMS * 32 else 16
     rows = max(rows, t_pad)
-    chunk = 32 if precise else 64
     return {
         "T_PAD": t_pad,
         "BLOCK_C": rows // t_pad,
-        "BLOCK_K": min(chunk, _pow2(D)),
+        "BLOCK_K": min(16 if precise else 32, _pow2(D)),
         "BLOCK_DO": 16,
-        "BLOCK_F": min(chunk, _pow2(F)),
-        "num_warps": 8,
+        "BLOCK_F": min(32 if precise else 64, _pow2(F)),
+        "num_warps": 8 if D > 64 else 4,
         "num_stages": 1,
+        # ptxas (CUDA 13) otherwise aims for 2-3 programs per SM, caps the registers at 128
+        # (8 warps) or 168 (4 warps) and spills 8-32 bytes in some cases; with the cap at
+        # the hardware's 255 none spills
+        "maxnreg": 255,
     }
 
 
@@ -459,11 +471,14 @@ def _(x, mod, k_cache, v_cache, past, *rest):
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
-def block_step(*args) -> torch.Tensor:
+def block_step(*args, **kwargs) -> torch.Tensor:
     """lewm_fast::block_step's output, with :func:`block_step_fwd`'s arguments: the custom op
     where something traces the call (:func:`lewm_fast.kernels._eager.tracing`), else the
     launcher directly. Forward only: RuntimeError if grad mode is on and an input requires
-    grad (planning runs under ``torch.no_grad()`` or ``torch.inference_mode()``)."""
+    grad (planning runs under ``torch.no_grad()`` or ``torch.inference_mode()``).
+    Positional arguments are the fast path (keywords are bound to positions first)."""
+    if kwargs:
+        args = _SIGNATURE.bind(*args, **kwargs).args
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(
@@ -473,6 +488,9 @@ def block_step(*args) -> torch.Tensor:
     if _eager.tracing(tensors):
         return block_step_op(*args)
     return block_step_fwd(*args)
+
+
+_SIGNATURE = inspect.signature(block_step_fwd)
 
 
 # -------------------------------------------------------------------- compile cases

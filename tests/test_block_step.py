@@ -245,3 +245,24 @@ def test_bad_inputs_raise_value_errors(change, message):
     change(args)
     with pytest.raises(ValueError, match=message):
         bs.block_step_fwd(**args)
+
+
+def test_entry_point_takes_keywords_and_traces_through_the_op():
+    """``block_step`` binds keywords to positions, and inside a dispatch mode (here the fake
+    mode torch.compile traces with) it calls the custom op, whose fake gives the shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    block = _block(ODD20, seed=9)
+    win = Window(block, 2, 1, 1, seed=10)
+    x, mod, k_cache, v_cache = win.inputs(torch.float32, torch.float32, torch.float32)
+    a = block.attn
+    eps = (block.norm1.eps, a.norm.eps, block.norm2.eps, block.mlp.net[0].eps)
+    args = (x, mod, k_cache, v_cache, 1, *_weights(block, torch.float32), a.heads, a.dim_head, *eps)
+    with torch.no_grad():
+        out = bs.block_step(*args)
+        out_kw = bs.block_step(**dict(zip(bs._SIGNATURE.parameters, args)))
+    assert torch.equal(out, out_kw)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
+        out_fake = bs.block_step(*fake)
+    assert out_fake.shape == x.shape and out_fake.dtype == x.dtype
