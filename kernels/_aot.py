@@ -1,11 +1,11 @@
 """Compile-faithful builds of the Triton kernels, for checking them on a machine without a GPU.
 
 The kernels are compiled exactly as a GPU run would compile them: each launcher of
-``sigreg.py`` and ``adaln.py`` is called the way the library calls it (CPU tensors of the
-real dtypes, sizes and strides), and its ``kernel[grid](...)`` goes through Triton's own
-JIT path (argument binding, signature specialisation -- integers equal to 1 become
-constants, integers and pointers divisible by 16 are marked so -- option parsing and the
-kernel cache), with two substitutions:
+``sigreg.py``, ``adaln.py`` and ``block_step.py`` is called the way the library calls it
+(CPU tensors of the real dtypes, sizes and strides), and its ``kernel[grid](...)`` goes
+through Triton's own JIT path (argument binding, signature specialisation -- integers equal
+to 1 become constants, integers and pointers divisible by 16 are marked so -- option
+parsing and the kernel cache), with two substitutions:
 
 - a stand-in driver (:class:`StandInDriver`) reports a CUDA target of the chosen compute
   capability instead of asking a GPU, and keys Triton's kernel cache by that target;
@@ -16,7 +16,8 @@ that is a constant when it equals 1) fails here as it would on the GPU; the inte
 which does not specialise, cannot see it. Triton's per-target kernel cache deduplicates
 the builds by specialisation key, so each distinct kernel is compiled once per target.
 ``resource_usage`` reads the registers, stack and local memory of each cubin with the
-``cuobjdump`` shipped inside Triton's package.
+``cuobjdump`` shipped inside Triton's package; each row adds the dynamic shared memory the
+launch asks for (``DYNAMIC_SHARED``, bytes; cuobjdump's ``SHARED`` is the static part).
 
 Each kernel module lists its cases in ``compile_cases()``: ``(name, call)`` pairs whose
 ``call()`` runs one launcher. ``python -m lewm_fast.kernels._aot`` prints one JSON line
@@ -130,9 +131,9 @@ def compile_only(capability: int) -> Iterator[list[tuple[str, Any]]]:
 
 
 def _modules():
-    from . import adaln, sigreg
+    from . import adaln, block_step, sigreg
 
-    return {"sigreg": sigreg, "adaln": adaln}
+    return {"sigreg": sigreg, "adaln": adaln, "block_step": block_step}
 
 
 def cases() -> list[tuple[str, Callable[[], Any]]]:
@@ -188,7 +189,8 @@ def build(capability: int, patterns: tuple[str, ...] = ("*",)) -> list[dict[str,
         for kernel_name, kernel in launches:
             if kernel.hash not in usage:
                 usage[kernel.hash] = resource_usage(kernel.asm["cubin"])
-            rows.append({"case": name, "arch": capability, "kernel": kernel_name, **usage[kernel.hash]})
+            row = {"case": name, "arch": capability, "kernel": kernel_name, **usage[kernel.hash]}
+            rows.append({**row, "DYNAMIC_SHARED": kernel.metadata.shared})
     return rows
 
 

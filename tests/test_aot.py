@@ -22,11 +22,13 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from lewm_fast.kernels import _aot, adaln, sigreg  # noqa: E402
+from lewm_fast.kernels import _aot, adaln, block_step, sigreg  # noqa: E402
 
 _TRITON = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
 STACK_ALLOWED = 0 if _TRITON >= (3, 8) else 16  # bytes
 NAMES = _aot.case_names()
+# The most shared memory one block may ask for (bytes, opt-in), per compute capability.
+MAX_SHARED = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +69,23 @@ def test_cases_cover_every_kernel_dtype_and_tile():
     assert {1, 191, adaln.MAX_D} <= widths
 
 
+def test_block_step_cases_cover_its_dtypes_and_tiles():
+    names = [n for n in NAMES if n.startswith("block_step.")]
+    for dtype in ("fp32", "bf16", "fp16", "fp32+bf16"):
+        assert any(f"[{dtype}," in n for n in names), dtype
+    for past, t in ((0, 1), (1, 1), (2, 1), (0, 3)):
+        for n in (300, 15_000):  # the 16- and 32-row tiles (bfloat16)
+            assert f"block_step.block_step_fwd[bf16,N={n},past={past},t={t}]" in names
+    assert {block_step.tile_config(n, 1, 192, 2048, False)["BLOCK_C"] for n in (300, 15_000)} == {16, 32}
+
+
 def test_every_kernel_is_compiled(builds):
-    kernels = {n for mod in (sigreg, adaln) for n in vars(mod) if n.startswith("_") and n.endswith("_kernel")}
+    kernels = {
+        n
+        for mod in (sigreg, adaln, block_step)
+        for n in vars(mod)
+        if n.startswith("_") and n.endswith("_kernel")
+    }
     for arch in _aot.ARCHS:
         built = {row.get("kernel") for (case, a), rows in builds.items() if a == arch for row in rows}
         assert kernels <= built, f"sm_{arch}: never compiled {sorted(kernels - built)}"
@@ -84,3 +101,4 @@ def test_compiles_without_spills(builds, name, arch):
         spilled = row["LOCAL"] != 0 or row["STACK"] > STACK_ALLOWED
         assert not spilled, f"spills or local memory on sm_{arch}: {row}"
         assert row["REG"] <= 255
+        assert row["DYNAMIC_SHARED"] <= MAX_SHARED[arch], f"more shared memory than sm_{arch} has: {row}"
