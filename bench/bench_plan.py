@@ -4,7 +4,9 @@ Reference ("reference"): the published solver's work, one env after the other, f
 ``JEPA.get_cost`` at every iteration (re-encoding start and goal frames each time), via
 :func:`lewm_fast.reference.cem.cem_plan` on the reference JEPA. Fast: ``CEMSolver`` on the
 lewm_fast JEPA with the same weights (all envs in one batch; on CUDA one graph replay per
-plan), float32 and, on CUDA, bf16 autocast. Cases: 1 env and 50 envs at the published
+plan), float32 and, on CUDA, bf16 autocast, and bf16 with the predictor blocks' fused
+step kernel off (``fast-bf16-unfused``: AdaLN-Zero kernels, cuBLAS GEMMs and SDPA per
+block step, what the one-kernel block step replaced). Cases: 1 env and 50 envs at the published
 settings (horizon 5, 300 samples, 30 iterations, top 30), then (not with ``--quick``) a
 sweep over num_samples and num_envs (fast path only) to show how the cost grows.
 
@@ -71,6 +73,7 @@ def run(report: Report, quick: bool) -> None:
     cuda = device.type == "cuda"
     plan = PUBLISHED if cuda or not quick else QUICK_CPU
     precisions = [("fast-fp32", None)] + ([("fast-bf16", torch.bfloat16)] if cuda else [])
+    unfused = _unfused(fast_model) if cuda else None
     reps = {"warmup": 1, "reps": 3} if quick else {"warmup": 3, "reps": 20}
     ref_reps = {"warmup": 1, "reps": 2} if quick else {"warmup": 1, "reps": 5}
 
@@ -99,8 +102,11 @@ def run(report: Report, quick: bool) -> None:
                 **_metrics(envs, plan["num_samples"], plan["n_steps"], timing.median_ms),
             )
 
-        for name, autocast in precisions:
-            solver = CEMSolver(fast_model, action_dim=width, autocast=autocast, device=device, **plan)
+        variants = [(name, autocast, fast_model) for name, autocast in precisions]
+        if unfused is not None:  # the block steps as separate kernels: what the fused one replaced
+            variants.append(("fast-bf16-unfused", torch.bfloat16, unfused))
+        for name, autocast, model in variants:
+            solver = CEMSolver(model, action_dim=width, autocast=autocast, device=device, **plan)
 
             def fast(info=info, solver=solver):
                 return solver.solve(info)
@@ -118,6 +124,17 @@ def run(report: Report, quick: bool) -> None:
 
     if not quick:
         _sweep(report, fast_model, width, size, plan, precisions[-1], reps)
+
+
+def _unfused(model):
+    """A copy of ``model`` whose predictor blocks step without the fused block kernel
+    (``ConditionalBlock.step_kernel = False``)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for block in twin.predictor.transformer.layers:
+        block.step_kernel = False
+    return twin
 
 
 def _sweep(report: Report, fast_model, width: int, size: int, plan: dict, precision, reps: dict) -> None:

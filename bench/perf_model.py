@@ -66,7 +66,8 @@ Ops are counted at the ATen level by a ``TorchDispatchMode`` under the fake mode
   ``as_strided``), ``prim.device``, and allocations (``empty``, ``empty_strided``,
   ``new_empty``, ``empty_like``);
 - ``lewm_fast::*`` custom ops: the kernels their launchers issue (:data:`CUSTOM_KERNELS`,
-  read from ``kernels/adaln.py`` and ``csrc/cem_refit_cuda.cu``), e.g. ``adaln_bwd`` = the
+  read from ``kernels/adaln.py``, ``kernels/block_step.py`` and ``csrc/cem_refit_cuda.cu``),
+  e.g. ``block_step`` = one kernel for a whole predictor block on the new tokens, ``adaln_bwd`` = the
   backward kernel + the two partial-row sums of dweight/dbias, ``cem_refit`` = one
   ``cem_refit_kernel`` launch; the SIGReg ops are itemised kernel by kernel
   (:func:`sigreg_kernels`, read from ``kernels/sigreg.py``): ``sigreg`` = the fused
@@ -82,7 +83,8 @@ Ops are counted at the ATen level by a ``TorchDispatchMode`` under the fake mode
   or ``fill_`` is one kernel).
 
 FLOPs per op are ``torch.utils.flop_counter``'s formulas (the registry
-``FlopCounterMode`` uses: matmuls, convolutions, attention), plus for the SIGReg kernels
+``FlopCounterMode`` uses: matmuls, convolutions, attention), the GEMM and attention work
+of ``block_step`` (:func:`block_step_flops`), plus for the SIGReg kernels
 their GEMM work (the forward kernel ``2 T B D P``; the backward kernel recomputes x,
 ``2 T B D P``, and the grad_z matmul is another ``2 T B D P``). Elementwise work counts
 0 FLOPs (it is priced by its bytes), except the trigonometry inside the SIGReg kernels,
@@ -136,7 +138,8 @@ and low: split reductions (one large reduction as two kernels).
 
 A kernel's dtype, which picks the peak its FLOPs run at, is that of its first
 floating-point input (mm: ``mat1``, attention: ``q`` or ``grad_out``), else of its first
-floating-point output.
+floating-point output; ``block_step``'s is its Linear weights' (:data:`CUSTOM_DTYPES`: its
+first input is the residual stream, float32 in bf16 planning).
 
 Projected time of a kernel on a device = ``max(flops / peak_flops(dtype), bytes /
 bandwidth)``, summed over kernels, plus ``launches x per-launch cost`` (one value for a
@@ -167,6 +170,8 @@ from lewm_fast.reference.jepa import action_width_of
 
 __all__ = [
     "CUSTOM_KERNELS",
+    "CUSTOM_FLOPS",
+    "block_step_flops",
     "sigreg_kernels",
     "sigreg_trig_flops",
     "ATEN_KERNELS",
@@ -199,7 +204,32 @@ CUSTOM_KERNELS = {
     "gated_residual_bwd": 1,  # _gated_residual_bwd_kernel
     "gated_adaln": 1,  # _gated_adaln_fwd_kernel
     "cem_refit": 1,  # cem_refit_kernel<<<envs, ...>>> (csrc/cem_refit_cuda.cu)
+    "block_step": 1,  # _block_step_fwd_kernel: a whole predictor block on new tokens
 }
+
+
+def block_step_flops(args) -> int:
+    """GEMM and attention FLOPs of ``lewm_fast::block_step`` (x (N, t, D), ..., past, to_qkv
+    (3 inner, D), ..., fc1 (F, D), ...): per new token q/k/v, the output projection and the
+    MLP's two GEMMs, and attention over its past + j + 1 positions (q.k and p.v, 2 inner
+    FLOPs per position each); with ``kv_only`` the key and value GEMMs alone. The kernel's
+    padding of D and F to powers of two is not counted."""
+    x, past, qkv, fc1 = args[0], args[4], args[5], args[12]
+    n, t, d = x.shape
+    inner, f = qkv.shape[0] // 3, fc1.shape[0]
+    if len(args) > 22 and args[22]:  # kv_only: the keys and values alone
+        return int(n * t * 2 * d * 2 * inner)
+    gemms = n * t * (2 * d * 3 * inner + 2 * inner * d + 2 * 2 * d * f)
+    positions = sum(past + j + 1 for j in range(t))
+    return int(gemms + n * 4 * inner * positions)
+
+
+# FLOPs of the custom ops whose work is GEMMs (the others are priced by their bytes)
+CUSTOM_FLOPS = {"block_step": block_step_flops}
+# The dtype a custom op's GEMMs run in, where it is not its first floating-point input's:
+# block_step multiplies in its Linear weights' dtype (bf16 planning keeps a float32
+# residual stream x, the first input, but bf16 weights)
+CUSTOM_DTYPES = {"block_step": lambda args: args[5].dtype}
 
 # ATen ops that launch more than one CUDA kernel; a callable gets (args, kwargs).
 ATEN_KERNELS = {
@@ -505,7 +535,7 @@ class KernelCounter(TorchDispatchMode):
             if name not in CUSTOM_KERNELS:
                 raise KeyError(f"lewm_fast::{name} has no kernel count in CUSTOM_KERNELS")
             launches = CUSTOM_KERNELS[name]
-            flops = 0
+            flops = CUSTOM_FLOPS[name](args) if name in CUSTOM_FLOPS else 0
         else:
             rule = ATEN_KERNELS.get(name)
             launches = rule(args, kwargs) if rule else 1
@@ -530,6 +560,8 @@ class KernelCounter(TorchDispatchMode):
         floats = [t.dtype for t in reads.values() if t.is_floating_point()]
         floats = floats or [t.dtype for t in writes.values() if t.is_floating_point()]
         dtype = floats[0] if floats else torch.float32
+        if func.namespace == "lewm_fast" and name in CUSTOM_DTYPES:
+            dtype = CUSTOM_DTYPES[name](args)
         nbytes = sum(tensor_bytes(t) for t in tensors)
         if itemised:
             items = sigreg_kernels(name, args)

@@ -323,7 +323,11 @@ def model_section(
         "datasheet or derived). The model's training step "
         "is forward and backward only; the measured one also runs AdamW and gradient clipping. "
         "A compiled row is itself a projection: TrainConfig.compile's step counted by the fusion "
-        "rule of bench/perf_model.py, not by running inductor.",
+        "rule of bench/perf_model.py, not by running inductor. A plan's predictor block step is one "
+        "kernel (`lewm_fast::block_step`) priced by its own inputs and outputs; the kernel also "
+        "re-reads the block's weights (3.1 MB in bf16) in each program of 16-32 candidate rows, "
+        "from L2, and a 1-env plan runs 19 such programs on a GPU's 100+ SMs: neither is modelled, "
+        "so its plan rows are lower bounds until measured.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -157,7 +157,7 @@ def _block_step_fwd_kernel(
     PAST: tl.constexpr, T: tl.constexpr, T_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_DO: tl.constexpr,
     BLOCK_F: tl.constexpr,
-    PRECISE: tl.constexpr, EMULATE: tl.constexpr,
+    PRECISE: tl.constexpr, EMULATE: tl.constexpr, KV_ONLY: tl.constexpr,
 ):  # fmt: skip
     ROWS: tl.constexpr = BLOCK_C * T_PAD
     dot_dtype: tl.constexpr = W_QKV.dtype.element_ty
@@ -203,73 +203,80 @@ def _block_step_fwd_kernel(
             # W_qkv[head * DH + j, d] as (BLOCK_K, BLOCK_DH) tiles; k's and v's rows follow q's
             w_ptrs = W_QKV + head_cols[None, :] * stride_qkv + d[:, None]
             mask_w = mask_d[:, None] & mask_dh[None, :]
-            q += _mm(hk, tl.load(w_ptrs, mask=mask_w, other=0.0), PRECISE, EMULATE)
+            if not KV_ONLY:
+                q += _mm(hk, tl.load(w_ptrs, mask=mask_w, other=0.0), PRECISE, EMULATE)
             k += _mm(hk, tl.load(w_ptrs + inner * stride_qkv, mask=mask_w, other=0.0), PRECISE, EMULATE)
             v += _mm(hk, tl.load(w_ptrs + 2 * inner * stride_qkv, mask=mask_w, other=0.0), PRECISE, EMULATE)
         k_new = k_rows[:, None] + (PAST + tok)[:, None] * stride_kl + head_cols[None, :]
         tl.store(k_new, _round(k, KC.dtype.element_ty, EMULATE), mask=mask_kv)
         v_new = v_rows[:, None] + (PAST + tok)[:, None] * stride_vl + head_cols[None, :]
         tl.store(v_new, _round(v, VC.dtype.element_ty, EMULATE), mask=mask_kv)
-        tl.debug_barrier()  # the candidate's other tokens read these keys and values back
-        # softmax(q K^T / sqrt(dim_head)) V, BLOCK_DO columns at a time, each times its
-        # (BLOCK_DO, BLOCK_D) tile of W_out into acc (a whole-head tile spills)
-        run_max, den = _softmax_stats(q, k_rows, stride_kl, head_cols, tok, mask_kv, qk_scale, PAST, T)
-        for c0 in range(0, DH, BLOCK_DO):
-            c = head * DH + c0 + do
-            mask_o = (c0 + do) < DH
-            o = tl.zeros((ROWS, BLOCK_DO), dtype=tl.float32)
-            for p in tl.static_range(PAST + T):
-                s = _scores(q, k_rows, p, stride_kl, head_cols, tok, mask_kv, qk_scale, PAST)
-                vc = tl.load(
-                    v_rows[:, None] + p * stride_vl + c[None, :], mask=mask_r[:, None] & mask_o[None, :]
+        if not KV_ONLY:  # keys/values only: no attention, no output
+            tl.debug_barrier()  # the candidate's other tokens read these keys and values back
+            # softmax(q K^T / sqrt(dim_head)) V, BLOCK_DO columns at a time, each times its
+            # (BLOCK_DO, BLOCK_D) tile of W_out into acc (a whole-head tile spills)
+            run_max, den = _softmax_stats(q, k_rows, stride_kl, head_cols, tok, mask_kv, qk_scale, PAST, T)
+            for c0 in range(0, DH, BLOCK_DO):
+                c = head * DH + c0 + do
+                mask_o = (c0 + do) < DH
+                o = tl.zeros((ROWS, BLOCK_DO), dtype=tl.float32)
+                for p in tl.static_range(PAST + T):
+                    s = _scores(q, k_rows, p, stride_kl, head_cols, tok, mask_kv, qk_scale, PAST)
+                    vc = tl.load(
+                        v_rows[:, None] + p * stride_vl + c[None, :], mask=mask_r[:, None] & mask_o[None, :]
+                    )
+                    o += tl.exp2(s - run_max)[:, None] * vc.to(tl.float32)
+                o = o / den[:, None]
+                # W_out[d, c] as a (BLOCK_DO, BLOCK_D) tile
+                w_out = tl.load(
+                    W_OUT + cols[None, :] * stride_wout + c[:, None],
+                    mask=mask_o[:, None] & mask_c[None, :],
+                    other=0.0,
                 )
-                o += tl.exp2(s - run_max)[:, None] * vc.to(tl.float32)
-            o = o / den[:, None]
-            # W_out[d, c] as a (BLOCK_DO, BLOCK_D) tile
-            w_out = tl.load(
-                W_OUT + cols[None, :] * stride_wout + c[:, None],
-                mask=mask_o[:, None] & mask_c[None, :],
-                other=0.0,
-            )
-            acc += _mm(_round(o, dot_dtype, EMULATE), w_out, PRECISE, EMULATE)
+                acc += _mm(_round(o, dot_dtype, EMULATE), w_out, PRECISE, EMULATE)
 
-    # ---- MLP sublayer; x is read again rather than held through the head loop
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(mod_row[:, None] + 2 * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    b_out = tl.load(B_OUT + cols, mask=mask_c, other=0.0).to(tl.float32)
-    x1 = tl.where(mask, x + gate * (acc + b_out[None, :]), 0.0)
-    h = _modulate_norm(x1, mod_row, 3, MLP_W, MLP_B, cols, mask, mask_c, D, eps_norm2, eps_mlp_norm)
-    tl.debug_barrier()  # every read of the attention's h is done
-    tl.store(h_row[:, None] + cols[None, :], _round(h, dot_dtype, EMULATE).to(H.dtype.element_ty), mask=mask)
-    tl.debug_barrier()
-    fo = tl.arange(0, BLOCK_F)
-    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
-    for f0 in range(0, F, BLOCK_F):
-        f = f0 + fo
-        mask_f = f < F
-        a = tl.zeros((ROWS, BLOCK_F), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            d = k0 + kk
-            mask_d = d < D
-            hk = tl.load(h_row[:, None] + d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
-            # W1[f, d] as a (BLOCK_K, BLOCK_F) tile
-            w1 = tl.load(
-                W1 + f[None, :] * stride_w1 + d[:, None], mask=mask_d[:, None] & mask_f[None, :], other=0.0
-            )
-            a += _mm(hk.to(dot_dtype), w1, PRECISE, EMULATE)
-        a += tl.load(B1 + f, mask=mask_f, other=0.0).to(tl.float32)[None, :]
-        g = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))  # exact (erf) GELU
-        # W2[d, f] as a (BLOCK_F, BLOCK_D) tile
-        w2 = tl.load(
-            W2 + cols[None, :] * stride_w2 + f[:, None], mask=mask_f[:, None] & mask_c[None, :], other=0.0
+    if not KV_ONLY:
+        # ---- MLP sublayer; x is read again rather than held through the head loop
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(mod_row[:, None] + 2 * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b_out = tl.load(B_OUT + cols, mask=mask_c, other=0.0).to(tl.float32)
+        x1 = tl.where(mask, x + gate * (acc + b_out[None, :]), 0.0)
+        h = _modulate_norm(x1, mod_row, 3, MLP_W, MLP_B, cols, mask, mask_c, D, eps_norm2, eps_mlp_norm)
+        tl.debug_barrier()  # every read of the attention's h is done
+        tl.store(
+            h_row[:, None] + cols[None, :], _round(h, dot_dtype, EMULATE).to(H.dtype.element_ty), mask=mask
         )
-        acc += _mm(_round(g, dot_dtype, EMULATE), w2, PRECISE, EMULATE)
-    gate = tl.load(mod_row[:, None] + 5 * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    b2 = tl.load(B2 + cols, mask=mask_c, other=0.0).to(tl.float32)
-    out = x1 + gate * (acc + b2[None, :])
-    tl.debug_barrier()  # OUT may be H itself: every read of h2 is done
-    out_ptrs = OUT + (cand64 * stride_on + tok * stride_ot)[:, None] + cols[None, :]
-    tl.store(out_ptrs, _round(out, OUT.dtype.element_ty, EMULATE), mask=mask)
+        tl.debug_barrier()
+        fo = tl.arange(0, BLOCK_F)
+        acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+        for f0 in range(0, F, BLOCK_F):
+            f = f0 + fo
+            mask_f = f < F
+            a = tl.zeros((ROWS, BLOCK_F), dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                d = k0 + kk
+                mask_d = d < D
+                hk = tl.load(h_row[:, None] + d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+                # W1[f, d] as a (BLOCK_K, BLOCK_F) tile
+                w1 = tl.load(
+                    W1 + f[None, :] * stride_w1 + d[:, None],
+                    mask=mask_d[:, None] & mask_f[None, :],
+                    other=0.0,
+                )
+                a += _mm(hk.to(dot_dtype), w1, PRECISE, EMULATE)
+            a += tl.load(B1 + f, mask=mask_f, other=0.0).to(tl.float32)[None, :]
+            g = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))  # exact (erf) GELU
+            # W2[d, f] as a (BLOCK_F, BLOCK_D) tile
+            w2 = tl.load(
+                W2 + cols[None, :] * stride_w2 + f[:, None], mask=mask_f[:, None] & mask_c[None, :], other=0.0
+            )
+            acc += _mm(_round(g, dot_dtype, EMULATE), w2, PRECISE, EMULATE)
+        gate = tl.load(mod_row[:, None] + 5 * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b2 = tl.load(B2 + cols, mask=mask_c, other=0.0).to(tl.float32)
+        out = x1 + gate * (acc + b2[None, :])
+        tl.debug_barrier()  # OUT may be H itself: every read of h2 is done
+        out_ptrs = OUT + (cand64 * stride_on + tok * stride_ot)[:, None] + cols[None, :]
+        tl.store(out_ptrs, _round(out, OUT.dtype.element_ty, EMULATE), mask=mask)
 
 
 # ------------------------------------------------------------------------------ launcher
@@ -387,7 +394,7 @@ def block_step_fwd(
     x, mod, k_cache, v_cache, past: int, qkv_weight, out_weight, out_bias, attn_norm_weight,
     attn_norm_bias, mlp_norm_weight, mlp_norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
     heads: int, dim_head: int, eps_norm1: float, eps_attn_norm: float, eps_norm2: float,
-    eps_mlp_norm: float,
+    eps_mlp_norm: float, kv_only: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """The ConditionalBlock's output (N, t, D) in x's dtype for t new tokens per candidate.
 
@@ -398,6 +405,12 @@ def block_step_fwd(
     kernel writes the new tokens' at past .. past+t-1 (nothing else). The weights are the
     block's (attn.to_qkv, attn.to_out[0], attn.norm, mlp.net[0], mlp.net[1], mlp.net[4]);
     the Linear weights share one dtype, the GEMMs'. See the module docstring for the formula.
+
+    ``kv_only``: only write the new tokens' keys and values into the caches (their branch
+    input and the k/v GEMMs; no query, attention, output projection or MLP) and return an
+    empty (N, 0, D) tensor: for the tokens of a window whose outputs nothing reads (the last
+    block of a planning step needs only the last token's output; the others' keys and
+    values still feed its attention).
     """
     _check(
         x, mod, k_cache, v_cache, past, qkv_weight, out_weight, out_bias, attn_norm_weight,
@@ -406,14 +419,16 @@ def block_step_fwd(
     )  # fmt: skip
     N, t, D = x.shape
     F = fc1_weight.shape[0]
-    out = torch.empty((N, t, D), device=x.device, dtype=x.dtype)
+    out = torch.empty((N, 0 if kv_only else t, D), device=x.device, dtype=x.dtype)
     if N == 0:
         return out
     precise = qkv_weight.dtype == torch.float32
     cfg = tile_config(N, t, D, F, precise)
     # out doubles as the scratch of the GEMM inputs when it holds the GEMM dtype exactly
-    exact = x.dtype == qkv_weight.dtype or x.dtype == torch.float32
+    exact = not kv_only and (x.dtype == qkv_weight.dtype or x.dtype == torch.float32)
     h = out if exact else torch.empty((N, t, D), device=x.device, dtype=qkv_weight.dtype)
+    if kv_only:
+        out = h  # never written: only its pointer and strides are passed
     _block_step_fwd_kernel[(_eager.cdiv(N, cfg["BLOCK_C"]),)](
         x, mod, k_cache, v_cache, qkv_weight, out_weight, out_bias, attn_norm_weight, attn_norm_bias,
         mlp_norm_weight, mlp_norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, h,
@@ -423,9 +438,9 @@ def block_step_fwd(
         fc1_weight.stride(0), fc2_weight.stride(0), out.stride(0), out.stride(1), h.stride(0), h.stride(1),
         eps_norm1, eps_attn_norm, eps_norm2, eps_mlp_norm, _LOG2E / math.sqrt(dim_head),
         PAST=past, T=t, BLOCK_D=_pow2(D), BLOCK_DH=_pow2(dim_head), PRECISE=precise,
-        EMULATE=triton_interpreter(), **cfg,
+        EMULATE=triton_interpreter(), KV_ONLY=kv_only, **cfg,
     )  # fmt: skip
-    return out
+    return torch.empty((N, 0, D), device=x.device, dtype=x.dtype) if kv_only else out
 
 
 # ------------------------------------------------------------------ torch.library op
@@ -458,17 +473,20 @@ def block_step_op(
     eps_attn_norm: float,
     eps_norm2: float,
     eps_mlp_norm: float,
+    kv_only: bool = False,
 ) -> torch.Tensor:
     return block_step_fwd(
         x, mod, k_cache, v_cache, past, qkv_weight, out_weight, out_bias, attn_norm_weight,
         attn_norm_bias, mlp_norm_weight, mlp_norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-        heads, dim_head, eps_norm1, eps_attn_norm, eps_norm2, eps_mlp_norm,
+        heads, dim_head, eps_norm1, eps_attn_norm, eps_norm2, eps_mlp_norm, kv_only,
     )  # fmt: skip
 
 
 @block_step_op.register_fake
 def _(x, mod, k_cache, v_cache, past, *rest):
-    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    kv_only = len(rest) > 17 and rest[17]
+    n, t, d = x.shape
+    return torch.empty((n, 0 if kv_only else t, d), device=x.device, dtype=x.dtype)
 
 
 def block_step(*args, **kwargs) -> torch.Tensor:
@@ -508,7 +526,8 @@ def compile_cases():
     L, inner) buffer -- at the real block and planning sizes (N = 300 for one environment,
     15,000 for fifty; t = 1 after 0, 1 or 2 cached tokens, and the t = 3 first step) with
     bfloat16 and float32 weights, float32 tokens with bfloat16 weights and modulation, the
-    float16 first step, and two odd shapes."""
+    float16 first step, two odd shapes, and the keys/values-only step (``kv_only``: the
+    first two tokens of a shifted window in the last block) in bfloat16 and float32."""
     steps = ((0, 1), (1, 1), (2, 1), (0, 3))
     runs = []
     for n in (300, 15_000):
@@ -523,11 +542,14 @@ def compile_cases():
     for label, shape in _ODD.items():
         runs.append((f"fp32,{label},N=7,past=1,t=2", shape, 7, 1, 2, (torch.float32,) * 3))
         runs.append((f"bf16,{label},N=7,past=1,t=2", shape, 7, 1, 2, (torch.bfloat16,) * 3))
-    for name, shape, n, past, t, dtypes in runs:
-        yield f"block_step_fwd[{name}]", functools.partial(_compile_case, shape, n, past, t, dtypes)
+    runs = [(*run, False) for run in runs]
+    runs.append(("bf16,N=15000,past=0,t=2,kv_only", _REAL, 15_000, 0, 2, (torch.bfloat16,) * 3, True))
+    runs.append(("fp32,N=300,past=0,t=2,kv_only", _REAL, 300, 0, 2, (torch.float32,) * 3, True))
+    for name, shape, n, past, t, dtypes, kv_only in runs:
+        yield f"block_step_fwd[{name}]", functools.partial(_compile_case, shape, n, past, t, dtypes, kv_only)
 
 
-def _compile_case(shape, N, past, t, dtypes):
+def _compile_case(shape, N, past, t, dtypes, kv_only=False):
     # Nothing runs, so the values do not matter: uninitialised tensors of the right layout.
     (D, heads, dim_head, F), (x_dtype, mod_dtype, w_dtype) = shape, dtypes
     inner, L, depth = heads * dim_head, 3 if past + t <= 3 else past + t, 6
@@ -539,5 +561,5 @@ def _compile_case(shape, N, past, t, dtypes):
         x, mod, k_cache, v_cache, past, torch.empty(3 * inner, D, dtype=w_dtype),
         torch.empty(D, inner, dtype=w_dtype), torch.empty(D), *norms,
         torch.empty(F, D, dtype=w_dtype), torch.empty(F), torch.empty(D, F, dtype=w_dtype), torch.empty(D),
-        heads, dim_head, 1e-6, 1e-5, 1e-6, 1e-5,
+        heads, dim_head, 1e-6, 1e-5, 1e-6, 1e-5, kv_only,
     )  # fmt: skip

@@ -58,8 +58,11 @@ class ConditionalBlock(_ref.ConditionalBlock):
     (``norm1``/``norm2`` -> modulate -> the branch's affine LayerNorm) is one fused kernel
     and each gated residual ``x + gate * branch`` another (the functional forms of
     :mod:`lewm_fast.adaln`); "auto" uses them for CUDA tensors. ``$LEWM_FAST_BACKEND``
-    overrides "auto".
+    overrides "auto". ``step_kernel`` (default True): whether :meth:`step` (planning) may run
+    as one fused kernel; False keeps the fused pieces, for comparing the two.
     """
+
+    step_kernel: bool = True
 
     def __init__(
         self,
@@ -109,6 +112,63 @@ class ConditionalBlock(_ref.ConditionalBlock):
         """``x' = x + gate * y`` and ``attn_input(x', shift, scale)`` (all (B, T, D)):
         :func:`gated_adaln_modulate`."""
         return self._branch_input(self.norm1, self.attn.norm, x, shift, scale, (gate, y))
+
+    def step(self, x: torch.Tensor, mod: torch.Tensor, past: int, last_only: bool = False) -> torch.Tensor:
+        """The block on new tokens x (N, t, D) at window positions past .. past+t-1 against
+        ``attn.kv_cache`` (planning; see the reference :meth:`ConditionalBlock.step`), mod
+        (N, t, 6 D) its ``adaLN_modulation`` output (any strides with a unit inner one).
+
+        With Triton (CUDA tensors, ``backend`` "auto" or "triton"), the whole step --
+        both AdaLN-Zero branch inputs, q/k/v, the cache write, attention over the cached and
+        new positions, the output projection, the MLP and both gated residuals -- is one
+        kernel (:func:`lewm_fast.kernels.block_step.block_step`) when the block is in eval
+        mode without gradients and its Linear weights and the cache share one dtype (bf16
+        planning on ``LowPrecisionWeights``, or float32); otherwise the fused pieces above.
+        Returns (N, t, D), or (N, 1, D) with ``last_only``.
+        """
+        kernel = self._step_kernel(x)
+        if kernel is None:
+            if mod.shape[1] > 1:
+                # one copy makes every shift/scale/gate chunk an (N * t, D) view for the
+                # AdaLN kernels, which would otherwise copy each strided chunk themselves
+                mod = mod.contiguous()
+            return super().step(x, mod, past, last_only)
+        attn, mlp = self.attn, self.mlp
+        keys, values = _ref.kv_cache_of(attn).views(x.shape[0])
+        params = (
+            attn.to_qkv.weight, attn.to_out[0].weight, attn.to_out[0].bias,
+            attn.norm.weight, attn.norm.bias, mlp.net[0].weight, mlp.net[0].bias,
+            mlp.net[1].weight, mlp.net[1].bias, mlp.net[4].weight, mlp.net[4].bias,
+            attn.heads, attn.dim_head, self.norm1.eps, attn.norm.eps, self.norm2.eps, mlp.net[0].eps,
+        )  # fmt: skip
+        t = x.shape[1]
+        if last_only and t > 1:
+            # the earlier tokens' keys/values alone (no MLP for outputs nothing reads), then
+            # the last token against them: the reference's FLOPs, one launch more
+            kernel.block_step(x[:, :-1], mod[:, :-1], keys, values, past, *params, True)
+            return kernel.block_step(x[:, -1:], mod[:, -1:], keys, values, past + t - 1, *params)
+        return kernel.block_step(x, mod, keys, values, past, *params)
+
+    def _step_kernel(self, x: torch.Tensor):
+        """``lewm_fast.kernels.block_step`` when :meth:`step` runs as one kernel for x, else None."""
+        if not self.step_kernel or self.training:
+            return None
+        if _backend.resolve(self.backend, x, "block_step") == "torch":
+            return None
+        attn, mlp = self.attn, self.mlp
+        out = attn.to_out
+        if not (isinstance(out, torch.nn.Sequential) and isinstance(out[0], torch.nn.Linear)):
+            return None  # heads == 1 and dim_head == dim: no output projection
+        linears = (attn.to_qkv.weight, out[0].weight, mlp.net[1].weight, mlp.net[4].weight)
+        cache = _ref.kv_cache_of(attn).kv
+        dtype = linears[0].dtype
+        if cache is None or cache.dtype != dtype or any(w.dtype != dtype for w in linears):
+            return None  # e.g. autocast over float32 weights: the cache holds autocast's dtype
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return None  # the kernel has no backward
+        from .kernels import block_step
+
+        return block_step
 
 
 class ARPredictor(_ref.ARPredictor):

@@ -48,10 +48,10 @@ def _weights(block, dtype):
     return (*lin, *norms, *mlp)
 
 
-def _step(block, x, mod, k_cache, v_cache, past, dtype, fn=bs.block_step):
+def _step(block, x, mod, k_cache, v_cache, past, dtype, fn=bs.block_step, kv_only=False):
     a = block.attn
     eps = (block.norm1.eps, a.norm.eps, block.norm2.eps, block.mlp.net[0].eps)
-    return fn(x, mod, k_cache, v_cache, past, *_weights(block, dtype), a.heads, a.dim_head, *eps)
+    return fn(x, mod, k_cache, v_cache, past, *_weights(block, dtype), a.heads, a.dim_head, *eps, kv_only)
 
 
 class Window:
@@ -187,6 +187,32 @@ def test_tile_config_at_planning_sizes():
             assert rows == (32 if N == 15_000 and not precise else 16)
 
 
+@pytest.mark.parametrize(
+    ("w", "past", "t"), [("fp32", 0, 3), ("bf16", 1, 2)], ids=["fp32-past0-t3", "bf16-past1-t2"]
+)
+def test_kv_only_writes_the_keys_and_values_alone(w, past, t):
+    """kv_only: the new tokens' keys/values as a full step writes them, nothing else, and an
+    empty output; then the last token alone (past + t - 1 cached) gives the full step's last
+    output: the planner's last block of a shifted window, without the other tokens' MLP."""
+    block = _block(ODD48, seed=5)
+    win = Window(block, 7, past, t, seed=6)
+    dtype = DTYPES[w]
+    x, mod, k_cache, v_cache = win.inputs(dtype, dtype, dtype)
+    full_k, full_v = k_cache.clone(), v_cache.clone()
+    with torch.no_grad():
+        full = _step(block, x, mod, full_k, full_v, past, dtype)
+        before = k_cache.clone()
+        kv = _step(block, x[:, :-1], mod[:, :-1], k_cache, v_cache, past, dtype, kv_only=True)
+        assert kv.shape == (7, 0, x.shape[-1]) and kv.dtype == x.dtype
+        kind = "fp32_gemm" if w == "fp32" else "bf16"  # GEMMs of another tile shape: same up to rounding
+        assert_close(k_cache[:, : past + t - 1], full_k[:, : past + t - 1], kind, "keys")
+        assert_close(v_cache[:, : past + t - 1], full_v[:, : past + t - 1], kind, "values")
+        assert torch.equal(k_cache[:, past + t - 1 :], before[:, past + t - 1 :])
+        last = _step(block, x[:, -1:], mod[:, -1:], k_cache, v_cache, past + t - 1, dtype)
+    assert_close(last, full[:, -1:], kind, "last token after kv_only")
+    assert_close(k_cache, full_k, kind, "keys") and assert_close(v_cache, full_v, kind, "values")
+
+
 def test_the_op_passes_opcheck_and_equals_the_launcher():
     block = _block(ODD20, seed=7)
     win = Window(block, 3, 1, 1, seed=8)
@@ -195,6 +221,9 @@ def test_the_op_passes_opcheck_and_equals_the_launcher():
     eps = (block.norm1.eps, a.norm.eps, block.norm2.eps, block.mlp.net[0].eps)
     args = (x, mod, k_cache, v_cache, 1, *_weights(block, torch.float32), a.heads, a.dim_head, *eps)
     torch.library.opcheck(bs.block_step_op, args, test_utils=("test_schema", "test_faketensor"))
+    kv_args = (x, *args[1:], True)  # keys/values only: an empty output
+    torch.library.opcheck(bs.block_step_op, kv_args, test_utils=("test_schema", "test_faketensor"))
+    assert bs.block_step_op(*kv_args).shape == (3, 0, x.shape[-1])
     k2, v2 = k_cache.clone(), v_cache.clone()
     out_op = bs.block_step_op(*args)
     out = bs.block_step_fwd(x, mod, k2, v2, *args[4:])
@@ -266,3 +295,60 @@ def test_entry_point_takes_keywords_and_traces_through_the_op():
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
         out_fake = bs.block_step(*fake)
     assert out_fake.shape == x.shape and out_fake.dtype == x.dtype
+
+
+# ------------------------------------------- lewm_fast.ConditionalBlock.step's choice of path
+
+
+def _fast_block(seed=9):
+    import lewm_fast
+
+    torch.manual_seed(seed)
+    block = lewm_fast.ConditionalBlock(48, 3, 16, 100, backend="triton")
+    return randomize_(block, seed).eval().to(_device())
+
+
+def _predictor_of(block, frames=3):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        pos_embedding=torch.zeros(1, frames, 1), transformer=SimpleNamespace(layers=[block])
+    )
+
+
+@pytest.mark.parametrize("last_only", [False, True], ids=["all", "last"])
+def test_conditional_block_step_runs_the_kernel_when_it_can(monkeypatch, last_only):
+    """lewm_fast.ConditionalBlock.step (backend "triton"; "auto" on CUDA) is the kernel in eval
+    mode without gradients when the cache and the Linear weights share a dtype -- and equals
+    the reference step -- else the fused pieces: in training, with gradients, with a cache of
+    another dtype (autocast over float32 weights) and with ``step_kernel = False``."""
+    calls = []
+    launcher = bs.block_step_fwd
+    kv_only = lambda args: len(args) > 22 and args[22]  # noqa: E731
+    monkeypatch.setattr(bs, "block_step_fwd", lambda *a: (calls.append(kv_only(a)), launcher(*a))[1])
+    block = _fast_block()
+    win = Window(block, 5, 0, 3, seed=10)
+    ref.setup_caches(_predictor_of(block), 5, torch.float32, _device())
+    with torch.no_grad():
+        out = block.step(win.X, win.mods, 0, last_only=last_only)
+    assert calls == ([True, False] if last_only else [False])  # keys/values alone, then the last token
+    assert_close(out, win.out[:, -1:] if last_only else win.out, "fp32_gemm", "block step")
+    calls.clear()
+
+    def unfused(**change):
+        with torch.no_grad():
+            block.step(win.X[:, :1], win.mods[:, :1], 0)
+        assert calls == [], change
+
+    block.step_kernel = False
+    unfused(step_kernel=False)
+    block.step_kernel = True
+    block.train()
+    unfused(training=True)
+    block.eval()
+    with torch.enable_grad():
+        block.step(win.X[:, :1], win.mods[:, :1], 0)  # the weights require grad: the pieces
+    assert calls == []
+    ref.setup_caches(_predictor_of(block), 5, torch.bfloat16, _device())
+    with torch.autocast(_device(), dtype=torch.bfloat16):
+        unfused(cache="bf16, weights fp32")

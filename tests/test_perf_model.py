@@ -116,6 +116,21 @@ def test_plan_flops_match_the_analytic_count(record_property):
     assert abs(residual) < 0.05, message
 
 
+def test_bf16_cem_iteration_is_at_most_100_launches():
+    """Issue 13's launch budget: one CEM iteration of the paper model in bf16 is at most 100
+    kernels, each predictor block step one ``block_step`` kernel (the last block of the two
+    shifted windows two: keys/values, then the last token) priced at its bf16 GEMM rate."""
+    result = perf_model.plan_counts(perf_model.build_model("paper"), 1, torch.bfloat16)
+    launches = result["per_iter"]["launches"]
+    assert launches <= 100, result["iter_ops"]
+    assert result["iter_ops"]["lewm_fast::block_step"] == 5 * 6 + 2
+    assert not any(
+        op in result["iter_ops"] for op in ("lewm_fast::adaln", "aten::_scaled_dot_product_flash_attention")
+    )
+    steps = [k for k in result["_kernels"] if k.op == "lewm_fast::block_step"]
+    assert steps and all(k.dtype == "torch.bfloat16" for k in steps)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_sigreg_counts_match_the_launchers(dtype):
     # lewm_fast.sigreg(z, A) forward and backward at T=4, B=128, D=192, P=1024, 17 knots:

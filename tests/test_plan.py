@@ -558,39 +558,57 @@ def test_bytes_per_row_estimate_scales_with_the_model_and_dtype():
     assert cost.bytes_per_row(10) > fp32  # more steps: more modulations to hold
 
 
-def test_rollout_hands_the_fused_adaln_kernels_views(monkeypatch):
-    """Sliding windows of the modulation are made contiguous once per block, so the fused
-    AdaLN kernels (interpreted here) never copy a strided shift/scale/gate themselves; the
-    costs equal the PyTorch backend's."""
+def test_rollout_runs_one_block_kernel_per_block_step(monkeypatch):
+    """With the Triton backend (interpreted here) every predictor block step of the planning
+    cost is one fused block kernel (``kernels.block_step``; two for the last block of a
+    shifted window: keys/values of the earlier tokens, then the last), reading the modulation's sliding
+    windows as strided views, with no AdaLN-Zero kernel left; the costs equal the PyTorch
+    backend's, and with ``step_kernel = False`` the AdaLN-Zero kernels run instead and get
+    each window as views (made contiguous once per block, never copied by the kernels)."""
     pytest.importorskip("triton")
     from lewm_fast.backend import triton_interpreter
-    from lewm_fast.kernels import adaln
+    from lewm_fast.kernels import adaln, block_step
 
     if not triton_interpreter():
         pytest.skip("runs the kernels in the Triton interpreter on CPU tensors")
-    copies = []
-    rows = adaln._rows
+    calls, copies = [], []
+    launcher, rows = block_step.block_step_fwd, adaln._rows
+
+    def counting_launcher(x, mod, *args):
+        calls.append((tuple(x.shape), mod.is_contiguous()))
+        return launcher(x, mod, *args)
 
     def counting_rows(t, d):
         out = rows(t, d)
+        calls.append("adaln")
         if out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
             copies.append(tuple(t.shape))
         return out
 
+    monkeypatch.setattr(block_step, "block_step_fwd", counting_launcher)
     monkeypatch.setattr(adaln, "_rows", counting_rows)
     fused, _ = model_pair(small_config(), seed=18)
     fused.eval()
-    for block in fused.predictor.transformer.layers:
-        block.backend = "triton"
+    blocks = list(fused.predictor.transformer.layers)
     pixels, goal, candidates = torch.randn(2, 1, *PIX), torch.randn(2, 1, *PIX), torch.randn(2, 5, 5, 10)
-    with torch.no_grad():
-        got = PlanningCost(fused)(pixels, goal, candidates)
-    assert copies == []
-    for block in fused.predictor.transformer.layers:
-        block.backend = "torch"
-    with torch.no_grad():
-        want = PlanningCost(fused)(pixels, goal, candidates)
-    assert_close(got, want, "fp32_gemm", "fused-kernel planning cost")
+
+    def cost(backend, step_kernel=True):
+        for block in blocks:
+            block.backend, block.step_kernel = backend, step_kernel
+        with torch.no_grad():
+            return PlanningCost(fused)(pixels, goal, candidates)
+
+    got = cost("triton")
+    # horizon 5 from 1 context frame: 5 predictor calls; the last 2 are shifted 3-token
+    # windows, whose last block writes the first 2 tokens' keys/values in a launch of its own
+    assert len(calls) == 5 * len(blocks) + 2 and "adaln" not in calls
+    assert any(not contiguous for _, contiguous in calls)  # shifted windows: strided (N, 3, 6D) views
+    want = cost("torch")
+    assert_close(got, want, "fp32_gemm", "block-kernel planning cost")
+    calls.clear()
+    pieces = cost("triton", step_kernel=False)
+    assert calls and set(calls) == {"adaln"} and copies == []
+    assert_close(pieces, want, "fp32_gemm", "AdaLN-kernel planning cost")
 
 
 def test_solver_plans_past_the_attention_batch_limit(monkeypatch):
@@ -988,3 +1006,39 @@ def test_graph_solve_warns_about_nan_costs_after_the_solve():
     for attempt in ("capture", "replay"):
         _assert_nan_costs_reported(solver)
         assert solver._captured is not None and solver.cuda_graph, attempt  # no eager fallback
+
+
+@pytest.mark.gpu
+@pytest.mark.smoke
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_block_step_cost_on_gpu(autocast, smoke_line):
+    """The paper-size planning cost with each predictor block step as one kernel equals the
+    cost with the steps as separate kernels (AdaLN-Zero kernels, cuBLAS, SDPA), and the
+    reference get_cost in float32; bf16 runs on the solver's low-precision weight copy."""
+    from lewm_fast.plan.cost import LowPrecisionWeights
+
+    model = randomize_(lewm_fast.LeWMConfig.preset("paper").build(), seed=10).eval().cuda()
+    planned = model if autocast is None else LowPrecisionWeights(model, autocast).sync()
+    gen = torch.Generator().manual_seed(4)
+    info = {k: torch.randn(2, 1, 3, 224, 224, generator=gen).cuda() for k in ("pixels", "goal")}
+    candidates = torch.randn(2, 64, 5, 10, generator=gen).cuda()
+    costs = {}
+    with (
+        torch.no_grad(),
+        torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None),
+    ):
+        for fused in (True, False):
+            for block in planned.predictor.transformer.layers:
+                block.step_kernel = fused
+            costs[fused] = PlanningCost(planned)(info["pixels"], info["goal"], candidates).float()
+    kind = "fp32_gemm" if autocast is None else "bf16"
+    err = assert_close(costs[True], costs[False], kind, "fused vs unfused block steps")
+    line = f"fused block-step cost vs unfused rel err {err:.1e}"
+    if autocast is None:  # the published get_cost on a CPU copy of the same weights
+        import copy
+
+        cpu = copy.deepcopy(model).cpu()
+        want = _reference_cost(cpu, info["pixels"].cpu(), info["goal"].cpu(), candidates.cpu())
+        line += f", vs reference {assert_close(costs[True].cpu(), want, kind, 'fused vs reference'):.1e}"
+    smoke_line(line)

@@ -198,12 +198,7 @@ class PlanningCost:
             x = torch.stack(embs[first:end], dim=1) + predictor.pos_embedding[:, first - start : end - start]
             x = transformer.input_proj(predictor.dropout(x))
             for i, block in enumerate(blocks):
-                mod = mods[i][:, first:end]
-                if end - first > 1:
-                    # One copy makes every shift/scale/gate chunk an (N * t, D) view for the
-                    # fused kernels, which would otherwise copy each strided chunk themselves.
-                    mod = mod.contiguous()
-                x = block.step(x, mod, first - start, last_only=i == len(blocks) - 1)
+                x = block.step(x, mods[i][:, first:end], first - start, last_only=i == len(blocks) - 1)
             cached = end - start
             out = transformer.output_proj(transformer.norm(x[:, -1]))  # (N, D)
             embs.append(model.pred_proj(out))
