@@ -352,3 +352,29 @@ def test_conditional_block_step_runs_the_kernel_when_it_can(monkeypatch, last_on
     ref.setup_caches(_predictor_of(block), 5, torch.bfloat16, _device())
     with torch.autocast(_device(), dtype=torch.bfloat16):
         unfused(cache="bf16, weights fp32")
+
+
+GPU_CASES = [  # the paper block at the 1-env planning size: (Linear weight dtype, past, t)
+    pytest.param(
+        w, past, t, id=f"{w}-past{past}-t{t}", marks=pytest.mark.smoke if t == 1 and past == 2 else ()
+    )
+    for w in ("fp32", "bf16")
+    for past, t in ((0, 1), (2, 1), (0, 3))
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize(("w", "past", "t"), GPU_CASES)
+def test_real_block_on_gpu(w, past, t, smoke_line):
+    """The compiled kernel on the GPU (tensor-core bf16 dots; float32 by three TF32 passes,
+    which the interpreter does not exercise) against the float32 reference block, N = 300."""
+    block = _block(REAL, seed=11)
+    win = Window(block, 300, past, t, seed=12)
+    dtype = DTYPES[w]
+    x, mod, k_cache, v_cache = win.inputs(torch.float32, dtype, dtype)
+    with torch.no_grad():
+        out = _step(block, x, mod, k_cache, v_cache, past, dtype)
+    kind = "fp32_gemm" if w == "fp32" else "bf16"
+    err = assert_close(out, win.out[:, past:], kind, f"block step on the GPU ({w})")
+    smoke_line(f"block_step {w} past={past} t={t} rel err {err:.1e}")
