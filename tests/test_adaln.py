@@ -475,13 +475,14 @@ def test_paper_predictor_on_gpu_matches_eager(smoke_line):
 
 
 def test_planning_cost_runs_the_fused_blocks(monkeypatch):
-    """The planner's KV-cached rollout goes through the blocks' fused pieces and still gives
-    the reference get_cost."""
+    """The planner's KV-cached rollout with the one-kernel block step off (``step_kernel =
+    False``; tests/test_plan.py covers the block kernel) goes through the blocks' fused
+    AdaLN-Zero pieces and still gives the reference get_cost."""
     from lewm_fast.plan import planning_cost
 
     public, reference = (m.to(_device()).eval() for m in model_pair(small_config()))
     for block in public.predictor.transformer.layers:
-        block.backend = "triton"
+        block.backend, block.step_kernel = "triton", False
     calls = []
     original = adaln.adaln_fwd
     monkeypatch.setattr(adaln, "adaln_fwd", lambda *a, **k: calls.append(1) or original(*a, **k))
