@@ -45,6 +45,24 @@ _MAX_BWD_PROGRAMS = 512
 
 
 @triton.jit
+def modulate_norm(x, shift, scale, w, b, mask, D, eps1, eps2):
+    """``LayerNorm(m, eps2) * w + b`` with ``m = LayerNorm(x, eps1) * (1 + scale) + shift``
+    (the first LayerNorm without affine) for rows x (BLOCK_M, BLOCK_D) float32, zero where
+    ``mask`` is False; shift, scale (BLOCK_M, BLOCK_D) and w, b (BLOCK_D,) float32. Returns
+    y and the per-row (mean1, rstd1, mean2, rstd2). The one home of this math for every
+    kernel that forms a ConditionalBlock branch input (here and ``block_step.py``)."""
+    mean1 = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean1[:, None], 0.0)
+    rstd1 = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps1)
+    m = tl.where(mask, xc * rstd1[:, None] * (1.0 + scale) + shift, 0.0)
+    mean2 = tl.sum(m, axis=1) / D
+    mc = tl.where(mask, m - mean2[:, None], 0.0)
+    rstd2 = 1.0 / tl.sqrt(tl.sum(mc * mc, axis=1) / D + eps2)
+    y = mc * rstd2[:, None] * w[None, :] + b[None, :]
+    return y, mean1, rstd1, mean2, rstd2
+
+
+@triton.jit
 def _modulate_norm_rows(
     x, SHIFT, SCALE, W, BIAS, Y, STATS, rows64, cols, mask_r, mask_c, D, stride_shift, stride_scale, stride_y,
     eps1, eps2,
@@ -60,15 +78,7 @@ def _modulate_norm_rows(
     )
     w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
     b = tl.load(BIAS + cols, mask=mask_c, other=0.0).to(tl.float32)
-
-    mean1 = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean1[:, None], 0.0)
-    rstd1 = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps1)
-    m = tl.where(mask, xc * rstd1[:, None] * (1.0 + scale) + shift, 0.0)
-    mean2 = tl.sum(m, axis=1) / D
-    mc = tl.where(mask, m - mean2[:, None], 0.0)
-    rstd2 = 1.0 / tl.sqrt(tl.sum(mc * mc, axis=1) / D + eps2)
-    y = mc * rstd2[:, None] * w[None, :] + b[None, :]
+    y, mean1, rstd1, mean2, rstd2 = modulate_norm(x, shift, scale, w, b, mask, D, eps1, eps2)
     tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(STATS + rows64 * 4 + 0, mean1, mask=mask_r)
     tl.store(STATS + rows64 * 4 + 1, rstd1, mask=mask_r)

@@ -61,6 +61,7 @@ from .. import _checks
 from ..backend import triton_interpreter
 from . import _eager
 from ._interpreter import patch_scalar_index
+from .adaln import modulate_norm
 
 if triton_interpreter():  # NumPy >= 2.4 with the interpreters of Triton < 3.8
     patch_scalar_index()
@@ -108,14 +109,8 @@ def _modulate_norm(x, mod_row, SHIFT: tl.constexpr, W, B, cols, mask, mask_c, D,
     scale = tl.load(ptrs + (SHIFT + 1) * D, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=mask_c, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask_c, other=0.0).to(tl.float32)
-    mean1 = tl.sum(x, axis=1) / D
-    xc = tl.where(mask, x - mean1[:, None], 0.0)
-    rstd1 = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps1)
-    m = tl.where(mask, xc * rstd1[:, None] * (1.0 + scale) + shift, 0.0)
-    mean2 = tl.sum(m, axis=1) / D
-    mc = tl.where(mask, m - mean2[:, None], 0.0)
-    rstd2 = 1.0 / tl.sqrt(tl.sum(mc * mc, axis=1) / D + eps2)
-    return tl.where(mask, mc * rstd2[:, None] * w[None, :] + b[None, :], 0.0)
+    y, _, _, _, _ = modulate_norm(x, shift, scale, w, b, mask, D, eps1, eps2)
+    return tl.where(mask, y, 0.0)
 
 
 @triton.jit
