@@ -171,6 +171,8 @@ from lewm_fast.reference.jepa import action_width_of
 __all__ = [
     "CUSTOM_KERNELS",
     "CUSTOM_FLOPS",
+    "CUSTOM_DTYPES",
+    "BLOCK_STEP_CAVEAT",
     "block_step_flops",
     "sigreg_kernels",
     "sigreg_trig_flops",
@@ -223,6 +225,14 @@ def block_step_flops(args) -> int:
     positions = sum(past + j + 1 for j in range(t))
     return int(gemms + n * 4 * inner * positions)
 
+
+# What the plan rows leave out (model.md and the README say it under the tables)
+BLOCK_STEP_CAVEAT = (
+    "A plan's predictor block step is one kernel (`lewm_fast::block_step`) priced by its own "
+    "inputs and outputs; the kernel also re-reads the block's weights (3.1 MB in bf16) in each "
+    "program of 16-32 candidate rows, from L2, and a 1-env plan runs 19 such programs on a GPU's "
+    "100+ SMs: neither is modelled, so the model's plan rows are lower bounds until measured."
+)
 
 # FLOPs of the custom ops whose work is GEMMs (the others are priced by their bytes)
 CUSTOM_FLOPS = {"block_step": block_step_flops}
@@ -1450,7 +1460,7 @@ def model_markdown(result: dict) -> str:
             for d, v in DEVICES.items()
         )
         + " (sources in model.json; H200 bf16 and bandwidth: rates measured on an H200 as "
-        "reported in issue 11, not by lewm_fast; the rest datasheet or derived).",
+        "reported in issue 11, not by lewm_fast; the rest datasheet or derived). " + BLOCK_STEP_CAVEAT,
     ]
     return "\n".join(lines) + "\n"
 

@@ -231,7 +231,12 @@ def test_readme_projections_sit_next_to_measured_rows(tiny_result, tmp_path):
     model_json, _ = perf_model.write(tiny_result, tmp_path / "model")
     results = tmp_path / "results"
     results.mkdir()
-    env = {"device_name": "NVIDIA H200", "date": "2026-03-01T00:00:00", "torch": "test", "git_commit": "test"}
+    env = {
+        "device_name": "NVIDIA H200",
+        "date": "2026-03-01T00:00:00",
+        "torch": "test",
+        "git_commit": "abc1234def",
+    }
     rows = [
         {"bench": "plan", "case": "1 env, S=300, 30 it", "impl": "fast-bf16-graph", "phase": "plan"},
         {"bench": "plan", "case": "1 env, S=300, 30 it", "impl": "fast-bf16", "phase": "plan"},
@@ -251,14 +256,17 @@ def test_readme_projections_sit_next_to_measured_rows(tiny_result, tmp_path):
     proj = tiny_result["plan_1env"]["bf16"]["projection_per_plan"]["H200"]
     graph, eager = (perf_model.format_ms(proj[k]) for k in ("graph_ms", "eager_ms"))
     label = "plan, 1 env (300 x 30 CEM)"
-    assert f"| {label} | bf16 | H200 | {graph} / {eager} | 20 ms (fast-bf16-graph, 2026-03-01) |" in section
+    assert (
+        f"| {label} | bf16 | H200 | {graph} / {eager} | 20 ms (fast-bf16-graph, 2026-03-01, commit abc1234) |"
+        in section
+    )
     assert f"| {label} | bf16 | RTX 4090 | " in section
     for line in section.splitlines():
         if line.startswith((f"| {label} | fp32 | H200 |", f"| {label} | bf16 | RTX 4090 |")):
             assert line.endswith("| not yet measured |"), line
     train = perf_model.format_ms(tiny_result["train_step"]["whole_bf16"]["projection"]["H200"]["eager_ms"])
     assert (
-        f"| training step, batch 128, whole | bf16 | H200 | {train} | 55 ms (fast-whole, 2026-03-01) |"
+        f"| training step, batch 128, whole | bf16 | H200 | {train} | 55 ms (fast-whole, 2026-03-01, commit abc1234) |"
         in (section)
     )
     assert text.endswith(f"{readme.MODEL_END}\ntail\n")
