@@ -70,7 +70,7 @@ MAX_D = 256  # model width: h, the residual and two (rows x D) accumulators stay
 MAX_DIM_HEAD = 128
 MAX_WINDOW = 16  # past + t: the softmax over cache positions is unrolled
 _LOG2E = 1.4426950408889634
-_SMS = 132  # streaming multiprocessors of an H200, for the tile choice (no device query)
+_SMS = 132  # streaming multiprocessors assumed off CUDA (an H200's): the compile check's tiles
 _GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -277,25 +277,35 @@ def _block_step_fwd_kernel(
 # ------------------------------------------------------------------------------ launcher
 
 
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (CUDA), else the H200's 132 the compile check's
+    tiles assume."""
+    if device.type != "cuda":
+        return _SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
 @functools.lru_cache(maxsize=64)
-def tile_config(N: int, t: int, D: int, F: int, precise: bool) -> dict:
+def tile_config(N: int, t: int, D: int, F: int, precise: bool, sms: int = _SMS) -> dict:
     """Tile of the kernel for N candidates of t new tokens (width D, MLP width F):
     ``BLOCK_C`` candidates of ``T_PAD`` rows per program, the GEMMs' chunks of D
     (``BLOCK_K``), of the MLP's width (``BLOCK_F``) and of a head's output (``BLOCK_DO``).
 
-    16 rows (``tl.dot``'s least) while that leaves fewer programs than an H200 has SMs
-    (132), else 32 with half-precision weights: more rows read the weights fewer times
-    over; 64 spill. Float32 weights (three TF32 passes, twice the operand registers) keep
+    16 rows (``tl.dot``'s least) while 32 would leave fewer programs than the GPU has SMs
+    (``sms``: the launcher passes its device's count; 132, an H200's, off CUDA), else 32
+    with half-precision weights: more rows read the weights fewer times over; 64 spill.
+    Float32 weights (three TF32 passes, twice the operand registers) keep
     16 rows and take smaller chunks. 8 warps, 4 for narrow rows (D <= 64). Registers per
     case and architecture: the compile check (``python -m lewm_fast.kernels._aot --case
     'block_step.*'``).
     """
     t_pad = triton.next_power_of_2(t)
-    rows = 32 if not precise and N * t_pad >= _SMS * 32 else 16
+    rows = 32 if not precise and N * t_pad >= sms * 32 else 16
     rows = max(rows, t_pad)
     return {
         "T_PAD": t_pad,
@@ -418,7 +428,7 @@ def block_step_fwd(
     if N == 0:
         return out
     precise = qkv_weight.dtype == torch.float32
-    cfg = tile_config(N, t, D, F, precise)
+    cfg = tile_config(N, t, D, F, precise, _sm_count(x.device))
     # out doubles as the scratch of the GEMM inputs when it holds the GEMM dtype exactly
     exact = not kv_only and (x.dtype == qkv_weight.dtype or x.dtype == torch.float32)
     h = out if exact else torch.empty((N, t, D), device=x.device, dtype=qkv_weight.dtype)

@@ -213,6 +213,15 @@ def test_kv_only_writes_the_keys_and_values_alone(w, past, t):
     assert_close(k_cache, full_k, kind, "keys") and assert_close(v_cache, full_v, kind, "values")
 
 
+def test_tile_rows_follow_the_gpu_size():
+    """32-row programs once 16-row ones would outnumber the SMs twice over: earlier on a GPU
+    with fewer SMs (an RTX 3060 Ti has 38), so its programs read the weights fewer times."""
+    assert bs.tile_config(2000, 1, 192, 2048, False)["BLOCK_C"] == 16  # 132 SMs assumed
+    assert bs.tile_config(2000, 1, 192, 2048, False, sms=38)["BLOCK_C"] == 32
+    assert bs.tile_config(2000, 1, 192, 2048, True, sms=38)["BLOCK_C"] == 16  # float32 weights: 16
+    assert bs._sm_count(torch.device("cpu")) == 132
+
+
 def test_the_op_passes_opcheck_and_equals_the_launcher():
     block = _block(ODD20, seed=7)
     win = Window(block, 3, 1, 1, seed=8)
