@@ -222,13 +222,21 @@ def test_tile_rows_follow_the_gpu_size():
     assert bs._sm_count(torch.device("cpu")) == 132
 
 
-def test_the_op_passes_opcheck_and_equals_the_launcher():
-    block = _block(ODD20, seed=7)
-    win = Window(block, 3, 1, 1, seed=8)
-    x, mod, k_cache, v_cache = win.inputs(torch.float32, torch.float32, torch.float32)
+def _op_args(N, block_seed, window_seed):
+    """The launcher's positional arguments for N candidates, one new token after one cached
+    (float32, the ODD20 block)."""
+    block = _block(ODD20, seed=block_seed)
+    x, mod, k_cache, v_cache = Window(block, N, 1, 1, seed=window_seed).inputs(
+        torch.float32, torch.float32, torch.float32
+    )
     a = block.attn
     eps = (block.norm1.eps, a.norm.eps, block.norm2.eps, block.mlp.net[0].eps)
-    args = (x, mod, k_cache, v_cache, 1, *_weights(block, torch.float32), a.heads, a.dim_head, *eps)
+    return (x, mod, k_cache, v_cache, 1, *_weights(block, torch.float32), a.heads, a.dim_head, *eps)
+
+
+def test_the_op_passes_opcheck_and_equals_the_launcher():
+    args = _op_args(3, 7, 8)
+    x, mod, k_cache, v_cache = args[:4]
     torch.library.opcheck(bs.block_step_op, args, test_utils=("test_schema", "test_faketensor"))
     kv_args = (x, *args[1:], True)  # keys/values only: an empty output
     torch.library.opcheck(bs.block_step_op, kv_args, test_utils=("test_schema", "test_faketensor"))
@@ -290,12 +298,8 @@ def test_entry_point_takes_keywords_and_traces_through_the_op():
     mode torch.compile traces with) it calls the custom op, whose fake gives the shape."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    block = _block(ODD20, seed=9)
-    win = Window(block, 2, 1, 1, seed=10)
-    x, mod, k_cache, v_cache = win.inputs(torch.float32, torch.float32, torch.float32)
-    a = block.attn
-    eps = (block.norm1.eps, a.norm.eps, block.norm2.eps, block.mlp.net[0].eps)
-    args = (x, mod, k_cache, v_cache, 1, *_weights(block, torch.float32), a.heads, a.dim_head, *eps)
+    args = _op_args(2, 9, 10)
+    x = args[0]
     with torch.no_grad():
         out = bs.block_step(*args)
         out_kw = bs.block_step(**dict(zip(bs._SIGNATURE.parameters, args)))

@@ -266,8 +266,8 @@ def test_readme_projections_sit_next_to_measured_rows(tiny_result, tmp_path):
             assert line.endswith("| not yet measured |"), line
     train = perf_model.format_ms(tiny_result["train_step"]["whole_bf16"]["projection"]["H200"]["eager_ms"])
     assert (
-        f"| training step, batch 128, whole | bf16 | H200 | {train} | 55 ms (fast-whole, 2026-03-01, commit abc1234) |"
-        in (section)
+        f"| training step, batch 128, whole | bf16 | H200 | {train} "
+        "| 55 ms (fast-whole, 2026-03-01, commit abc1234) |" in (section)
     )
     assert text.endswith(f"{readme.MODEL_END}\ntail\n")
     assert readme.update_readme(path, results, tracked_only=False, model_json=model_json) is False

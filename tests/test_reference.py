@@ -317,6 +317,8 @@ def test_kv_cache_is_static_scratch_state():
     assert caches[0].kv.dtype == torch.bfloat16 and caches[0].kv.shape[0] == 5
     predictor.setup_caches(9, torch.bfloat16, "cpu")
     assert caches[0].kv.shape[0] == 9
+    with pytest.raises(ValueError, match="rows must be a positive int"):
+        predictor.setup_caches(0, torch.bfloat16, "cpu")
     assert not any("kv_cache" in key for key in model.state_dict())
     twin = copy.deepcopy(model)
     assert twin.predictor.transformer.layers[0].attn.kv_cache.kv is None

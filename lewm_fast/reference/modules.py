@@ -67,21 +67,22 @@ class KVCache:
         Keeps the current storage when it has at least ``rows`` rows of that layout (so
         a batch split into chunks reuses the first chunk's storage), else allocates anew.
         """
-        kv = self.kv
+        for name, value in (("rows", rows), ("length", length), ("inner", inner)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KVCache.reserve: {name} must be a positive int, got {value!r}")
+        kv, want = self.kv, torch.device(device)
         fits = (
             kv is not None
             and kv.shape[0] >= rows
             and tuple(kv.shape[1:]) == (length, 2 * inner)
             and kv.dtype == dtype
-            and kv.device == torch.device(device)
+            # "cuda" (no index) names the cache's own "cuda:0" too: no needless reallocation
+            and kv.device.type == want.type
+            and want.index in (None, kv.device.index)
         )
         if not fits:
             self.kv = None  # free the old storage before allocating the new
             self.kv = torch.zeros(rows, length, 2 * inner, dtype=dtype, device=device)
-
-    def clear(self) -> None:
-        """Free the storage."""
-        self.kv = None
 
     def views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``rows`` rows: (rows, length, inner) views each, inner
